@@ -1,0 +1,39 @@
+"""The `amoskys` command: one entry point, one subcommand module per component."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from amoskys import __version__
+from amoskys.errors import AmoskysError
+
+__all__ = ["main"]
+
+# Each module has register(subparsers); a subcommand is listed only once it really works.
+COMMAND_MODULES = ("pki", "config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amoskys", description="AMOSKYS security telemetry: hub, agents, PKI and tools."
+    )
+    parser.add_argument("--version", action="version", version=f"amoskys {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"amoskys.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except AmoskysError as exc:
+        print(f"amoskys {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result

@@ -1,0 +1,404 @@
+"""Typed configuration: one schema per component, loaded from YAML plus `AMOSKYS_...` overrides.
+
+Schemas are msgspec Structs (about 1 MB of RSS, against pydantic's 10 MB: agents have a budget).
+Every error names the file (or environment variable), the key, and what was expected.
+
+Environment overrides use `__` between levels: `AMOSKYS_STORE__RETENTION_DAYS=7` sets
+`store.retention_days`. Values are parsed as YAML scalars, so `7`, `true` and `[a, b]` work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+import msgspec
+import yaml
+
+from amoskys.errors import ConfigError
+
+__all__ = [
+    "AgentConfig",
+    "AuthConfig",
+    "EventBusConfig",
+    "FlowConfig",
+    "HostConfig",
+    "ProcConfig",
+    "ScannerConfig",
+    "SnmpConfig",
+    "UiConfig",
+    "load_config",
+    "parse_address",
+]
+
+ENV_PREFIX = "AMOSKYS_"
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+AgentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+MiB = 1024 * 1024
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split `host:port` or `[v6]:port`; raise ValueError with the expected form."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not match:
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host, port
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of every config section: unknown keys are errors, not silently ignored."""
+
+
+def _check_address(value: str, key: str, *, allow_empty: bool = False) -> None:
+    if allow_empty and not value:
+        return
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+class LoggingConfig(Section, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class TlsConfig(Section, frozen=True):
+    """A TLS identity: the CA that anchors trust, and this component's cert and key."""
+
+    ca: str = "/etc/amoskys/tls/ca.crt"
+    cert: str = "/etc/amoskys/tls/host.crt"
+    key: str = "/etc/amoskys/tls/host.key"
+
+
+class StoreConfig(Section, frozen=True):
+    backend: Literal["sqlite"] = "sqlite"
+    path: str = "/var/lib/amoskys/eventbus/events.db"
+    retention_days: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    max_bytes: Positive = 10 * 1024 * MiB
+    prune_interval_s: Seconds = 60.0
+
+
+class LimitsConfig(Section, frozen=True):
+    max_envelope_bytes: Positive = 4 * MiB
+    max_events_per_batch: Positive = 5000
+    max_event_bytes: Positive = 64 * 1024
+
+
+class BackpressureConfig(Section, frozen=True):
+    high_water_events: Positive = 100_000
+    commit_max_events: Positive = 10_000
+    commit_max_delay_ms: NonNegative = 2
+    base_backoff_ms: Positive = 50
+    max_backoff_ms: Positive = 10_000
+
+    def __post_init__(self) -> None:
+        if self.base_backoff_ms > self.max_backoff_ms:
+            raise ValueError("base_backoff_ms must not exceed max_backoff_ms")
+
+
+class MetricsConfig(Section, frozen=True):
+    listen: str = "127.0.0.1:9100"
+
+    def __post_init__(self) -> None:
+        _check_address(self.listen, "listen", allow_empty=True)
+
+
+class EventBusConfig(Section, frozen=True):
+    listen: str = "0.0.0.0:50051"
+    tls: TlsConfig = TlsConfig(cert="/etc/amoskys/tls/eventbus.crt", key="/etc/amoskys/tls/eventbus.key")
+    trust_map: str = "/etc/amoskys/trust"
+    crl: str = "/etc/amoskys/tls/crl.pem"
+    consumers: list[AgentId] = msgspec.field(default_factory=lambda: ["ui", "operator"])
+    store: StoreConfig = StoreConfig()
+    limits: LimitsConfig = LimitsConfig()
+    backpressure: BackpressureConfig = BackpressureConfig()
+    metrics: MetricsConfig = MetricsConfig(listen="127.0.0.1:9100")
+    drain_timeout_s: Seconds = 20.0
+    logging: LoggingConfig = LoggingConfig()
+
+    def __post_init__(self) -> None:
+        _check_address(self.listen, "listen")
+
+
+class OutboxConfig(Section, frozen=True):
+    max_bytes: Positive = 256 * MiB
+    max_age_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
+    when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+
+
+class BatchConfig(Section, frozen=True):
+    max_events: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    max_linger_ms: NonNegative = 500
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
+
+
+class ProcConfig(Section, frozen=True):
+    interval_s: Seconds = 2.0
+    network_daemons: list[str] = msgspec.field(
+        default_factory=lambda: ["sshd", "nginx", "apache2", "httpd", "postgres", "mysqld", "php-fpm"]
+    )
+    suspicious_dirs: list[str] = msgspec.field(default_factory=lambda: ["/tmp", "/dev/shm", "/var/tmp"])
+    hash_max_bytes: NonNegative = 64 * MiB
+
+
+class HostConfig(Section, frozen=True):
+    interval_s: Seconds = 30.0
+    ports_interval_s: Seconds = 5.0
+
+
+class AuthConfig(Section, frozen=True):
+    source: Literal["auto", "file", "journal"] = "auto"
+    log_path: str = "/var/log/auth.log"
+    brute_force_failures: Positive = 5
+    brute_force_window_s: Seconds = 60.0
+
+
+class FlowConfig(Section, frozen=True):
+    interfaces: list[str] = msgspec.field(default_factory=list)
+    bpf: str = "ip or ip6"
+    idle_timeout_s: Seconds = 15.0
+    active_timeout_s: Seconds = 60.0
+    max_flows: Positive = 100_000
+
+
+class ScanTarget(Section, frozen=True):
+    interface: str
+    cidr: str
+
+
+class ScannerConfig(Section, frozen=True):
+    targets: list[ScanTarget] = msgspec.field(default_factory=list)
+    interval_s: Seconds = 300.0
+    max_prefix: Annotated[int, msgspec.Meta(ge=0, le=32)] = 22
+    allow_large: bool = False
+    rate_pps: Positive = 100
+    gone_after_sweeps: Positive = 3
+    oui_file: str = "/usr/share/ieee-data/oui.txt"
+
+
+class SnmpTarget(Section, frozen=True):
+    name: str
+    address: str
+    port: Port = 161
+    version: Literal["2c", "3"] = "2c"
+    community: str = ""
+    user: str = ""
+    auth_protocol: Literal["SHA", "SHA256", "SHA512"] = "SHA"
+    auth_key: str = ""
+    priv_protocol: Literal["AES", "AES256"] = "AES"
+    priv_key: str = ""
+    timeout_s: Seconds = 2.0
+    retries: NonNegative = 1
+
+    def __post_init__(self) -> None:
+        if self.version == "2c" and not self.community:
+            raise ValueError(f"target {self.name}: version 2c needs a community")
+        if self.version == "3" and not (self.user and self.auth_key and self.priv_key):
+            raise ValueError(f"target {self.name}: version 3 needs user, auth_key and priv_key (authPriv)")
+
+
+class SnmpConfig(Section, frozen=True):
+    targets: list[SnmpTarget] = msgspec.field(default_factory=list)
+    interval_s: Seconds = 60.0
+    trap_listen: str = ""
+    trap_communities: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_address(self.trap_listen, "trap_listen", allow_empty=True)
+
+
+class AgentConfig(Section, frozen=True):
+    """The common agent part; each agent reads its own section (proc, host, ...)."""
+
+    agent_id: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")] = ""
+    host: str = ""
+    hub: str = "localhost:50051"
+    hub_server_name: str = ""
+    tls: TlsConfig = TlsConfig()
+    signing_key: str = "/etc/amoskys/signing.key"
+    state_dir: str = ""
+    outbox: OutboxConfig = OutboxConfig()
+    batch: BatchConfig = BatchConfig()
+    heartbeat_s: Seconds = 30.0
+    metrics: MetricsConfig = MetricsConfig(listen="")
+    logging: LoggingConfig = LoggingConfig()
+    proc: ProcConfig = ProcConfig()
+    host_metrics: HostConfig = HostConfig()
+    auth: AuthConfig = AuthConfig()
+    flow: FlowConfig = FlowConfig()
+    scanner: ScannerConfig = ScannerConfig()
+    snmp: SnmpConfig = SnmpConfig()
+
+    def __post_init__(self) -> None:
+        _check_address(self.hub, "hub")
+
+    def resolved_host(self) -> str:
+        return self.host or socket.gethostname()
+
+    def resolved_agent_id(self, kind: str) -> str:
+        return self.agent_id or f"{self.resolved_host()}-{kind}"
+
+    def resolved_state_dir(self, kind: str) -> Path:
+        return Path(self.state_dir or f"/var/lib/amoskys/agent-{kind}")
+
+
+class UiAuthConfig(Section, frozen=True):
+    password_hash: str = ""  # scrypt hash from `amoskys ui hash-password`
+    client_certs: bool = False
+
+
+class UiConfig(Section, frozen=True):
+    listen: str = "127.0.0.1:8080"
+    hub: str = "localhost:50051"
+    hub_server_name: str = ""
+    tls: TlsConfig = TlsConfig(cert="/etc/amoskys/tls/ui.crt", key="/etc/amoskys/tls/ui.key")
+    server_tls: bool = False
+    auth: UiAuthConfig = UiAuthConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def __post_init__(self) -> None:
+        _check_address(self.listen, "listen")
+        _check_address(self.hub, "hub")
+
+
+Schema = TypeVar("Schema", bound=Section)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config is not UTF-8 text") from exc
+    try:
+        document = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: invalid YAML at {where}: {exc.problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(document).__name__}")
+    return document
+
+
+def _type_at(schema: type[Section], path: list[str]) -> Any:
+    """The declared type reached by following field names `path` from `schema` (None if none)."""
+    current: Any = schema
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, msgspec.Struct)):
+            return None
+        current = {f.name: f.type for f in msgspec.structs.fields(current)}.get(part)
+    return current
+
+
+def _fields_at(schema: type[Section], path: list[str]) -> tuple[str, ...]:
+    """Field names of the struct reached by following `path` from `schema` (empty if not a struct)."""
+    current = _type_at(schema, path)
+    if not (isinstance(current, type) and issubclass(current, msgspec.Struct)):
+        return ()
+    return tuple(f.name for f in msgspec.structs.fields(current))
+
+
+def _apply_env(document: dict[str, Any], schema: type[Section], env: Mapping[str, str]) -> list[str]:
+    """Fold AMOSKYS_A__B=value into document['a']['b']; return the variables applied."""
+    applied = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name == "AMOSKYS_CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        known = _fields_at(schema, path[:-1])
+        if path[-1] not in known:
+            hint = difflib.get_close_matches(path[-1], known, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"environment {name}: no config key {'.'.join(path)!r}{suggestion}")
+        try:
+            value = yaml.safe_load(env[name])
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment {name}: value is not valid YAML: {exc}") from exc
+        node = document
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment {name}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+        applied.append(name)
+    return applied
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+
+
+def _explain(error: msgspec.ValidationError, schema: type[Section]) -> str:
+    match = _AT.match(str(error))
+    assert match is not None  # the pattern matches any string
+    message, raw_path = match.group("msg"), match.group("path") or ""
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", raw_path) if p]
+    key = raw_path.lstrip(".") or "(top level)"
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
+    if unknown:
+        field = unknown.group(1)
+        known = _fields_at(schema, [p for p in parts if not p.isdigit()])
+        hint = difflib.get_close_matches(field, known, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
+        full = f"{key}.{field}" if raw_path else field
+        return f"key {full!r}: unknown key{suggestion}"
+    message = message.replace("`", "")
+    if message.startswith("Invalid enum value"):
+        choices = get_args(_type_at(schema, [p for p in parts if not p.isdigit()]))
+        message = f"expected one of {', '.join(map(repr, choices))}, got {message.split(' ', 3)[-1]}"
+    own_key = re.match(r"^([a-z_]+): (.*)$", message, re.DOTALL)
+    if own_key:  # a __post_init__ check that names its key
+        key = f"{raw_path.lstrip('.')}.{own_key.group(1)}" if raw_path else own_key.group(1)
+        message = own_key.group(2)
+    return f"key {key!r}: {message[0].lower()}{message[1:]}"
+
+
+def load_config(path: Path | None, schema: type[Schema], env: Mapping[str, str] | None = None) -> Schema:
+    """Load `path` (None: defaults only), apply environment overrides, validate into `schema`."""
+    env = os.environ if env is None else env
+    origin = str(path) if path else "defaults"
+    document = _read_yaml(path) if path else {}
+    applied = _apply_env(document, schema, env)
+    if applied:
+        origin += f" (with {', '.join(applied)})"
+    try:
+        return msgspec.convert(document, type=schema, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{origin}: {_explain(exc, schema)}") from exc
+
+
+def dump_config(config: Section) -> str:
+    """The effective configuration as YAML, secrets masked."""
+    data = msgspec.to_builtins(config)
+    return yaml.safe_dump(mask_secrets(data), sort_keys=False)
+
+
+SECRET_KEYS = re.compile(r"(password|passwd|secret|token|community|auth_key|priv_key|_hash)$", re.I)
+
+
+def mask_secrets(value: Any) -> Any:
+    """Replace the values of secret-looking keys, recursively (for logs and dumps)."""
+    if isinstance(value, dict):
+        return {k: ("***" if SECRET_KEYS.search(str(k)) and v else mask_secrets(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value

@@ -1,0 +1,115 @@
+"""Envelope signing, verification and the per-agent hash chain.
+
+The signed form is fixed bytes, never a re-serialization:
+
+    message = DOMAIN || u32be(len(header)) || header || payload
+    sig     = Ed25519(signing_key, message)
+    digest  = SHA-256(message)          (chains envelopes: header.prev_hash = digest of seq-1)
+
+`header` is a serialized EnvelopeHeader and `payload` a serialized EventBatch, both exactly as
+carried in the Envelope. The length prefix makes the header/payload boundary unambiguous.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from google.protobuf.message import DecodeError
+
+from amoskys.errors import VerificationError
+from amoskys.v1 import envelope_pb2, events_pb2
+
+__all__ = [
+    "GENESIS_HASH",
+    "PROTOCOL_VERSION",
+    "ChainState",
+    "decode_header",
+    "envelope_digest",
+    "new_chain_id",
+    "seal",
+    "signing_message",
+    "verify_signature",
+]
+
+PROTOCOL_VERSION = 1
+DOMAIN = b"AMOSKYS-ENVELOPE-V1\x00"
+GENESIS_HASH = bytes(32)
+CHAIN_ID_BYTES = 16
+
+
+def signing_message(header: bytes, payload: bytes) -> bytes:
+    """The exact bytes that are signed and hashed."""
+    return DOMAIN + struct.pack(">I", len(header)) + header + payload
+
+
+def envelope_digest(header: bytes, payload: bytes) -> bytes:
+    """SHA-256 of the signing message: the envelope's identity in the hash chain."""
+    return hashlib.sha256(signing_message(header, payload)).digest()
+
+
+def new_chain_id() -> bytes:
+    return os.urandom(CHAIN_ID_BYTES)
+
+
+def verify_signature(envelope: envelope_pb2.Envelope, public_key: Ed25519PublicKey) -> None:
+    """Raise VerificationError unless `sig` is the key's signature over header and payload."""
+    try:
+        public_key.verify(envelope.sig, signing_message(envelope.header, envelope.payload))
+    except InvalidSignature as exc:
+        raise VerificationError("bad signature") from exc
+
+
+def decode_header(envelope: envelope_pb2.Envelope) -> envelope_pb2.EnvelopeHeader:
+    """Parse the header bytes; structural problems become VerificationError."""
+    header = envelope_pb2.EnvelopeHeader()
+    try:
+        header.ParseFromString(envelope.header)
+    except DecodeError as exc:
+        raise VerificationError("malformed header") from exc
+    return header
+
+
+@dataclass(slots=True)
+class ChainState:
+    """Where an agent's chain stands: the next envelope gets seq = last_seq + 1."""
+
+    chain_id: bytes
+    last_seq: int = 0
+    last_hash: bytes = GENESIS_HASH
+
+    @classmethod
+    def fresh(cls) -> ChainState:
+        return cls(chain_id=new_chain_id())
+
+
+def seal(
+    agent_id: str,
+    batch: events_pb2.EventBatch | bytes,
+    chain: ChainState,
+    signing_key: Ed25519PrivateKey,
+    event_count: int | None = None,
+) -> envelope_pb2.Envelope:
+    """Build and sign the next envelope of `chain`, advancing it."""
+    payload = batch if isinstance(batch, bytes) else batch.SerializeToString()
+    if event_count is None:
+        event_count = len(batch.events) if isinstance(batch, events_pb2.EventBatch) else 0
+    header = envelope_pb2.EnvelopeHeader(
+        version=PROTOCOL_VERSION,
+        agent_id=agent_id,
+        seq=chain.last_seq + 1,
+        prev_hash=chain.last_hash,
+        created_ns=time.time_ns(),
+        chain_id=chain.chain_id,
+        event_count=event_count,
+    ).SerializeToString()
+    message = signing_message(header, payload)
+    envelope = envelope_pb2.Envelope(header=header, payload=payload, sig=signing_key.sign(message))
+    chain.last_seq += 1
+    chain.last_hash = hashlib.sha256(message).digest()
+    return envelope

@@ -1,0 +1,157 @@
+"""Key material on disk: created 0600 in place, refused when unsafe, never logged.
+
+Private keys are written with O_EXCL and mode 0600 from the start (no window where they are
+readable), and every load checks that group and others have no access.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from amoskys.errors import IdentityError
+
+__all__ = [
+    "PrivateKey",
+    "check_private_permissions",
+    "generate_signing_key",
+    "generate_tls_key",
+    "load_private_key",
+    "load_signing_key",
+    "load_verify_key",
+    "public_key_text",
+    "read_public_keys",
+    "write_private_key",
+    "write_public_file",
+]
+
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+
+def generate_tls_key() -> ec.EllipticCurvePrivateKey:
+    """TLS identities use ECDSA P-256: small, fast handshakes, supported by gRPC everywhere."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def generate_signing_key() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def write_private_key(path: Path, key: PrivateKey, *, overwrite: bool = False) -> None:
+    """Write a PKCS#8 PEM key, born 0600; refuse to replace an existing key unless asked."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    if overwrite and path.exists():
+        path.unlink()
+    try:
+        fd = os.open(path, flags, PRIVATE_MODE)
+    except FileExistsError as exc:
+        raise IdentityError(f"{path}: a key already exists; refusing to overwrite it") from exc
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    os.chmod(path, PRIVATE_MODE)  # umask-proof
+
+
+def write_public_file(path: Path, data: bytes) -> None:
+    """Write public material (certs, CSRs, public keys) atomically, mode 0644."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PUBLIC_MODE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, PUBLIC_MODE)
+    os.replace(tmp, path)
+
+
+def check_private_permissions(path: Path) -> None:
+    """Refuse a private key that group or others can read or write."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as exc:
+        raise IdentityError(f"{path}: private key not found") from exc
+    except PermissionError as exc:
+        raise IdentityError(f"{path}: private key not readable by this user") from exc
+    if not stat.S_ISREG(mode):
+        raise IdentityError(f"{path}: private key is not a regular file")
+    if mode & 0o077:
+        raise IdentityError(
+            f"{path}: private key is accessible to group/others (mode {stat.S_IMODE(mode):04o}); "
+            "run: chmod 600 " + str(path)
+        )
+
+
+def load_private_key(path: Path) -> PrivateKey:
+    """Load a PEM private key after the permission check."""
+    check_private_permissions(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise IdentityError(f"{path}: cannot read private key: {exc.strerror}") from exc
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"{path}: not an unencrypted PEM private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise IdentityError(f"{path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    key = load_private_key(path)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise IdentityError(f"{path}: not an Ed25519 signing key")
+    return key
+
+
+def public_key_text(key: ed25519.Ed25519PublicKey) -> str:
+    """The one-line form of a signing public key: `ed25519:<base64 raw 32 bytes>`."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + base64.b64encode(raw).decode("ascii")
+
+
+def parse_public_key_text(text: str, origin: str) -> ed25519.Ed25519PublicKey:
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        key = serialization.load_pem_public_key(text.encode())
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise IdentityError(f"{origin}: not an Ed25519 public key")
+        return key
+    prefix, _, b64 = text.partition(":")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+        if prefix != "ed25519":
+            raise ValueError(prefix)
+        return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise IdentityError(f"{origin}: expected 'ed25519:<base64 of 32 bytes>' or a PEM public key") from exc
+
+
+def load_verify_key(path: Path) -> ed25519.Ed25519PublicKey:
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"{path}: cannot read public key: {exc}") from exc
+    return parse_public_key_text(text, str(path))
+
+
+def read_public_keys(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
+    """A trust map: a directory of `<agent_id>.pub` files, or one YAML file `agent_id: key`."""
+    import yaml
+
+    if path.is_dir():
+        return {item.stem: load_verify_key(item) for item in sorted(path.glob("*.pub"))}
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise IdentityError(f"{path}: cannot read trust map: {exc}") from exc
+    if not isinstance(document, dict):
+        raise IdentityError(f"{path}: trust map must be a mapping of agent_id to public key")
+    return {str(agent): parse_public_key_text(str(key), f"{path}: {agent}") for agent, key in document.items()}

@@ -1,0 +1,41 @@
+"""Shared fixtures: a throw-away PKI in a temp dir."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from amoskys import keys, pki
+
+
+@dataclass(frozen=True)
+class TestPki:
+    __test__ = False
+
+    root: Path
+    ca: pki.CertificateAuthority
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca" / "ca.crt"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    def issue(
+        self, cn: str, usage: pki.Usage = "client", sans: list[str] | None = None, days: int = 30
+    ) -> tuple[Path, Path]:
+        return pki.issue(self.ca, self.root / "certs", cn, usage, sans or [], days)
+
+    def signing_key(self, name: str) -> Path:
+        path = self.root / "signing" / f"{name}.key"
+        keys.write_private_key(path, keys.generate_signing_key())
+        return path
+
+
+@pytest.fixture
+def test_pki(tmp_path: Path) -> TestPki:
+    return TestPki(tmp_path, pki.init_ca(tmp_path / "ca", "Test CA", days=60))

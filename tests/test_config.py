@@ -1,0 +1,113 @@
+"""Config: defaults are valid, overrides work, and every bad input names file, key and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amoskys.cli import main
+from amoskys.config import AgentConfig, EventBusConfig, UiConfig, load_config
+from amoskys.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "eventbus.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("schema", [EventBusConfig, AgentConfig, UiConfig])
+def test_defaults_are_valid(schema: type) -> None:
+    load_config(None, schema, env={})
+
+
+def test_values_and_env_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: 127.0.0.1:7000\nstore:\n  retention_days: 3\n")
+    env = {"AMOSKYS_STORE__MAX_BYTES": "1000", "AMOSKYS_CONSUMERS": "[ui, ops]", "HOME": "/x"}
+    config = load_config(path, EventBusConfig, env=env)
+    assert config.listen == "127.0.0.1:7000"
+    assert config.store.retention_days == 3
+    assert config.store.max_bytes == 1000
+    assert config.consumers == ["ui", "ops"]
+
+
+BAD_INPUTS = [
+    ("stor: {}\n", "key 'stor': unknown key; did you mean 'store'?"),
+    ("store: {retntion_days: 3}\n", "key 'store.retntion_days': unknown key; did you mean 'retention_days'?"),
+    ("store: {retention_days: -1}\n", "key 'store.retention_days': expected float > 0.0"),
+    ("store: {retention_days: soon}\n", "key 'store.retention_days': expected float, got str"),
+    ("listen: nowhere\n", "key 'listen': expected 'host:port', got 'nowhere'"),
+    ("listen: 'h:99999'\n", "key 'listen': port 99999 is out of range"),
+    ("store: {path: [1, 2]}\n", "key 'store.path': expected str, got array"),
+    (
+        "logging: {level: loud}\n",
+        "key 'logging.level': expected one of 'debug', 'info', 'warning', 'error', got 'loud'",
+    ),
+    ("- a\n- b\n", "expected a mapping of keys at the top level, got list"),
+    ("store: [\n", "invalid YAML at line 2"),
+    ("consumers: ['bad id!']\n", "key 'consumers[0]': expected str matching regex"),
+    ("backpressure: {base_backoff_ms: 99999}\n", "key 'backpressure': base_backoff_ms must not exceed"),
+    ("limits: {max_events_per_batch: 0}\n", "key 'limits.max_events_per_batch': expected int >= 1"),
+    ("metrics: {listen: 9100}\n", "key 'metrics.listen': expected str, got int"),
+    ("store: {backend: postgres}\n", "key 'store.backend': expected one of 'sqlite', got 'postgres'"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_INPUTS)
+def test_bad_eventbus_config_is_explained(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, EventBusConfig, env={})
+    message = str(caught.value)
+    assert message.startswith(f"{path}: "), message
+    assert expected.replace("'", "") in message.replace("'", "").replace("`", ""), message
+
+
+def test_bad_agent_sections_are_explained(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "snmp:\n  targets:\n    - {name: sw1, address: 10.0.0.1, version: '3', user: u}\n", "agent.yml"
+    )
+    with pytest.raises(ConfigError, match=r"snmp.targets\[0\].*version 3 needs user, auth_key and priv_key"):
+        load_config(path, AgentConfig, env={})
+
+
+def test_bad_agent_id_is_explained(tmp_path: Path) -> None:
+    path = write(tmp_path, "agent_id: 'has space'\n", "agent.yml")
+    with pytest.raises(ConfigError, match="key 'agent_id': expected str matching regex"):
+        load_config(path, AgentConfig, env={})
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yml: cannot read config: No such file"):
+        load_config(tmp_path / "nope.yml", EventBusConfig, env={})
+
+
+def test_binary_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "eventbus.yml"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path, EventBusConfig, env={})
+
+
+def test_unknown_env_override_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"environment AMOSKYS_STORE__RETENTION: .*did you mean 'retention_days'"):
+        load_config(None, EventBusConfig, env={"AMOSKYS_STORE__RETENTION": "3"})
+
+
+def test_bad_env_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"with AMOSKYS_STORE__RETENTION_DAYS\): key 'store.retention_days'"):
+        load_config(None, EventBusConfig, env={"AMOSKYS_STORE__RETENTION_DAYS": "[1]"})
+
+
+def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(
+        tmp_path, "snmp:\n  targets:\n    - {name: sw1, address: 10.0.0.1, community: s3cret}\n", "agent-snmp.yml"
+    )
+    assert main(["config", "check", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "valid agent config" in out
+    assert "s3cret" not in out
+    bad = write(tmp_path, "listen: x\n", "eventbus.yml")
+    assert main(["config", "check", str(bad)]) == 2
+    assert "key 'listen'" in capsys.readouterr().err
