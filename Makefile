@@ -19,8 +19,8 @@ proto: $(STAMP)
 	$(BIN)/python hatch_build.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks hatch_build.py
-	$(BIN)/ruff format --check src tests benchmarks hatch_build.py
+	$(BIN)/ruff check src tests $(wildcard benchmarks) hatch_build.py
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks) hatch_build.py
 
 typecheck: proto
 	$(BIN)/mypy
