@@ -39,3 +39,6 @@ class TestPki:
 @pytest.fixture
 def test_pki(tmp_path: Path) -> TestPki:
     return TestPki(tmp_path, pki.init_ca(tmp_path / "ca", "Test CA", days=60))
+
+
+from tests.hubfixture import live_hub  # noqa: E402,F401 - fixture shared by hub, agent and UI tests

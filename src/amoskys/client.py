@@ -40,5 +40,6 @@ def hub_channel(address: str, tls: TlsConfig, server_name: str = "") -> grpc.aio
     return grpc.aio.secure_channel(address, credentials, options=options)
 
 
-def hub_stub(channel: grpc.aio.Channel) -> bus_pb2_grpc.EventBusStub:
+def hub_stub(channel: grpc.aio.Channel) -> bus_pb2_grpc.EventBusAsyncStub:
+    """The asyncio stub (EventBusAsyncStub exists for type checking only)."""
     return bus_pb2_grpc.EventBusStub(channel)

@@ -1,0 +1,27 @@
+"""`amoskys eventbus --config FILE`: run the hub until SIGTERM (SIGHUP reloads trust and certs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from amoskys.commands import Subparsers
+from amoskys.config import EventBusConfig, load_config
+from amoskys.logs import setup_logging
+
+
+def register(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser("eventbus", help="run the EventBus hub (gRPC, mTLS only)")
+    parser.add_argument("--config", type=Path, default=Path("/etc/amoskys/eventbus.yml"), help="YAML config file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from amoskys.eventbus.server import create_server
+
+    config = load_config(args.config, EventBusConfig)
+    setup_logging(config.logging)
+    hub = create_server(config)
+    asyncio.run(hub.run())
+    return 0

@@ -1,0 +1,62 @@
+"""`amoskys status`: the fleet summary from the hub (agents, liveness, counts, hub health)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from google.protobuf.json_format import MessageToDict
+
+from amoskys.commands import Subparsers
+from amoskys.commands.hubclient import add_hub_arguments, call_hub
+from amoskys.v1 import bus_pb2, bus_pb2_grpc
+
+LATE_FACTOR = 2.5  # missed heartbeats before an agent is late; 5x: down
+
+
+def register(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser("status", help="print the fleet summary from the hub")
+    add_hub_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)
+
+
+def liveness(agent: bus_pb2.AgentInfo, now_ns: int) -> str:
+    """up / late / down from the last heartbeat (or last envelope) against the heartbeat interval."""
+    interval = agent.heartbeat_interval_s or 30
+    seen = max(agent.last_heartbeat_ns, agent.last_seen_ns)
+    age = (now_ns - seen) / 1e9
+    if age <= interval * LATE_FACTOR:
+        return "up"
+    return "late" if age <= interval * 2 * LATE_FACTOR else "down"
+
+
+def run(args: argparse.Namespace) -> int:
+    async def fetch(stub: bus_pb2_grpc.EventBusAsyncStub) -> tuple[bus_pb2.HubStatus, bus_pb2.ListAgentsResponse]:
+        return await stub.GetStatus(bus_pb2.StatusRequest()), await stub.ListAgents(bus_pb2.ListAgentsRequest())
+
+    status, agents = call_hub(args, fetch)
+    now = time.time_ns()
+    if args.json:
+        document = {
+            "hub": MessageToDict(status, preserving_proto_field_name=True),
+            "agents": [
+                {**MessageToDict(a, preserving_proto_field_name=True), "liveness": liveness(a, now)}
+                for a in agents.agents
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    print(
+        f"hub {args.hub}: version {status.version}, {status.events_stored} events, "
+        f"{status.store_bytes / 1e6:.1f} MB, {status.ingest_eps:.0f} events/s, {status.streams} streams"
+    )
+    print(f"{'HOST':<24} {'AGENT':<28} {'KIND':<8} {'STATE':<5} {'LAST SEEN':>10} {'EVENTS':>10} {'ALERTS':>7}")
+    for a in agents.agents:
+        ago = (now - max(a.last_seen_ns, a.last_heartbeat_ns)) / 1e9
+        print(
+            f"{a.host:<24} {a.agent_id:<28} {a.kind:<8} {liveness(a, now):<5} {ago:>9.0f}s "
+            f"{a.events_total:>10} {a.alerts_total:>7}"
+        )
+    return 0

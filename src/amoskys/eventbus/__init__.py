@@ -1,0 +1,1 @@
+"""The EventBus hub: verified, durable, back-pressured ingest over mTLS gRPC."""

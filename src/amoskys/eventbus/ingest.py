@@ -1,0 +1,300 @@
+"""Group commit with chain checks: one writer thread decides and commits envelopes in batches.
+
+Handlers verify what needs no state (size, version, identity, signature, payload) and submit;
+the writer takes everything queued, checks each envelope against its agent's chain, commits all
+accepted envelopes in one transaction, and only then resolves their acks. Admission is bounded:
+above the high-water mark a submission is answered RETRY with a backoff that grows with the
+backlog, so memory stays bounded whatever the clients do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from amoskys.config import BackpressureConfig
+from amoskys.envelope import GENESIS_HASH
+from amoskys.eventbus.metrics import BusMetrics
+from amoskys.eventbus.rows import EventRow, to_row
+from amoskys.eventbus.store import AcceptedEnvelope, AgentUpdate, ChainRecord, Store, StoreUnavailableError
+from amoskys.v1 import envelope_pb2, events_pb2
+
+__all__ = ["Ack", "Committed", "Ingest", "Submission"]
+
+log = logging.getLogger(__name__)
+Status = envelope_pb2.PublishAck.Status
+HUB_AGENT_ID = "eventbus"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    status: int
+    reason: str = ""
+    backoff_ms: int = 0
+    acked_seq: int = 0
+    chain_id: bytes = b""
+
+    def message(self) -> envelope_pb2.PublishAck:
+        return envelope_pb2.PublishAck(
+            status=self.status,  # type: ignore[arg-type]
+            reason=self.reason,
+            backoff_ms=self.backoff_ms,
+            acked_seq=self.acked_seq,
+            chain_id=self.chain_id,
+        )
+
+
+@dataclass(slots=True)
+class Submission:
+    header: envelope_pb2.EnvelopeHeader
+    digest: bytes
+    rows: Sequence[EventRow]
+    agent: AgentUpdate
+    future: asyncio.Future[Ack] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What subscribers receive: stored rows with their cursors."""
+
+    agent_id: str
+    first_cursor: int
+    received_ns: int
+    rows: Sequence[EventRow]
+
+
+class _Decision:
+    """Outcome of a chain check within one commit group."""
+
+    __slots__ = ("ack", "alert", "chain")
+
+    def __init__(self, ack: Ack | None, chain: ChainRecord | None = None, alert: events_pb2.Event | None = None):
+        self.ack, self.chain, self.alert = ack, chain, alert
+
+
+class Ingest:
+    def __init__(
+        self,
+        store: Store,
+        config: BackpressureConfig,
+        metrics: BusMetrics,
+        on_committed: Callable[[list[Committed]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.on_committed = on_committed
+        self.chains: dict[str, ChainRecord] = store.load_chains()
+        self.hostname = socket.gethostname()
+        self._queue: queue.SimpleQueue[Submission | None] = queue.SimpleQueue()
+        self._pending_events = 0
+        self._pending_lock = threading.Lock()
+        self._drain_rate = 50_000.0  # events/s, EWMA of observed commits
+        self._store_down_until = 0.0
+        self._thread = threading.Thread(target=self._run, name="amoskys-ingest", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    @property
+    def pending_events(self) -> int:
+        return self._pending_events
+
+    def overload_backoff(self, events: int) -> int | None:
+        """None when `events` more can be admitted, else the backoff (ms) to advise."""
+        if time.monotonic() < self._store_down_until:
+            return self.config.max_backoff_ms
+        pending = self._pending_events
+        if pending + events <= self.config.high_water_events:
+            return None
+        drain_ms = int(1000 * pending / max(self._drain_rate, 1.0))
+        return max(self.config.base_backoff_ms, min(self.config.max_backoff_ms, drain_ms))
+
+    def submit(
+        self, header: envelope_pb2.EnvelopeHeader, digest: bytes, rows: Sequence[EventRow], agent: AgentUpdate
+    ) -> asyncio.Future[Ack]:
+        assert self._loop is not None, "Ingest.start() not called"
+        future: asyncio.Future[Ack] = self._loop.create_future()
+        self._adjust_pending(len(rows))
+        self._queue.put(Submission(header, digest, rows, agent, future))
+        return future
+
+    def _adjust_pending(self, delta: int) -> None:
+        with self._pending_lock:
+            self._pending_events += delta
+            self.metrics.inflight_events.set(self._pending_events)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Commit what is queued, then end the writer thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _take_group(self) -> tuple[list[Submission], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        group, events = [first], len(first.rows)
+        deadline = time.monotonic() + self.config.commit_max_delay_ms / 1000
+        while events < self.config.commit_max_events:
+            try:
+                timeout = deadline - time.monotonic()
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return group, True
+            group.append(item)
+            events += len(item.rows)
+        return group, False
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            group, stopping = self._take_group()
+            if group:
+                self._process(group)
+
+    def _process(self, group: list[Submission]) -> None:
+        started = time.monotonic()
+        tentative: dict[str, ChainRecord] = {}
+        seen: dict[tuple[str, bytes, int], bytes] = {}
+        accepted: list[tuple[Submission, AcceptedEnvelope]] = []
+        acks: list[tuple[Submission, Ack]] = []
+        alerts: list[events_pb2.Event] = []
+        for sub in group:
+            decision = self._decide(sub, tentative, seen)
+            if decision.alert is not None:
+                alerts.append(decision.alert)
+            if decision.ack is not None:
+                acks.append((sub, decision.ack))
+                continue
+            h = sub.header
+            tentative[h.agent_id] = decision.chain  # type: ignore[assignment]
+            seen[(h.agent_id, h.chain_id, h.seq)] = sub.digest
+            accepted.append((sub, AcceptedEnvelope(h.agent_id, h.chain_id, h.seq, sub.digest, sub.rows, sub.agent)))
+        acks += self._commit(accepted, tentative, alerts)
+        events = sum(len(s.rows) for s in group)
+        self._adjust_pending(-events)
+        elapsed = max(time.monotonic() - started, 1e-4)
+        self._drain_rate = 0.8 * self._drain_rate + 0.2 * (events / elapsed)
+        self._resolve(acks)
+
+    def _commit(
+        self,
+        accepted: list[tuple[Submission, AcceptedEnvelope]],
+        tentative: dict[str, ChainRecord],
+        alerts: list[events_pb2.Event],
+    ) -> list[tuple[Submission, Ack]]:
+        items = [item for _, item in accepted]
+        if alerts:
+            items.append(AcceptedEnvelope(HUB_AGENT_ID, b"", 0, b"", [to_row(a) for a in alerts]))
+        if not items:
+            return []
+        now_ns = time.time_ns()
+        try:
+            self.store.commit(items, tentative, now_ns)
+        except StoreUnavailableError as exc:
+            kind = "full" if "full" in str(exc) else "error"
+            self.metrics.store_errors.labels(kind).inc()
+            log.error("store commit failed; answering RETRY", extra={"error": str(exc), "envelopes": len(items)})
+            self._store_down_until = time.monotonic() + self.config.max_backoff_ms / 1000 / 4
+            reason = f"store unavailable: {'disk full' if kind == 'full' else 'I/O error'}"
+            self.metrics.retries.labels("store").inc(len(accepted))
+            return [(sub, Ack(Status.RETRY, reason, self.config.max_backoff_ms)) for sub, _ in accepted]
+        self._store_down_until = 0.0
+        self.chains.update(tentative)
+        stored = sum(len(i.rows) for i in items)
+        self.metrics.events_stored.inc(stored)
+        self.metrics.commit_batch.observe(stored)
+        if self.on_committed is not None and self._loop is not None:
+            committed = [Committed(i.agent_id, i.first_cursor, now_ns, i.rows) for i in items if i.rows]
+            self._loop.call_soon_threadsafe(self.on_committed, committed)
+        return [(sub, Ack(Status.OK, "", 0, item.seq, item.chain_id)) for sub, item in accepted]
+
+    def _decide(
+        self, sub: Submission, tentative: dict[str, ChainRecord], seen: dict[tuple[str, bytes, int], bytes]
+    ) -> _Decision:
+        h = sub.header
+        stored = seen.get((h.agent_id, h.chain_id, h.seq)) or self.store.stored_digest(h.agent_id, h.chain_id, h.seq)
+        if stored is not None:
+            return self._resent(sub, stored)
+        state = tentative.get(h.agent_id) or self.chains.get(h.agent_id)
+        if state is None or state.chain_id != h.chain_id:
+            return self._new_chain(sub, state)
+        if h.seq <= state.last_seq:
+            self.metrics.duplicates.inc()
+            return _Decision(Ack(Status.OK, "already acknowledged", 0, h.seq, h.chain_id))
+        if h.seq > state.last_seq + 1:
+            self.metrics.retries.labels("out_of_order").inc()
+            reason = f"out_of_order: expected seq {state.last_seq + 1}"
+            return _Decision(Ack(Status.RETRY, reason, 0, state.last_seq, state.chain_id))
+        if h.prev_hash != state.last_hash:
+            self.metrics.chain_breaks.labels("break").inc()
+            self.metrics.rejected.labels("chain_break").inc()
+            summary = f"{h.agent_id}: seq {h.seq} does not link to seq {state.last_seq}"
+            alert = self._alert("bus.chain_break", summary, h)
+            ack = Ack(Status.INVALID, "chain_break: prev_hash does not match", 0, state.last_seq)
+            return _Decision(ack, None, alert)
+        return _Decision(None, ChainRecord(h.chain_id, h.seq, sub.digest))
+
+    def _resent(self, sub: Submission, stored: bytes) -> _Decision:
+        h = sub.header
+        if stored == sub.digest:
+            self.metrics.duplicates.inc()
+            return _Decision(Ack(Status.OK, "duplicate", 0, h.seq, h.chain_id))
+        self.metrics.chain_breaks.labels("fork").inc()
+        self.metrics.rejected.labels("fork").inc()
+        alert = self._alert("bus.fork", f"{h.agent_id}: two different envelopes claim seq {h.seq}", h)
+        return _Decision(Ack(Status.INVALID, f"fork: seq {h.seq} already stored with other content"), None, alert)
+
+    def _new_chain(self, sub: Submission, state: ChainRecord | None) -> _Decision:
+        h = sub.header
+        if h.seq == 1 and h.prev_hash == GENESIS_HASH:
+            alert = None
+            if state is not None:
+                self.metrics.chain_breaks.labels("reset").inc()
+                alert = self._alert(
+                    "bus.chain_reset", f"{h.agent_id} started a new chain after seq {state.last_seq}", h,
+                    events_pb2.SEVERITY_NOTICE,
+                )  # fmt: skip
+            return _Decision(None, ChainRecord(h.chain_id, 1, sub.digest), alert)
+        if h.seq == 1:
+            self.metrics.rejected.labels("bad_genesis").inc()
+            return _Decision(Ack(Status.INVALID, "chain_start: seq 1 must have a zero prev_hash"))
+        self.metrics.retries.labels("chain_unknown").inc()
+        last = state.last_seq if state else 0
+        chain_id = state.chain_id if state else b""
+        return _Decision(Ack(Status.RETRY, "chain_unknown: expected seq 1 of a new chain", 0, last, chain_id))
+
+    def _alert(
+        self, rule: str, summary: str, h: envelope_pb2.EnvelopeHeader, severity: int = events_pb2.SEVERITY_ERROR
+    ) -> events_pb2.Event:
+        log.warning(summary, extra={"rule": rule, "agent_id": h.agent_id, "seq": h.seq})
+        return events_pb2.Event(
+            event_id=f"{rule}:{h.agent_id}:{h.chain_id.hex()}:{h.seq}:{time.time_ns()}",
+            ts_ns=time.time_ns(),
+            host=self.hostname,
+            agent=HUB_AGENT_ID,
+            severity=severity,  # type: ignore[arg-type]
+            alert=events_pb2.Alert(rule=rule, summary=summary, details={"agent_id": h.agent_id, "seq": str(h.seq)}),
+        )
+
+    def _resolve(self, acks: list[tuple[Submission, Ack]]) -> None:
+        if not acks or self._loop is None:
+            return
+
+        def resolve() -> None:
+            for sub, ack in acks:
+                if not sub.future.done():
+                    sub.future.set_result(ack)
+
+        self._loop.call_soon_threadsafe(resolve)

@@ -1,0 +1,40 @@
+"""The hub's Prometheus metrics (`amoskys_bus_*`), in a registry of their own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["BusMetrics"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class BusMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.envelopes_received = Counter("amoskys_bus_envelopes_received", "Envelopes received", registry=r)
+        self.events_received = Counter("amoskys_bus_events_received", "Events in received envelopes", registry=r)
+        self.events_stored = Counter("amoskys_bus_events_stored", "Events committed to the store", registry=r)
+        self.duplicates = Counter("amoskys_bus_duplicates", "Envelopes resent and acked without storing", registry=r)
+        self.rejected = Counter("amoskys_bus_rejected", "Envelopes rejected, by reason", ["reason"], registry=r)
+        self.retries = Counter("amoskys_bus_retries", "RETRY answers, by reason", ["reason"], registry=r)
+        self.chain_breaks = Counter("amoskys_bus_chain_breaks", "Chain breaks and forks, by kind", ["kind"], registry=r)
+        self.inflight_events = Gauge("amoskys_bus_inflight_events", "Events waiting for commit", registry=r)
+        self.streams = Gauge("amoskys_bus_streams", "Open publish streams", registry=r)
+        self.subscribers = Gauge("amoskys_bus_subscribers", "Live Subscribe streams", registry=r)
+        self.store_bytes = Gauge("amoskys_bus_store_bytes", "Bytes used by the store", registry=r)
+        self.store_errors = Counter("amoskys_bus_store_errors", "Failed store commits, by kind", ["kind"], registry=r)
+        self.pruned = Counter("amoskys_bus_pruned_events", "Events removed by retention", registry=r)
+        self.ack_latency = Histogram(
+            "amoskys_bus_ack_latency_seconds",
+            "From envelope received to ack sent",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commit_batch = Histogram(
+            "amoskys_bus_commit_events",
+            "Events per group commit",
+            buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000),
+            registry=r,
+        )

@@ -1,0 +1,406 @@
+"""The hub's gRPC service and lifecycle: create_server() builds, Hub.run() serves until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from amoskys import __version__, systemd
+from amoskys.config import EventBusConfig, parse_address
+from amoskys.envelope import PROTOCOL_VERSION, envelope_digest, verify_signature
+from amoskys.errors import AmoskysError, VerificationError
+from amoskys.eventbus.auth import Peer, TrustState, peer_of
+from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
+from amoskys.eventbus.ingest import Ack, Ingest
+from amoskys.eventbus.metrics import BusMetrics
+from amoskys.eventbus.rows import EventRow, to_row
+from amoskys.eventbus.store import AgentUpdate, SqliteStore
+from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
+
+__all__ = ["SERVICE_NAME", "Hub", "create_server"]
+
+log = logging.getLogger(__name__)
+Status = envelope_pb2.PublishAck.Status
+SERVICE_NAME = "amoskys.v1.EventBus"
+Context = grpc.aio.ServicerContext[Any, Any]
+MAX_PAGE = 1000
+REPLAY_PAGE = 1000
+
+
+def _invalid(reason: str) -> Ack:
+    return Ack(Status.INVALID, reason)
+
+
+class Hub:
+    """Everything the hub owns: trust, store, ingest, broker, metrics, and the gRPC server."""
+
+    def __init__(self, config: EventBusConfig) -> None:
+        self.config = config
+        self.metrics = BusMetrics()
+        self.trust = TrustState(config)
+        self.store = SqliteStore(Path(config.store.path))
+        self.broker = Broker()
+        self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish)
+        self.health = health_aio.HealthServicer()
+        self.started_ns = time.time_ns()
+        self.draining = False
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rate_window: list[tuple[float, float]] = []
+
+    # ---- ingest -------------------------------------------------------------------------------
+
+    async def handle_envelope(self, raw: bytes, peer: Peer | None) -> Ack:
+        """Checks in order of cost, then the group commit; every outcome is an ack."""
+        started = time.perf_counter()
+        self.metrics.envelopes_received.inc()
+        ack = self._precheck(raw, peer)
+        if isinstance(ack, Ack):
+            self._count(ack)
+            return ack
+        header, rows, update, digest = ack
+        ack = await self.ingest.submit(header, digest, rows, update)
+        self._count(ack)
+        self.metrics.ack_latency.observe(time.perf_counter() - started)
+        return ack
+
+    def _count(self, ack: Ack) -> None:
+        if ack.status in (Status.INVALID, Status.UNAUTHORIZED) and not ack.reason.startswith(("fork", "chain_")):
+            self.metrics.rejected.labels(ack.reason.split(":")[0]).inc()
+        elif ack.status == Status.RETRY and ack.reason.split(":")[0] in ("draining", "overloaded"):
+            self.metrics.retries.labels(ack.reason.split(":")[0]).inc()
+
+    def _precheck(
+        self, raw: bytes, peer: Peer | None
+    ) -> Ack | tuple[envelope_pb2.EnvelopeHeader, list[EventRow], AgentUpdate, bytes]:
+        parsed = self._parse(raw)
+        if isinstance(parsed, Ack):
+            return parsed
+        envelope, header = parsed
+        refusal = self._identity_refusal(header, peer) or self._admission(header) or self._signature(envelope, header)
+        return refusal or self._unpack(envelope, header, peer)
+
+    def _parse(self, raw: bytes) -> Ack | tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHeader]:
+        """Size, structure and version: the checks that cost nothing."""
+        if self.draining:
+            return Ack(Status.RETRY, "draining: hub is shutting down", self.config.backpressure.max_backoff_ms)
+        if not raw:
+            return _invalid("empty: no envelope bytes")
+        if len(raw) > self.config.limits.max_envelope_bytes:
+            return _invalid(f"too_large: {len(raw)} bytes > {self.config.limits.max_envelope_bytes}")
+        try:
+            envelope = envelope_pb2.Envelope.FromString(raw)
+            if not envelope.header or not envelope.sig:
+                return _invalid("incomplete: header and sig are required")
+            header = envelope_pb2.EnvelopeHeader.FromString(envelope.header)
+        except DecodeError:
+            return _invalid("malformed: not an Envelope with an EnvelopeHeader")
+        if header.version != PROTOCOL_VERSION:
+            return _invalid(f"unsupported_version: {header.version} (this hub speaks {PROTOCOL_VERSION})")
+        return envelope, header
+
+    def _admission(self, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
+        limit = self.config.limits.max_events_per_batch
+        if header.event_count > limit:
+            return _invalid(f"too_many_events: {header.event_count} > {limit}")
+        backoff = self.ingest.overload_backoff(header.event_count)
+        if backoff is not None:
+            return Ack(Status.RETRY, "overloaded: backlog above high-water mark", backoff)
+        return None
+
+    def _signature(self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
+        try:
+            verify_signature(envelope, self.trust.keys[header.agent_id])
+        except VerificationError:
+            return _invalid("bad_signature: signature does not verify with the agent's key")
+        return None
+
+    def _identity_refusal(self, header: envelope_pb2.EnvelopeHeader, peer: Peer | None) -> Ack | None:
+        reason = self.trust.refusal(peer, time.time_ns())
+        if reason is not None:
+            return Ack(Status.UNAUTHORIZED, f"peer: {reason}")
+        assert peer is not None
+        if header.agent_id != peer.cn:
+            return Ack(Status.UNAUTHORIZED, f"cn_mismatch: certificate CN {peer.cn!r} != agent_id {header.agent_id!r}")
+        if header.agent_id not in self.trust.keys:
+            return Ack(Status.UNAUTHORIZED, f"unknown_agent: {header.agent_id!r} is not in the trust map")
+        return None
+
+    def _unpack(
+        self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader, peer: Peer | None
+    ) -> Ack | tuple[envelope_pb2.EnvelopeHeader, list[EventRow], AgentUpdate, bytes]:
+        try:
+            batch = events_pb2.EventBatch.FromString(envelope.payload)
+        except DecodeError:
+            return _invalid("malformed_payload: not an EventBatch")
+        if len(batch.events) != header.event_count:
+            count = len(batch.events)
+            return _invalid(f"event_count_mismatch: header says {header.event_count}, payload has {count}")
+        if len(batch.events) > self.config.limits.max_events_per_batch:
+            return _invalid(f"too_many_events: {len(batch.events)} > {self.config.limits.max_events_per_batch}")
+        rows = [to_row(event) for event in batch.events]
+        too_big = next((r for r in rows if len(r.body) > self.config.limits.max_event_bytes), None)
+        if too_big is not None:
+            return _invalid(f"event_too_large: {len(too_big.body)} bytes > {self.config.limits.max_event_bytes}")
+        self.metrics.events_received.inc(len(rows))
+        update = _agent_update(batch, rows, peer)
+        return header, rows, update, envelope_digest(envelope.header, envelope.payload)
+
+    async def publish(self, raw: bytes, context: Context) -> envelope_pb2.PublishAck:
+        return (await self.handle_envelope(raw, peer_of(context))).message()
+
+    async def publish_stream(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+        """Acks in order; the next envelope is checked while earlier ones wait for their commit."""
+        peer = peer_of(context)
+        pending: asyncio.Queue[asyncio.Task[Ack] | None] = asyncio.Queue(maxsize=64)
+
+        async def read() -> None:
+            try:
+                async for raw in requests:
+                    await pending.put(asyncio.ensure_future(self.handle_envelope(raw, peer)))
+            finally:
+                await pending.put(None)
+
+        self.metrics.streams.inc()
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield (await task).message().SerializeToString()
+            await reader
+        finally:
+            self.metrics.streams.dec()
+            reader.cancel()
+
+    # ---- consumers ----------------------------------------------------------------------------
+
+    async def _require_consumer(self, context: Context) -> None:
+        peer = peer_of(context)
+        refusal = self.trust.refusal(peer, time.time_ns())
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        assert peer is not None
+        if peer.cn not in self.config.consumers:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer.cn!r} is not a configured consumer")
+
+    async def query(self, request: bus_pb2.QueryRequest, context: Context) -> bus_pb2.QueryResponse:
+        await self._require_consumer(context)
+        size = min(request.page_size or 100, MAX_PAGE)
+        try:
+            events, token = await asyncio.to_thread(self.store.query, request.filter, size, request.page_token)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return bus_pb2.QueryResponse(events=events, next_page_token=token)
+
+    async def subscribe(
+        self, request: bus_pb2.SubscribeRequest, context: Context
+    ) -> AsyncIterator[bus_pb2.StoredEvent]:
+        await self._require_consumer(context)
+        sub = Subscriber(request.filter)
+        self.broker.subscribers.add(sub)
+        self.metrics.subscribers.inc()
+        try:
+            last = 0
+            if request.replay or request.after_cursor:
+                async for stored in self._replay(request):
+                    last = stored.cursor
+                    yield stored
+            while True:
+                stored = await sub.queue.get()
+                if stored is OVERFLOW:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, f"subscriber too slow; resume with after_cursor={last}"
+                    )
+                if stored.cursor > last:
+                    last = stored.cursor
+                    yield stored
+        finally:
+            self.broker.subscribers.discard(sub)
+            self.metrics.subscribers.dec()
+
+    async def _replay(self, request: bus_pb2.SubscribeRequest) -> AsyncIterator[bus_pb2.StoredEvent]:
+        cursor = request.after_cursor
+        if not cursor and request.filter.since_ns:
+            cursor = await asyncio.to_thread(self.store.first_cursor_since, request.filter.since_ns)
+        while True:
+            page = await asyncio.to_thread(self.store.after_cursor, cursor, request.filter, REPLAY_PAGE)
+            for stored in page:
+                yield stored
+            if len(page) < REPLAY_PAGE:
+                return
+            cursor = page[-1].cursor
+
+    async def list_agents(self, request: bus_pb2.ListAgentsRequest, context: Context) -> bus_pb2.ListAgentsResponse:
+        await self._require_consumer(context)
+        return bus_pb2.ListAgentsResponse(agents=await asyncio.to_thread(self.store.list_agents))
+
+    async def get_status(self, request: bus_pb2.StatusRequest, context: Context) -> bus_pb2.HubStatus:
+        await self._require_consumer(context)
+        return await asyncio.to_thread(self.status)
+
+    def status(self) -> bus_pb2.HubStatus:
+        rejected = {
+            s.labels["reason"]: int(s.value)
+            for metric in self.metrics.rejected.collect()
+            for s in metric.samples
+            if s.name.endswith("_total")
+        }
+        retries = sum(s.value for m in self.metrics.retries.collect() for s in m.samples if s.name.endswith("_total"))
+        breaks = sum(
+            s.value for m in self.metrics.chain_breaks.collect() for s in m.samples if s.name.endswith("_total")
+        )
+        return bus_pb2.HubStatus(
+            version=__version__,
+            started_ns=self.started_ns,
+            events_stored=self.store.count_events(),
+            store_bytes=self.store.size_bytes(),
+            agents=len(self.store.list_agents()),
+            streams=int(self.metrics.streams._value.get()),
+            inflight=self.ingest.pending_events,
+            rejected=rejected,
+            retries=int(retries),
+            chain_breaks=int(breaks),
+            ingest_eps=self._ingest_rate(),
+        )
+
+    def _ingest_rate(self) -> float:
+        now = time.monotonic()
+        stored = self.metrics.events_stored._value.get()
+        self._rate_window = [(t, v) for t, v in self._rate_window if now - t <= 60] + [(now, stored)]
+        (t0, v0), (t1, v1) = self._rate_window[0], self._rate_window[-1]
+        return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        ser = lambda message: message.SerializeToString()  # noqa: E731
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            "Publish": grpc.unary_unary_rpc_method_handler(self.publish, response_serializer=ser),
+            "PublishStream": grpc.stream_stream_rpc_method_handler(self.publish_stream),
+            "Subscribe": grpc.unary_stream_rpc_method_handler(self.subscribe, bus_pb2.SubscribeRequest.FromString, ser),
+            "Query": grpc.unary_unary_rpc_method_handler(self.query, bus_pb2.QueryRequest.FromString, ser),
+            "ListAgents": grpc.unary_unary_rpc_method_handler(
+                self.list_agents, bus_pb2.ListAgentsRequest.FromString, ser
+            ),
+            "GetStatus": grpc.unary_unary_rpc_method_handler(self.get_status, bus_pb2.StatusRequest.FromString, ser),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    async def start(self) -> None:
+        """Bind, start serving, start the writer, metrics and maintenance; READY=1 to systemd."""
+        limits = self.config.limits
+        options = [
+            ("grpc.max_receive_message_length", limits.max_envelope_bytes * 2 + 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        self.server.add_generic_rpc_handlers((self._handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_secure_port(self.config.listen, self.trust.server_credentials())
+        if not self.port:
+            raise AmoskysError(f"cannot listen on {self.config.listen}")
+        self.ingest.start(asyncio.get_running_loop())
+        await self.server.start()
+        self._start_metrics()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks = [
+            asyncio.create_task(self._maintain(), name="maintenance"),
+            asyncio.create_task(systemd.watchdog_loop(), name="watchdog"),
+        ]
+        systemd.notify("READY=1", f"STATUS=serving on port {self.port}")
+        log.info("eventbus serving", extra={"listen": self.config.listen, "port": self.port})
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics.listen:
+            return
+        host, port = parse_address(self.config.metrics.listen)
+        server, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+        self._metrics_server = server
+        self.metrics_port = server.server_port
+
+    async def _maintain(self) -> None:
+        """Retention by age and size, and the store-size gauge, every prune_interval_s."""
+        store_config = self.config.store
+        while True:
+            cutoff = time.time_ns() - int(store_config.retention_days * 86400 * 1e9)
+            try:
+                pruned = await asyncio.to_thread(self.store.prune, cutoff, store_config.max_bytes)
+                self.metrics.pruned.inc(pruned)
+                self.metrics.store_bytes.set(await asyncio.to_thread(self.store.size_bytes))
+            except Exception:
+                log.exception("retention pass failed")
+            await asyncio.sleep(store_config.prune_interval_s)
+
+    def reload(self) -> None:
+        """SIGHUP: trust map, revocation list and server cert/key; streams stay up."""
+        systemd.reloading()
+        try:
+            self.trust.reload()
+        except AmoskysError as exc:
+            log.error("reload failed; keeping the previous trust state", extra={"error": str(exc)})
+        systemd.notify("READY=1")
+
+    async def stop(self) -> None:
+        """Drain: refuse new envelopes, finish in-flight ones, commit, close."""
+        systemd.notify("STOPPING=1")
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self.ingest.pending_events and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        await asyncio.to_thread(self.ingest.stop)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self.store.close()
+        log.info("eventbus stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await stop.wait()
+        await self.stop()
+
+
+def _agent_update(batch: events_pb2.EventBatch, rows: list[EventRow], peer: Peer | None) -> AgentUpdate:
+    update = AgentUpdate(events=len(rows), cert_not_after_ns=peer.not_after_ns if peer else 0)
+    if rows:
+        update.host, update.kind = rows[-1].host, rows[-1].agent
+    for event, row in zip(batch.events, rows, strict=True):
+        if row.kind == "alert":
+            update.alerts += 1
+        elif row.kind == "heartbeat":
+            update.heartbeat_ns = max(update.heartbeat_ns, event.ts_ns)
+            update.version = event.heartbeat.version
+            update.interval_s = event.heartbeat.interval_s
+    return update
+
+
+def create_server(config: EventBusConfig) -> Hub:
+    """Build the hub (loads and checks identity, trust and store); `await hub.start()` serves."""
+    return Hub(config)

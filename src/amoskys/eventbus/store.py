@@ -1,0 +1,397 @@
+"""Durable event storage behind a small interface; SQLite in WAL mode is the embedded default.
+
+Only the ingest writer thread writes (one connection); queries use per-thread read connections,
+which WAL lets run beside the writer. Another sink (e.g. NATS JetStream) implements `Store`.
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from amoskys.eventbus.rows import EventRow
+from amoskys.v1 import bus_pb2, events_pb2
+
+__all__ = [
+    "AcceptedEnvelope",
+    "AgentUpdate",
+    "ChainRecord",
+    "SqliteStore",
+    "Store",
+    "StoreFullError",
+    "StoreUnavailableError",
+]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts_ns INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    severity INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    text TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ns);
+CREATE INDEX IF NOT EXISTS events_host_ts ON events (host, ts_ns);
+CREATE INDEX IF NOT EXISTS events_agent_ts ON events (agent_id, ts_ns);
+CREATE INDEX IF NOT EXISTS events_kind_ts ON events (kind, ts_ns);
+CREATE INDEX IF NOT EXISTS events_severity_ts ON events (severity, ts_ns);
+CREATE TABLE IF NOT EXISTS envelopes (
+    agent_id TEXT NOT NULL,
+    chain_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    received_ns INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, chain_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS envelopes_received ON envelopes (received_ns);
+CREATE TABLE IF NOT EXISTS chains (
+    agent_id TEXT PRIMARY KEY,
+    chain_id BLOB NOT NULL,
+    last_seq INTEGER NOT NULL,
+    last_hash BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT '',
+    version TEXT NOT NULL DEFAULT '',
+    first_seen_ns INTEGER NOT NULL,
+    last_seen_ns INTEGER NOT NULL,
+    last_heartbeat_ns INTEGER NOT NULL DEFAULT 0,
+    heartbeat_interval_s INTEGER NOT NULL DEFAULT 0,
+    events_total INTEGER NOT NULL DEFAULT 0,
+    envelopes_total INTEGER NOT NULL DEFAULT 0,
+    alerts_total INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    cert_not_after_ns INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
+
+INSERT_EVENT = (
+    "INSERT INTO events (ts_ns, received_ns, host, agent_id, agent, kind, severity, event_id, text, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+UPSERT_AGENT = """
+INSERT INTO agents (agent_id, host, kind, version, first_seen_ns, last_seen_ns, last_heartbeat_ns,
+                    heartbeat_interval_s, events_total, envelopes_total, alerts_total, last_seq,
+                    cert_not_after_ns)
+VALUES (:agent_id, :host, :kind, :version, :now, :now, :heartbeat_ns, :interval_s, :events, 1, :alerts,
+        :seq, :cert_not_after_ns)
+ON CONFLICT (agent_id) DO UPDATE SET
+    host = CASE WHEN excluded.host != '' THEN excluded.host ELSE host END,
+    kind = CASE WHEN excluded.kind != '' THEN excluded.kind ELSE kind END,
+    version = CASE WHEN excluded.version != '' THEN excluded.version ELSE version END,
+    last_seen_ns = excluded.last_seen_ns,
+    last_heartbeat_ns = MAX(last_heartbeat_ns, excluded.last_heartbeat_ns),
+    heartbeat_interval_s = CASE WHEN excluded.heartbeat_interval_s > 0
+                                THEN excluded.heartbeat_interval_s ELSE heartbeat_interval_s END,
+    events_total = events_total + excluded.events_total,
+    envelopes_total = envelopes_total + excluded.envelopes_total,
+    alerts_total = alerts_total + excluded.alerts_total,
+    last_seq = excluded.last_seq,
+    cert_not_after_ns = CASE WHEN excluded.cert_not_after_ns > 0
+                             THEN excluded.cert_not_after_ns ELSE cert_not_after_ns END
+"""
+EVENT_COLUMNS = "id, agent_id, received_ns, body"
+AGENT_COLUMNS = (
+    "agent_id", "host", "kind", "version", "first_seen_ns", "last_seen_ns", "last_heartbeat_ns",
+    "heartbeat_interval_s", "events_total", "envelopes_total", "last_seq", "alerts_total", "cert_not_after_ns",
+)  # fmt: skip
+PRUNE_CHUNK = 20_000
+
+
+class StoreUnavailableError(Exception):
+    """The store cannot take writes now (disk full, I/O error); nothing was written."""
+
+
+class StoreFullError(StoreUnavailableError):
+    """The filesystem under the store is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRecord:
+    chain_id: bytes
+    last_seq: int
+    last_hash: bytes
+
+
+@dataclass(slots=True)
+class AgentUpdate:
+    """Registry facts carried by one accepted envelope."""
+
+    host: str = ""
+    kind: str = ""
+    version: str = ""
+    heartbeat_ns: int = 0
+    interval_s: int = 0
+    events: int = 0
+    alerts: int = 0
+    cert_not_after_ns: int = 0
+
+
+@dataclass(slots=True)
+class AcceptedEnvelope:
+    """One envelope to store: its events, its chain position, its registry facts."""
+
+    agent_id: str
+    chain_id: bytes
+    seq: int
+    digest: bytes
+    rows: Sequence[EventRow]
+    agent: AgentUpdate = field(default_factory=AgentUpdate)
+    first_cursor: int = 0
+
+
+class Store(Protocol):
+    def load_chains(self) -> dict[str, ChainRecord]: ...
+    def stored_digest(self, agent_id: str, chain_id: bytes, seq: int) -> bytes | None: ...
+    def commit(self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int) -> None: ...
+    def query(
+        self, flt: bus_pb2.EventFilter, page_size: int, page_token: str
+    ) -> tuple[list[bus_pb2.StoredEvent], str]: ...
+    def after_cursor(self, cursor: int, flt: bus_pb2.EventFilter, limit: int) -> list[bus_pb2.StoredEvent]: ...
+    def last_cursor(self) -> int: ...
+    def list_agents(self) -> list[bus_pb2.AgentInfo]: ...
+    def count_events(self) -> int: ...
+    def size_bytes(self) -> int: ...
+    def prune(self, older_than_ns: int, max_bytes: int) -> int: ...
+    def close(self) -> None: ...
+
+
+def _encode_token(ts_ns: int, cursor: int) -> str:
+    return base64.urlsafe_b64encode(f"{ts_ns}:{cursor}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[int, int]:
+    try:
+        ts_text, _, cursor_text = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        return int(ts_text), int(cursor_text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("invalid page token") from exc
+
+
+def _where(flt: bus_pb2.EventFilter) -> tuple[list[str], list[object]]:
+    """SQL conditions for a filter (all conjunctive)."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if flt.since_ns:
+        clauses.append("ts_ns >= ?")
+        params.append(flt.since_ns)
+    if flt.until_ns:
+        clauses.append("ts_ns < ?")
+        params.append(flt.until_ns)
+    for column, values in (
+        ("host", flt.hosts),
+        ("agent_id", flt.agent_ids),
+        ("kind", flt.kinds),
+        ("agent", flt.agents),
+    ):
+        if values:
+            clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
+            params.extend(values)
+    if flt.min_severity:
+        clauses.append("severity >= ?")
+        params.append(int(flt.min_severity))
+    if flt.text:
+        clauses.append("instr(text, ?) > 0")
+        params.append(flt.text.lower())
+    return clauses, params
+
+
+def _stored(row: tuple[int, str, int, bytes]) -> bus_pb2.StoredEvent:
+    return bus_pb2.StoredEvent(
+        cursor=row[0], agent_id=row[1], received_ns=row[2], event=events_pb2.Event.FromString(row[3])
+    )
+
+
+class SqliteStore:
+    """The embedded store: one SQLite database in WAL mode."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = self._connect()
+        self._readers = threading.local()
+        self._all_readers: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        with self._writer:
+            self._writer.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        fresh = not self.path.exists()
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        if fresh:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoint, safe on crash
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA cache_size = -65536")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = 1")
+            self._readers.conn = conn
+            with self._lock:
+                self._all_readers.append(conn)
+        return conn
+
+    def load_chains(self) -> dict[str, ChainRecord]:
+        rows = self._writer.execute("SELECT agent_id, chain_id, last_seq, last_hash FROM chains")
+        return {agent: ChainRecord(bytes(chain), seq, bytes(last)) for agent, chain, seq, last in rows}
+
+    def stored_digest(self, agent_id: str, chain_id: bytes, seq: int) -> bytes | None:
+        row = self._writer.execute(
+            "SELECT digest FROM envelopes WHERE agent_id = ? AND chain_id = ? AND seq = ?",
+            (agent_id, chain_id, seq),
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise StoreFullError(f"{self.path}: {exc}") from exc
+            raise StoreUnavailableError(f"{self.path}: {exc}") from exc
+
+    def commit(self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int) -> None:
+        """Write envelopes, their events, chain heads and registry rows in one transaction."""
+        with self._transaction() as conn:
+            for item in accepted:
+                conn.executemany(INSERT_EVENT, _insert_params(item, now_ns))
+                item.first_cursor = self._first_cursor(conn, len(item.rows))
+                if item.seq:
+                    conn.execute(
+                        "INSERT INTO envelopes (agent_id, chain_id, seq, digest, received_ns) VALUES (?, ?, ?, ?, ?)",
+                        (item.agent_id, item.chain_id, item.seq, item.digest, now_ns),
+                    )
+                    self._upsert_agent(conn, item, now_ns)
+            conn.executemany(
+                "INSERT INTO chains (agent_id, chain_id, last_seq, last_hash) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (agent_id) DO UPDATE SET chain_id = excluded.chain_id, "
+                "last_seq = excluded.last_seq, last_hash = excluded.last_hash",
+                [(agent, c.chain_id, c.last_seq, c.last_hash) for agent, c in chains.items()],
+            )
+
+    @staticmethod
+    def _first_cursor(conn: sqlite3.Connection, count: int) -> int:
+        if not count:
+            return 0
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return int(last) - count + 1
+
+    @staticmethod
+    def _upsert_agent(conn: sqlite3.Connection, item: AcceptedEnvelope, now_ns: int) -> None:
+        a = item.agent
+        conn.execute(
+            UPSERT_AGENT,
+            {
+                "agent_id": item.agent_id, "host": a.host, "kind": a.kind, "version": a.version, "now": now_ns,
+                "heartbeat_ns": a.heartbeat_ns, "interval_s": a.interval_s, "events": a.events,
+                "alerts": a.alerts, "seq": item.seq, "cert_not_after_ns": a.cert_not_after_ns,
+            },
+        )  # fmt: skip
+
+    def query(self, flt: bus_pb2.EventFilter, page_size: int, page_token: str) -> tuple[list[bus_pb2.StoredEvent], str]:
+        """Newest first, keyset-paged on (ts_ns, id)."""
+        clauses, params = _where(flt)
+        if page_token:
+            ts_ns, cursor = _decode_token(page_token)
+            clauses.append("(ts_ns < ? OR (ts_ns = ? AND id < ?))")
+            params += [ts_ns, ts_ns, cursor]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT {EVENT_COLUMNS}, ts_ns FROM events {where} ORDER BY ts_ns DESC, id DESC LIMIT ?"  # noqa: S608
+        rows = self._reader().execute(sql, [*params, page_size + 1]).fetchall()
+        events = [_stored(row[:4]) for row in rows[:page_size]]
+        token = _encode_token(rows[page_size - 1][4], rows[page_size - 1][0]) if len(rows) > page_size else ""
+        return events, token
+
+    def after_cursor(self, cursor: int, flt: bus_pb2.EventFilter, limit: int) -> list[bus_pb2.StoredEvent]:
+        """Stored events after `cursor` in store order (for Subscribe replay)."""
+        clauses, params = _where(flt)
+        clauses.append("id > ?")
+        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
+        return [_stored(row) for row in self._reader().execute(sql, [*params, cursor, limit])]
+
+    def first_cursor_since(self, since_ns: int) -> int:
+        """The cursor just before the first event received at or after `since_ns`."""
+        row = self._reader().execute("SELECT min(id) FROM events WHERE ts_ns >= ?", (since_ns,)).fetchone()
+        return int(row[0]) - 1 if row and row[0] else self.last_cursor()
+
+    def last_cursor(self) -> int:
+        row = self._reader().execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
+        return int(row[0])
+
+    def list_agents(self) -> list[bus_pb2.AgentInfo]:
+        sql = f"SELECT {', '.join(AGENT_COLUMNS)} FROM agents ORDER BY host, agent_id"  # noqa: S608
+        return [bus_pb2.AgentInfo(**dict(zip(AGENT_COLUMNS, row, strict=True))) for row in self._reader().execute(sql)]
+
+    def count_events(self) -> int:
+        row = self._reader().execute("SELECT coalesce(max(id), 0) - coalesce(min(id), 1) + 1 FROM events").fetchone()
+        return max(int(row[0]), 0)
+
+    def size_bytes(self) -> int:
+        """Bytes in use (pages not on the freelist), plus the WAL."""
+        conn = self._reader()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        wal = self.path.with_name(self.path.name + "-wal")
+        return int(pages * conn.execute("PRAGMA page_size").fetchone()[0]) + (wal.stat().st_size if wal.exists() else 0)
+
+    def prune(self, older_than_ns: int, max_bytes: int) -> int:
+        """Delete events older than the cutoff, then oldest-first while over `max_bytes`; return count."""
+        deleted = 0
+        while True:
+            with self._transaction() as conn:
+                cursor = conn.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE received_ns < ? ORDER BY id LIMIT ?)",
+                    (older_than_ns, PRUNE_CHUNK),
+                )
+                conn.execute("DELETE FROM envelopes WHERE received_ns < ?", (older_than_ns,))
+            deleted += cursor.rowcount
+            if cursor.rowcount < PRUNE_CHUNK:
+                break
+        while self.size_bytes() > max_bytes and self.count_events() > 0:
+            with self._transaction() as conn:
+                cursor = conn.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)", (PRUNE_CHUNK,)
+                )
+            deleted += cursor.rowcount
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if deleted:
+            self._writer.execute("PRAGMA incremental_vacuum")
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all_readers:
+                conn.close()
+            self._all_readers.clear()
+        self._writer.close()
+
+
+def _insert_params(item: AcceptedEnvelope, now_ns: int) -> Iterator[tuple[object, ...]]:
+    agent_id = item.agent_id
+    for r in item.rows:
+        yield (r.ts_ns, now_ns, r.host, agent_id, r.agent, r.kind, r.severity, r.event_id, r.text, r.body)
