@@ -58,7 +58,7 @@ class TrustState:
         tls = self.config.tls
         identity = pki.load_tls_identity(Path(tls.cert), Path(tls.key), Path(tls.ca))
         trust = keys.read_public_keys(Path(self.config.trust_map))
-        revoked = frozenset(pki.load_crl(Path(self.config.crl), identity.cert))
+        revoked = frozenset(pki.load_crl(Path(self.config.crl), pki.load_certificate(Path(tls.ca))))
         changed_tls = self.identity is None or identity.cert_pem != self.identity.cert_pem
         self.identity, self.keys, self.revoked = identity, trust, revoked
         if changed_tls:
