@@ -46,7 +46,7 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts_ns);
 CREATE INDEX IF NOT EXISTS events_host_ts ON events (host, ts_ns);
 CREATE INDEX IF NOT EXISTS events_agent_ts ON events (agent_id, ts_ns);
 CREATE INDEX IF NOT EXISTS events_kind_ts ON events (kind, ts_ns);
-CREATE INDEX IF NOT EXISTS events_severity_ts ON events (severity, ts_ns);
+CREATE INDEX IF NOT EXISTS events_notable_ts ON events (ts_ns) WHERE severity >= 4;
 CREATE TABLE IF NOT EXISTS envelopes (
     agent_id TEXT NOT NULL,
     chain_id BLOB NOT NULL,
@@ -110,6 +110,7 @@ AGENT_COLUMNS = (
     "heartbeat_interval_s", "events_total", "envelopes_total", "last_seq", "alerts_total", "cert_not_after_ns",
 )  # fmt: skip
 PRUNE_CHUNK = 20_000
+NOTABLE_SEVERITY = 4  # SEVERITY_WARNING: warnings and worse have their own (small, partial) index
 
 
 class StoreUnavailableError(Exception):
@@ -204,6 +205,8 @@ def _where(flt: bus_pb2.EventFilter) -> tuple[list[str], list[object]]:
     if flt.min_severity:
         clauses.append("severity >= ?")
         params.append(int(flt.min_severity))
+        if flt.min_severity >= NOTABLE_SEVERITY:
+            clauses.append(f"severity >= {NOTABLE_SEVERITY}")  # lets SQLite use the partial index
     if flt.text:
         clauses.append("instr(text, ?) > 0")
         params.append(flt.text.lower())
