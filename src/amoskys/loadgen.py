@@ -80,8 +80,8 @@ def ensure_identities(ca_dir: Path, directory: Path, count: int) -> None:
         keys.write_public_file(directory / "trust" / f"{name}.pub", pub.encode())
 
 
-def synthetic_events(agent_id: str, host: str, start: int, count: int) -> events_pb2.EventBatch:
-    """Plausible process telemetry with deterministic ids (agent, sequence number)."""
+def synthetic_events(prefix: str, host: str, start: int, count: int) -> events_pb2.EventBatch:
+    """Plausible process telemetry with deterministic ids (`prefix:n`)."""
     batch = events_pb2.EventBatch()
     rng = random.Random(start)  # noqa: S311 - synthetic data, not security
     for n in range(start, start + count):
@@ -94,14 +94,14 @@ def synthetic_events(agent_id: str, host: str, start: int, count: int) -> events
         event.process.cmdline.extend([exe, "--synthetic"])
         event.process.user = "root"
         event.process.pid = rng.randint(300, 4_000_000)
-    return restamp(batch, agent_id, start)
+    return restamp(batch, prefix, start)
 
 
-def restamp(batch: events_pb2.EventBatch, agent_id: str, start: int) -> events_pb2.EventBatch:
-    """Give a batch's events fresh ids and timestamps (cheaper than building new events)."""
+def restamp(batch: events_pb2.EventBatch, prefix: str, start: int) -> events_pb2.EventBatch:
+    """Give a batch's events fresh ids (`prefix:n`) and timestamps (cheaper than building new events)."""
     now = time.time_ns()
     for offset, event in enumerate(batch.events):
-        event.event_id = f"{agent_id}:{start + offset}"
+        event.event_id = f"{prefix}:{start + offset}"
         event.ts_ns = now + offset
     return batch
 
@@ -123,11 +123,12 @@ class SimulatedAgent:
         self.chain = ChainState.fresh()
         self.produced = 0
         self.unacked: collections.deque[tuple[int, envelope_pb2.Envelope, int]] = collections.deque()
-        self.template = synthetic_events(self.agent_id, self.host, 0, options.batch)
+        self.event_prefix = f"{self.agent_id}:{self.chain.chain_id.hex()[:12]}"  # unique per run
+        self.template = synthetic_events(self.event_prefix, self.host, 0, options.batch)
 
     def next_envelope(self) -> tuple[int, envelope_pb2.Envelope, int]:
         count = self.options.batch
-        batch = restamp(self.template, self.agent_id, self.produced)
+        batch = restamp(self.template, self.event_prefix, self.produced)
         first = self.produced
         self.produced += count
         envelope = seal(self.agent_id, batch, self.chain, self.signing_key, count)
@@ -141,7 +142,7 @@ class SimulatedAgent:
             self.stats.acked_events += self.options.batch
             self.stats.acked_envelopes += 1
             if self.ack_log is not None:
-                self.ack_log.write(f"{self.agent_id} {done_seq} {first} {self.options.batch}\n")
+                self.ack_log.write(f"{self.event_prefix} {done_seq} {first} {self.options.batch}\n")
 
     async def run(self, deadline: float) -> None:
         interval = self.options.batch * self.options.agents / self.options.rate if self.options.rate else 0.0

@@ -24,7 +24,7 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
     parser.add_argument("--mode", choices=["stream", "unary"], default="stream")
     parser.add_argument("--inflight", type=int, default=8, help="envelopes in flight per stream")
-    parser.add_argument("--ack-log", type=Path, help="append 'agent seq first count' per acked envelope")
+    parser.add_argument("--ack-log", type=Path, help="append 'agent:chain seq first count' per acked envelope")
     parser.set_defaults(func=run)
 
 

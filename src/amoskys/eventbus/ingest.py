@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from amoskys.config import BackpressureConfig
 from amoskys.envelope import GENESIS_HASH
@@ -69,6 +70,14 @@ class Committed:
     rows: Sequence[EventRow]
 
 
+@dataclass(slots=True)
+class _WriterTask:
+    """Work that must run on the writer thread (it owns the write connection), e.g. retention."""
+
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any] = field(repr=False)
+
+
 class _Decision:
     """Outcome of a chain check within one commit group."""
 
@@ -92,7 +101,7 @@ class Ingest:
         self.on_committed = on_committed
         self.chains: dict[str, ChainRecord] = store.load_chains()
         self.hostname = socket.gethostname()
-        self._queue: queue.SimpleQueue[Submission | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Submission | _WriterTask | None] = queue.SimpleQueue()
         self._pending_events = 0
         self._pending_lock = threading.Lock()
         self._drain_rate = 50_000.0  # events/s, EWMA of observed commits
@@ -127,6 +136,13 @@ class Ingest:
         self._queue.put(Submission(header, digest, rows, agent, future))
         return future
 
+    async def in_writer(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the writer thread between commits; return its result."""
+        assert self._loop is not None, "Ingest.start() not called"
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.put(_WriterTask(fn, future))
+        return await future
+
     def _adjust_pending(self, delta: int) -> None:
         with self._pending_lock:
             self._pending_events += delta
@@ -138,30 +154,45 @@ class Ingest:
             self._queue.put(None)
             self._thread.join(timeout)
 
-    def _take_group(self) -> tuple[list[Submission], bool]:
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        group, events = [first], len(first.rows)
+    def _take_group(self) -> tuple[list[Submission], list[_WriterTask], bool]:
+        """Everything queued now (up to commit_max_events), writer tasks apart; True when told to stop."""
+        group: list[Submission] = []
+        tasks: list[_WriterTask] = []
+        events = 0
+        item = self._queue.get()
         deadline = time.monotonic() + self.config.commit_max_delay_ms / 1000
-        while events < self.config.commit_max_events:
+        while True:
+            if item is None:
+                return group, tasks, True
+            if isinstance(item, _WriterTask):
+                tasks.append(item)
+            else:
+                group.append(item)
+                events += len(item.rows)
+            if events >= self.config.commit_max_events:
+                return group, tasks, False
             try:
                 timeout = deadline - time.monotonic()
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
-                break
-            if item is None:
-                return group, True
-            group.append(item)
-            events += len(item.rows)
-        return group, False
+                return group, tasks, False
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            group, stopping = self._take_group()
+            group, tasks, stopping = self._take_group()
             if group:
                 self._process(group)
+            for task in tasks:
+                self._run_task(task)
+
+    def _run_task(self, task: _WriterTask) -> None:
+        try:
+            result, error = task.fn(), None
+        except Exception as exc:  # handed to the awaiting coroutine
+            result, error = None, exc
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(_settle, task.future, result, error)
 
     def _process(self, group: list[Submission]) -> None:
         started = time.monotonic()
@@ -298,3 +329,12 @@ class Ingest:
                     sub.future.set_result(ack)
 
         self._loop.call_soon_threadsafe(resolve)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -341,7 +342,8 @@ class Hub:
         while True:
             cutoff = time.time_ns() - int(store_config.retention_days * 86400 * 1e9)
             try:
-                pruned = await asyncio.to_thread(self.store.prune, cutoff, store_config.max_bytes)
+                prune = functools.partial(self.store.prune, cutoff, store_config.max_bytes)
+                pruned = await self.ingest.in_writer(prune)
                 self.metrics.pruned.inc(pruned)
                 self.metrics.store_bytes.set(await asyncio.to_thread(self.store.size_bytes))
             except Exception:
@@ -364,6 +366,7 @@ class Hub:
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         deadline = time.monotonic() + self.config.drain_timeout_s
         while self.ingest.pending_events and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -377,12 +380,12 @@ class Hub:
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads."""
-        await self.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
         await stop.wait()
         await self.stop()
 
