@@ -46,6 +46,7 @@ class LoadOptions:
     mode: str = "stream"
     inflight: int = 8
     ack_log: Path | None = None
+    drain_s: float = 30.0  # after the duration, how long to wait for outstanding acks
 
 
 @dataclass
@@ -209,30 +210,35 @@ class _StreamSession:
         await self.outbox.put(envelope)
 
     async def _produce(self, deadline: float, interval: float) -> None:
-        stats = self.agent.stats
+        """New envelopes until the deadline, then only resends until all are acked (or drain_s passes)."""
         next_at = time.monotonic()
-        while time.monotonic() < deadline:
+        give_up = deadline + self.agent.options.drain_s
+        while time.monotonic() < give_up and (time.monotonic() < deadline or self.agent.unacked):
             await self.window.acquire()
             if self.resend.is_set():
-                self.resend.clear()
-                pending = list(self.agent.unacked)
-                for index, (seq, envelope, _) in enumerate(pending):
-                    if index:  # the first one holds the slot acquired above
-                        await self.window.acquire()
-                    await self._send(seq, envelope)
-                if not pending:
-                    self.window.release()
-                continue
-            seq, envelope, _ = self.agent.next_envelope()
-            stats.sent_events += self.agent.options.batch
-            await self._send(seq, envelope)
-            if interval:
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-        end = time.monotonic() + 30
-        while self.agent.unacked and time.monotonic() < end:
-            await asyncio.sleep(0.01)
+                await self._resend_unacked()
+            elif time.monotonic() < deadline:
+                seq, envelope, _ = self.agent.next_envelope()
+                self.agent.stats.sent_events += self.agent.options.batch
+                await self._send(seq, envelope)
+                if interval:
+                    next_at += interval
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            else:
+                self.window.release()
+                await asyncio.sleep(0.01)
         await self.outbox.put(None)
+
+    async def _resend_unacked(self) -> None:
+        """Resend every unacked envelope in order; the caller holds one window slot."""
+        self.resend.clear()
+        pending = list(self.agent.unacked)
+        for index, (seq, envelope, _) in enumerate(pending):
+            if index:
+                await self.window.acquire()
+            await self._send(seq, envelope)
+        if not pending:
+            self.window.release()
 
     async def _on_ack(self, ack: envelope_pb2.PublishAck) -> None:
         stats = self.agent.stats
@@ -245,8 +251,8 @@ class _StreamSession:
             stats.retried += 1
             if sent_epoch == self.epoch:  # the first RETRY of this wave rewinds; the rest follow it
                 self.epoch += 1
-                await asyncio.sleep(ack.backoff_ms / 1000 * (0.5 + random.random()))  # noqa: S311 - jitter
-                self.resend.set()
+                delay = ack.backoff_ms / 1000 * (0.5 + random.random())  # noqa: S311 - jitter
+                asyncio.get_running_loop().call_later(delay, self.resend.set)
         else:
             stats.rejected[Status.Name(ack.status)] += 1
             if self.agent.unacked and self.agent.unacked[0][0] == seq:

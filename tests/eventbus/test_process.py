@@ -90,7 +90,7 @@ def hub_setup(test_pki: TestPki, tmp_path: Path) -> Iterator[tuple[HubProcess, P
 
 
 def load_options(hub: HubProcess, test_pki: TestPki, identities: Path, ack_log: Path, **kw: object) -> LoadOptions:
-    base: dict[str, object] = {"agents": AGENTS, "batch": 200, "duration": 3.0, "inflight": 4}
+    base: dict[str, object] = {"agents": AGENTS, "batch": 200, "duration": 3.0, "inflight": 4, "drain_s": 3.0}
     base.update(kw)
     return LoadOptions(
         hub=f"127.0.0.1:{hub.port}", server_name="localhost", ca=test_pki.ca_cert, identities=identities,

@@ -37,6 +37,7 @@ SERVICE_NAME = "amoskys.v1.EventBus"
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_PAGE = 1000
 REPLAY_PAGE = 1000
+DRAINING_BACKOFF_MS = 1000  # a restart takes about a second; come back then
 
 
 def _invalid(reason: str) -> Ack:
@@ -98,7 +99,7 @@ class Hub:
     def _parse(self, raw: bytes) -> Ack | tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHeader]:
         """Size, structure and version: the checks that cost nothing."""
         if self.draining:
-            return Ack(Status.RETRY, "draining: hub is shutting down", self.config.backpressure.max_backoff_ms)
+            return Ack(Status.RETRY, "draining: hub is shutting down", DRAINING_BACKOFF_MS)
         if not raw:
             return _invalid("empty: no envelope bytes")
         if len(raw) > self.config.limits.max_envelope_bytes:
