@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest_asyncio
@@ -17,7 +18,9 @@ from amoskys.config import EventBusConfig, TlsConfig, load_config
 from amoskys.envelope import ChainState, seal
 from amoskys.eventbus.server import Hub, create_server
 from amoskys.v1 import bus_pb2, bus_pb2_grpc, envelope_pb2, events_pb2
-from tests.conftest import TestPki
+
+if TYPE_CHECKING:
+    from tests.conftest import TestPki
 
 __all__ = ["AgentIdentity", "LiveHub", "hub_config", "live_hub", "make_events"]
 

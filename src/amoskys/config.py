@@ -89,6 +89,8 @@ class StoreConfig(Section, frozen=True):
     retention_days: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     max_bytes: Positive = 10 * 1024 * MiB
     prune_interval_s: Seconds = 60.0
+    synchronous: Literal["full", "normal"] = "full"  # full: an acked event survives power loss too
+    checkpoint_interval_s: Seconds = 1.0
 
 
 class LimitsConfig(Section, frozen=True):
@@ -100,7 +102,7 @@ class LimitsConfig(Section, frozen=True):
 class BackpressureConfig(Section, frozen=True):
     high_water_events: Positive = 100_000
     commit_max_events: Positive = 10_000
-    commit_max_delay_ms: NonNegative = 2
+    commit_max_delay_ms: NonNegative = 0  # extra wait to grow a group; 0: commit what is queued now
     base_backoff_ms: Positive = 50
     max_backoff_ms: Positive = 10_000
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 
 from amoskys.commands import Subparsers
+from amoskys.commands.eventbus import GIL_SWITCH_INTERVAL_S
 from amoskys.errors import ConfigError
 
 
@@ -42,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
         rate=args.rate, batch=args.batch, duration=args.duration, mode=args.mode, inflight=args.inflight,
         ack_log=args.ack_log,
     )  # fmt: skip
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     print(summary_json(asyncio.run(run_load(options))))
     return 0

@@ -51,7 +51,7 @@ class Hub:
         self.config = config
         self.metrics = BusMetrics()
         self.trust = TrustState(config)
-        self.store = SqliteStore(Path(config.store.path))
+        self.store = SqliteStore(Path(config.store.path), config.store.synchronous)
         self.broker = Broker()
         self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish)
         self.health = health_aio.HealthServicer()
@@ -324,6 +324,7 @@ class Hub:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks = [
             asyncio.create_task(self._maintain(), name="maintenance"),
+            asyncio.create_task(self._checkpoints(), name="checkpoints"),
             asyncio.create_task(systemd.watchdog_loop(), name="watchdog"),
         ]
         systemd.notify("READY=1", f"STATUS=serving on port {self.port}")
@@ -350,6 +351,15 @@ class Hub:
             except Exception:
                 log.exception("retention pass failed")
             await asyncio.sleep(store_config.prune_interval_s)
+
+    async def _checkpoints(self) -> None:
+        """Keep the WAL short without making any commit (and its acks) wait for a checkpoint."""
+        while True:
+            await asyncio.sleep(self.config.store.checkpoint_interval_s)
+            try:
+                await asyncio.to_thread(self.store.checkpoint)
+            except Exception:
+                log.exception("checkpoint failed")
 
     def reload(self) -> None:
         """SIGHUP: trust map, revocation list and server cert/key; streams stay up."""

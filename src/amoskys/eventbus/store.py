@@ -168,6 +168,7 @@ class Store(Protocol):
     def count_events(self) -> int: ...
     def size_bytes(self) -> int: ...
     def prune(self, older_than_ns: int, max_bytes: int) -> int: ...
+    def checkpoint(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -222,10 +223,13 @@ def _stored(row: tuple[int, str, int, bytes]) -> bus_pb2.StoredEvent:
 class SqliteStore:
     """The embedded store: one SQLite database in WAL mode."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, synchronous: str = "full") -> None:
         self.path = path
+        self.synchronous = synchronous
         path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect()
+        self._writer.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run beside, not inside, commits
+        self._checkpointer: sqlite3.Connection | None = None
         self._readers = threading.local()
         self._all_readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -238,7 +242,7 @@ class SqliteStore:
         if fresh:
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoint, safe on crash
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self.synchronous == 'full' else 'NORMAL'}")
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA cache_size = -65536")
         return conn
@@ -386,7 +390,15 @@ class SqliteStore:
             self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return deleted
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database without blocking the writer (PASSIVE); call it regularly."""
+        if self._checkpointer is None:
+            self._checkpointer = self._connect()
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         with self._lock:
             for conn in self._all_readers:
                 conn.close()

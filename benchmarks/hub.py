@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Hub benchmarks: throughput, ack latency, many connections. Prints one JSON object per scenario.
+
+    python benchmarks/hub.py --scenario throughput   # 8 agents, batches of 500, 60 s, streaming
+    python benchmarks/hub.py --scenario latency      # 1,000 events/s, unary, one event per envelope
+    python benchmarks/hub.py --scenario connections  # 5,000 agents at 1 event/s each
+
+The hub runs as its own process (`amoskys eventbus`) and the load generator as another
+(`amoskys loadgen`), both on this machine over loopback mTLS. Every figure is measured: events
+acked per second by the load generator, ack latency percentiles, hub CPU seconds and peak RSS
+from /proc, and the count of events in the store after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from amoskys import pki
+from amoskys.loadgen import ensure_identities
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "throughput": {"agents": 8, "batch": 500, "rate": 0, "duration": 60, "mode": "stream", "inflight": 8},
+    "latency": {"agents": 8, "batch": 10, "rate": 1000, "duration": 60, "mode": "stream", "inflight": 1},
+    "connections": {"agents": 5000, "batch": 1, "rate": 5000, "duration": 60, "mode": "stream", "inflight": 4},
+}
+
+
+def proc_stats(pid: int) -> dict[str, float]:
+    """CPU seconds (user+system) and peak/current RSS (MB) of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {
+        "cpu_s": cpu,
+        "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+        "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024,
+    }
+
+
+def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], int]:
+    ca = pki.load_ca(work / "ca")
+    key, cert = pki.issue(ca, work / "tls", "hub", "server", ["localhost"])
+    config = {
+        "listen": "127.0.0.1:0",
+        "tls": {"ca": str(work / "ca" / "ca.crt"), "cert": str(cert), "key": str(key)},
+        "trust_map": str(identities / "trust"),
+        "crl": str(work / "crl.pem"),
+        "store": {"path": str(work / "store" / "events.db")},
+        "metrics": {"listen": ""},
+    }
+    (work / "eventbus.yml").write_text(yaml.safe_dump(config))
+    log = (work / "hub.log").open("wb")
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "amoskys", "eventbus", "--config", str(work / "eventbus.yml")], stderr=log
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for line in (work / "hub.log").read_text().splitlines():
+            if '"eventbus serving"' in line:
+                return hub, int(json.loads(line)["port"])
+        time.sleep(0.1)
+    hub.kill()
+    raise SystemExit(f"hub did not start: {(work / 'hub.log').read_text()}")
+
+
+def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="amoskys-bench-") as tmp:
+        work = Path(tmp)
+        pki.init_ca(work / "ca")
+        identities = work / "ids"
+        ensure_identities(work / "ca", identities, params["agents"])
+        hub, port = start_hub(work, identities)
+        try:
+            before = proc_stats(hub.pid)
+            started = time.monotonic()
+            command = [
+                sys.executable, "-m", "amoskys", "loadgen", "--hub", f"127.0.0.1:{port}", "--server-name", "localhost",
+                "--ca", str(work / "ca" / "ca.crt"), "--identities", str(identities),
+                *(f"--{key}={value}" for key, value in params.items()),
+            ]  # fmt: skip
+            result = subprocess.run(command, capture_output=True, check=True, text=True)
+            elapsed = time.monotonic() - started
+            after = proc_stats(hub.pid)
+        finally:
+            hub.terminate()
+            hub.wait(60)
+        summary = json.loads(result.stdout)
+        with sqlite3.connect(work / "store" / "events.db") as conn:
+            stored = conn.execute("SELECT count(*) FROM events WHERE agent_id != 'eventbus'").fetchone()[0]
+    return {
+        "scenario": name,
+        "params": params,
+        "loadgen": summary,
+        "stored_events": stored,
+        "lost_acked_events": max(0, summary["acked_events"] - stored),
+        "hub_cpu_percent_of_one_core": round(100 * (after["cpu_s"] - before["cpu_s"]) / elapsed, 1),
+        "hub_peak_rss_mb": round(after["peak_rss_mb"], 1),
+        "hub_rss_mb_at_end": round(after["rss_mb"], 1),
+        "hub_exit_code": hub.returncode,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    parser.add_argument("--duration", type=float, help="override every scenario's duration (s)")
+    args = parser.parse_args()
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    for name in names:
+        params = dict(SCENARIOS[name])
+        if args.duration:
+            params["duration"] = args.duration
+        print(json.dumps(run_scenario(name, params), indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
