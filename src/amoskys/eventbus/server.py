@@ -402,13 +402,15 @@ class Hub:
 
 
 def _agent_update(batch: events_pb2.EventBatch, rows: list[EventRow], peer: Peer | None) -> AgentUpdate:
+    """Registry facts from one batch (walks the rows; touches an event only for heartbeats)."""
     update = AgentUpdate(events=len(rows), cert_not_after_ns=peer.not_after_ns if peer else 0)
     if rows:
         update.host, update.kind = rows[-1].host, rows[-1].agent
-    for event, row in zip(batch.events, rows, strict=True):
+    for index, row in enumerate(rows):
         if row.kind == "alert":
             update.alerts += 1
         elif row.kind == "heartbeat":
+            event = batch.events[index]
             update.heartbeat_ns = max(update.heartbeat_ns, event.ts_ns)
             update.version = event.heartbeat.version
             update.interval_s = event.heartbeat.interval_s

@@ -408,5 +408,5 @@ class SqliteStore:
 
 def _insert_params(item: AcceptedEnvelope, now_ns: int) -> Iterator[tuple[object, ...]]:
     agent_id = item.agent_id
-    for r in item.rows:
-        yield (r.ts_ns, now_ns, r.host, agent_id, r.agent, r.kind, r.severity, r.event_id, r.text, r.body)
+    for ts_ns, host, agent, kind, severity, event_id, text, body in item.rows:
+        yield (ts_ns, now_ns, host, agent_id, agent, kind, severity, event_id, text, body)
