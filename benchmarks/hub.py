@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,15 @@ from amoskys.loadgen import ensure_identities
 SCENARIOS: dict[str, dict[str, Any]] = {
     "throughput": {"agents": 8, "batch": 500, "rate": 0, "duration": 60, "mode": "stream", "inflight": 8},
     "latency": {"agents": 8, "batch": 10, "rate": 1000, "duration": 60, "mode": "stream", "inflight": 1},
-    "connections": {"agents": 5000, "batch": 1, "rate": 5000, "duration": 60, "mode": "stream", "inflight": 4},
+    "connections": {
+        "agents": 5000,
+        "batch": 1,
+        "rate": 5000,
+        "duration": 60,
+        "mode": "stream",
+        "inflight": 4,
+        "processes": 2,
+    },
 }
 
 
@@ -49,7 +58,16 @@ def proc_stats(pid: int) -> dict[str, float]:
     }
 
 
-def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], int]:
+def open_streams(metrics_port: int) -> int:
+    """The hub's amoskys_bus_streams gauge (publish streams open now)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("amoskys_bus_streams "):
+                return int(float(line.split()[1]))
+    return 0
+
+
+def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], int, int]:
     ca = pki.load_ca(work / "ca")
     key, cert = pki.issue(ca, work / "tls", "hub", "server", ["localhost"])
     config = {
@@ -58,7 +76,7 @@ def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], in
         "trust_map": str(identities / "trust"),
         "crl": str(work / "crl.pem"),
         "store": {"path": str(work / "store" / "events.db")},
-        "metrics": {"listen": ""},
+        "metrics": {"listen": "127.0.0.1:0"},
     }
     (work / "eventbus.yml").write_text(yaml.safe_dump(config))
     log = (work / "hub.log").open("wb")
@@ -69,7 +87,8 @@ def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], in
     while time.monotonic() < deadline:
         for line in (work / "hub.log").read_text().splitlines():
             if '"eventbus serving"' in line:
-                return hub, int(json.loads(line)["port"])
+                entry = json.loads(line)
+                return hub, int(entry["port"]), int(entry["metrics_port"])
         time.sleep(0.1)
     hub.kill()
     raise SystemExit(f"hub did not start: {(work / 'hub.log').read_text()}")
@@ -81,7 +100,7 @@ def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:
         pki.init_ca(work / "ca")
         identities = work / "ids"
         ensure_identities(work / "ca", identities, params["agents"])
-        hub, port = start_hub(work, identities)
+        hub, port, metrics_port = start_hub(work, identities)
         try:
             before = proc_stats(hub.pid)
             started = time.monotonic()
@@ -90,13 +109,20 @@ def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:
                 "--ca", str(work / "ca" / "ca.crt"), "--identities", str(identities),
                 *(f"--{key}={value}" for key, value in params.items()),
             ]  # fmt: skip
-            result = subprocess.run(command, capture_output=True, check=True, text=True)
+            loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+            peak_streams = 0
+            while loadgen.poll() is None:
+                peak_streams = max(peak_streams, open_streams(metrics_port))
+                time.sleep(1)
+            stdout = loadgen.stdout.read() if loadgen.stdout else ""
+            if loadgen.returncode != 0:
+                raise SystemExit(f"loadgen failed: {loadgen.returncode}")
             elapsed = time.monotonic() - started
             after = proc_stats(hub.pid)
         finally:
             hub.terminate()
             hub.wait(60)
-        summary = json.loads(result.stdout)
+        summary = json.loads(stdout)
         with sqlite3.connect(work / "store" / "events.db") as conn:
             stored = conn.execute("SELECT count(*) FROM events WHERE agent_id != 'eventbus'").fetchone()[0]
     return {
@@ -105,6 +131,7 @@ def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:
         "loadgen": summary,
         "stored_events": stored,
         "lost_acked_events": max(0, summary["acked_events"] - stored),
+        "hub_peak_open_streams": peak_streams,
         "hub_cpu_percent_of_one_core": round(100 * (after["cpu_s"] - before["cpu_s"]) / elapsed, 1),
         "hub_peak_rss_mb": round(after["peak_rss_mb"], 1),
         "hub_rss_mb_at_end": round(after["rss_mb"], 1),

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
+import multiprocessing
 import random
 import statistics
 import time
@@ -23,7 +25,6 @@ from amoskys import keys, pki
 from amoskys.client import hub_channel, hub_stub
 from amoskys.config import TlsConfig
 from amoskys.envelope import ChainState, seal
-from amoskys.errors import IdentityError
 from amoskys.v1 import envelope_pb2, events_pb2
 
 __all__ = ["LoadOptions", "ensure_identities", "run_load"]
@@ -47,6 +48,7 @@ class LoadOptions:
     inflight: int = 8
     ack_log: Path | None = None
     drain_s: float = 30.0  # after the duration, how long to wait for outstanding acks
+    processes: int = 1  # worker processes sharing the agents (one Python process tops out near one core)
 
 
 @dataclass
@@ -59,6 +61,16 @@ class Stats:
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     latencies: list[float] = field(default_factory=list)
+
+    def merge(self, other: Stats) -> None:
+        self.sent_envelopes += other.sent_envelopes
+        self.sent_events += other.sent_events
+        self.acked_events += other.acked_events
+        self.acked_envelopes += other.acked_envelopes
+        self.retried += other.retried
+        self.rejected.update(other.rejected)
+        self.errors.update(other.errors)
+        self.latencies += other.latencies
 
 
 def agent_name(index: int) -> str:
@@ -275,26 +287,47 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run_load(options: LoadOptions) -> dict[str, Any]:
+async def run_agents(options: LoadOptions, indices: range) -> tuple[Stats, float]:
+    """Run the simulated agents `indices` until the duration (plus drain) is over."""
     stats = Stats()
     ack_log = options.ack_log.open("a", buffering=1) if options.ack_log else None
     try:
-        agents = [SimulatedAgent(i, options, stats, ack_log) for i in range(options.agents)]
-    except IdentityError:
-        if ack_log:
-            ack_log.close()
-        raise
-    started = time.monotonic()
-    deadline = started + options.duration
-    try:
-        await asyncio.gather(*(agent.run(deadline) for agent in agents))
+        agents = [SimulatedAgent(i, options, stats, ack_log) for i in indices]
+        started = time.monotonic()
+        await asyncio.gather(*(agent.run(started + options.duration) for agent in agents))
+        return stats, time.monotonic() - started
     finally:
         if ack_log:
             ack_log.close()
-    elapsed = time.monotonic() - started
+
+
+def _shard(options: LoadOptions, shard: int) -> tuple[Stats, float]:
+    """One worker process's share of the agents (every `processes`-th one)."""
+    return asyncio.run(run_agents(options, range(shard, options.agents, options.processes)))
+
+
+async def run_load(options: LoadOptions) -> dict[str, Any]:
+    """Run the load (in `options.processes` processes when > 1) and summarize it."""
+    if options.processes <= 1:
+        stats, elapsed = await run_agents(options, range(options.agents))
+    else:
+        loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(options.processes, mp_context=context) as pool:
+            parts = await asyncio.gather(
+                *(loop.run_in_executor(pool, _shard, options, shard) for shard in range(options.processes))
+            )
+        stats, elapsed = Stats(), max(part[1] for part in parts)
+        for part, _ in parts:
+            stats.merge(part)
+    return _summary(options, stats, elapsed)
+
+
+def _summary(options: LoadOptions, stats: Stats, elapsed: float) -> dict[str, Any]:
     ms = [x * 1000 for x in stats.latencies]
     return {
         "agents": options.agents,
+        "processes": options.processes,
         "mode": options.mode,
         "batch": options.batch,
         "duration_s": round(elapsed, 2),

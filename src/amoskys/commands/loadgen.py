@@ -26,6 +26,7 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
     parser.add_argument("--mode", choices=["stream", "unary"], default="stream")
     parser.add_argument("--inflight", type=int, default=8, help="envelopes in flight per stream")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes sharing the agents")
     parser.add_argument("--ack-log", type=Path, help="append 'agent:chain seq first count' per acked envelope")
     parser.set_defaults(func=run)
 
@@ -33,8 +34,8 @@ def register(subparsers: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from amoskys.loadgen import LoadOptions, ensure_identities, run_load, summary_json
 
-    if args.agents < 1 or args.batch < 1 or args.duration <= 0 or args.inflight < 1:
-        raise ConfigError("--agents, --batch, --inflight must be >= 1 and --duration > 0")
+    if min(args.agents, args.batch, args.inflight, args.processes) < 1 or args.duration <= 0:
+        raise ConfigError("--agents, --batch, --inflight and --processes must be >= 1, --duration > 0")
     if args.ca_dir:
         ensure_identities(args.ca_dir, args.identities, args.agents)
     if args.prepare_only:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     options = LoadOptions(
         hub=args.hub, server_name=args.server_name, ca=args.ca, identities=args.identities, agents=args.agents,
         rate=args.rate, batch=args.batch, duration=args.duration, mode=args.mode, inflight=args.inflight,
-        ack_log=args.ack_log,
+        ack_log=args.ack_log, processes=args.processes,
     )  # fmt: skip
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     print(summary_json(asyncio.run(run_load(options))))

@@ -68,16 +68,22 @@ class Hub:
 
     async def handle_envelope(self, raw: bytes, peer: Peer | None) -> Ack:
         """Checks in order of cost, then the group commit; every outcome is an ack."""
-        started = time.perf_counter()
+        return await self._finish(time.perf_counter(), self._begin(raw, peer))
+
+    def _begin(self, raw: bytes, peer: Peer | None) -> Ack | asyncio.Future[Ack]:
+        """The synchronous part: an immediate ack, or the future of the envelope's commit."""
         self.metrics.envelopes_received.inc()
-        ack = self._precheck(raw, peer)
-        if isinstance(ack, Ack):
-            self._count(ack)
-            return ack
-        header, rows, update, digest = ack
-        ack = await self.ingest.submit(header, digest, rows, update)
+        checked = self._precheck(raw, peer)
+        if isinstance(checked, Ack):
+            return checked
+        header, rows, update, digest = checked
+        return self.ingest.submit(header, digest, rows, update)
+
+    async def _finish(self, started: float, outcome: Ack | asyncio.Future[Ack]) -> Ack:
+        ack = outcome if isinstance(outcome, Ack) else await outcome
         self._count(ack)
-        self.metrics.ack_latency.observe(time.perf_counter() - started)
+        if not isinstance(outcome, Ack):
+            self.metrics.ack_latency.observe(time.perf_counter() - started)
         return ack
 
     def _count(self, ack: Ack) -> None:
@@ -168,20 +174,20 @@ class Hub:
     async def publish_stream(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
         """Acks in order; the next envelope is checked while earlier ones wait for their commit."""
         peer = peer_of(context)
-        pending: asyncio.Queue[asyncio.Task[Ack] | None] = asyncio.Queue(maxsize=64)
+        pending: asyncio.Queue[tuple[float, Ack | asyncio.Future[Ack]] | None] = asyncio.Queue(maxsize=64)
 
         async def read() -> None:
             try:
                 async for raw in requests:
-                    await pending.put(asyncio.ensure_future(self.handle_envelope(raw, peer)))
+                    await pending.put((time.perf_counter(), self._begin(raw, peer)))
             finally:
                 await pending.put(None)
 
         self.metrics.streams.inc()
         reader = asyncio.ensure_future(read())
         try:
-            while (task := await pending.get()) is not None:
-                yield (await task).message().SerializeToString()
+            while (item := await pending.get()) is not None:
+                yield (await self._finish(*item)).message().SerializeToString()
             await reader
         finally:
             self.metrics.streams.dec()
@@ -328,7 +334,10 @@ class Hub:
             asyncio.create_task(systemd.watchdog_loop(), name="watchdog"),
         ]
         systemd.notify("READY=1", f"STATUS=serving on port {self.port}")
-        log.info("eventbus serving", extra={"listen": self.config.listen, "port": self.port})
+        log.info(
+            "eventbus serving",
+            extra={"listen": self.config.listen, "port": self.port, "metrics_port": self.metrics_port},
+        )
 
     def _start_metrics(self) -> None:
         if not self.config.metrics.listen:
