@@ -35,7 +35,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "latency": {"agents": 8, "batch": 10, "rate": 1000, "duration": 60, "mode": "stream", "inflight": 1},
     "connections": {
         "agents": 5000,
-        "batch": 1,
+        "batch": 5,  # 1 event/s per agent, sent every 5 s (the agent runtime's linger)
         "rate": 5000,
         "duration": 60,
         "mode": "stream",

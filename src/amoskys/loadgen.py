@@ -168,7 +168,7 @@ class SimulatedAgent:
                 else:
                     await self._stream(stub, deadline, interval)
         except grpc.aio.AioRpcError as exc:
-            self.stats.errors[exc.code().name] += 1
+            self.stats.errors[f"{exc.code().name}: {exc.details()}"[:120]] += 1
 
     async def _unary(self, stub: Any, deadline: float, interval: float) -> None:
         next_at = time.monotonic()
@@ -278,6 +278,7 @@ class _StreamSession:
                 await self._on_ack(ack)
         finally:
             producer.cancel()
+            self.outbox.put_nowait(None)  # let gRPC's request consumer finish instead of being destroyed
 
 
 def _percentile(values: list[float], q: float) -> float:
