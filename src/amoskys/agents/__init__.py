@@ -9,7 +9,11 @@ from amoskys.agents.base import Agent
 __all__ = ["AGENTS", "Agent", "load_agent_class"]
 
 # kind -> "module:Class"; an agent is listed here only once it really works.
-AGENTS: dict[str, str] = {}
+AGENTS: dict[str, str] = {
+    "auth": "amoskys.agents.auth:AuthAgent",
+    "host": "amoskys.agents.host:HostAgent",
+    "proc": "amoskys.agents.proc:ProcAgent",
+}
 
 
 def load_agent_class(kind: str) -> type[Agent]:

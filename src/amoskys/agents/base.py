@@ -47,13 +47,30 @@ class Agent(ABC):
         )
 
     def alert(
-        self, rule: str, summary: str, severity: int = events_pb2.SEVERITY_WARNING, **details: str
-    ) -> events_pb2.Event:
-        return self.event(severity, alert=events_pb2.Alert(rule=rule, summary=summary, details=details))
+        self, rule: str, summary: str, details: dict[str, str] | None = None,
+        severity: int = events_pb2.SEVERITY_WARNING,
+    ) -> events_pb2.Event:  # fmt: skip
+        """An alert event: `rule` names what fired (e.g. proc.exe_in_tmp), `details` say where."""
+        return self.event(severity, alert=events_pb2.Alert(rule=rule, summary=summary, details=details or {}))
 
     @abstractmethod
     def collect(self) -> AsyncIterator[events_pb2.Event]:
         """Yield events forever (until cancelled). Blocking work belongs in a thread."""
+
+    def checkpoint(self) -> dict[str, str]:
+        """The agent's position (e.g. a log offset) matching every event yielded so far.
+
+        The runtime stores it in the same outbox transaction as those events, so a restart or a
+        kill -9 neither loses nor repeats anything. Override when the agent has a position.
+        """
+        return {}
+
+    def restore(self, state: dict[str, str]) -> None:  # noqa: B027 - optional hook
+        """Take back the position saved by `checkpoint` (called once, before `collect`)."""
+
+    def reload(self, config: AgentConfig) -> None:
+        """SIGHUP: take the settings that can change without a restart (default: the whole config)."""
+        self.config = config
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (sockets, files); called once on shutdown."""

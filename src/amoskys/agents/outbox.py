@@ -1,0 +1,288 @@
+"""The agent's outbox: SQLite in the state directory; an event is collected once it is here.
+
+Collected events wait in `events` until the batcher seals them into an envelope (`envelopes`,
+with the chain position persisted in the same transaction), and leave only when the hub acks
+them. Envelopes the hub calls INVALID move to `dead_letters` and the chain restarts. Agents'
+positions (e.g. a log offset) live in `state`, written in the same transaction as their events.
+
+When full (`outbox.max_bytes`) or for events older than `outbox.max_age_days`, the policy is
+explicit: `drop_oldest` (default: recent telemetry matters most) deletes the oldest unsent
+events, `drop_newest` refuses new ones. Every drop is counted (`dropped` here, a metric, and an
+`agent.dropped` alert once the hub is reachable). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from amoskys.config import OutboxConfig
+from amoskys.envelope import ChainState, seal
+from amoskys.errors import AmoskysError
+from amoskys.v1 import envelope_pb2
+
+__all__ = ["Outbox", "OutboxError", "SealedEnvelope"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, body BLOB NOT NULL, created_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS envelopes (
+    seq INTEGER PRIMARY KEY, chain_id BLOB NOT NULL, raw BLOB NOT NULL, payload BLOB NOT NULL,
+    events INTEGER NOT NULL, created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, chain_id BLOB NOT NULL, raw BLOB NOT NULL,
+    events INTEGER NOT NULL, reason TEXT NOT NULL, created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chain (id INTEGER PRIMARY KEY CHECK (id = 1), chain_id BLOB, last_seq INTEGER,
+                                  last_hash BLOB);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class OutboxError(AmoskysError):
+    """The outbox cannot be written (disk full, I/O error, corrupt file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SealedEnvelope:
+    seq: int
+    chain_id: bytes
+    raw: bytes
+    events: int
+
+
+def _payload(bodies: Sequence[bytes]) -> bytes:
+    """EventBatch bytes from serialized events: field 1, length-delimited, in order."""
+    parts = []
+    for body in bodies:
+        parts.append(b"\x0a" + _varint(len(body)) + body)
+    return b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class Outbox:
+    def __init__(self, path: Path, config: OutboxConfig, agent_id: str, signing_key: Ed25519PrivateKey) -> None:
+        self.path = path
+        self.config = config
+        self.agent_id = agent_id
+        self.signing_key = signing_key
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"{path}: cannot open the outbox: {exc}") from exc
+        except OSError as exc:
+            raise OutboxError(f"{path}: cannot create the outbox directory: {exc.strerror}") from exc
+        self.chain = self._load_chain()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            yield self.db
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise OutboxError(f"{self.path}: {exc}") from exc
+
+    def _load_chain(self) -> ChainState:
+        row = self.db.execute("SELECT chain_id, last_seq, last_hash FROM chain WHERE id = 1").fetchone()
+        if row is None:
+            return self._new_chain()
+        return ChainState(bytes(row[0]), int(row[1]), bytes(row[2]))
+
+    def _new_chain(self) -> ChainState:
+        chain = ChainState.fresh()
+        self.db.execute(
+            "INSERT INTO chain (id, chain_id, last_seq, last_hash) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+            "SET chain_id = excluded.chain_id, last_seq = excluded.last_seq, last_hash = excluded.last_hash",
+            (chain.chain_id, chain.last_seq, chain.last_hash),
+        )
+        return chain
+
+    # ---- collecting ----------------------------------------------------------------------------
+
+    def add(self, bodies: Sequence[bytes], state: dict[str, str] | None = None) -> int:
+        """Store serialized events (and the agent's position) in one transaction; return how many were
+        dropped by the full-outbox policy."""
+        now = time.time_ns()
+        with self._tx() as db:
+            dropped = self._make_room(db, sum(len(b) for b in bodies))
+            if dropped < 0:  # drop_newest: these are refused
+                self._count(db, "dropped", len(bodies))
+                dropped = len(bodies)
+            else:
+                db.executemany("INSERT INTO events (body, created_ns) VALUES (?, ?)", [(b, now) for b in bodies])
+            for key, value in (state or {}).items():
+                db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+        return dropped
+
+    def _make_room(self, db: sqlite3.Connection, incoming: int) -> int:
+        """Apply age and size bounds; -1 when the policy refuses the incoming events."""
+        cutoff = time.time_ns() - int(self.config.max_age_days * 86400 * 1e9)
+        aged = db.execute("DELETE FROM events WHERE created_ns < ?", (cutoff,)).rowcount
+        dropped = aged
+        used = self._bytes(db)
+        if used + incoming > self.config.max_bytes:
+            if self.config.when_full == "drop_newest":
+                self._count(db, "dropped", aged)
+                return -1
+            excess = used + incoming - self.config.max_bytes
+            dropped += self._drop_oldest(db, excess)
+        self._count(db, "dropped", dropped)
+        return dropped
+
+    @staticmethod
+    def _drop_oldest(db: sqlite3.Connection, excess: int) -> int:
+        rows = db.execute("SELECT id, length(body) FROM events ORDER BY id").fetchall()
+        freed, last_id, count = 0, None, 0
+        for event_id, size in rows:
+            if freed >= excess:
+                break
+            freed += size
+            last_id = event_id
+            count += 1
+        if last_id is not None:
+            db.execute("DELETE FROM events WHERE id <= ?", (last_id,))
+        return count
+
+    @staticmethod
+    def _bytes(db: sqlite3.Connection) -> int:
+        row = db.execute(
+            "SELECT (SELECT coalesce(sum(length(body)), 0) FROM events) + "
+            "(SELECT coalesce(sum(length(raw)), 0) FROM envelopes)"
+        ).fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, name: str, delta: int) -> None:
+        if delta:
+            db.execute(
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                (name, delta),
+            )
+
+    def state(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM state").fetchall())
+
+    def counter(self, name: str) -> int:
+        row = self.db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def take_counter(self, name: str) -> int:
+        """Read and reset a counter (e.g. drops not yet reported)."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+            db.execute("DELETE FROM counters WHERE name = ?", (name,))
+        return int(row[0]) if row else 0
+
+    def bump(self, name: str, delta: int = 1) -> None:
+        with self._tx() as db:
+            self._count(db, name, delta)
+
+    # ---- sealing and sending ----------------------------------------------------------------------
+
+    def pending_events(self) -> tuple[int, int]:
+        """(count, created_ns of the oldest) of events not yet sealed."""
+        row = self.db.execute("SELECT count(*), coalesce(min(created_ns), 0) FROM events").fetchone()
+        return int(row[0]), int(row[1])
+
+    def seal(self, max_events: int) -> SealedEnvelope | None:
+        """Seal up to `max_events` of the oldest events into the chain's next envelope."""
+        with self._tx() as db:
+            rows = db.execute("SELECT id, body FROM events ORDER BY id LIMIT ?", (max_events,)).fetchall()
+            if not rows:
+                return None
+            payload = _payload([bytes(body) for _, body in rows])
+            envelope = self._seal_payload(db, payload, len(rows))
+            db.execute("DELETE FROM events WHERE id <= ?", (rows[-1][0],))
+        return envelope
+
+    def _seal_payload(self, db: sqlite3.Connection, payload: bytes, count: int) -> SealedEnvelope:
+        chain = ChainState(self.chain.chain_id, self.chain.last_seq, self.chain.last_hash)
+        raw = seal(self.agent_id, payload, chain, self.signing_key, count).SerializeToString()
+        db.execute(
+            "INSERT INTO envelopes (seq, chain_id, raw, payload, events, created_ns) VALUES (?, ?, ?, ?, ?, ?)",
+            (chain.last_seq, chain.chain_id, raw, payload, count, time.time_ns()),
+        )
+        db.execute("UPDATE chain SET last_seq = ?, last_hash = ? WHERE id = 1", (chain.last_seq, chain.last_hash))
+        self.chain = chain
+        return SealedEnvelope(chain.last_seq, chain.chain_id, raw, count)
+
+    def unacked(self, after_seq: int = 0, limit: int = 64) -> list[SealedEnvelope]:
+        rows = self.db.execute(
+            "SELECT seq, chain_id, raw, events FROM envelopes WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        ).fetchall()
+        return [SealedEnvelope(int(s), bytes(c), bytes(r), int(n)) for s, c, r, n in rows]
+
+    def ack(self, seq: int) -> int:
+        """Forget envelopes up to `seq` (the hub has them); return their event count."""
+        with self._tx() as db:
+            row = db.execute("SELECT coalesce(sum(events), 0) FROM envelopes WHERE seq <= ?", (seq,)).fetchone()
+            db.execute("DELETE FROM envelopes WHERE seq <= ?", (seq,))
+            self._count(db, "acked", int(row[0]))
+        return int(row[0])
+
+    def dead_letter(self, seq: int, reason: str) -> None:
+        """Keep an envelope the hub refused for good, then restart the chain for the rest."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO dead_letters (seq, chain_id, raw, events, reason, created_ns) "
+                "SELECT seq, chain_id, raw, events, ?, ? FROM envelopes WHERE seq = ?",
+                (reason, time.time_ns(), seq),
+            )
+            db.execute("DELETE FROM envelopes WHERE seq = ?", (seq,))
+            self._count(db, "dead_letters", 1)
+            self._restart_chain(db)
+
+    def restart_chain(self) -> None:
+        """A new chain (seq 1): the hub lost ours, or an envelope was dead-lettered."""
+        with self._tx() as db:
+            self._restart_chain(db)
+
+    def _restart_chain(self, db: sqlite3.Connection) -> None:
+        pending = db.execute("SELECT payload, events FROM envelopes ORDER BY seq").fetchall()
+        db.execute("DELETE FROM envelopes")
+        self.chain = self._new_chain()
+        for payload, count in pending:
+            self._seal_payload(db, bytes(payload), int(count))
+
+    def sizes(self) -> tuple[int, int]:
+        """(events waiting: unsealed + sealed-unacked, bytes used)."""
+        row = self.db.execute(
+            "SELECT (SELECT count(*) FROM events) + (SELECT coalesce(sum(events), 0) FROM envelopes)"
+        ).fetchone()
+        return int(row[0]), self._bytes(self.db)
+
+    def dead_letter_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def decode_envelope(raw: bytes) -> envelope_pb2.Envelope:
+    return envelope_pb2.Envelope.FromString(raw)

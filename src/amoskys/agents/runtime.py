@@ -1,0 +1,232 @@
+"""The one agent runtime: identity, outbox, batching, publishing, heartbeat, metrics, signals.
+
+`amoskys agent NAME --config FILE` builds an `AgentRuntime` around the agent class registered
+for NAME. The agent only yields events; everything else happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+from prometheus_client import start_http_server
+
+from amoskys import __version__, keys, pki, systemd
+from amoskys.agents import load_agent_class
+from amoskys.agents.base import Agent
+from amoskys.agents.metrics import AgentMetrics
+from amoskys.agents.outbox import Outbox, OutboxError
+from amoskys.agents.publisher import Publisher, wait_event
+from amoskys.config import AgentConfig, load_config, parse_address
+from amoskys.errors import ConfigError
+from amoskys.logs import setup_logging
+from amoskys.v1 import events_pb2
+
+__all__ = ["AgentRuntime"]
+
+log = logging.getLogger(__name__)
+FLUSH_INTERVAL_S = 0.1
+FLUSH_EVENTS = 500
+DROP_REPORT_INTERVAL_S = 60.0
+STOP_FLUSH_S = 5.0
+
+
+class AgentRuntime:
+    def __init__(self, kind: str, config_path: Path | None, config: AgentConfig | None = None) -> None:
+        self.kind = kind
+        self.config_path = config_path
+        self.config = config or load_config(config_path, AgentConfig)
+        self.agent_id = self.config.resolved_agent_id(kind)
+        self._check_identity()
+        state_dir = self.config.resolved_state_dir(kind)
+        signing_key = keys.load_signing_key(Path(self.config.signing_key))
+        self.outbox = Outbox(state_dir / "outbox.db", self.config.outbox, self.agent_id, signing_key)
+        self.metrics = AgentMetrics(kind)
+        self.agent: Agent = load_agent_class(kind)(self.config, state_dir)
+        self.agent.restore(self.outbox.state())
+        self.started_ns = time.time_ns()
+        self.buffer: list[bytes] = []
+        self.flushed = asyncio.Event()
+        self.sealed = asyncio.Event()
+        self.publisher = Publisher(self.outbox, self.config, self.metrics, self.sealed, self._report_drops_soon)
+        self.metrics_port = 0
+        self._drops_due = True
+        self._stopping = asyncio.Event()
+
+    def _check_identity(self) -> None:
+        """Refuse to start on missing, unreadable, unsafe, mismatched or expired identity files."""
+        tls = self.config.tls
+        identity = pki.load_tls_identity(Path(tls.cert), Path(tls.key), Path(tls.ca))
+        if pki.common_name(identity.cert) != self.agent_id:
+            raise ConfigError(
+                f"{tls.cert}: certificate CN {pki.common_name(identity.cert)!r} is not this agent's id "
+                f"{self.agent_id!r} (set agent_id, or issue the certificate for it)"
+            )
+
+    # ---- the pipeline: collect -> buffer -> outbox -> seal -> publish ----------------------------
+
+    async def _collect(self) -> None:
+        """Run the agent's collect loop; a crash is logged, counted, and the loop restarted."""
+        while True:
+            try:
+                async for event in self.agent.collect():
+                    self.buffer.append(event.SerializeToString())
+                    if len(self.buffer) >= FLUSH_EVENTS:
+                        self.flush()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.metrics.collect_errors.inc()
+                log.exception("collector failed; restarting it in 5 s", extra={"kind": self.kind})
+                await asyncio.sleep(5)
+
+    def flush(self) -> None:
+        """Move buffered events and the agent's position into the outbox in one transaction."""
+        bodies, self.buffer = self.buffer, []
+        try:
+            dropped = self.outbox.add(bodies, self.agent.checkpoint())
+        except OutboxError as exc:
+            self.buffer = bodies + self.buffer  # kept in memory; retried on the next flush
+            log.error("outbox write failed; keeping events in memory", extra={"error": str(exc), "events": len(bodies)})
+            return
+        self.metrics.events_collected.inc(len(bodies) - dropped)
+        if dropped:
+            self.metrics.events_dropped.labels("outbox_full").inc(dropped)
+            log.warning(
+                "outbox full: events dropped", extra={"dropped": dropped, "policy": self.config.outbox.when_full}
+            )
+        self.flushed.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            if self.buffer:
+                self.flush()
+
+    async def _batcher(self) -> None:
+        """Seal when a batch is full or its oldest event has lingered long enough."""
+        batch = self.config.batch
+        while True:
+            count, oldest_ns = self.outbox.pending_events()
+            waited_ms = (time.time_ns() - oldest_ns) / 1e6 if count else 0
+            if count and (count >= batch.max_events or waited_ms >= batch.max_linger_ms):
+                self._seal(batch.max_events)
+                continue
+            self.flushed.clear()
+            timeout = max(batch.max_linger_ms - waited_ms, 1) / 1000 if count else 1.0
+            await wait_event(self.flushed, timeout)
+
+    def _seal(self, max_events: int) -> None:
+        try:
+            if self.outbox.seal(max_events) is not None:
+                self.sealed.set()
+        except OutboxError as exc:
+            log.error("cannot seal an envelope", extra={"error": str(exc)})
+
+    # ---- heartbeat, drops, gauges ------------------------------------------------------------------
+
+    def heartbeat(self) -> events_pb2.Event:
+        waiting, used = self.outbox.sizes()
+        counters = {
+            "collected": int(self.metrics.events_collected._value.get()),
+            "acked": int(self.metrics.events_acked._value.get()),
+            "dead_letters": self.outbox.dead_letter_count(),
+            "outbox_events": waiting,
+            "outbox_bytes": used,
+        }
+        body = events_pb2.Heartbeat(
+            version=__version__, started_ns=self.started_ns, uptime_s=(time.time_ns() - self.started_ns) // 10**9,
+            counters=counters, interval_s=max(1, round(self.config.heartbeat_s)),
+        )  # fmt: skip
+        return self.agent.event(heartbeat=body)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            self.buffer.append(self.heartbeat().SerializeToString())
+            self.flush()
+            waiting, used = self.outbox.sizes()
+            self.metrics.outbox_events.set(waiting)
+            self.metrics.outbox_bytes.set(used)
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    def _report_drops_soon(self) -> None:
+        self._drops_due = True
+
+    async def _drop_reports(self) -> None:
+        """Once the hub is reachable, report drops since the last report as an alert event."""
+        while True:
+            await asyncio.sleep(DROP_REPORT_INTERVAL_S if not self._drops_due else 1.0)
+            if not (self._drops_due and self.publisher.connected):
+                continue
+            self._drops_due = False
+            dropped = self.outbox.take_counter("dropped")
+            if dropped:
+                policy = self.config.outbox.when_full
+                summary = f"{dropped} events dropped by the outbox ({policy})"
+                details = {"dropped": str(dropped), "policy": policy}
+                alert = self.agent.alert("agent.dropped", summary, details, events_pb2.SEVERITY_ERROR)
+                self.buffer.append(alert.SerializeToString())
+                self.flush()
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        if self.config.metrics.listen:
+            host, port = parse_address(self.config.metrics.listen)
+            server, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
+            self.metrics_port = server.server_port
+
+    def reload(self) -> None:
+        """SIGHUP: logging level and the agent's own settings; identity and outbox need a restart."""
+        systemd.reloading()
+        try:
+            config = load_config(self.config_path, AgentConfig)
+        except ConfigError as exc:
+            log.error("reload failed; keeping the running config", extra={"error": str(exc)})
+        else:
+            setup_logging(config.logging)
+            self.agent.reload(config)
+            log.info("config reloaded")
+        systemd.notify("READY=1")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._start_metrics()
+        tasks = [
+            asyncio.create_task(coro)
+            for coro in (
+                self._collect(), self._flusher(), self._batcher(), self.publisher.run(), self._heartbeats(),
+                self._drop_reports(), systemd.watchdog_loop(),
+            )
+        ]  # fmt: skip
+        systemd.notify("READY=1", f"STATUS=agent {self.agent_id} collecting")
+        log.info("agent running", extra={"kind": self.kind, "agent_id": self.agent_id, "hub": self.config.hub})
+        await self._stopping.wait()
+        await self.stop(tasks)
+
+    async def stop(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Flush collected events into the outbox, seal them, give the publisher a moment, exit."""
+        systemd.notify("STOPPING=1")
+        tasks[0].cancel()  # the collector: nothing new from here on
+        self.flush()
+        self._seal_all()
+        deadline = time.monotonic() + STOP_FLUSH_S
+        while self.outbox.unacked(limit=1) and self.publisher.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.agent.close()
+        self.outbox.close()
+        log.info("agent stopped", extra={"agent_id": self.agent_id})
+
+    def _seal_all(self) -> None:
+        while self.outbox.pending_events()[0]:
+            self._seal(self.config.batch.max_events)

@@ -1,0 +1,37 @@
+"""Agents against a live hub: configs with real certs, keys registered in the hub's trust map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from amoskys import keys
+from amoskys.config import AgentConfig
+from tests.hubfixture import LiveHub
+
+
+def agent_config(live_hub: LiveHub, tmp_path: Path, kind: str, **sections: Any) -> AgentConfig:
+    """An agent config whose identity the hub trusts (agent_id test-KIND)."""
+    agent_id = f"test-{kind}"
+    key_path, cert_path = live_hub.pki.issue(agent_id, "client")
+    signing = tmp_path / f"{agent_id}.sign"
+    keys.write_private_key(signing, keys.generate_signing_key())
+    pub = keys.public_key_text(keys.load_signing_key(signing).public_key())
+    (Path(live_hub.config.trust_map) / f"{agent_id}.pub").write_text(pub + "\n")
+    live_hub.hub.trust.reload()
+    document: dict[str, Any] = {
+        "agent_id": agent_id,
+        "host": "testhost",
+        "hub": live_hub.address,
+        "hub_server_name": "localhost",
+        "tls": {"ca": str(live_hub.pki.ca_cert), "cert": str(cert_path), "key": str(key_path)},
+        "signing_key": str(signing),
+        "state_dir": str(tmp_path / f"state-{kind}"),
+        "heartbeat_s": 1.0,
+        "batch": {"max_events": 200, "max_linger_ms": 100},
+        "logging": {"level": "debug", "format": "text"},
+        **sections,
+    }
+    return msgspec.convert(document, AgentConfig)

@@ -1,0 +1,194 @@
+"""auth: real-format Debian lines, rotation both ways, brute force, kill -9 mid-file exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+import yaml
+
+from amoskys.agents.auth import AuthAgent, LogFollower
+from amoskys.agents.authlog import parse_line
+from amoskys.config import AgentConfig
+from amoskys.errors import ConfigError
+from amoskys.v1 import bus_pb2, events_pb2
+from tests.agents.conftest import agent_config
+from tests.hubfixture import LiveHub
+
+Kind = events_pb2.AuthEvent.Kind
+H = "2026-11-22T10:15:01.123456+00:00 web1"
+CORPUS: list[tuple[str, int | None, dict[str, object]]] = [
+    (f"{H} sshd[1201]: Accepted publickey for alice from 203.0.113.7 port 50122 ssh2: ED25519 SHA256:abc",
+     Kind.SSH_ACCEPTED, {"user": "alice", "src_ip": "203.0.113.7", "src_port": 50122, "method": "publickey"}),
+    (f"{H} sshd[1202]: Failed password for root from 198.51.100.9 port 40022 ssh2",
+     Kind.SSH_FAILED, {"user": "root", "src_ip": "198.51.100.9", "method": "password"}),
+    (f"{H} sshd[1203]: Failed password for invalid user admin from 198.51.100.9 port 40024 ssh2",
+     Kind.SSH_FAILED, {"user": "admin", "src_ip": "198.51.100.9"}),
+    (f"{H} sshd[1203]: Invalid user admin from 198.51.100.9 port 40024",
+     Kind.SSH_INVALID_USER, {"user": "admin", "src_ip": "198.51.100.9", "src_port": 40024}),
+    ("Nov 22 10:15:03 web1 sudo:    alice : TTY=pts/0 ; PWD=/home/alice ; USER=root ; COMMAND=/usr/bin/apt update",
+     Kind.SUDO, {"user": "alice", "target_user": "root", "tty": "pts/0", "command": "/usr/bin/apt update"}),
+    (f"{H} sudo:      bob : 3 incorrect password attempts ; TTY=pts/1 ; PWD=/home/bob ; USER=root ; COMMAND=/bin/sh",
+     Kind.SUDO_FAILED, {"user": "bob", "command": "/bin/sh", "method": "3 incorrect password attempts"}),
+    (f"{H} sudo:      eve : user NOT in sudoers ; TTY=pts/2 ; PWD=/tmp ; USER=root ; COMMAND=/usr/bin/id",
+     Kind.SUDO_FAILED, {"user": "eve", "method": "user NOT in sudoers"}),
+    (f"{H} su[1300]: (to root) alice on pts/0", Kind.SU, {"user": "alice", "target_user": "root", "tty": "pts/0"}),
+    (f"{H} useradd[1400]: new group: name=carol, GID=1003", Kind.GROUP_ADDED, {"group": "carol"}),
+    (f"{H} useradd[1400]: new user: name=carol, UID=1003, GID=1003, home=/home/carol, shell=/bin/bash, from=/dev/pts/0",
+     Kind.USER_ADDED, {"user": "carol"}),
+    (f"{H} usermod[1401]: add 'carol' to group 'sudo'", Kind.USER_MODIFIED, {"user": "carol", "group": "sudo"}),
+    (f"{H} passwd[1402]: pam_unix(passwd:chauthtok): password changed for carol",
+     Kind.PASSWORD_CHANGED, {"user": "carol"}),
+    (f"{H} userdel[1403]: delete user 'carol'", Kind.USER_DELETED, {"user": "carol"}),
+    (f"{H} groupdel[1404]: group 'carol' removed", Kind.GROUP_DELETED, {"group": "carol"}),
+    (f"{H} sshd[1201]: pam_unix(sshd:session): session opened for user alice(uid=1000) by (uid=0)",
+     Kind.SESSION_OPENED, {"user": "alice", "method": "sshd"}),
+    (f"{H} sshd[1201]: pam_unix(sshd:session): session closed for user alice", Kind.SESSION_CLOSED, {"user": "alice"}),
+    (f"{H} CRON[1500]: pam_unix(cron:session): session opened for user root(uid=0) by (uid=0)",
+     Kind.SESSION_OPENED, {"user": "root", "method": "cron"}),
+    (f"{H} systemd-logind[400]: New seat seat0.", None, {}),
+    (f"{H} sshd[1201]: Received disconnect from 203.0.113.7 port 50122:11: disconnected by user", None, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("line", "kind", "fields"), CORPUS, ids=[f"line{i}" for i in range(len(CORPUS))])
+def test_corpus_line(line: str, kind: int | None, fields: dict[str, object]) -> None:
+    parsed = parse_line(line + "\n")
+    if kind is None:
+        assert parsed is None
+        return
+    assert parsed is not None
+    assert parsed.auth.kind == kind
+    for name, value in fields.items():
+        assert getattr(parsed.auth, name) == value, name
+    assert parsed.auth.raw == line
+
+
+def write(path: Path, lines: list[str], mode: str = "a") -> None:
+    with path.open(mode) as handle:
+        handle.writelines(line + "\n" for line in lines)
+
+
+def test_follower_handles_rename_and_copytruncate(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    write(log, ["one", "two"], "w")
+    follower = LogFollower(log)
+    assert [line for line, _ in follower.read_lines()] == ["one\n", "two\n"]
+    follower.offset = follower.read_lines()[-1][1] if follower.read_lines() else follower.offset
+    with log.open("a") as handle:
+        handle.write("three\npart")
+    lines = follower.read_lines()
+    follower.offset = lines[-1][1]
+    assert [line for line, _ in lines] == ["three\n"]
+    log.rename(tmp_path / "auth.log.1")  # rotation by rename, with the partial line completed late
+    with (tmp_path / "auth.log.1").open("a") as handle:
+        handle.write("ial\n")
+    write(log, ["four"], "w")
+    seen = []
+    for _ in range(3):
+        for line, offset in follower.read_lines():
+            seen.append(line)
+            follower.offset = offset
+    assert seen == ["partial\n", "four\n"]
+    with log.open("r+") as handle:  # copytruncate
+        handle.truncate(0)
+    write(log, ["five"])
+    lines = follower.read_lines()
+    assert [line for line, _ in lines] == ["five\n"]
+
+
+def test_restart_after_rotation_while_stopped_reads_the_old_file_first(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    write(log, ["a", "b"], "w")
+    first = LogFollower(log)
+    lines = first.read_lines()
+    inode, offset = first.inode, lines[0][1]  # only "a" was processed before the stop
+    first.close()
+    log.rename(tmp_path / "auth.log.1")
+    write(log, ["c"], "w")
+    second = LogFollower(log)
+    second.restore(inode, offset)
+    seen = []
+    for _ in range(3):
+        for line, off in second.read_lines():
+            seen.append(line)
+            second.offset = off
+    assert seen == ["b\n", "c\n"]
+
+
+async def test_brute_force_alert(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    write(log, [f"{H} sshd[9]: Failed password for root from 192.0.2.50 port {4000 + i} ssh2" for i in range(6)], "w")
+    config = msgspec.convert(
+        {"host": "t", "auth": {"source": "file", "log_path": str(log), "brute_force_failures": 5}}, AgentConfig
+    )
+    agent = AuthAgent(config, tmp_path)
+    events: list[events_pb2.Event] = []
+
+    async def take() -> None:
+        async for event in agent.collect():
+            events.append(event)
+            if len(events) == 7:
+                return
+
+    await asyncio.wait_for(take(), 10)
+    rules = [e.alert.rule for e in events if e.WhichOneof("body") == "alert"]
+    assert rules == ["auth.brute_force"]
+    assert events[5].alert.details["src_ip"] == "192.0.2.50"
+
+
+async def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    log.mkdir()  # a path that exists but cannot be read as a log, whoever we are
+    config = msgspec.convert({"host": "t", "auth": {"source": "file", "log_path": str(log)}}, AgentConfig)
+    agent = AuthAgent(config, tmp_path)
+    with pytest.raises(ConfigError, match=r"auth\.log: cannot be read"):
+        await asyncio.wait_for(agent.collect().__anext__(), 5)
+
+
+@pytest.mark.slow
+async def test_kill_9_mid_file_then_restart_every_line_exactly_once(live_hub: LiveHub, tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    total = 20_000
+    lines = [
+        f"{H} sshd[{i}]: Accepted password for user{i} from 10.9.0.{i % 250} port {1024 + i} ssh2" for i in range(total)
+    ]
+    write(log, lines, "w")
+    config = agent_config(
+        live_hub, tmp_path, "auth",
+        auth={"source": "file", "log_path": str(log)},
+        batch={"max_events": 500, "max_linger_ms": 50},
+    )  # fmt: skip
+    path = tmp_path / "agent-auth.yml"
+    path.write_text(yaml.safe_dump(msgspec.to_builtins(config)))
+    command = [sys.executable, "-m", "amoskys", "agent", "auth", "--config", str(path)]
+
+    async def count() -> int:
+        flt = bus_pb2.EventFilter(agent_ids=[config.agent_id], kinds=["auth"])
+        return len(await live_hub.query(flt))
+
+    first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    while await count() < total // 4:
+        await asyncio.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert await count() < total, "the agent finished before it was killed: use more lines"
+    second = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if await count() >= total:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=[config.agent_id], kinds=["auth"]))
+        raws = [s.event.auth.raw for s in stored]
+        assert len(raws) == total
+        assert set(raws) == set(lines)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(20)
