@@ -68,8 +68,9 @@ def open_streams(metrics_port: int) -> int:
 
 
 def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    ca = pki.load_ca(work / "ca")
-    key, cert = pki.issue(ca, work / "tls", "hub", "server", ["localhost"])
+    key, cert = work / "tls" / "hub.key", work / "tls" / "hub.crt"
+    if not cert.exists():
+        pki.issue(pki.load_ca(work / "ca"), work / "tls", "hub", "server", ["localhost"])
     config = {
         "listen": "127.0.0.1:0",
         "tls": {"ca": str(work / "ca" / "ca.crt"), "cert": str(cert), "key": str(key)},

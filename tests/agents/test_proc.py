@@ -44,6 +44,7 @@ def alerts(events: list[events_pb2.Event], rule: str) -> list[events_pb2.Event]:
 
 def test_snapshot_then_start_and_exit(agent: ProcAgent) -> None:
     child = subprocess.Popen(["sleep", "30"])
+    time.sleep(0.05)  # let the fork exec sleep (a scan in between reports the exec as a new start)
     try:
         started = agent.scan(Action.START)
         (start,) = process_events(started, child.pid)
@@ -59,6 +60,20 @@ def test_snapshot_then_start_and_exit(agent: ProcAgent) -> None:
         child.wait()
     (exit_event,) = process_events(agent.scan(Action.START), child.pid)
     assert exit_event.process.action == Action.EXIT
+
+
+def test_exec_is_reported_as_a_new_program(agent: ProcAgent) -> None:
+    child = subprocess.Popen(["sh", "-c", "sleep 0.3; exec sleep 30"])
+    try:
+        time.sleep(0.1)
+        (first,) = process_events(agent.scan(Action.START), child.pid)
+        assert first.process.name == "sh"
+        time.sleep(0.5)
+        names = [(e.process.action, e.process.name) for e in process_events(agent.scan(Action.START), child.pid)]
+        assert names == [(Action.EXIT, "sh"), (Action.START, "sleep")]
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_executable_under_tmp_and_deleted_raise_alerts(agent: ProcAgent, tmp_bin: Path) -> None:

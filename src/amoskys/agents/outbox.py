@@ -95,6 +95,7 @@ class Outbox:
         except OSError as exc:
             raise OutboxError(f"{path}: cannot create the outbox directory: {exc.strerror}") from exc
         self.chain = self._load_chain()
+        self.used_bytes = self._scan_bytes()  # kept up to date by every write below
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -135,6 +136,7 @@ class Outbox:
                 dropped = len(bodies)
             else:
                 db.executemany("INSERT INTO events (body, created_ns) VALUES (?, ?)", [(b, now) for b in bodies])
+                self.used_bytes += sum(len(b) for b in bodies)
             for key, value in (state or {}).items():
                 db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
         return dropped
@@ -142,35 +144,34 @@ class Outbox:
     def _make_room(self, db: sqlite3.Connection, incoming: int) -> int:
         """Apply age and size bounds; -1 when the policy refuses the incoming events."""
         cutoff = time.time_ns() - int(self.config.max_age_days * 86400 * 1e9)
-        aged = db.execute("DELETE FROM events WHERE created_ns < ?", (cutoff,)).rowcount
-        dropped = aged
-        used = self._bytes(db)
-        if used + incoming > self.config.max_bytes:
+        oldest = db.execute("SELECT created_ns FROM events ORDER BY id LIMIT 1").fetchone()
+        dropped = self._drop_where(db, "created_ns < ?", cutoff) if oldest and oldest[0] < cutoff else 0
+        if self.used_bytes + incoming > self.config.max_bytes:
             if self.config.when_full == "drop_newest":
-                self._count(db, "dropped", aged)
+                self._count(db, "dropped", dropped)
                 return -1
-            excess = used + incoming - self.config.max_bytes
-            dropped += self._drop_oldest(db, excess)
+            dropped += self._drop_oldest(db, self.used_bytes + incoming - self.config.max_bytes)
         self._count(db, "dropped", dropped)
         return dropped
 
-    @staticmethod
-    def _drop_oldest(db: sqlite3.Connection, excess: int) -> int:
-        rows = db.execute("SELECT id, length(body) FROM events ORDER BY id").fetchall()
-        freed, last_id, count = 0, None, 0
-        for event_id, size in rows:
+    def _drop_where(self, db: sqlite3.Connection, condition: str, value: int) -> int:
+        query = f"SELECT count(*), coalesce(sum(length(body)), 0) FROM events WHERE {condition}"  # noqa: S608
+        count, size = db.execute(query, (value,)).fetchone()
+        db.execute(f"DELETE FROM events WHERE {condition}", (value,))  # noqa: S608 - fixed conditions
+        self.used_bytes -= int(size)
+        return int(count)
+
+    def _drop_oldest(self, db: sqlite3.Connection, excess: int) -> int:
+        freed, last_id = 0, None
+        for event_id, size in db.execute("SELECT id, length(body) FROM events ORDER BY id"):
             if freed >= excess:
                 break
             freed += size
             last_id = event_id
-            count += 1
-        if last_id is not None:
-            db.execute("DELETE FROM events WHERE id <= ?", (last_id,))
-        return count
+        return self._drop_where(db, "id <= ?", last_id) if last_id is not None else 0
 
-    @staticmethod
-    def _bytes(db: sqlite3.Connection) -> int:
-        row = db.execute(
+    def _scan_bytes(self) -> int:
+        row = self.db.execute(
             "SELECT (SELECT coalesce(sum(length(body)), 0) FROM events) + "
             "(SELECT coalesce(sum(length(raw)), 0) FROM envelopes)"
         ).fetchone()
@@ -205,10 +206,11 @@ class Outbox:
 
     # ---- sealing and sending ----------------------------------------------------------------------
 
-    def pending_events(self) -> tuple[int, int]:
-        """(count, created_ns of the oldest) of events not yet sealed."""
-        row = self.db.execute("SELECT count(*), coalesce(min(created_ns), 0) FROM events").fetchone()
-        return int(row[0]), int(row[1])
+    def pending_events(self, cap: int = 1_000_000_000) -> tuple[int, int]:
+        """(count up to `cap`, created_ns of the oldest) of events not yet sealed; cheap for small caps."""
+        count = self.db.execute("SELECT count(*) FROM (SELECT 1 FROM events LIMIT ?)", (cap,)).fetchone()[0]
+        oldest = self.db.execute("SELECT created_ns FROM events ORDER BY id LIMIT 1").fetchone()
+        return int(count), int(oldest[0]) if oldest else 0
 
     def seal(self, max_events: int) -> SealedEnvelope | None:
         """Seal up to `max_events` of the oldest events into the chain's next envelope."""
@@ -216,9 +218,10 @@ class Outbox:
             rows = db.execute("SELECT id, body FROM events ORDER BY id LIMIT ?", (max_events,)).fetchall()
             if not rows:
                 return None
-            payload = _payload([bytes(body) for _, body in rows])
-            envelope = self._seal_payload(db, payload, len(rows))
+            bodies = [bytes(body) for _, body in rows]
+            envelope = self._seal_payload(db, _payload(bodies), len(rows))
             db.execute("DELETE FROM events WHERE id <= ?", (rows[-1][0],))
+            self.used_bytes += len(envelope.raw) - sum(len(b) for b in bodies)
         return envelope
 
     def _seal_payload(self, db: sqlite3.Connection, payload: bytes, count: int) -> SealedEnvelope:
@@ -241,9 +244,12 @@ class Outbox:
     def ack(self, seq: int) -> int:
         """Forget envelopes up to `seq` (the hub has them); return their event count."""
         with self._tx() as db:
-            row = db.execute("SELECT coalesce(sum(events), 0) FROM envelopes WHERE seq <= ?", (seq,)).fetchone()
+            row = db.execute(
+                "SELECT coalesce(sum(events), 0), coalesce(sum(length(raw)), 0) FROM envelopes WHERE seq <= ?", (seq,)
+            ).fetchone()
             db.execute("DELETE FROM envelopes WHERE seq <= ?", (seq,))
             self._count(db, "acked", int(row[0]))
+            self.used_bytes -= int(row[1])
         return int(row[0])
 
     def dead_letter(self, seq: int, reason: str) -> None:
@@ -269,13 +275,14 @@ class Outbox:
         self.chain = self._new_chain()
         for payload, count in pending:
             self._seal_payload(db, bytes(payload), int(count))
+        self.used_bytes = self._scan_bytes()
 
     def sizes(self) -> tuple[int, int]:
         """(events waiting: unsealed + sealed-unacked, bytes used)."""
         row = self.db.execute(
             "SELECT (SELECT count(*) FROM events) + (SELECT coalesce(sum(events), 0) FROM envelopes)"
         ).fetchone()
-        return int(row[0]), self._bytes(self.db)
+        return int(row[0]), self.used_bytes
 
     def dead_letter_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])

@@ -148,9 +148,9 @@ class ProcAgent(Agent):
                 continue
             current[proc.pid] = start_ns
             known = self.seen.get(proc.pid)
-            if known is not None and known.start_ns == start_ns:
+            if known is not None and known.start_ns == start_ns and not self._execed(proc, known):
                 continue
-            if known is not None:  # pid reused: the old process is gone
+            if known is not None:  # pid reused, or exec(): the old program is gone
                 events.append(self._exit(proc.pid, known))
             info = self.describe(proc)
             if info is None:
@@ -164,6 +164,14 @@ class ProcAgent(Agent):
         for pid in [pid for pid in self.seen if pid not in current]:
             events.append(self._exit(pid, self.seen.pop(pid)))
         return events
+
+    @staticmethod
+    def _execed(proc: psutil.Process, known: Seen) -> bool:
+        """Same pid and start time but another program: the process called exec()."""
+        try:
+            return proc.name() != known.event.name
+        except psutil.Error:
+            return False
 
     def _exit(self, pid: int, known: Seen) -> events_pb2.Event:
         info = events_pb2.ProcessEvent()

@@ -111,7 +111,7 @@ class AgentRuntime:
         """Seal when a batch is full or its oldest event has lingered long enough."""
         batch = self.config.batch
         while True:
-            count, oldest_ns = self.outbox.pending_events()
+            count, oldest_ns = self.outbox.pending_events(batch.max_events)
             waited_ms = (time.time_ns() - oldest_ns) / 1e6 if count else 0
             if count and (count >= batch.max_events or waited_ms >= batch.max_linger_ms):
                 self._seal(batch.max_events)
@@ -228,5 +228,5 @@ class AgentRuntime:
         log.info("agent stopped", extra={"agent_id": self.agent_id})
 
     def _seal_all(self) -> None:
-        while self.outbox.pending_events()[0]:
+        while self.outbox.pending_events(1)[0]:
             self._seal(self.config.batch.max_events)
