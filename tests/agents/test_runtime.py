@@ -93,3 +93,41 @@ async def test_refuses_to_start_without_a_valid_identity(live_hub: LiveHub, tmp_
     Path(config.tls.key).unlink()
     with pytest.raises(IdentityError, match="private key not found"):
         AgentRuntime("host", None, config)
+
+
+@pytest.mark.root
+async def test_outbox_on_a_full_disk_holds_events_then_stores_them(live_hub: LiveHub, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if result.returncode:
+        pytest.skip(f"cannot mount tmpfs: {result.stderr.decode().strip()}")
+    try:
+        config = agent_config(live_hub, tmp_path, "host", state_dir=str(mount / "state"))
+        runtime = AgentRuntime("host", None, config)
+        filler = mount / "filler"
+        with filler.open("wb") as handle:  # fill the filesystem to the last block
+            while True:
+                try:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+                except OSError:
+                    break
+        events = [runtime.agent.event(labels={"n": str(i)}).SerializeToString() for i in range(2000)]
+        runtime.buffer = list(events)
+        runtime.flush()
+        assert len(runtime.buffer) == 2000, "the events must be held, not lost"
+        filler.unlink()
+        runtime.flush()
+        assert runtime.buffer == []
+        assert runtime.outbox.pending_events()[0] == 2000
+        runtime.outbox.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

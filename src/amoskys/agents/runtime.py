@@ -7,6 +7,7 @@ for NAME. The agent only yields events; everything else happens here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -32,6 +33,7 @@ FLUSH_INTERVAL_S = 0.1
 FLUSH_EVENTS = 500
 DROP_REPORT_INTERVAL_S = 60.0
 STOP_FLUSH_S = 5.0
+MAX_MEMORY_EVENTS = 100_000  # held while the outbox cannot be written; beyond that the oldest are dropped
 
 
 class AgentRuntime:
@@ -54,6 +56,7 @@ class AgentRuntime:
         self.publisher = Publisher(self.outbox, self.config, self.metrics, self.sealed, self._report_drops_soon)
         self.metrics_port = 0
         self._drops_due = True
+        self._memory_drops = 0
         self._stopping = asyncio.Event()
 
     def _check_identity(self) -> None:
@@ -90,9 +93,12 @@ class AgentRuntime:
         try:
             dropped = self.outbox.add(bodies, self.agent.checkpoint())
         except OutboxError as exc:
-            self.buffer = bodies + self.buffer  # kept in memory; retried on the next flush
-            log.error("outbox write failed; keeping events in memory", extra={"error": str(exc), "events": len(bodies)})
+            self._keep_in_memory(bodies, str(exc))
             return
+        if self._memory_drops:
+            with contextlib.suppress(OutboxError):
+                self.outbox.bump("dropped", self._memory_drops)
+                self._memory_drops = 0
         self.metrics.events_collected.inc(len(bodies) - dropped)
         if dropped:
             self.metrics.events_dropped.labels("outbox_full").inc(dropped)
@@ -100,6 +106,16 @@ class AgentRuntime:
                 "outbox full: events dropped", extra={"dropped": dropped, "policy": self.config.outbox.when_full}
             )
         self.flushed.set()
+
+    def _keep_in_memory(self, bodies: list[bytes], error: str) -> None:
+        """The outbox cannot be written (e.g. disk full): hold events, bounded, drops counted."""
+        self.buffer = bodies + self.buffer
+        excess = len(self.buffer) - MAX_MEMORY_EVENTS
+        if excess > 0:
+            del self.buffer[:excess]
+            self._memory_drops += excess
+            self.metrics.events_dropped.labels("outbox_unwritable").inc(excess)
+        log.error("outbox write failed; holding events in memory", extra={"error": error, "held": len(self.buffer)})
 
     async def _flusher(self) -> None:
         while True:
