@@ -7,6 +7,7 @@ which WAL lets run beside the writer. Another sink (e.g. NATS JetStream) impleme
 from __future__ import annotations
 
 import base64
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -378,10 +379,12 @@ class SqliteStore:
             deleted += cursor.rowcount
             if cursor.rowcount < PRUNE_CHUNK:
                 break
-        while self.size_bytes() > max_bytes and self.count_events() > 0:
+        while (used := self.size_bytes()) > max_bytes and (count := self.count_events()) > 0:
+            excess_events = math.ceil((used - max_bytes) / max(used / count, 1)) + 1  # the oldest, about the excess
             with self._transaction() as conn:
                 cursor = conn.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)", (PRUNE_CHUNK,)
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)",
+                    (min(excess_events, PRUNE_CHUNK),),
                 )
             deleted += cursor.rowcount
             self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
