@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from amoskys.agents.outbox import Outbox, OutboxError
 from amoskys.config import OutboxConfig
 from amoskys.envelope import decode_header, envelope_digest, verify_signature
 from amoskys.v1 import envelope_pb2, events_pb2
+from tests.conftest import small_tmpfs
 from tests.hubfixture import make_events
 
 
@@ -106,16 +105,7 @@ def test_dead_letter_keeps_the_envelope_and_restarts_the_chain(tmp_path: Path) -
 
 @pytest.mark.root
 def test_full_disk_is_a_clear_error_and_loses_nothing_already_stored(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
-    if result.returncode:
-        pytest.skip(f"cannot mount tmpfs: {result.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "1m") as mount:
         box = open_outbox(mount)
         stored = 0
         with pytest.raises(OutboxError, match="full"):
@@ -124,5 +114,3 @@ def test_full_disk_is_a_clear_error_and_loses_nothing_already_stored(tmp_path: P
                 stored += 50
         assert box.pending_events()[0] == stored
         box.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)

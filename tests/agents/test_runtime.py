@@ -12,6 +12,7 @@ from amoskys.errors import IdentityError
 from amoskys.eventbus.server import create_server
 from amoskys.v1 import bus_pb2
 from tests.agents.conftest import agent_config
+from tests.conftest import small_tmpfs
 from tests.hubfixture import LiveHub
 
 
@@ -97,19 +98,7 @@ async def test_refuses_to_start_without_a_valid_identity(live_hub: LiveHub, tmp_
 
 @pytest.mark.root
 async def test_outbox_on_a_full_disk_holds_events_then_stores_them(live_hub: LiveHub, tmp_path: Path) -> None:
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
-    if result.returncode:
-        pytest.skip(f"cannot mount tmpfs: {result.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "2m") as mount:
         config = agent_config(live_hub, tmp_path, "host", state_dir=str(mount / "state"))
         runtime = AgentRuntime("host", None, config)
         filler = mount / "filler"
@@ -129,5 +118,3 @@ async def test_outbox_on_a_full_disk_holds_events_then_stores_them(live_hub: Liv
         assert runtime.buffer == []
         assert runtime.outbox.pending_events()[0] == 2000
         runtime.outbox.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)

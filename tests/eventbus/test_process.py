@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import ssl
@@ -21,7 +20,7 @@ from amoskys import pki
 from amoskys.eventbus.server import create_server
 from amoskys.loadgen import LoadOptions, ensure_identities, run_load
 from amoskys.v1 import envelope_pb2
-from tests.conftest import TestPki
+from tests.conftest import TestPki, small_tmpfs
 from tests.hubfixture import LiveHub, hub_config, make_events
 
 AGENTS = 4
@@ -228,16 +227,7 @@ async def test_backpressure_answers_retry_and_loses_nothing(test_pki: TestPki, t
 
 @pytest.mark.root
 async def test_full_disk_answers_retry_then_recovers(test_pki: TestPki, tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs: {result.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "3m") as mount:
         config = hub_config(test_pki, tmp_path, store={"path": str(mount / "events.db"), "prune_interval_s": 3600})
         hub = create_server(config)
         await hub.start()
@@ -265,5 +255,3 @@ async def test_full_disk_answers_retry_then_recovers(test_pki: TestPki, tmp_path
         await hub.stop()
         stored = stored_ids(mount / "events.db")
         assert len(stored) == len(set(stored)) == acked + 200
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
