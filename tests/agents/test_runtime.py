@@ -118,3 +118,74 @@ async def test_outbox_on_a_full_disk_holds_events_then_stores_them(live_hub: Liv
         assert runtime.buffer == []
         assert runtime.outbox.pending_events()[0] == 2000
         runtime.outbox.close()
+
+
+async def test_process_metrics_reload_and_clean_stop(live_hub: LiveHub, tmp_path: Path) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    import msgspec
+    import yaml
+
+    config = agent_config(live_hub, tmp_path, "host", metrics={"listen": "127.0.0.1:0"}, logging={"format": "json"})
+    path = tmp_path / "agent-host.yml"
+    path.write_text(yaml.safe_dump(msgspec.to_builtins(config)))
+    log = tmp_path / "agent.log"
+    with log.open("wb") as err:
+        agent = subprocess.Popen([sys.executable, "-m", "amoskys", "agent", "host", "--config", str(path)], stderr=err)
+    try:
+        port = 0
+        for _ in range(100):
+            for line in log.read_text().splitlines():
+                entry = json.loads(line) if line.startswith("{") else {}
+                port = entry.get("metrics_port", port) if entry.get("msg") == "agent running" else port
+            if port:
+                break
+            await asyncio.sleep(0.1)
+        assert port, log.read_text()
+        await asyncio.sleep(1.5)
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        )
+        assert 'amoskys_agent_info{kind="host"} 1.0' in body
+        assert "amoskys_agent_connected 1.0" in body
+        assert "amoskys_agent_events_collected_total" in body
+        path.write_text(
+            yaml.safe_dump({**msgspec.to_builtins(config), "logging": {"level": "debug", "format": "json"}})
+        )
+        agent.send_signal(signal.SIGHUP)
+        for _ in range(50):
+            if "config reloaded" in log.read_text():
+                break
+            await asyncio.sleep(0.1)
+        assert "config reloaded" in log.read_text()
+        assert agent.poll() is None
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(agent.wait, 20) == 0
+        assert "agent stopped" in log.read_text()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
+async def test_dropped_events_are_reported_to_the_hub(live_hub: LiveHub, tmp_path: Path) -> None:
+    config = agent_config(live_hub, tmp_path, "host", outbox={"max_bytes": 20_000, "when_full": "drop_oldest"})
+    runtime = AgentRuntime("host", None, config)
+    runtime.buffer = [runtime.agent.event(labels={"n": str(i)}).SerializeToString() for i in range(1000)]
+    runtime.flush()
+    assert runtime.outbox.counter("dropped") > 0
+    dropped = runtime.outbox.counter("dropped")
+    task = await start(runtime)
+    try:
+        for _ in range(100):
+            alerts = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"], kinds=["alert"]))
+            if alerts:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await stop(runtime, task)
+    (alert,) = [a for a in alerts if a.event.alert.rule == "agent.dropped"]
+    assert int(alert.event.alert.details["dropped"]) >= dropped  # heartbeats keep overflowing the tiny outbox

@@ -126,33 +126,40 @@ class Outbox:
     # ---- collecting ----------------------------------------------------------------------------
 
     def add(self, bodies: Sequence[bytes], state: dict[str, str] | None = None) -> int:
-        """Store serialized events (and the agent's position) in one transaction; return how many were
-        dropped by the full-outbox policy."""
+        """Store serialized events (and the agent's position) in one transaction; return how many events
+        the bounds dropped (old ones under drop_oldest, these new ones under drop_newest)."""
         now = time.time_ns()
         with self._tx() as db:
-            dropped = self._make_room(db, sum(len(b) for b in bodies))
-            if dropped < 0:  # drop_newest: these are refused
-                self._count(db, "dropped", len(bodies))
-                dropped = len(bodies)
+            dropped = self._drop_aged(db)
+            if self.config.when_full == "drop_newest":
+                accepted = self._fitting(bodies)
+                dropped += len(bodies) - len(accepted)
             else:
-                db.executemany("INSERT INTO events (body, created_ns) VALUES (?, ?)", [(b, now) for b in bodies])
-                self.used_bytes += sum(len(b) for b in bodies)
+                accepted = list(bodies)
+            db.executemany("INSERT INTO events (body, created_ns) VALUES (?, ?)", [(b, now) for b in accepted])
+            self.used_bytes += sum(len(b) for b in accepted)
+            if self.used_bytes > self.config.max_bytes:
+                dropped += self._drop_oldest(db, self.used_bytes - self.config.max_bytes)
+            self._count(db, "dropped", dropped)
             for key, value in (state or {}).items():
                 db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
         return dropped
 
-    def _make_room(self, db: sqlite3.Connection, incoming: int) -> int:
-        """Apply age and size bounds; -1 when the policy refuses the incoming events."""
+    def _fitting(self, bodies: Sequence[bytes]) -> list[bytes]:
+        """The leading events that fit in the room left (drop_newest keeps what it already has)."""
+        room = self.config.max_bytes - self.used_bytes
+        accepted = []
+        for body in bodies:
+            room -= len(body)
+            if room < 0:
+                break
+            accepted.append(body)
+        return accepted
+
+    def _drop_aged(self, db: sqlite3.Connection) -> int:
         cutoff = time.time_ns() - int(self.config.max_age_days * 86400 * 1e9)
         oldest = db.execute("SELECT created_ns FROM events ORDER BY id LIMIT 1").fetchone()
-        dropped = self._drop_where(db, "created_ns < ?", cutoff) if oldest and oldest[0] < cutoff else 0
-        if self.used_bytes + incoming > self.config.max_bytes:
-            if self.config.when_full == "drop_newest":
-                self._count(db, "dropped", dropped)
-                return -1
-            dropped += self._drop_oldest(db, self.used_bytes + incoming - self.config.max_bytes)
-        self._count(db, "dropped", dropped)
-        return dropped
+        return self._drop_where(db, "created_ns < ?", cutoff) if oldest and oldest[0] < cutoff else 0
 
     def _drop_where(self, db: sqlite3.Connection, condition: str, value: int) -> int:
         query = f"SELECT count(*), coalesce(sum(length(body)), 0) FROM events WHERE {condition}"  # noqa: S608

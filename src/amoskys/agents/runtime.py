@@ -223,7 +223,15 @@ class AgentRuntime:
             )
         ]  # fmt: skip
         systemd.notify("READY=1", f"STATUS=agent {self.agent_id} collecting")
-        log.info("agent running", extra={"kind": self.kind, "agent_id": self.agent_id, "hub": self.config.hub})
+        log.info(
+            "agent running",
+            extra={
+                "kind": self.kind,
+                "agent_id": self.agent_id,
+                "hub": self.config.hub,
+                "metrics_port": self.metrics_port,
+            },
+        )
         await self._stopping.wait()
         await self.stop(tasks)
 
