@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from amoskys.config import OutboxConfig
 from amoskys.envelope import ChainState, seal
 from amoskys.errors import AmoskysError
-from amoskys.v1 import envelope_pb2
 
 __all__ = ["Outbox", "OutboxError", "SealedEnvelope"]
 
@@ -296,7 +295,3 @@ class Outbox:
 
     def close(self) -> None:
         self.db.close()
-
-
-def decode_envelope(raw: bytes) -> envelope_pb2.Envelope:
-    return envelope_pb2.Envelope.FromString(raw)
