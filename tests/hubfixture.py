@@ -136,7 +136,8 @@ async def live_hub(test_pki: TestPki, tmp_path: Path) -> AsyncIterator[LiveHub]:
     config = hub_config(test_pki, tmp_path)
     hub = create_server(config)
     await hub.start()
+    live = LiveHub(hub, test_pki, config)
     try:
-        yield LiveHub(hub, test_pki, config)
+        yield live
     finally:
-        await hub.stop()
+        await live.hub.stop()  # the hub a test may have restarted, not only the first one
