@@ -260,6 +260,7 @@ class AgentConfig(Section, frozen=True):
 class UiAuthConfig(Section, frozen=True):
     password_hash: str = ""  # scrypt hash from `amoskys ui hash-password`
     client_certs: bool = False
+    client_cns: list[AgentId] = msgspec.field(default_factory=lambda: ["operator"])  # empty: any cert from the CA
 
 
 class UiConfig(Section, frozen=True):
@@ -269,6 +270,9 @@ class UiConfig(Section, frozen=True):
     tls: TlsConfig = TlsConfig(cert="/etc/amoskys/tls/ui.crt", key="/etc/amoskys/tls/ui.key")
     server_tls: bool = False
     auth: UiAuthConfig = UiAuthConfig()
+    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 10
+    refresh_s: Seconds = 5.0  # how often the registry and hub status are sampled (rates, fleet page)
+    hub_timeout_s: Seconds = 10.0
     logging: LoggingConfig = LoggingConfig()
 
     def __post_init__(self) -> None:

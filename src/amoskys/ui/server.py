@@ -1,0 +1,111 @@
+"""Serving the UI with cheroot (a production, threaded WSGI server), and the exposure rule.
+
+Bound to a loopback address the UI may run plain HTTP without authentication (an SSH tunnel or a
+local reverse proxy in front). Bound to anything else it refuses to start unless it serves TLS
+with a certificate from the fleet CA *and* authenticates operators (password or client cert).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+from amoskys import pki
+from amoskys.config import UiConfig, parse_address
+from amoskys.errors import ConfigError
+from amoskys.ui.app import create_app
+from amoskys.ui.auth import Authenticator
+from amoskys.ui.hubclient import HubClient
+
+__all__ = ["authenticator", "build_server", "check_exposure", "is_loopback", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: UiConfig) -> None:
+    """Raise ConfigError for a public bind without TLS and authentication, or auth that cannot work."""
+    host, _port = parse_address(config.listen)
+    if config.auth.client_certs and not config.server_tls:
+        raise ConfigError("auth.client_certs needs server_tls: true (client certificates are part of TLS)")
+    if is_loopback(host):
+        return
+    missing = []
+    if not config.server_tls:
+        missing.append("TLS (server_tls: true, with tls.cert from the fleet CA)")
+    if not (config.auth.password_hash or config.auth.client_certs):
+        missing.append("authentication (auth.password_hash or auth.client_certs)")
+    if missing:
+        raise ConfigError(
+            f"listen {config.listen}: not a loopback address; refusing to serve without {' and '.join(missing)}"
+        )
+
+
+def authenticator(config: UiConfig) -> Authenticator:
+    try:
+        cns = frozenset(config.auth.client_cns) if config.auth.client_certs else None
+        return Authenticator(config.auth.password_hash, cns)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _tls_adapter(config: UiConfig) -> BuiltinSSLAdapter:
+    """Server TLS from a checked identity (chains to the CA, matches its key, not expired)."""
+    tls = config.tls
+    pki.load_tls_identity(Path(tls.cert), Path(tls.key), Path(tls.ca))
+    adapter = BuiltinSSLAdapter(tls.cert, tls.key)
+    context: ssl.SSLContext = adapter.context
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.auth.client_certs:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=tls.ca)
+    return adapter
+
+
+def build_server(config: UiConfig, app: Any) -> wsgi.Server:
+    """A cheroot server for `app` on config.listen (port 0 picks a free port: see bound_port)."""
+    check_exposure(config)
+    host, port = parse_address(config.listen)
+    server = wsgi.Server((host, port), app, numthreads=config.threads, server_name="amoskys-ui")
+    if config.server_tls:
+        server.ssl_adapter = _tls_adapter(config)
+    return server
+
+
+def bound_port(server: wsgi.Server) -> int:
+    return int(server.bind_addr[1])
+
+
+def serve(config: UiConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then stop the server and the hub client."""
+    check_exposure(config)
+    auth = authenticator(config)
+    with HubClient(config.hub, config.tls, config.hub_server_name, config.hub_timeout_s, config.refresh_s) as hub:
+        server = build_server(config, create_app(hub, auth))
+        server.prepare()
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        thread = threading.Thread(target=server.serve, name="ui-server", daemon=True)
+        thread.start()
+        log.info("ui serving", extra={"listen": config.listen, "port": bound_port(server), "hub": config.hub})
+        stop.wait()
+        server.stop()
+        thread.join(10)
+    log.info("ui stopped")

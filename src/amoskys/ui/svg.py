@@ -1,0 +1,44 @@
+"""Charts drawn on the server as small SVG documents (numbers only; no script, no inline style)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+
+__all__ = ["line_chart", "sparkline"]
+
+
+def _points(values: Sequence[float], width: float, height: float, pad: float) -> str:
+    top = max(values) or 1.0
+    step = (width - 2 * pad) / max(len(values) - 1, 1)
+    return " ".join(
+        f"{pad + i * step:.1f},{height - pad - (v / top) * (height - 2 * pad):.1f}" for i, v in enumerate(values)
+    )
+
+
+def sparkline(values: Sequence[float], label: str, width: int = 120, height: int = 24) -> str:
+    """A tiny trend line; an empty (dashed baseline) chart when there are fewer than two values."""
+    head = (
+        f'<svg class="spark" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">'
+    )
+    if len(values) < 2:
+        line = f'<line x1="1" y1="{height - 2}" x2="{width - 1}" y2="{height - 2}" class="empty"/>'
+        return f"{head}{line}</svg>"
+    return f'{head}<polyline points="{_points(values, width, height, 2)}"/></svg>'
+
+
+def line_chart(values: Sequence[float], label: str, unit: str, width: int = 600, height: int = 120) -> str:
+    """A line chart with its maximum and latest value written on it."""
+    head = (
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">'
+    )
+    frame = f'<rect x="0.5" y="0.5" width="{width - 1}" height="{height - 1}" class="frame"/>'
+    if len(values) < 2:
+        text = f'<text x="8" y="{height // 2}">collecting samples…</text>'
+        return f"{head}{frame}{text}</svg>"
+    top = max(values)
+    legend = f'<text x="8" y="16">max {top:,.0f} {escape(unit)} · now {values[-1]:,.0f} {escape(unit)}</text>'
+    line = f'<polyline points="{_points(values, width, height, 6)}"/>'
+    return f"{head}{frame}{line}{legend}</svg>"
