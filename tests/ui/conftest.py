@@ -12,6 +12,7 @@ import time
 import wsgiref.util
 import wsgiref.validate
 from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,10 +22,12 @@ from wsgiref.headers import Headers
 import pytest
 
 from amoskys import pki
+from amoskys.config import UiConfig
 from amoskys.eventbus.server import create_server
 from amoskys.ui.app import create_app
 from amoskys.ui.auth import Authenticator
 from amoskys.ui.hubclient import HubClient
+from amoskys.ui.server import bound_port, build_server
 from amoskys.v1 import envelope_pb2, events_pb2
 from tests.conftest import TestPki
 from tests.hubfixture import AgentIdentity, LiveHub, hub_config
@@ -193,3 +196,17 @@ def call(app: Any, path: str, headers: dict[str, str] | None = None) -> Response
 
 def authed_app(client: HubClient, password_hash: str) -> Any:
     return create_app(client, Authenticator(password_hash))
+
+
+@contextmanager
+def running(config: UiConfig, app: Any) -> Iterator[int]:
+    """The production server (cheroot) for `app` on config.listen; yields its port."""
+    server = build_server(config, app)
+    server.prepare()
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        yield bound_port(server)
+    finally:
+        server.stop()
+        thread.join(10)

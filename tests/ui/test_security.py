@@ -8,9 +8,6 @@ import io
 import ssl
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +20,8 @@ from amoskys.errors import ConfigError
 from amoskys.ui.app import create_app
 from amoskys.ui.auth import Authenticator, hash_password, verify_password
 from amoskys.ui.hubclient import HubClient
-from amoskys.ui.server import authenticator, bound_port, build_server, check_exposure
-from tests.ui.conftest import Fleet, call
+from amoskys.ui.server import authenticator, check_exposure
+from tests.ui.conftest import Fleet, call, running
 
 PASSWORD = "correct horse battery staple"
 
@@ -105,19 +102,6 @@ def test_cli_hash_password(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
     assert verify_password(PASSWORD, capsys.readouterr().out.strip())
     monkeypatch.setattr(sys, "stdin", io.StringIO("short\n"))
     assert main(["ui", "hash-password", "--stdin"]) == 2
-
-
-@contextmanager
-def running(config: UiConfig, app: Any) -> Iterator[int]:
-    server = build_server(config, app)
-    server.prepare()
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    try:
-        yield bound_port(server)
-    finally:
-        server.stop()
-        thread.join(10)
 
 
 def https_get(port: int, ca: str, path: str = "/", cert: tuple[str, str] | None = None, **headers: str) -> int:

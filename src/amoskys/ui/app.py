@@ -29,7 +29,7 @@ HERE = Path(__file__).parent
 VIEWS = [str(HERE / "views")]  # one list object: Bottle caches compiled templates by its id
 STATIC = str(HERE / "static")
 API = "/api/v1"
-PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+PAGE_SIZE, MAX_PAGE_SIZE, HOST_EVENTS = 50, 500, 25
 TAIL_WAIT_S, TAIL_LIMIT = 0.25, 500
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -83,7 +83,7 @@ class Pages:
         agents = [model.agent_view(a, now_ns) for a in self.hub.snapshot().agents if a.host == name]
         recent, metrics, devices = self.hub.query_many(
             [
-                bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name]), page_size=PAGE_SIZE),
+                bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name]), page_size=HOST_EVENTS),
                 bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name], kinds=["host_metrics"]), page_size=1),
                 bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name], kinds=["device"]), page_size=1000),
             ]

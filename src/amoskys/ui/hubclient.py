@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -84,10 +84,13 @@ class HubClient:
     # ---- calls --------------------------------------------------------------------------------
 
     def query(self, request: bus_pb2.QueryRequest) -> bus_pb2.QueryResponse:
-        return self._run(_wait(self._stub.Query(request, timeout=self.timeout_s)))
+        return self.query_many([request])[0]
 
     def query_many(self, requests: Sequence[bus_pb2.QueryRequest]) -> list[bus_pb2.QueryResponse]:
-        """Several queries at once (a page that needs three answers waits for the slowest only)."""
+        """Several queries at once (a page that needs three answers waits for the slowest only).
+
+        Calls are created inside the coroutine: gRPC aio objects belong to the loop's thread.
+        """
 
         async def gather() -> list[bus_pb2.QueryResponse]:
             calls = [self._stub.Query(r, timeout=self.timeout_s) for r in requests]
@@ -160,7 +163,3 @@ class HubClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-async def _wait(awaitable: Awaitable[T]) -> T:
-    return await awaitable

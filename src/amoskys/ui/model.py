@@ -147,6 +147,7 @@ def fleet(agents: Sequence[bus_pb2.AgentInfo], rates: RateHistory, now_ns: int) 
                 "events_total": sum(a.events_total for a in members),
                 "alerts_total": sum(a.alerts_total for a in members),
                 "last_seen_ns": max(a.last_seen_ns for a in members),
+                "last_heartbeat_ns": max(a.last_heartbeat_ns or a.last_seen_ns for a in members),
                 "rate_eps": rates.rate(host),
             }
         )

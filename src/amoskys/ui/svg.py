@@ -8,11 +8,12 @@ from html import escape
 __all__ = ["line_chart", "sparkline"]
 
 
-def _points(values: Sequence[float], width: float, height: float, pad: float) -> str:
+def _points(values: Sequence[float], width: float, height: float, pad: float, top_pad: float | None = None) -> str:
     top = max(values) or 1.0
+    head = pad if top_pad is None else top_pad
     step = (width - 2 * pad) / max(len(values) - 1, 1)
     return " ".join(
-        f"{pad + i * step:.1f},{height - pad - (v / top) * (height - 2 * pad):.1f}" for i, v in enumerate(values)
+        f"{pad + i * step:.1f},{height - pad - (v / top) * (height - pad - head):.1f}" for i, v in enumerate(values)
     )
 
 
@@ -40,5 +41,5 @@ def line_chart(values: Sequence[float], label: str, unit: str, width: int = 600,
         return f"{head}{frame}{text}</svg>"
     top = max(values)
     legend = f'<text x="8" y="16">max {top:,.0f} {escape(unit)} · now {values[-1]:,.0f} {escape(unit)}</text>'
-    line = f'<polyline points="{_points(values, width, height, 6)}"/>'
+    line = f'<polyline points="{_points(values, width, height, 6, top_pad=26)}"/>'
     return f"{head}{frame}{line}{legend}</svg>"

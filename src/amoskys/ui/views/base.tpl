@@ -8,6 +8,7 @@
 % end
 <title>{{title}} · AMOSKYS</title>
 <link rel="stylesheet" href="/static/style.css">
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
 % if get('script'):
 <script src="/static/{{script}}" defer></script>
 % end

@@ -10,7 +10,7 @@
 <p class="empty">No agent has reported to the hub yet.</p>
 % else:
 <table class="fleet">
-<thead><tr><th>host</th><th>state</th><th>agents</th><th>last seen</th><th>events/s</th><th>events</th><th>alerts</th></tr></thead>
+<thead><tr><th>host</th><th>state</th><th>agents</th><th>last heartbeat</th><th>events/s</th><th>events</th><th>alerts</th></tr></thead>
 <tbody>
 % for h in hosts:
 <tr class="row-{{h['state']}}">
@@ -21,7 +21,7 @@
 <span class="chip {{a['state']}}" title="{{a['agent_id']}}: heartbeat {{a['heard_ago']}} ago, every {{a['heartbeat_interval_s'] or '?'}} s">{{a['kind'] or a['agent_id']}} {{a['state']}}</span>
 % end
 </td>
-<td class="nowrap">{{model.ago((now_ns - h['last_seen_ns']) / 1e9)}} ago</td>
+<td class="nowrap">{{model.ago((now_ns - h['last_heartbeat_ns']) / 1e9)}} ago</td>
 <td class="nowrap">{{!rates.chart(h['host'])}} {{'%.1f' % h['rate_eps'] if h['rate_eps'] is not None else ''}}</td>
 <td class="num">{{'{:,}'.format(h['events_total'])}}</td>
 <td class="num{{' alert' if h['alerts_total'] else ''}}">{{h['alerts_total']}}</td>
