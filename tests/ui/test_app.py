@@ -112,6 +112,16 @@ def test_search_filters(app: Any, query: str, expected: set[str]) -> None:
     assert {e["kind"] for e in events} == expected
 
 
+def test_search_text_is_utf8(seeded: Fleet, app: Any) -> None:
+    summary = "Anmeldung fehlgeschlagen für Jürgen ✓"
+    seeded.publish(
+        "web1-auth", [event("web1", "auth", time.time_ns(), alert=events_pb2.Alert(rule="x", summary=summary))]
+    )
+    found = call(app, f"/api/v1/events?text={quote('JÜRGEN ✓'.lower())}").json()["events"]
+    assert [e["body"]["summary"] for e in found] == [summary]
+    assert f'value="{"jürgen ✓"}"' in call(app, f"/events?text={quote('jürgen ✓')}").body
+
+
 def test_time_range_filter(app: Any) -> None:
     recent = call(app, "/api/v1/events?since=2m&host=old1").json()["events"]
     assert recent == []  # its only heartbeat is 1000 s old

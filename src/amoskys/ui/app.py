@@ -60,6 +60,11 @@ class Hub(Protocol):
     ) -> list[bus_pb2.StoredEvent]: ...
 
 
+def _query() -> dict[str, str]:
+    """The request's query parameters, UTF-8 decoded (Bottle keeps them latin-1 by default)."""
+    return dict(bottle.request.query.decode())
+
+
 def _page_size(params: Any) -> int:
     try:
         size = int(params.get("page_size") or PAGE_SIZE)
@@ -100,7 +105,7 @@ class Pages:
         }
 
     def events(self, params: Any = None, *, kinds: list[str] | None = None) -> dict[str, Any]:
-        params = bottle.request.query if params is None else params
+        params = _query() if params is None else params
         flt, form = model.parse_filter(params)
         if kinds is not None:
             flt.ClearField("kinds")
@@ -123,7 +128,7 @@ class Pages:
         return newest[0].cursor if newest else 0
 
     def tail(self) -> dict[str, Any]:
-        params = bottle.request.query
+        params = _query()
         flt, _form = model.parse_filter(params, default_since="")
         flt.until_ns = 0
         try:
@@ -156,7 +161,7 @@ class Pages:
             "streams": status.streams,
             "inflight": status.inflight,
             "ingest_eps": status.ingest_eps,
-            "ingest_history": [s.status.ingest_eps for s in self.hub.history],
+            "ingest_history": [s.status.ingest_eps for s in list(self.hub.history)],  # copied: the loop appends
             "retries": status.retries,
             "chain_breaks": status.chain_breaks,
             "rejected": dict(sorted(status.rejected.items())),
