@@ -10,7 +10,7 @@ from wsgiref.headers import Headers
 
 import pytest
 
-from amoskys.ui.app import SECURITY_HEADERS
+from amoskys.ui.app import SECURITY_HEADERS, create_app
 from amoskys.ui.hubclient import HubClient
 from amoskys.v1 import events_pb2
 from tests.ui.conftest import HOSTILE_HOST, NEEDLE, Fleet, call, event
@@ -211,8 +211,6 @@ def test_static_files_are_local_and_contained(app: Any) -> None:
 
 
 def test_hub_unreachable_is_503(tmp_path: Any, seeded: Fleet) -> None:
-    from amoskys.ui.app import create_app
-
     tls = seeded.hub.live.consumer_tls("ui")
     with HubClient("127.0.0.1:1", tls, "localhost", timeout_s=2.0, refresh_s=3600) as dead:
         app = create_app(dead)
@@ -221,3 +219,18 @@ def test_hub_unreachable_is_503(tmp_path: Any, seeded: Fleet) -> None:
         assert "127.0.0.1:1" in page.body
         assert_secure(page.headers)
         assert call(app, "/api/v1/events").status == 503
+
+
+def test_fleet_is_built_once_per_sample_and_after_each(seeded: Fleet, app: Any) -> None:
+    assert call(app, "/").body == call(app, "/").body  # one sample, one page (even as time moves)
+    assert call(app, "/api/v1/fleet").body == call(app, "/api/v1/fleet").body
+    with seeded.hub.client(timeout_s=5.0, refresh_s=0.1) as sampling:
+        samples: list[Any] = []
+        sampling.listeners.append(samples.append)
+        fresh = create_app(sampling)  # registers its fleet view as a listener too
+        deadline = time.monotonic() + 10
+        while len(samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(samples) >= 3
+        assert len(sampling.listeners) == 2
+        assert "db1" in call(fresh, "/").body

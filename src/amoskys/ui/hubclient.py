@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,7 +28,9 @@ from amoskys.v1 import bus_pb2, bus_pb2_grpc
 __all__ = ["HubClient", "HubError", "Snapshot"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 HISTORY = 60  # samples kept for the rate charts
+SLOW_HINT = " (a text search scans every event in its time range: narrow the range, or add a host or kind)"
 
 
 class HubError(AmoskysError):
@@ -58,6 +61,7 @@ class HubClient:
         self.refresh_s = refresh_s
         self.history: deque[Snapshot] = deque(maxlen=HISTORY)
         self.rates = RateHistory(HISTORY)
+        self.listeners: list[Callable[[Snapshot], object]] = []  # run in a worker thread after each sample
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ui-hub", daemon=True)
         self._thread.start()
@@ -77,9 +81,10 @@ class HubClient:
             return future.result(self.timeout_s)
         except TimeoutError as exc:
             future.cancel()
-            raise HubError(f"hub {self.address}: no answer within {self.timeout_s} s") from exc
+            raise HubError(f"hub {self.address}: no answer within {self.timeout_s} s{SLOW_HINT}") from exc
         except grpc.aio.AioRpcError as exc:
-            raise HubError(f"hub {self.address}: {exc.code().name}: {exc.details()}", exc.code()) from exc
+            hint = SLOW_HINT if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ""
+            raise HubError(f"hub {self.address}: {exc.code().name}: {exc.details()}{hint}", exc.code()) from exc
 
     # ---- calls --------------------------------------------------------------------------------
 
@@ -138,9 +143,20 @@ class HubClient:
 
     async def _sample_forever(self) -> None:
         while True:
-            with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
-                await self._sample()
+            try:
+                sample = await self._sample()
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                log.warning("hub sample failed", extra={"hub": self.address, "error": str(exc)})
+            else:
+                await self._notify(sample)
             await asyncio.sleep(self.refresh_s)
+
+    async def _notify(self, sample: Snapshot) -> None:
+        for listener in self.listeners:
+            try:
+                await asyncio.to_thread(listener, sample)
+            except Exception:  # a view that fails to build must not stop the sampling
+                log.exception("sample listener failed")
 
     async def _shutdown(self) -> None:
         self._sampler.cancel()

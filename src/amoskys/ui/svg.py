@@ -13,7 +13,7 @@ def _points(values: Sequence[float], width: float, height: float, pad: float, to
     head = pad if top_pad is None else top_pad
     step = (width - 2 * pad) / max(len(values) - 1, 1)
     return " ".join(
-        f"{pad + i * step:.1f},{height - pad - (v / top) * (height - pad - head):.1f}" for i, v in enumerate(values)
+        f"{pad + i * step:.0f},{height - pad - (v / top) * (height - pad - head):.1f}" for i, v in enumerate(values)
     )
 
 
