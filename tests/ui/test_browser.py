@@ -23,10 +23,10 @@ pytestmark = pytest.mark.skipif(chromium_binary() is None, reason="needs Debian'
 def ui_url(seeded: Fleet) -> Iterator[str]:
     """The UI served by cheroot on 127.0.0.1:0, sampling the hub twice a second (rate charts fill up)."""
     with seeded.hub.client(timeout_s=5.0, refresh_s=0.5) as client:
-        for _ in range(4):  # some traffic between samples, so the event-rate charts have a shape
+        for count in (10, 60, 25, 45, 5):  # varying traffic between samples: the rate charts get a shape
             now = time.time_ns()
-            seeded.publish("web1-proc", [heartbeat("web1", "proc", now), *traffic("web1", now, 40)])
-            seeded.publish("gw1-scanner", [heartbeat("gw1", "scanner", now), *traffic("gw1", now, 10)])
+            seeded.publish("web1-proc", [heartbeat("web1", "proc", now), *traffic("web1", now, count)])
+            seeded.publish("gw1-scanner", [heartbeat("gw1", "scanner", now), *traffic("gw1", now, 70 - count)])
             time.sleep(0.6)
         with running(UiConfig(listen="127.0.0.1:0"), create_app(client)) as port:
             yield f"http://127.0.0.1:{port}"

@@ -26,7 +26,9 @@ def sparkline(values: Sequence[float], label: str, width: int = 120, height: int
     if len(values) < 2:
         line = f'<line x1="1" y1="{height - 2}" x2="{width - 1}" y2="{height - 2}" class="empty"/>'
         return f"{head}{line}</svg>"
-    return f'{head}<polyline points="{_points(values, width, height, 2)}"/></svg>'
+    points = _points(values, width, height, 2)
+    area = f'<polygon class="area" points="2,{height - 2} {points} {width - 2},{height - 2}"/>'
+    return f'{head}{area}<polyline points="{points}"/></svg>'
 
 
 def line_chart(values: Sequence[float], label: str, unit: str, width: int = 600, height: int = 120) -> str:
