@@ -10,6 +10,7 @@ Environment overrides use `__` between levels: `AMOSKYS_STORE__RETENTION_DAYS=7`
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -176,9 +177,33 @@ class FlowConfig(Section, frozen=True):
     max_flows: Positive = 100_000
 
 
+def _ipv4_network(cidr: str) -> ipaddress.IPv4Network:
+    """An IPv4 network written without host bits, e.g. 192.168.1.0/24 (ValueError naming the fix)."""
+    try:
+        network = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise ValueError(f"cidr: {cidr!r} is not an IPv4 network such as 192.168.1.0/24") from None
+    if not isinstance(network, ipaddress.IPv4Network):
+        raise ValueError(f"cidr: {cidr!r} is IPv6; only IPv4 subnets can be swept")
+    if str(network) != cidr:
+        raise ValueError(f"cidr: {cidr!r} has host bits set; did you mean {str(network)!r}?")
+    return network
+
+
 class ScanTarget(Section, frozen=True):
     interface: str
     cidr: str
+    icmp: bool = False  # a routed subnet: ICMP echo instead of ARP (finds addresses, not MACs)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[^/:\s]{1,15}", self.interface):
+            raise ValueError(f"interface: {self.interface!r} is not a Linux interface name (1-15 characters, "
+                             "no '/', ':' or spaces)")  # fmt: skip
+        _ipv4_network(self.cidr)
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.cidr)
 
 
 class ScannerConfig(Section, frozen=True):
@@ -186,9 +211,22 @@ class ScannerConfig(Section, frozen=True):
     interval_s: Seconds = 300.0
     max_prefix: Annotated[int, msgspec.Meta(ge=0, le=32)] = 22
     allow_large: bool = False
-    rate_pps: Positive = 100
+    rate_pps: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    reply_timeout_s: Seconds = 1.0  # how long replies are awaited after a target's last probe
     gone_after_sweeps: Positive = 3
-    oui_file: str = "/usr/share/ieee-data/oui.txt"
+    oui_file: str = "/usr/share/ieee-data/oui.txt"  # "": no vendor names
+
+    def __post_init__(self) -> None:
+        for index, target in enumerate(self.targets):
+            network, name = target.network, f"target {index} ({target.interface} {target.cidr})"
+            if network.prefixlen < self.max_prefix and not self.allow_large:
+                raise ValueError(
+                    f"targets: {name} is larger than max_prefix /{self.max_prefix} ({network.num_addresses} "
+                    "addresses); set allow_large: true to sweep it anyway"
+                )
+            for other in self.targets[:index]:
+                if other.interface == target.interface and other.network.overlaps(network):
+                    raise ValueError(f"targets: {name} overlaps {other.cidr} on the same interface")
 
 
 class SnmpTarget(Section, frozen=True):
