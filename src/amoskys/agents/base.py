@@ -12,10 +12,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["Agent", "new_event_id"]
 
@@ -67,6 +70,9 @@ class Agent(ABC):
 
     def restore(self, state: dict[str, str]) -> None:  # noqa: B027 - optional hook
         """Take back the position saved by `checkpoint` (called once, before `collect`)."""
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:  # noqa: B027 - optional hook
+        """Declare the agent's own metrics (`amoskys_agent_KIND_*`) in the runtime's registry."""
 
     def reload(self, config: AgentConfig) -> None:
         """SIGHUP: take the settings that can change without a restart (default: the whole config)."""

@@ -48,6 +48,7 @@ class AgentRuntime:
         self.outbox = Outbox(state_dir / "outbox.db", self.config.outbox, self.agent_id, signing_key)
         self.metrics = AgentMetrics(kind)
         self.agent: Agent = load_agent_class(kind)(self.config, state_dir)
+        self.agent.register_metrics(self.metrics.registry)
         self.agent.restore(self.outbox.state())
         self.started_ns = time.time_ns()
         self.buffer: list[bytes] = []
