@@ -16,7 +16,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import msgspec
 import yaml
@@ -32,6 +32,8 @@ __all__ = [
     "ProcConfig",
     "ScannerConfig",
     "SnmpConfig",
+    "SnmpTarget",
+    "SnmpUser",
     "UiConfig",
     "load_config",
     "parse_address",
@@ -229,35 +231,75 @@ class ScannerConfig(Section, frozen=True):
                     raise ValueError(f"targets: {name} overlaps {other.cidr} on the same interface")
 
 
+SnmpAuthProtocol = Literal["SHA", "SHA256", "SHA512"]
+SnmpPrivProtocol = Literal["AES", "AES256"]
+USM_MIN_KEY = 8  # RFC 3414: passphrases shorter than 8 characters are refused
+
+
+def _check_usm(user: str, auth_key: str, priv_key: str) -> None:
+    """SNMPv3 is authPriv only: a user and both passphrases, each long enough (never echoed)."""
+    missing = [key for key, value in (("user", user), ("auth_key", auth_key), ("priv_key", priv_key)) if not value]
+    if missing:
+        raise ValueError(f"{missing[0]}: version 3 needs user, auth_key and priv_key (authPriv)")
+    for key, value in (("auth_key", auth_key), ("priv_key", priv_key)):
+        if len(value) < USM_MIN_KEY:
+            raise ValueError(f"{key}: must be at least {USM_MIN_KEY} characters (RFC 3414), got {len(value)}")
+
+
 class SnmpTarget(Section, frozen=True):
-    name: str
-    address: str
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    address: Annotated[str, msgspec.Meta(min_length=1)]  # IPv4, IPv6 or a host name
     port: Port = 161
-    version: Literal["2c", "3"] = "2c"
+    version: Literal["2c", 3] = "2c"
     community: str = ""
     user: str = ""
-    auth_protocol: Literal["SHA", "SHA256", "SHA512"] = "SHA"
+    auth_protocol: SnmpAuthProtocol = "SHA"
     auth_key: str = ""
-    priv_protocol: Literal["AES", "AES256"] = "AES"
+    priv_protocol: SnmpPrivProtocol = "AES"
     priv_key: str = ""
     timeout_s: Seconds = 2.0
     retries: NonNegative = 1
 
     def __post_init__(self) -> None:
         if self.version == "2c" and not self.community:
-            raise ValueError(f"target {self.name}: version 2c needs a community")
-        if self.version == "3" and not (self.user and self.auth_key and self.priv_key):
-            raise ValueError(f"target {self.name}: version 3 needs user, auth_key and priv_key (authPriv)")
+            raise ValueError("community: version 2c needs a community")
+        if self.version == 3:
+            _check_usm(self.user, self.auth_key, self.priv_key)
+
+
+class SnmpUser(Section, frozen=True):
+    """An SNMPv3 user (authPriv) whose traps and informs the receiver accepts."""
+
+    user: Annotated[str, msgspec.Meta(min_length=1)]
+    engine_id: str = ""  # the sender's snmpEngineID in hex: needed for traps, not for informs
+    auth_protocol: SnmpAuthProtocol = "SHA"
+    auth_key: str = ""
+    priv_protocol: SnmpPrivProtocol = "AES"
+    priv_key: str = ""
+
+    def __post_init__(self) -> None:
+        _check_usm(self.user, self.auth_key, self.priv_key)
+        if self.engine_id and not re.fullmatch(r"(0x)?([0-9A-Fa-f]{2}){5,32}", self.engine_id):
+            raise ValueError(
+                f"engine_id: expected 5 to 32 bytes in hex (e.g. 0x8000000001020304), got {self.engine_id!r}"
+            )
 
 
 class SnmpConfig(Section, frozen=True):
     targets: list[SnmpTarget] = msgspec.field(default_factory=list)
     interval_s: Seconds = 60.0
-    trap_listen: str = ""
-    trap_communities: list[str] = msgspec.field(default_factory=list)
+    trap_listen: str = ""  # host:port, e.g. 0.0.0.0:162; empty: no trap receiver
+    trap_communities: list[Annotated[str, msgspec.Meta(min_length=1)]] = msgspec.field(default_factory=list)
+    trap_users: list[SnmpUser] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_address(self.trap_listen, "trap_listen", allow_empty=True)
+        if self.trap_listen and not (self.trap_communities or self.trap_users):
+            raise ValueError("trap_listen: the trap receiver needs trap_communities and/or trap_users")
+        names = [target.name for target in self.targets]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"targets: target name {name!r} is used twice")
 
 
 class AgentConfig(Section, frozen=True):
@@ -350,6 +392,8 @@ def _type_at(schema: type[Section], path: list[str]) -> Any:
         if not (isinstance(current, type) and issubclass(current, msgspec.Struct)):
             return None
         current = {f.name: f.type for f in msgspec.structs.fields(current)}.get(part)
+        if get_origin(current) is list:  # a list of sections (e.g. snmp.targets): follow its items
+            current = get_args(current)[0]
     return current
 
 
@@ -436,7 +480,7 @@ def dump_config(config: Section) -> str:
     return yaml.safe_dump(mask_secrets(data), sort_keys=False)
 
 
-SECRET_KEYS = re.compile(r"(password|passwd|secret|token|community|auth_key|priv_key|_hash)$", re.I)
+SECRET_KEYS = re.compile(r"(password|passwd|secret|token|community|communities|auth_key|priv_key|_hash)$", re.I)
 
 
 def mask_secrets(value: Any) -> Any:
