@@ -4,6 +4,10 @@ OK forgets the envelope; RETRY waits the hub's backoff (jittered) and resends fr
 unacknowledged envelope on a new stream; INVALID dead-letters that envelope and restarts the
 chain; a broken connection reconnects with jittered exponential backoff and resends whatever
 is unacknowledged (the hub acks exact resends without storing them twice).
+
+Agents speak gRPC through grpclib (pure Python, on the standard `ssl` module) rather than grpcio:
+an agent needs one client stream, and grpcio's core costs ~23 MB of resident memory in every
+agent process. The hub, the UI and the CLI keep grpcio.
 """
 
 from __future__ import annotations
@@ -12,23 +16,64 @@ import asyncio
 import collections
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import grpc
+from grpclib.client import Channel, Stream
+from grpclib.config import Configuration
+from grpclib.const import Cardinality
+from grpclib.encoding.base import CodecBase
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from amoskys import pki
 from amoskys.agents.metrics import AgentMetrics
 from amoskys.agents.outbox import Outbox, SealedEnvelope
-from amoskys.client import hub_channel
-from amoskys.config import AgentConfig
+from amoskys.config import AgentConfig, TlsConfig, parse_address
 from amoskys.v1 import envelope_pb2
 
-__all__ = ["Backoff", "Publisher", "wait_event"]
+__all__ = ["Backoff", "Publisher", "agent_channel", "client_tls_context", "wait_event"]
 
 log = logging.getLogger(__name__)
 Status = envelope_pb2.PublishAck.Status
 METHOD = "/amoskys.v1.EventBus/PublishStream"
+PublishStream = Stream[bytes, envelope_pb2.PublishAck]
+Inflight = collections.deque[tuple[SealedEnvelope, float]]
+
+
+class SealedCodec(CodecBase):
+    """Envelopes leave the outbox already serialized (and signed): send the bytes as they are."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return bytes(message)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return message_type.FromString(data)
+
+
+def client_tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """mTLS client context from a checked identity (refuses unsafe, mismatched or expired material)."""
+    identity = pki.load_tls_identity(Path(tls.cert), Path(tls.key), Path(tls.ca))
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=identity.ca_pem.decode())
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def agent_channel(address: str, tls: TlsConfig, server_name: str = "") -> Channel:
+    """A channel to the hub; `server_name` overrides the name checked against the hub's certificate."""
+    host, port = parse_address(address)
+    # Keepalive as in the grpcio clients: a hub that stops answering is noticed within 40 s.
+    config = Configuration(
+        _keepalive_time=30.0, _keepalive_timeout=10.0, _keepalive_permit_without_calls=True,
+        _http2_max_pings_without_data=0, ssl_target_name_override=server_name or None,
+    )  # fmt: skip
+    return Channel(host, port, ssl=client_tls_context(tls), codec=SealedCodec(), config=config)
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -60,6 +105,23 @@ def hinted(backoff_ms: int) -> float:
     return backoff_ms / 1000 * random.uniform(0.5, 1.5)  # noqa: S311 - jitter
 
 
+class EndSession(Exception):
+    """Leave the current stream (it is reset on the way out) and open a new one after `pause` seconds."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__(pause)
+        self.pause = pause
+
+
+def failure_code(exc: BaseException) -> str:
+    """A metric label for a failed session: the gRPC status, or UNAVAILABLE for transport errors."""
+    if isinstance(exc, GRPCError):
+        return exc.status.name
+    if isinstance(exc, TimeoutError):
+        return "DEADLINE_EXCEEDED"
+    return "UNAVAILABLE"
+
+
 class Publisher:
     def __init__(
         self, outbox: Outbox, config: AgentConfig, metrics: AgentMetrics, wake: asyncio.Event,
@@ -77,48 +139,51 @@ class Publisher:
         """Publish forever: one stream per session, reconnecting as needed."""
         while True:
             try:
-                async with hub_channel(self.config.hub, self.config.tls, self.config.hub_server_name) as channel:
-                    call: Any = channel.stream_stream(METHOD, None, envelope_pb2.PublishAck.FromString)()
-                    pause = await self._session(call)
-            except grpc.aio.AioRpcError as exc:
+                async with agent_channel(self.config.hub, self.config.tls, self.config.hub_server_name) as channel:
+                    request = channel.request(METHOD, Cardinality.STREAM_STREAM, bytes, envelope_pb2.PublishAck)
+                    async with request as stream:  # leaving it with an exception resets the stream
+                        await self._session(stream)
+            except EndSession as end:
+                pause = end.pause
+            except (GRPCError, StreamTerminatedError, OSError) as exc:  # OSError includes TimeoutError
                 self._set_connected(False)
-                self.metrics.publish_errors.labels(exc.code().name).inc()
+                code = failure_code(exc)
+                self.metrics.publish_errors.labels(code).inc()
                 pause = self.backoff.next()
-                log.warning("hub unreachable; retrying", extra={"code": exc.code().name, "retry_in_s": round(pause, 2)})
+                log.warning("hub unreachable; retrying", extra={"code": code, "retry_in_s": round(pause, 2)})
             await asyncio.sleep(pause)
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
         self.metrics.connected.set(1 if value else 0)
 
-    async def _session(self, call: Any) -> float:
-        """Send and track acks until something needs a new stream; return the pause before it."""
-        inflight: collections.deque[tuple[SealedEnvelope, float]] = collections.deque()
+    async def _session(self, stream: PublishStream) -> None:
+        """Send and track acks until something needs a new stream (raises EndSession with the pause)."""
+        inflight: Inflight = collections.deque()
         last_sent = 0
-        try:
-            while True:
-                last_sent = await self._fill(call, inflight, last_sent)
-                if not inflight:
-                    self.wake.clear()
-                    await wait_event(self.wake, 1.0)
-                    continue
-                ack = await call.read()
-                if ack is grpc.aio.EOF:
-                    return self.backoff.next()
-                self._set_connected(True)
-                sent, started = inflight.popleft()
-                pause = self._on_ack(sent, ack, time.perf_counter() - started)
-                if pause is not None:
-                    return pause
-        finally:
-            call.cancel()
+        await stream.send_request()
+        while True:
+            last_sent = await self._fill(stream, inflight, last_sent)
+            if not inflight:
+                self.wake.clear()
+                await wait_event(self.wake, 1.0)
+                continue
+            ack = await stream.recv_message()
+            if ack is None:  # the hub ended the stream: its status says why
+                await stream.recv_trailing_metadata()
+                raise EndSession(self.backoff.next())
+            self._set_connected(True)
+            sent, started = inflight.popleft()
+            pause = self._on_ack(sent, ack, time.perf_counter() - started)
+            if pause is not None:
+                raise EndSession(pause)
 
-    async def _fill(self, call: Any, inflight: collections.deque[tuple[SealedEnvelope, float]], last: int) -> int:
+    async def _fill(self, stream: PublishStream, inflight: Inflight, last: int) -> int:
         room = self.config.batch.max_inflight - len(inflight)
         if room <= 0:
             return last
         for envelope in self.outbox.unacked(after_seq=last, limit=room):
-            await call.write(envelope.raw)
+            await stream.send_message(envelope.raw)
             inflight.append((envelope, time.perf_counter()))
             last = envelope.seq
         return last
