@@ -10,36 +10,63 @@ from pathlib import Path
 import pytest
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
+OPTIONAL = SYSTEMD / "optional"  # drop-ins the deployment adds only when configured
 # The brief's ceilings: 2.0 for hub, UI, proc, host, auth, snmp; 4.5 for flow and scanner.
-THRESHOLDS = {"amoskys-eventbus.service": 2.0, "amoskys-agent@proc.service": 2.0,
-              "amoskys-agent@host.service": 2.0, "amoskys-agent@auth.service": 2.0}  # fmt: skip
+THRESHOLDS = {
+    "amoskys-eventbus.service": 2.0, "amoskys-ui.service": 2.0, "amoskys-agent@proc.service": 2.0,
+    "amoskys-agent@host.service": 2.0, "amoskys-agent@auth.service": 2.0, "amoskys-agent@snmp.service": 2.0,
+    "amoskys-agent@flow.service": 4.5, "amoskys-agent@scanner.service": 4.5,
+}  # fmt: skip
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 
 
-def instantiate(unit: str, into: Path) -> Path:
-    """A template instance with its drop-ins, laid out as systemd would find them."""
-    if "@" not in unit or unit.endswith("@.service"):
-        shutil.copy(SYSTEMD / unit, into / unit)
-        return into / unit
+def instantiate(unit: str, into: Path, *, optional: bool = False) -> Path:
+    """A unit (or template instance) with its drop-ins, laid out as systemd would find them."""
     template = re.sub(r"@[^.]+\.service$", "@.service", unit)
     shutil.copy(SYSTEMD / template, into / unit)
-    dropins = SYSTEMD / f"{unit}.d"
-    if dropins.is_dir():
-        shutil.copytree(dropins, into / f"{unit}.d")
+    for source in (SYSTEMD, OPTIONAL) if optional else (SYSTEMD,):
+        dropins = source / f"{unit}.d"
+        if dropins.is_dir():
+            shutil.copytree(dropins, into / f"{unit}.d", dirs_exist_ok=True)
     return into / unit
+
+
+def exposure(unit: str, directory: Path) -> float:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", unit], cwd=directory, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    return float(match.group(1))
 
 
 @pytest.mark.parametrize(("unit", "ceiling"), sorted(THRESHOLDS.items()))
 def test_exposure_within_threshold(unit: str, ceiling: float, tmp_path: Path) -> None:
     instantiate(unit, tmp_path)
-    result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", unit], cwd=tmp_path, capture_output=True, text=True,
-        check=False,
-    )  # fmt: skip
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
-    assert match, result.stdout + result.stderr
-    assert float(match.group(1)) <= ceiling, result.stdout
+    assert exposure(unit, tmp_path) <= ceiling
+
+
+@pytest.mark.parametrize("unit", sorted(p.name.removesuffix(".d") for p in OPTIONAL.glob("*.service.d")))
+def test_optional_dropins_stay_within_threshold(unit: str, tmp_path: Path) -> None:
+    instantiate(unit, tmp_path, optional=True)
+    assert exposure(unit, tmp_path) <= THRESHOLDS[unit]
+
+
+def test_optional_dropin_grants_only_binding_privileged_ports() -> None:
+    """The snmp trap drop-in adds exactly CAP_NET_BIND_SERVICE."""
+    text = (OPTIONAL / "amoskys-agent@snmp.service.d" / "20-trap-port-below-1024.conf").read_text()
+    granted = re.findall(r"^(?:CapabilityBoundingSet|AmbientCapabilities)=(.*)$", text, re.M)
+    assert granted == ["CAP_NET_BIND_SERVICE", "CAP_NET_BIND_SERVICE"]
+
+
+def test_network_sensors_get_raw_packets_and_nothing_else() -> None:
+    for kind in ("flow", "scanner"):
+        text = "".join(p.read_text() for p in (SYSTEMD / f"amoskys-agent@{kind}.service.d").glob("*.conf"))
+        assert re.findall(r"^AmbientCapabilities=(.*)$", text, re.M) == ["CAP_NET_RAW"], kind
+        assert re.findall(r"^CapabilityBoundingSet=(.*)$", text, re.M) == ["CAP_NET_RAW"], kind
+        assert "AF_PACKET" in text, kind
 
 
 def test_every_unit_is_measured() -> None:
