@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,20 @@ async def test_dropped_events_are_reported_to_the_hub(live_hub: LiveHub, tmp_pat
         await stop(runtime, task)
     (alert,) = [a for a in alerts if a.event.alert.rule == "agent.dropped"]
     assert int(alert.event.alert.details["dropped"]) >= dropped  # heartbeats keep overflowing the tiny outbox
+
+
+def test_agents_do_not_load_grpcio() -> None:
+    """Agents publish through grpclib; grpcio's core (~23 MB resident) stays out of every agent process."""
+    from amoskys.agents import AGENTS
+
+    probe = (
+        "import sys\n"
+        "from amoskys.cli import build_parser\n"
+        "from amoskys.agents import load_agent_class\n"
+        "import amoskys.agents.runtime\n"
+        "build_parser()\n"
+        f"for kind in {sorted(AGENTS)!r}: load_agent_class(kind)\n"
+        "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

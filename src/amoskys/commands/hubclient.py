@@ -1,18 +1,21 @@
-"""Command-line options shared by commands that talk to the hub as a consumer."""
+"""Command-line options shared by commands that talk to the hub as a consumer.
+
+gRPC is imported when a call is made, not when the CLI is built: `amoskys agent` shares the
+parser and must not carry grpcio's memory.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import grpc
-
-from amoskys.client import hub_channel, hub_stub
 from amoskys.config import TlsConfig
 from amoskys.errors import AmoskysError
-from amoskys.v1 import bus_pb2_grpc
+
+if TYPE_CHECKING:
+    from amoskys.v1 import bus_pb2_grpc
 
 __all__ = ["add_hub_arguments", "call_hub"]
 
@@ -31,6 +34,9 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
 
 def call_hub(args: argparse.Namespace, call: Callable[[bus_pb2_grpc.EventBusAsyncStub], Awaitable[T]]) -> T:
     """Run one consumer call against the hub; gRPC failures become AmoskysError."""
+    import grpc
+
+    from amoskys.client import hub_channel, hub_stub
 
     async def main() -> T:
         tls = TlsConfig(ca=args.ca, cert=args.cert, key=args.key)

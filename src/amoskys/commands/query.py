@@ -6,13 +6,17 @@ import argparse
 import json
 import re
 import time
+from typing import TYPE_CHECKING
 
 from google.protobuf.json_format import MessageToDict
 
 from amoskys.commands import Subparsers
 from amoskys.commands.hubclient import add_hub_arguments, call_hub
 from amoskys.errors import AmoskysError
-from amoskys.v1 import bus_pb2, bus_pb2_grpc, events_pb2
+from amoskys.v1 import bus_pb2, events_pb2
+
+if TYPE_CHECKING:
+    from amoskys.v1 import bus_pb2_grpc
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

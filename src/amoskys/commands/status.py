@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import TYPE_CHECKING
 
 from google.protobuf.json_format import MessageToDict
 
 from amoskys.commands import Subparsers
 from amoskys.commands.hubclient import add_hub_arguments, call_hub
-from amoskys.v1 import bus_pb2, bus_pb2_grpc
+from amoskys.v1 import bus_pb2
+
+if TYPE_CHECKING:
+    from amoskys.v1 import bus_pb2_grpc
 
 LATE_FACTOR = 2.5  # missed heartbeats before an agent is late; 5x: down
 

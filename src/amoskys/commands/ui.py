@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, UiConfig)
     setup_logging(config.logging)
-    serve(config)
+    serve(config, args.config)
     return 0
 
 
