@@ -18,14 +18,15 @@ from typing import Any
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
-from amoskys import pki
-from amoskys.config import UiConfig, parse_address
-from amoskys.errors import ConfigError
+from amoskys import pki, systemd
+from amoskys.config import UiConfig, load_config, parse_address
+from amoskys.errors import AmoskysError, ConfigError
+from amoskys.logs import setup_logging
 from amoskys.ui.app import create_app
 from amoskys.ui.auth import Authenticator
 from amoskys.ui.hubclient import HubClient
 
-__all__ = ["authenticator", "build_server", "check_exposure", "is_loopback", "serve"]
+__all__ = ["authenticator", "build_server", "check_exposure", "is_loopback", "reload", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,36 @@ def bound_port(server: wsgi.Server) -> int:
     return int(server.bind_addr[1])
 
 
-def serve(config: UiConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then stop the server and the hub client."""
+def reload(config_path: Path | None, server: wsgi.Server) -> None:
+    """SIGHUP: the logging level and the served TLS certificate (e.g. after a rotation).
+
+    The hub connection and the listen address keep their start-up values (a restart changes them).
+    """
+    systemd.reloading()
+    try:
+        fresh = load_config(config_path, UiConfig)
+        setup_logging(fresh.logging)
+        if server.ssl_adapter is not None:
+            tls = fresh.tls
+            pki.load_tls_identity(Path(tls.cert), Path(tls.key), Path(tls.ca))
+            server.ssl_adapter.context.load_cert_chain(tls.cert, tls.key)
+    except AmoskysError as exc:
+        log.error("reload failed; keeping the running config", extra={"error": str(exc)})
+    else:
+        log.info("config reloaded")
+    systemd.notify("READY=1")
+
+
+def _wait_for_stop(stop: threading.Event, server_thread: threading.Thread) -> None:
+    """Block until asked to stop; meanwhile ping systemd's watchdog while the server thread lives."""
+    interval = systemd.watchdog_interval()
+    while not stop.wait(interval):
+        if server_thread.is_alive():
+            systemd.notify("WATCHDOG=1")
+
+
+def serve(config: UiConfig, config_path: Path | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop the server and the hub client; SIGHUP reloads."""
     check_exposure(config)
     auth = authenticator(config)
     with HubClient(config.hub, config.tls, config.hub_server_name, config.hub_timeout_s, config.refresh_s) as hub:
@@ -102,10 +131,13 @@ def serve(config: UiConfig) -> None:
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: reload(config_path, server))
         thread = threading.Thread(target=server.serve, name="ui-server", daemon=True)
         thread.start()
+        systemd.notify("READY=1", f"STATUS=serving on port {bound_port(server)}")
         log.info("ui serving", extra={"listen": config.listen, "port": bound_port(server), "hub": config.hub})
-        stop.wait()
+        _wait_for_stop(stop, thread)
+        systemd.notify("STOPPING=1")
         server.stop()
         thread.join(10)
     log.info("ui stopped")
