@@ -13,6 +13,7 @@ AGENTS: dict[str, str] = {
     "auth": "amoskys.agents.auth:AuthAgent",
     "host": "amoskys.agents.host:HostAgent",
     "proc": "amoskys.agents.proc:ProcAgent",
+    "snmp": "amoskys.agents.snmp:SnmpAgent",
 }
 
 
