@@ -12,8 +12,9 @@ mirror=${mirror:-http://deb.debian.org/debian}
 command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null || {
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap systemd-container; }
 # python3-venv: the amoskys venv under /opt/amoskys; prometheus: the "existing Prometheus" the prometheus
-# role integrates with; snmpd: a real SNMP device (127.0.0.1) for the snmp agent; procps/iproute2: ps, ss.
-packages=systemd,systemd-sysv,dbus,python3,python3-venv,python3-apt,sudo,iproute2,procps,openssh-server,prometheus,snmpd
+# role integrates with; snmpd: a real SNMP device (127.0.0.1) for the snmp agent; ieee-data: the scanner's
+# MAC vendor names; procps/iproute2: ps, ss.
+packages=systemd,systemd-sysv,dbus,python3,python3-venv,python3-apt,sudo,iproute2,procps,openssh-server,prometheus,snmpd,ieee-data
 rm -rf "$dest.tmp"; mkdir -p "$(dirname "$dest")"
 debootstrap --variant=minbase --include="$packages" bookworm "$dest.tmp" "$mirror"
 rm -f "$dest.tmp/etc/hostname"                               # each machine takes its --machine name
