@@ -14,6 +14,7 @@ AGENTS: dict[str, str] = {
     "host": "amoskys.agents.host:HostAgent",
     "proc": "amoskys.agents.proc:ProcAgent",
     "snmp": "amoskys.agents.snmp:SnmpAgent",
+    "scanner": "amoskys.agents.scanner:ScannerAgent",
 }
 
 
