@@ -1,0 +1,464 @@
+"""The snmp agent against Debian's snmpd and net-snmp's snmpget/snmptrap on loopback, and through a live hub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from amoskys.agents.runtime import AgentRuntime
+from amoskys.agents.snmp import COLUMNS, SYSTEM, SnmpAgent, TargetPoller, build_result, counter_delta
+from amoskys.config import AgentConfig, load_config
+from amoskys.errors import ConfigError
+from amoskys.v1 import bus_pb2, events_pb2
+from tests.agents.conftest import agent_config
+from tests.hubfixture import LiveHub
+from tests.snmpd import COMMUNITY, SYS_DESCR, SYS_NAME, V3_USERS, Snmpd, run_snmpd
+
+Kind = events_pb2.SnmpEvent.Kind
+V3_USER, V3_USER_256 = "amxuser", "amx256"
+_, V3_AUTH, _, V3_PRIV = V3_USERS[V3_USER]
+_, V3_AUTH_256, _, V3_PRIV_256 = V3_USERS[V3_USER_256]
+TRAP_COMMUNITY = "amx-trap-51c0"
+TRAP_ENGINE = "0x8000000001020304"
+LINK_DOWN = "1.3.6.1.6.3.1.1.5.3"
+
+
+SYSTEM_OID = {name: ".".join(map(str, oid)) for name, oid in SYSTEM.items()}
+
+
+@pytest.fixture(scope="module")
+def snmpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snmpd]:
+    with run_snmpd(tmp_path_factory.mktemp("snmpd")) as running:
+        yield running
+
+
+def make_agent(tmp_path: Path, **snmp: Any) -> SnmpAgent:
+    config = msgspec.convert({"host": "testhost", "state_dir": str(tmp_path), "snmp": snmp}, AgentConfig)
+    return SnmpAgent(config, tmp_path)
+
+
+def target(snmpd: Snmpd, name: str = "dev", **fields: Any) -> dict[str, Any]:
+    defaults: dict[str, Any] = {"name": name, "address": "127.0.0.1", "port": snmpd.port, "timeout_s": 1, "retries": 0}
+    return defaults | ({"community": COMMUNITY} if fields.get("version") != 3 else {}) | fields
+
+
+def v3_target(snmpd: Snmpd, name: str = "dev3", **fields: Any) -> dict[str, Any]:
+    return target(snmpd, name, version=3, user=V3_USER, auth_key=V3_AUTH, priv_key=V3_PRIV) | fields
+
+
+async def poll(agent: SnmpAgent, index: int = 0) -> list[events_pb2.Event]:
+    return await agent.poll_once(poller(agent, index))
+
+
+def poller(agent: SnmpAgent, index: int = 0) -> TargetPoller:
+    from pysnmp.hlapi.v3arch.asyncio import SnmpEngine
+
+    cached: TargetPoller | None = getattr(agent, "_test_poller", None)
+    if cached is None or cached.target is not agent.config.snmp.targets[index]:
+        cached = TargetPoller(agent.config.snmp.targets[index], SnmpEngine(), agent.secrets)
+        agent._test_poller = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def interface(event: events_pb2.Event, name: str) -> events_pb2.InterfaceStats:
+    (found,) = [i for i in event.snmp.interfaces if i.name == name]
+    return found
+
+
+def counter(agent: SnmpAgent, name: str, **labels: str) -> float:
+    registry = CollectorRegistry()
+    agent.register_metrics(registry)
+    value = registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+@contextlib.asynccontextmanager
+async def collecting(agent: SnmpAgent) -> AsyncIterator[Callable[..., Any]]:
+    """Run the agent's collect loop; yields `wait(predicate, timeout)` -> the events seen so far."""
+    seen: list[tuple[float, events_pb2.Event]] = []
+    started = time.monotonic()
+
+    async def pump() -> None:
+        async for event in agent.collect():
+            seen.append((time.monotonic() - started, event))
+
+    async def wait(predicate: Callable[[list[events_pb2.Event]], bool], timeout: float = 10) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while not predicate([e for _, e in seen]):
+            assert time.monotonic() < deadline, [(round(t, 2), e.snmp) for t, e in seen]
+            await asyncio.sleep(0.02)
+        return seen
+
+    task = asyncio.create_task(pump())
+    try:
+        yield wait
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await agent.close()
+
+
+# ---- polling ----------------------------------------------------------------------------------------
+
+
+async def test_v2c_poll_matches_snmpget(snmpd: Snmpd, tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, targets=[target(snmpd)])
+    lo_in = f"{'.'.join(map(str, COLUMNS['in_octets']))}.1"
+    before = int(await asyncio.to_thread(lambda: snmpd.snmpget(lo_in)[0]))
+    (event,) = await poll(agent)
+    after = int(await asyncio.to_thread(lambda: snmpd.snmpget(lo_in)[0]))
+    name, descr, oper = await asyncio.to_thread(
+        snmpd.snmpget, SYSTEM_OID["name"], SYSTEM_OID["descr"], f"{'.'.join(map(str, COLUMNS['oper']))}.1"
+    )
+    snmp = event.snmp
+    assert (snmp.kind, snmp.target, event.agent, event.host) == (Kind.POLL, "dev", "snmp", "testhost")
+    assert (snmp.sys_name, snmp.sys_descr) == (name, descr) == (SYS_NAME, SYS_DESCR)
+    assert snmp.sys_uptime_ticks > 0
+    lo = interface(event, "lo")
+    assert lo.index == 1
+    assert before <= lo.in_octets <= after, "lo's ifHCInOctets between two snmpget readings"
+    assert lo.oper_status == {"1": "up", "2": "down"}[oper] == "up"
+    assert lo.admin_status == "up"
+    assert (lo.in_bps, lo.out_bps) == (0, 0), "no rate before a second poll"
+    assert counter(agent, "amoskys_agent_snmp_polls_total", target="dev") == 1
+
+
+async def test_rates_between_two_polls_follow_the_traffic(snmpd: Snmpd, tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, targets=[target(snmpd)])
+    first = (await poll(agent))[0]  # (other interfaces of this host may change meanwhile: ignored here)
+    first_at = poller(agent).previous.at  # type: ignore[union-attr]
+    sent = 0
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s,
+    ):
+        sink.bind(("127.0.0.1", 0))
+        for _ in range(64):  # 4 MB over lo
+            sent += s.sendto(b"\0" * 65000, sink.getsockname())
+            with contextlib.suppress(BlockingIOError):
+                sink.recv(65536, socket.MSG_DONTWAIT)
+    await asyncio.sleep(3.2)  # snmpd caches the interface table for about 3 s
+    second = (await poll(agent))[0]
+    second_at = poller(agent).previous.at  # type: ignore[union-attr]
+    lo1, lo2 = interface(first, "lo"), interface(second, "lo")
+    delta_in, delta_out = lo2.in_octets - lo1.in_octets, lo2.out_octets - lo1.out_octets
+    assert delta_in >= sent and delta_out >= sent
+    assert lo2.in_bps == pytest.approx(delta_in * 8 / (second_at - first_at))
+    assert lo2.out_bps == pytest.approx(delta_out * 8 / (second_at - first_at))
+    assert lo2.in_bps > sent * 8 / 10
+
+
+async def test_v3_auth_priv_sha_aes(snmpd: Snmpd, tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, targets=[v3_target(snmpd)])
+    (event,) = await poll(agent)
+    assert event.snmp.kind == Kind.POLL, event.snmp.error
+    assert event.snmp.sys_name == (await asyncio.to_thread(snmpd.snmpget, SYSTEM_OID["name"], user=V3_USER))[0]
+    assert interface(event, "lo").oper_status == "up"
+
+
+async def test_v3_auth_priv_sha256_aes256(snmpd: Snmpd, tmp_path: Path) -> None:
+    fields = {"user": V3_USER_256, "auth_protocol": "SHA256", "auth_key": V3_AUTH_256}
+    agent = make_agent(tmp_path, targets=[v3_target(snmpd, **fields, priv_protocol="AES256", priv_key=V3_PRIV_256)])
+    (event,) = await poll(agent)
+    assert (event.snmp.kind, event.snmp.sys_name) == (Kind.POLL, SYS_NAME), event.snmp.error
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason", "message", "secret"),
+    [
+        pytest.param({"auth_key": "wrong-pass-1234"}, "auth_failure",
+                     "authentication failed for SNMPv3 user 'amxuser': wrong auth_key", "wrong-pass-1234",
+                     id="wrong-auth-key"),
+        pytest.param({"user": "nobody"}, "unknown_user", "the device does not know SNMPv3 user 'nobody'", V3_AUTH,
+                     id="unknown-user"),
+        pytest.param({"priv_key": "wrong-priv-5678"}, "timeout", "no response within 0.5 s", "wrong-priv-5678",
+                     id="wrong-priv-key"),
+    ],
+)  # fmt: skip
+async def test_v3_errors_are_clear_counted_and_keep_the_keys_secret(
+    snmpd: Snmpd, tmp_path: Path, caplog: pytest.LogCaptureFixture, fields: dict[str, str], reason: str,
+    message: str, secret: str,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    agent = make_agent(tmp_path, targets=[v3_target(snmpd, "bad", timeout_s=0.5) | fields])
+    (event,) = await poll(agent)
+    assert event.snmp.kind == Kind.POLL_ERROR
+    assert event.severity == events_pb2.SEVERITY_WARNING
+    assert event.labels["reason"] == reason
+    assert event.snmp.error.startswith(message), event.snmp.error
+    assert counter(agent, "amoskys_agent_snmp_poll_errors_total", target="bad", reason=reason) == 1
+    for text in (event.SerializeToString(), caplog.text.encode()):
+        assert secret.encode() not in text
+        assert V3_PRIV.encode() not in text
+    assert "snmp poll failed" in caplog.text
+
+
+async def test_wrong_community_times_out_with_a_hint(snmpd: Snmpd, tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, targets=[target(snmpd, community="not-the-one", timeout_s=0.3, retries=1)])
+    (event,) = await poll(agent)
+    assert event.snmp.error == (
+        "no response within 0.3 s (2 attempts): device down or unreachable, a wrong community, "
+        "or this address not allowed?"
+    )
+    assert "not-the-one" not in str(event)
+
+
+async def test_a_dead_target_does_not_delay_the_others(snmpd: Snmpd, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # takes requests, never answers
+        silent.bind(("127.0.0.1", 0))
+        dead = target(snmpd, "dead", port=silent.getsockname()[1], timeout_s=1.0, retries=1)
+        agent = make_agent(tmp_path, targets=[dead, target(snmpd, "live")], interval_s=60)
+        async with collecting(agent) as wait:
+            seen = await wait(lambda events: any(e.snmp.target == "dead" for e in events), timeout=5)
+    times = {e.snmp.target: (t, e.snmp.kind) for t, e in seen}
+    assert times["live"][1] == Kind.POLL and times["live"][0] < 1.0, times
+    assert times["dead"][1] == Kind.POLL_ERROR and times["dead"][0] >= 1.9, times  # 2 attempts of 1 s
+
+
+def test_counter_delta_wraps_32_bit_counters_and_treats_a_64_bit_decrease_as_a_reset() -> None:
+    assert counter_delta(100, 250, 64) == 150
+    assert counter_delta(2**32 - 100, 50, 32) == 150
+    assert counter_delta(2**64 - 100, 50, 64) is None
+    assert counter_delta(5_000_000, 10, 64) is None
+
+
+def _table(**columns: dict[int, Any]) -> dict[str, dict[int, Any]]:
+    from pysnmp.proto.rfc1902 import Counter32, Counter64, Gauge32, Integer, OctetString
+
+    kinds = {"descr": OctetString, "name": OctetString, "admin": Integer, "oper": Integer, "in_errors": Counter32,
+             "out_errors": Counter32, "in_octets32": Counter32, "out_octets32": Counter32, "in_octets": Counter64,
+             "out_octets": Counter64, "high_speed": Gauge32}  # fmt: skip
+    return {name: {i: kinds[name](v) for i, v in columns.get(name, {}).items()} for name in COLUMNS}
+
+
+def test_rates_wraps_resets_restarts_and_status_changes() -> None:
+    base = {"name": {1: "ge-0/0/1", 2: "old0"}, "admin": {1: 1, 2: 1}, "oper": {1: 1, 2: 1}, "high_speed": {1: 1000}}
+    first = build_result(
+        {"uptime": 1000}, _table(**base, in_octets={1: 2**64 - 1000}, out_octets={1: 500},
+                                 in_octets32={2: 2**32 - 1000}, out_octets32={2: 10}), 100.0, None,
+    )  # fmt: skip
+    later = base | {"oper": {1: 2, 2: 1}}
+    second = build_result(
+        {"uptime": 2000}, _table(**later, in_octets={1: 3000}, out_octets={1: 1500},
+                                 in_octets32={2: 1000}, out_octets32={2: 1010}), 110.0, first.sample,
+    )  # fmt: skip
+    wide, narrow = second.interfaces
+    assert (wide.name, wide.speed_mbps, wide.in_bps, wide.out_bps) == ("ge-0/0/1", 1000, 0.0, 800.0)  # 64-bit reset
+    assert (narrow.in_bps, narrow.out_bps) == (2000 * 8 / 10, 1000 * 8 / 10)  # 32-bit wrap
+    assert [(s.name, s.oper_status, was) for s, was in second.changes] == [("ge-0/0/1", "down", ("up", "up"))]
+    restarted = build_result(
+        {"uptime": 5}, _table(**later, in_octets={1: 9000}, out_octets={1: 9000}), 120.0, second.sample
+    )
+    assert [(i.in_bps, i.out_bps) for i in restarted.interfaces] == [(0.0, 0.0), (0.0, 0.0)]
+
+
+async def test_interface_change_events(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+    first = build_result({"uptime": 1}, _table(name={3: "eth9"}, admin={3: 1}, oper={3: 1}), 1.0, None)
+    second = build_result({"uptime": 2}, _table(name={3: "eth9"}, admin={3: 1}, oper={3: 2}), 2.0, first.sample)
+    poll_event, change = agent.poll_events("sw1", second)
+    assert poll_event.snmp.kind == Kind.POLL
+    assert change.snmp.kind == Kind.INTERFACE_CHANGE
+    assert (change.snmp.target, change.severity) == ("sw1", events_pb2.SEVERITY_WARNING)
+    assert [(i.name, i.oper_status, i.admin_status) for i in change.snmp.interfaces] == [("eth9", "down", "up")]
+    assert dict(change.labels) == {"previous_oper_status": "up", "previous_admin_status": "up"}
+
+
+@pytest.mark.root
+async def test_interface_up_down_on_a_real_device_is_reported(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("creating a veth pair needs root")
+    suffix = uuid.uuid4().hex[:8]
+    name, peer = f"amxs{suffix}", f"amxp{suffix}"  # a pair of our own, without addresses, removed at the end
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", peer], check=True)
+    try:
+        with run_snmpd(tmp_path / "snmpd") as own:  # started after the pair exists: its interface cache has it
+            agent = make_agent(tmp_path, targets=[target(own)])
+            (first,) = await poll(agent)
+            assert (interface(first, name).admin_status, interface(first, name).oper_status) == ("down", "down")
+            for device in (name, peer):
+                subprocess.run(["ip", "link", "set", device, "up"], check=True)
+            await asyncio.sleep(3.2)  # snmpd's interface cache
+            events = await poll(agent)
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+    changes = {i.name: (i.admin_status, i.oper_status, dict(e.labels)) for e in events[1:] for i in e.snmp.interfaces}
+    assert {e.snmp.kind for e in events[1:]} == {Kind.INTERFACE_CHANGE}
+    previous = {"previous_admin_status": "down", "previous_oper_status": "down"}
+    assert changes == {name: ("up", "up", previous), peer: ("up", "up", previous)}
+
+
+# ---- traps ------------------------------------------------------------------------------------------
+
+
+def trap_agent(tmp_path: Path, **snmp: Any) -> SnmpAgent:
+    users = [{"user": "trapper", "engine_id": TRAP_ENGINE, "auth_key": "trap-auth-9911", "priv_key": "trap-priv-7722"}]
+    defaults = {"trap_listen": "127.0.0.1:0", "trap_communities": [TRAP_COMMUNITY], "trap_users": users}
+    return make_agent(tmp_path, **(defaults | snmp))
+
+
+async def send(snmpd_env: dict[str, str], *args: str) -> None:
+    process = await asyncio.create_subprocess_exec(*args, env=snmpd_env, stderr=asyncio.subprocess.PIPE)
+    _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+
+
+def trap_env(tmp_path: Path) -> dict[str, str]:
+    return Snmpd(0, tmp_path).env()
+
+
+async def test_v2c_trap_becomes_a_trap_event(tmp_path: Path) -> None:
+    agent = trap_agent(tmp_path)
+    to = f"127.0.0.1:{agent.trap_port}"
+    env = trap_env(tmp_path)
+    async with collecting(agent) as wait:
+        await send(env, "snmptrap", "-v2c", "-c", TRAP_COMMUNITY, to, "", LINK_DOWN,
+                   "1.3.6.1.2.1.2.2.1.1.7", "i", "7", "1.3.6.1.2.1.2.2.1.2.7", "s", "uplink to core")  # fmt: skip
+        seen = await wait(lambda events: len(events) == 1)
+    ((_, event),) = seen
+    snmp = event.snmp
+    assert (snmp.kind, snmp.trap_oid, snmp.target) == (Kind.TRAP, LINK_DOWN, "127.0.0.1")
+    assert dict(snmp.varbinds) == {"1.3.6.1.2.1.2.2.1.1.7": "7", "1.3.6.1.2.1.2.2.1.2.7": "uplink to core"}
+    assert dict(event.labels) == {"source": "127.0.0.1", "version": "2c"}
+    assert event.severity == events_pb2.SEVERITY_WARNING  # linkDown
+    assert TRAP_COMMUNITY.encode() not in event.SerializeToString()
+    assert counter(agent, "amoskys_agent_snmp_traps_total") == 1
+
+
+async def test_wrong_community_and_v1_traps(tmp_path: Path) -> None:
+    agent = trap_agent(tmp_path)
+    to = f"127.0.0.1:{agent.trap_port}"
+    env = trap_env(tmp_path)
+    async with collecting(agent) as wait:
+        await send(env, "snmptrap", "-v2c", "-c", "guess", to, "", "1.3.6.1.4.1.8072.2.3.0.1")
+        for _ in range(100):
+            if agent.trap_rejections()["bad_community"]:
+                break
+            await asyncio.sleep(0.02)
+        await send(env, "snmptrap", "-v1", "-c", TRAP_COMMUNITY, to, "1.3.6.1.4.1.8072", "127.0.0.1", "6", "17", "",
+                   "1.3.6.1.2.1.1.5.0", "s", "v1 device")  # fmt: skip
+        seen = await wait(lambda events: len(events) == 1)
+    ((_, event),) = seen
+    assert event.snmp.trap_oid == "1.3.6.1.4.1.8072.0.17"
+    assert event.labels["version"] == "1"
+    assert event.snmp.varbinds["1.3.6.1.2.1.1.5.0"] == "v1 device"
+    assert TRAP_COMMUNITY.encode() not in event.SerializeToString(), "snmpTrapCommunity.0 is dropped"
+    assert counter(agent, "amoskys_agent_snmp_traps_rejected_total", reason="bad_community") == 1
+
+
+async def test_v3_trap_and_inform(tmp_path: Path) -> None:
+    agent = trap_agent(tmp_path)
+    to = f"127.0.0.1:{agent.trap_port}"
+    env = trap_env(tmp_path)
+    usm = ["-v3", "-l", "authPriv", "-u", "trapper", "-a", "SHA", "-A", "trap-auth-9911", "-x", "AES"]
+    async with collecting(agent) as wait:
+        await send(env, "snmptrap", *usm, "-X", "trap-priv-7722", "-e", TRAP_ENGINE, to, "",
+                   "1.3.6.1.4.1.8072.2.3.0.1", "1.3.6.1.4.1.8072.2.3.2.1", "i", "42")  # fmt: skip
+        await send(env, "snmpinform", *usm, "-X", "trap-priv-7722", "-t", "2", to, "", "1.3.6.1.4.1.8072.2.3.0.2")
+        await send(
+            env, "snmptrap", *usm, "-X", "wrong-priv-0000", "-e", TRAP_ENGINE, to, "", "1.3.6.1.4.1.8072.2.3.0.3"
+        )
+        seen = await wait(lambda events: len(events) == 2)
+        await asyncio.sleep(0.3)
+    events = [e for _, e in seen]
+    assert [(e.snmp.trap_oid, e.labels["version"], e.labels["user"]) for e in events] == [
+        ("1.3.6.1.4.1.8072.2.3.0.1", "3", "trapper"),
+        ("1.3.6.1.4.1.8072.2.3.0.2", "3", "trapper"),
+    ]
+    assert events[0].snmp.varbinds["1.3.6.1.4.1.8072.2.3.2.1"] == "42"
+    assert len(seen) == 2, "the trap with a wrong privacy key is refused"
+
+
+# ---- configuration ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("targets: [{name: sw1, address: 10.0.0.1, version: 3, user: u}]",
+         "key 'snmp.targets[0].auth_key': version 3 needs user, auth_key and priv_key (authPriv)"),
+        ("targets: [{name: sw1, address: 10.0.0.1, version: 3, auth_key: abcdefgh1, priv_key: abcdefgh2}]",
+         "key 'snmp.targets[0].user': version 3 needs user, auth_key and priv_key"),
+        ("targets: [{name: sw1, address: 10.0.0.1, version: 3, user: u, auth_key: short, priv_key: long-enough}]",
+         "key 'snmp.targets[0].auth_key': must be at least 8 characters (RFC 3414), got 5"),
+        ("targets: [{name: sw1, address: 10.0.0.1, version: '3', user: u, auth_key: long-enough, priv_key: abc1234}]",
+         "key 'snmp.targets[0].priv_key': must be at least 8 characters (RFC 3414), got 7"),
+        ("targets: [{name: sw1, address: 10.0.0.1, version: 1, community: c}]",
+         "key 'snmp.targets[0].version': expected one of '2c', 3, got 1"),
+        ("targets: [{name: sw1, address: 10.0.0.1, version: 2c}]",
+         "key 'snmp.targets[0].community': version 2c needs a community"),
+        ("targets: [{name: sw1, address: a, community: c, auth_protocol: MD5}]",
+         "key 'snmp.targets[0].auth_protocol': expected one of 'SHA', 'SHA256', 'SHA512', got 'MD5'"),
+        ("targets: [{name: sw1, address: a, community: c}, {name: sw1, address: b, community: c}]",
+         "key 'snmp.targets': target name 'sw1' is used twice"),
+        ("trap_listen: 127.0.0.1:162", "key 'snmp.trap_listen': the trap receiver needs trap_communities"),
+        ("trap_listen: 'localhost'", "key 'snmp.trap_listen': expected 'host:port'"),
+        ("trap_users: [{user: u, auth_key: abcdefgh1, priv_key: abcdefgh2, engine_id: xyz}]",
+         "key 'snmp.trap_users[0].engine_id': expected 5 to 32 bytes in hex"),
+    ],
+)  # fmt: skip
+def test_bad_snmp_config_is_explained(tmp_path: Path, section: str, expected: str) -> None:
+    path = tmp_path / "agent-snmp.yml"
+    path.write_text("snmp:\n  " + section + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, AgentConfig, env={})
+    assert str(caught.value).startswith(f"{path}: {expected}"), str(caught.value)
+    for secret in ("abcdefgh1", "abcdefgh2", "long-enough", "short", "abc1234"):
+        assert secret not in str(caught.value)
+
+
+def test_a_trap_port_in_use_stops_the_agent_at_start(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=rf"snmp.trap_listen {listen}: cannot bind: Address already in use"):
+            trap_agent(tmp_path, trap_listen=listen)
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+
+async def test_snmp_agent_publishes_through_the_hub(snmpd: Snmpd, live_hub: LiveHub, tmp_path: Path) -> None:
+    snmp = {
+        "targets": [target(snmpd, "lab-sw"), v3_target(snmpd, "lab-v3", auth_key="not-the-password")],
+        "interval_s": 1.0, "trap_listen": "127.0.0.1:0", "trap_communities": [TRAP_COMMUNITY],
+    }  # fmt: skip
+    runtime = AgentRuntime("snmp", None, agent_config(live_hub, tmp_path, "snmp", snmp=snmp))
+    assert isinstance(runtime.agent, SnmpAgent)
+    task = asyncio.create_task(runtime.run())
+    try:
+        await asyncio.sleep(0.5)
+        await send(trap_env(tmp_path), "snmptrap", "-v2c", "-c", TRAP_COMMUNITY,
+                   f"127.0.0.1:{runtime.agent.trap_port}", "", "1.3.6.1.4.1.8072.2.3.0.1")  # fmt: skip
+        kinds: set[tuple[str, int]] = set()
+        for _ in range(100):
+            stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-snmp"], kinds=["snmp"]))
+            kinds = {(s.event.snmp.target, s.event.snmp.kind) for s in stored}
+            polls = [s for s in stored if s.event.snmp.kind == Kind.POLL and s.event.snmp.target == "lab-sw"]
+            rated = [p for p in polls if interface(p.event, "lo").in_bps > 0]  # once snmpd's 3 s cache moved
+            if {("lab-v3", Kind.POLL_ERROR), ("127.0.0.1", Kind.TRAP)} <= kinds and rated:
+                break
+            await asyncio.sleep(0.1)
+        metrics = generate_latest(runtime.metrics.registry).decode()
+    finally:
+        runtime._stopping.set()
+        await asyncio.wait_for(task, 30)
+    assert ("lab-sw", Kind.POLL) in kinds and ("lab-v3", Kind.POLL_ERROR) in kinds and ("127.0.0.1", Kind.TRAP) in kinds
+    assert rated, "polls after the first carry rates"
+    assert all(p.event.snmp.sys_name == SYS_NAME for p in polls)
+    assert 'amoskys_agent_snmp_poll_errors_total{reason="auth_failure",target="lab-v3"}' in metrics
+    assert 'amoskys_agent_snmp_polls_total{target="lab-sw"}' in metrics
+    assert "not-the-password" not in str(stored)
