@@ -544,3 +544,54 @@ def test_cap_net_raw_is_the_only_privilege_needed(tmp_path: Path, lab: NetLab) -
     refused = sweep_with("")
     assert refused.returncode != 0
     assert "cannot open an AF_PACKET socket: Operation not permitted (the scanner needs CAP_NET_RAW)" in refused.stderr
+
+
+@pytest.mark.root
+def test_restore_takes_the_inventory_back_and_survives_a_corrupt_one(
+    tmp_path: Path, lab: NetLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    populate(lab)
+    config = bare_config(tmp_path, **scanner_section(lab))
+    first = ScannerAgent(config, tmp_path)
+    events, _ = first.fold(first.sweep_round())
+    assert len(events) == 3
+    saved = first.inventory.encode()
+    again = ScannerAgent(config, tmp_path)
+    again.restore({"scanner.inventory": saved})
+    assert again.checkpoint() == {"scanner.inventory": saved}
+    assert again.fold(again.sweep_round())[0] == []  # nothing new after a restart
+    corrupt = ScannerAgent(config, tmp_path)
+    corrupt.restore({"scanner.inventory": saved[: len(saved) // 2]})
+    assert "saved inventory unreadable" in caplog.text
+    assert corrupt.checkpoint() == {}
+    assert len(corrupt.fold(corrupt.sweep_round())[0]) == 3  # announced again: nothing is lost
+
+
+@pytest.mark.root
+def test_arp_on_an_interface_without_ethernet_is_a_clear_sweep_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("raw sockets need root")
+    agent = ScannerAgent(bare_config(tmp_path, targets=[{"interface": "lo", "cidr": "127.0.0.0/30"}]), tmp_path)
+    assert agent.sweep_round()[0].answers is None
+    errors = [getattr(r, "error", "") for r in caplog.records if r.message == "sweep failed"]
+    assert errors == ["lo is not an Ethernet interface; sweep it with icmp: true"]
+
+
+@pytest.mark.root
+def test_stopping_abandons_a_sweep_at_once(tmp_path: Path, lab: NetLab) -> None:
+    slow = scanner_section(lab, rate_pps=5)  # 29 probes: about 6 s
+    agent = ScannerAgent(bare_config(tmp_path, **slow), tmp_path)
+
+    async def stop_mid_sweep() -> float:
+        collecting = agent.collect()
+        first = asyncio.ensure_future(collecting.__anext__())
+        await asyncio.sleep(0.5)
+        stopped = time.monotonic()
+        await agent.close()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(first, 5)
+        return time.monotonic() - stopped
+
+    assert asyncio.run(stop_mid_sweep()) < 0.5

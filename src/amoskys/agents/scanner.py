@@ -46,7 +46,6 @@ Action = events_pb2.DeviceEvent.Action
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
 ARPHRD_ETHER = 1
-PACKET_OUTGOING = 4
 BROADCAST = b"\xff" * 6
 MIN_FRAME = 60
 ICMP_PAYLOAD = b"AMOSKYS-SWEEP"
@@ -150,11 +149,11 @@ class ArpProbe:
 
     def answers(self) -> Iterator[tuple[int, str]]:
         while True:
-            try:
-                frame, origin = self.sock.recvfrom(2048)
+            try:  # recv, not recvfrom: no ioctl per frame to name the interface we are bound to
+                frame = self.sock.recv(2048)
             except BlockingIOError:
                 return
-            reply = parse_arp_reply(frame) if origin[2] != PACKET_OUTGOING else None
+            reply = parse_arp_reply(frame)  # our own requests never come back to this socket
             if reply and reply[2] == self.own_address:
                 yield reply[1], reply[0]
 
