@@ -7,8 +7,9 @@ are probed (never its network or broadcast address below /31, never this host's 
 only on the target's interface; subnets larger than `max_prefix` are refused at config load.
 
 Frames are built by hand on an AF_PACKET socket (ARP) or a raw ICMP socket: importing scapy would
-add 34 MB (its l2/inet layers) to 59 MB (scapy.all) of RSS. Devices (MAC, addresses, vendor from the IEEE registry, first and last seen) are
-kept in the outbox state with the events that announced them, so a restart re-announces nothing.
+add 34 MB (its l2/inet layers) to 59 MB (scapy.all) of RSS. Devices (MAC, addresses, vendor from
+the IEEE registry, first and last seen) are kept in the outbox state with the events that
+announced them, so a restart re-announces nothing.
 Events: `device` NEW, CHANGED (its addresses changed; `previous_mac` when an address came from
 another MAC, also alert `scanner.ip_mac_changed`), GONE after `gone_after_sweeps` sweeps without
 an answer; alert `scanner.ip_conflict` when several MACs answer for one address in one sweep.
