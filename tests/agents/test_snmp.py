@@ -19,7 +19,15 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from amoskys.agents.runtime import AgentRuntime
-from amoskys.agents.snmp import COLUMNS, SYSTEM, SnmpAgent, TargetPoller, build_result, counter_delta
+from amoskys.agents.snmp import (
+    COLUMNS,
+    SYSTEM,
+    SnmpAgent,
+    TargetPoller,
+    build_result,
+    counter_delta,
+    engine_slots,
+)
 from amoskys.config import AgentConfig, load_config
 from amoskys.errors import ConfigError
 from amoskys.v1 import bus_pb2, events_pb2
@@ -226,6 +234,18 @@ async def test_a_dead_target_does_not_delay_the_others(snmpd: Snmpd, tmp_path: P
     times = {e.snmp.target: (t, e.snmp.kind) for t, e in seen}
     assert times["live"][1] == Kind.POLL and times["live"][0] < 1.0, times
     assert times["dead"][1] == Kind.POLL_ERROR and times["dead"][0] >= 1.9, times  # 2 attempts of 1 s
+
+
+async def test_one_v3_user_name_with_two_sets_of_keys(snmpd: Snmpd, tmp_path: Path) -> None:
+    good, bad = v3_target(snmpd, "good"), v3_target(snmpd, "bad", auth_key="other-key-4444")
+    agent = make_agent(tmp_path, targets=[target(snmpd, "v2"), good, bad, v3_target(snmpd, "good-too")])
+    assert engine_slots(agent.config.snmp.targets) == [0, 0, 1, 0]
+    async with collecting(agent) as wait:
+        seen = await wait(lambda events: len(events) == 4)
+    assert {e.snmp.target: e.snmp.kind for _, e in seen} == {
+        "v2": Kind.POLL, "good": Kind.POLL, "good-too": Kind.POLL, "bad": Kind.POLL_ERROR
+    }  # fmt: skip
+    assert len(agent.engines) == 0, "engines are closed when collecting stops"
 
 
 def test_counter_delta_wraps_32_bit_counters_and_treats_a_64_bit_decrease_as_a_reset() -> None:

@@ -45,7 +45,15 @@ from amoskys.agents.snmptrap import Trap, TrapReceiver, auth_protocol, bind_trap
 from amoskys.config import AgentConfig, SnmpTarget
 from amoskys.v1 import events_pb2
 
-__all__ = ["InterfaceTable", "SnmpAgent", "SnmpMetrics", "TargetPoller", "counter_delta", "walk_columns"]
+__all__ = [
+    "InterfaceTable",
+    "SnmpAgent",
+    "SnmpMetrics",
+    "TargetPoller",
+    "counter_delta",
+    "engine_slots",
+    "walk_columns",
+]
 
 log = logging.getLogger(__name__)
 Kind = events_pb2.SnmpEvent.Kind
@@ -324,11 +332,23 @@ class TargetPoller:
         return [(tuple(oid), value) for oid, value in found[3]]
 
 
-def _credentials(target: SnmpTarget) -> tuple[str, ...]:
-    """Targets with the same credentials share one SNMP engine (v2c targets all share one)."""
-    if target.version == 3:
-        return ("3", target.user, target.auth_protocol, target.auth_key, target.priv_protocol, target.priv_key)
-    return ("2c",)
+def engine_slots(targets: list[SnmpTarget]) -> list[int]:
+    """Which SNMP engine each target uses: all share one (an engine costs ~1 MB), except that pysnmp
+    keeps one entry per v3 user name, so the same name with other keys needs an engine of its own."""
+    users_by_engine: list[dict[str, tuple[str, ...]]] = []
+    slots = []
+    for target in targets:
+        keys = (target.auth_protocol, target.auth_key, target.priv_protocol, target.priv_key)
+        fits = (
+            i for i, users in enumerate(users_by_engine) if target.version != 3 or users.get(target.user, keys) == keys
+        )
+        slot = next(fits, len(users_by_engine))
+        if slot == len(users_by_engine):
+            users_by_engine.append({})
+        if target.version == 3:
+            users_by_engine[slot][target.user] = keys
+        slots.append(slot)
+    return slots
 
 
 class TrapRejections(Collector):
@@ -378,12 +398,11 @@ class SnmpAgent(Agent):
 
     async def collect(self) -> AsyncIterator[events_pb2.Event]:
         queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(self.QUEUE_SIZE)
-        engines: dict[tuple[str, ...], Any] = {}
-        tasks = []
-        for target in self.config.snmp.targets:
-            engine = engines.setdefault(_credentials(target), SnmpEngine())
-            tasks.append(asyncio.create_task(self._poll_loop(TargetPoller(target, engine, self.secrets), queue)))
-        self.engines = list(engines.values())
+        targets = self.config.snmp.targets
+        slots = engine_slots(targets)
+        self.engines = [SnmpEngine() for _ in set(slots)]
+        pollers = [TargetPoller(t, self.engines[slot], self.secrets) for t, slot in zip(targets, slots, strict=True)]
+        tasks = [asyncio.create_task(self._poll_loop(poller, queue)) for poller in pollers]
         if self.trap_socket is not None and self.receiver is None:
             self.receiver = TrapReceiver(self.config.snmp, self.trap_socket, self._on_trap(queue))
         log.info(
