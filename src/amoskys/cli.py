@@ -16,19 +16,23 @@ __all__ = ["main"]
 COMMAND_MODULES = ("pki", "config", "eventbus", "status", "query", "loadgen", "agent", "ui")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with `only` one command's: a process loads just the command it runs."""
     parser = argparse.ArgumentParser(
         prog="amoskys", description="AMOSKYS security telemetry: hub, agents, PKI and tools."
     )
     parser.add_argument("--version", action="version", version=f"amoskys {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(f"amoskys.commands.{name}").register(subparsers)
+        if only in (None, name):
+            importlib.import_module(f"amoskys.commands.{name}").register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMAND_MODULES else None
+    args = build_parser(command).parse_args(argv)
     try:
         result: int = args.func(args)
     except AmoskysError as exc:

@@ -17,13 +17,15 @@ import os
 import struct
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from amoskys.errors import VerificationError
 from amoskys.v1 import envelope_pb2, events_pb2
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 __all__ = [
     "GENESIS_HASH",
@@ -59,6 +61,8 @@ def new_chain_id() -> bytes:
 
 def verify_signature(envelope: envelope_pb2.Envelope, public_key: Ed25519PublicKey) -> None:
     """Raise VerificationError unless `sig` is the key's signature over header and payload."""
+    from cryptography.exceptions import InvalidSignature  # the hub's side: agents only seal
+
     try:
         public_key.verify(envelope.sig, signing_message(envelope.header, envelope.payload))
     except InvalidSignature as exc:
@@ -73,6 +77,12 @@ def decode_header(envelope: envelope_pb2.Envelope) -> envelope_pb2.EnvelopeHeade
     except DecodeError as exc:
         raise VerificationError("malformed header") from exc
     return header
+
+
+class Signer(Protocol):
+    """An Ed25519 private key: `cryptography`'s (hub, CLI, tests) or the agent's own signer."""
+
+    def sign(self, data: bytes, /) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -92,7 +102,7 @@ def seal(
     agent_id: str,
     batch: events_pb2.EventBatch | bytes,
     chain: ChainState,
-    signing_key: Ed25519PrivateKey,
+    signing_key: Signer,
     event_count: int | None = None,
 ) -> envelope_pb2.Envelope:
     """Build and sign the next envelope of `chain`, advancing it."""

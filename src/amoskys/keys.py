@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import os
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from amoskys.errors import IdentityError
+from amoskys.keyfile import PRIVATE_MODE, check_private_permissions
 
 __all__ = [
     "PrivateKey",
@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
 
 
@@ -69,23 +68,6 @@ def write_public_file(path: Path, data: bytes) -> None:
         handle.write(data)
     os.chmod(tmp, PUBLIC_MODE)
     os.replace(tmp, path)
-
-
-def check_private_permissions(path: Path) -> None:
-    """Refuse a private key that group or others can read or write."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError as exc:
-        raise IdentityError(f"{path}: private key not found") from exc
-    except PermissionError as exc:
-        raise IdentityError(f"{path}: private key not readable by this user") from exc
-    if not stat.S_ISREG(mode):
-        raise IdentityError(f"{path}: private key is not a regular file")
-    if mode & 0o077:
-        raise IdentityError(
-            f"{path}: private key is accessible to group/others (mode {stat.S_IMODE(mode):04o}); "
-            "run: chmod 600 " + str(path)
-        )
 
 
 def load_private_key(path: Path) -> PrivateKey:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from amoskys.agents import AGENTS
 from amoskys.agents.runtime import AgentRuntime
 from amoskys.errors import IdentityError
 from amoskys.eventbus.server import create_server
@@ -193,18 +194,22 @@ async def test_dropped_events_are_reported_to_the_hub(live_hub: LiveHub, tmp_pat
     assert int(alert.event.alert.details["dropped"]) >= dropped  # heartbeats keep overflowing the tiny outbox
 
 
-def test_agents_do_not_load_grpcio() -> None:
-    """Agents publish through grpclib; grpcio's core (~23 MB resident) stays out of every agent process."""
-    from amoskys.agents import AGENTS
+# pysnmp encrypts SNMPv3 (AES/DES) with cryptography: only the snmp agent carries it.
+HEAVY_ALLOWED = {"snmp": {"cryptography"}}
 
+
+@pytest.mark.parametrize("kind", sorted(AGENTS))
+def test_agents_do_not_load_grpcio_or_cryptography(kind: str) -> None:
+    """Agents publish through grpclib and sign with PyNaCl: grpcio (~23 MB resident) and cryptography
+    (~13 MB) stay out of agent processes."""
     probe = (
         "import sys\n"
         "from amoskys.cli import build_parser\n"
         "from amoskys.agents import load_agent_class\n"
         "import amoskys.agents.runtime\n"
-        "build_parser()\n"
-        f"for kind in {sorted(AGENTS)!r}: load_agent_class(kind)\n"
-        "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))\n"
+        "build_parser('agent')\n"
+        f"load_agent_class({kind!r})\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'cryptography'})))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+    assert set(result.stdout.split()) <= HEAVY_ALLOWED.get(kind, set())

@@ -20,10 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from amoskys.config import OutboxConfig
-from amoskys.envelope import ChainState, seal
+from amoskys.envelope import ChainState, Signer, seal
 from amoskys.errors import AmoskysError
 
 __all__ = ["Outbox", "OutboxError", "SealedEnvelope"]
@@ -78,7 +76,7 @@ def _varint(value: int) -> bytes:
 
 
 class Outbox:
-    def __init__(self, path: Path, config: OutboxConfig, agent_id: str, signing_key: Ed25519PrivateKey) -> None:
+    def __init__(self, path: Path, config: OutboxConfig, agent_id: str, signing_key: Signer) -> None:
         self.path = path
         self.config = config
         self.agent_id = agent_id

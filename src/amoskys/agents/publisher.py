@@ -16,10 +16,8 @@ import asyncio
 import collections
 import logging
 import random
-import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from grpclib.client import Channel, Stream
@@ -28,13 +26,13 @@ from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from amoskys import pki
+from amoskys.agents.identity import client_tls_context
 from amoskys.agents.metrics import AgentMetrics
 from amoskys.agents.outbox import Outbox, SealedEnvelope
 from amoskys.config import AgentConfig, TlsConfig, parse_address
 from amoskys.v1 import envelope_pb2
 
-__all__ = ["Backoff", "Publisher", "agent_channel", "client_tls_context", "wait_event"]
+__all__ = ["Backoff", "Publisher", "agent_channel", "wait_event"]
 
 log = logging.getLogger(__name__)
 Status = envelope_pb2.PublishAck.Status
@@ -53,16 +51,6 @@ class SealedCodec(CodecBase):
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         return message_type.FromString(data)
-
-
-def client_tls_context(tls: TlsConfig) -> ssl.SSLContext:
-    """mTLS client context from a checked identity (refuses unsafe, mismatched or expired material)."""
-    identity = pki.load_tls_identity(Path(tls.cert), Path(tls.key), Path(tls.ca))
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=identity.ca_pem.decode())
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(tls.cert, tls.key)
-    context.set_alpn_protocols(["h2"])
-    return context
 
 
 def agent_channel(address: str, tls: TlsConfig, server_name: str = "") -> Channel:

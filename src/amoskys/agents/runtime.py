@@ -15,9 +15,10 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from amoskys import __version__, keys, pki, systemd
+from amoskys import __version__, systemd
 from amoskys.agents import load_agent_class
 from amoskys.agents.base import Agent
+from amoskys.agents.identity import check_tls_identity, load_signer
 from amoskys.agents.metrics import AgentMetrics
 from amoskys.agents.outbox import Outbox, OutboxError
 from amoskys.agents.publisher import Publisher, wait_event
@@ -44,7 +45,7 @@ class AgentRuntime:
         self.agent_id = self.config.resolved_agent_id(kind)
         self._check_identity()
         state_dir = self.config.resolved_state_dir(kind)
-        signing_key = keys.load_signing_key(Path(self.config.signing_key))
+        signing_key = load_signer(Path(self.config.signing_key))
         self.outbox = Outbox(state_dir / "outbox.db", self.config.outbox, self.agent_id, signing_key)
         self.metrics = AgentMetrics(kind)
         self.agent: Agent = load_agent_class(kind)(self.config, state_dir)
@@ -62,13 +63,7 @@ class AgentRuntime:
 
     def _check_identity(self) -> None:
         """Refuse to start on missing, unreadable, unsafe, mismatched or expired identity files."""
-        tls = self.config.tls
-        identity = pki.load_tls_identity(Path(tls.cert), Path(tls.key), Path(tls.ca))
-        if pki.common_name(identity.cert) != self.agent_id:
-            raise ConfigError(
-                f"{tls.cert}: certificate CN {pki.common_name(identity.cert)!r} is not this agent's id "
-                f"{self.agent_id!r} (set agent_id, or issue the certificate for it)"
-            )
+        check_tls_identity(self.config.tls, self.agent_id)
 
     # ---- the pipeline: collect -> buffer -> outbox -> seal -> publish ----------------------------
 
@@ -240,6 +235,8 @@ class AgentRuntime:
         """Flush collected events into the outbox, seal them, give the publisher a moment, exit."""
         systemd.notify("STOPPING=1")
         tasks[0].cancel()  # the collector: nothing new from here on
+        await asyncio.gather(tasks[0], return_exceptions=True)
+        self.buffer += [event.SerializeToString() for event in self.agent.shutdown_events()]
         self.flush()
         self._seal_all()
         deadline = time.monotonic() + STOP_FLUSH_S
