@@ -4,16 +4,37 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROTOS := $(shell find proto -name '*.proto')
+DEPLOY_VENV ?= .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed-stamp
+DEPLOY_PATH := PATH=$(abspath $(DEPLOY_VENV))/bin:$$PATH
 
-.PHONY: test lint typecheck unit proto bench clean
+.PHONY: test lint typecheck unit proto bench clean molecule lab lab-down
 
-test: lint typecheck unit
+test: lint typecheck unit molecule
 
 $(STAMP): pyproject.toml hatch_build.py $(PROTOS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
+
+# Controller tools (ansible, molecule, testinfra) for the deployment, pinned in requirements-deploy.txt.
+$(DEPLOY_STAMP): requirements-deploy.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q -r requirements-deploy.txt
+	touch $@
+
+# Molecule scenarios on real systemd in systemd-nspawn machines (root; see scripts/nspawn/).
+molecule: $(DEPLOY_STAMP) proto
+	$(DEPLOY_PATH) molecule test -s default
+	$(DEPLOY_PATH) molecule test -s fleet
+
+# The lab fleet (hub, web1, db1 on br-amx-lab) with site.yml; `make lab-down` removes it.
+lab: $(DEPLOY_STAMP) proto
+	$(DEPLOY_PATH) scripts/lab.sh up
+
+lab-down:
+	scripts/lab.sh down
 
 proto: $(STAMP)
 	$(BIN)/python hatch_build.py

@@ -1,0 +1,222 @@
+"""What the scenario's inventory says runs where, and small helpers the verify tests share.
+
+Every expectation comes from Molecule's inventory (groups amoskys_hub / amoskys_agents, the per-host
+amoskys_agents_enabled list), so one suite verifies every scenario.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import shlex
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import testinfra
+import testinfra.utils.ansible_runner
+import yaml
+
+T = TypeVar("T")
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+
+AMOSKYS = "/opt/amoskys/venv/bin/amoskys"
+SERVICE_USER = "amoskys"
+DEFAULT_AGENTS = ["proc", "host", "auth"]  # the agents role's default amoskys_agents_enabled
+AGENT_METRICS_PORT = {"proc": 9101, "host": 9102, "auth": 9103, "flow": 9104, "scanner": 9105, "snmp": 9106}
+HUB_PORT, HUB_METRICS_PORT, UI_PORT = 50051, 9100, 8080
+EVENTBUS, UI = "amoskys-eventbus.service", "amoskys-ui.service"
+NETWORK_SENSORS = {"flow", "scanner"}  # CAP_NET_RAW: the issue allows them a higher exposure
+EXPOSURE_LIMIT_SENSOR, EXPOSURE_LIMIT = 4.5, 2.0
+# the event kind each agent produces on its own, without the test doing anything
+AGENT_EVENT_KIND = {
+    "proc": "process",
+    "host": "host_metrics",
+    "auth": "auth",
+    "flow": "flow",
+    "scanner": "device",
+    "snmp": "snmp",
+}
+
+
+def agent_unit(kind: str) -> str:
+    return f"amoskys-agent@{kind}.service"
+
+
+def unit_kind(unit: str) -> str:
+    """'amoskys-agent@flow.service' -> 'flow'; hub and UI -> 'eventbus' / 'ui'."""
+    name = unit.removesuffix(".service")
+    return name.split("@", 1)[1] if "@" in name else name.removeprefix("amoskys-")
+
+
+def exposure_limit(unit: str) -> float:
+    return EXPOSURE_LIMIT_SENSOR if unit_kind(unit) in NETWORK_SENSORS else EXPOSURE_LIMIT
+
+
+def group(name: str) -> list[str]:
+    return sorted(RUNNER.get_hosts(name))
+
+
+HUB = group("amoskys_hub")[0]
+AGENT_HOSTS = group("amoskys_agents")
+ALL_HOSTS = sorted(set(group("amoskys_hub")) | set(AGENT_HOSTS))
+
+
+@functools.cache
+def host_vars(name: str) -> dict[str, Any]:
+    return dict(RUNNER.get_variables(name))
+
+
+def address(name: str) -> str:
+    return str(host_vars(name)["ansible_host"])
+
+
+def agents_on(name: str) -> list[str]:
+    if name not in AGENT_HOSTS:
+        return []
+    return list(host_vars(name).get("amoskys_agents_enabled", DEFAULT_AGENTS))
+
+
+def units_on(name: str) -> list[str]:
+    hub_units = [EVENTBUS, UI] if name in group("amoskys_hub") else []
+    return hub_units + [agent_unit(kind) for kind in agents_on(name)]
+
+
+def agent_ids() -> list[str]:
+    return [f"{name}-{kind}" for name in AGENT_HOSTS for kind in agents_on(name)]
+
+
+HOST_UNITS = [(name, unit) for name in ALL_HOSTS for unit in units_on(name)]
+HOST_AGENTS = [(name, kind) for name in AGENT_HOSTS for kind in agents_on(name)]
+
+
+def ids(pairs: list[tuple[str, str]]) -> list[str]:
+    return [f"{name}/{item}" for name, item in pairs]
+
+
+@functools.cache
+def machine(name: str) -> Any:
+    """The testinfra host for an inventory host (ansible backend, SSH as root)."""
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def wait_until(probe: Callable[[], T | None], timeout: float, interval: float = 1.0, what: str = "") -> T:
+    """The first truthy result of probe() within timeout seconds; AssertionError naming what and the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or probe}: last {result!r}")
+        time.sleep(interval)
+
+
+def unit_property(name: str, unit: str, prop: str) -> str:
+    return str(machine(name).check_output(f"systemctl show -P {prop} {shlex.quote(unit)}")).strip()
+
+
+def main_pid(name: str, unit: str) -> int:
+    return int(unit_property(name, unit, "MainPID"))
+
+
+def unit_config_path(unit: str) -> str:
+    kind = unit_kind(unit)
+    return f"/etc/amoskys/{kind}.yml" if unit in (EVENTBUS, UI) else f"/etc/amoskys/agent-{kind}.yml"
+
+
+@functools.cache
+def effective_config(name: str, unit: str) -> dict[str, Any]:
+    """The unit's configuration as the program sees it (`amoskys config check`, defaults filled in)."""
+    component = {EVENTBUS: "eventbus", UI: "ui"}.get(unit, "agent")
+    out = machine(name).check_output(f"{AMOSKYS} config check --component {component} {unit_config_path(unit)}")
+    return dict(yaml.safe_load(out))
+
+
+def http_get(name: str, url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET url from inside the machine (python3 urllib): (status, body); status 0 when unreachable."""
+    script = (
+        "import sys, urllib.request\n"
+        "try:\n"
+        f"    r = urllib.request.urlopen({url!r}, timeout={timeout})\n"
+        "    sys.stdout.write(str(r.status) + '\\n' + r.read().decode())\n"
+        "except Exception as e:\n"
+        "    sys.stdout.write('0\\n' + repr(e))\n"
+    )
+    out = machine(name).check_output(f"python3 -c {shlex.quote(script)}")
+    status, _, body = out.partition("\n")
+    return int(status), body
+
+
+def hub_query(*args: str) -> list[dict[str, Any]]:
+    """`amoskys query --json ARGS` on the hub with its defaults (operator certificate, localhost:50051)."""
+    cmd = " ".join([AMOSKYS, "query", "--json", *map(shlex.quote, args)])
+    result = machine(HUB).run(cmd)
+    assert result.rc == 0, f"{cmd}: {result.stderr}"
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def hub_status() -> dict[str, Any]:
+    return dict(json.loads(machine(HUB).check_output(f"{AMOSKYS} status --json")))
+
+
+def listeners(name: str) -> list[tuple[str, int, set[int]]]:
+    """TCP and UDP listening sockets: (address, port, pids holding it), from `ss -Hlntup`."""
+    sockets = []
+    for line in machine(name).check_output("ss -Hlntup").splitlines():
+        fields = line.split()
+        local, procs = fields[4], " ".join(fields[6:])
+        addr, _, port = local.rpartition(":")
+        pids = {int(p.split("=")[1]) for p in procs.replace(")", ",").split(",") if p.startswith("pid=")}
+        sockets.append((addr.strip("[]").split("%")[0], int(port), pids))
+    return sockets
+
+
+AUTH_HOSTS = [name for name in AGENT_HOSTS if "auth" in agents_on(name)]
+PROC_HOSTS = [name for name in AGENT_HOSTS if "proc" in agents_on(name)]
+
+
+def failed_ssh_login_reaches_hub(agent_host: str) -> None:
+    """From the hub, try to log in to agent_host as a user that does not exist; find that on the hub."""
+    user = f"amxprobe{secrets.token_hex(4)}"
+    ssh = (
+        "ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=5 "
+        f"{user}@{address(agent_host)} true"
+    )
+    assert machine(HUB).run(ssh).rc != 0, "a login as a user that does not exist succeeded"
+    events = wait_until(
+        lambda: hub_query("--since", "10m", "--host", agent_host, "--agent", "auth", "--text", user),
+        timeout=60,
+        what=f"auth event for {user} from {agent_host}",
+    )
+    assert events[0]["event"]["auth"]["user"] == user, events[0]
+
+
+def new_process_reaches_hub(agent_host: str) -> None:
+    """Start a uniquely-named process on agent_host; find its start on the hub."""
+    marker = f"{secrets.randbelow(10**6) + 10**6}.{secrets.randbelow(10**6)}"  # sleep 1xxxxxx.yyy: unique argv
+    host = machine(agent_host)
+    pid = host.check_output(f"setsid sleep {marker} </dev/null >/dev/null 2>&1 & echo $!").strip()
+    try:
+        events = wait_until(
+            lambda: hub_query("--since", "10m", "--host", agent_host, "--agent", "proc", "--text", marker),
+            timeout=60,
+            what=f"process event for 'sleep {marker}' on {agent_host}",
+        )
+        assert marker in events[0]["event"]["process"]["cmdline"], events[0]
+    finally:
+        host.run(f"kill {int(pid)}")
+
+
+def every_agent_up() -> dict[str, str]:
+    """Wait until `amoskys status` on the hub lists every agent of the inventory as up."""
+
+    def all_up() -> dict[str, str] | None:
+        states = {a["agent_id"]: a["liveness"] for a in hub_status()["agents"]}
+        return states if all(states.get(agent_id) == "up" for agent_id in agent_ids()) else None
+
+    return wait_until(all_up, timeout=60, what=f"{agent_ids()} up in `amoskys status`")

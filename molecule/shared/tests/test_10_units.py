@@ -1,0 +1,146 @@
+"""Every unit the inventory places on a machine runs there, as the service user, hardened, on its ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import pytest
+from fleet import (
+    AGENT_METRICS_PORT,
+    ALL_HOSTS,
+    EVENTBUS,
+    HOST_UNITS,
+    HUB_METRICS_PORT,
+    HUB_PORT,
+    SERVICE_USER,
+    UI,
+    UI_PORT,
+    effective_config,
+    exposure_limit,
+    host_vars,
+    http_get,
+    ids,
+    listeners,
+    machine,
+    main_pid,
+    unit_kind,
+    unit_property,
+)
+
+ANY_ADDRESS = "0.0.0.0"  # noqa: S104 (a value read from configs, never bound here)
+EXPOSURE_LINE = re.compile(r"Overall exposure level for \S+: (\d+\.\d+)")
+
+
+@pytest.mark.parametrize("name", ALL_HOSTS)
+def test_systemd_is_pid1_and_nothing_failed(name: str) -> None:
+    host = machine(name)
+    assert host.check_output("cat /proc/1/comm") == "systemd"
+    state = host.run("systemctl is-system-running").stdout.strip()
+    failed = host.run("systemctl --failed --no-legend --plain").stdout
+    assert state == "running", f"{name}: {state}; failed units: {failed}"
+
+
+@pytest.mark.parametrize(("name", "unit"), HOST_UNITS, ids=ids(HOST_UNITS))
+def test_unit_active_enabled_as_service_user(name: str, unit: str) -> None:
+    host = machine(name)
+    assert host.run(f"systemctl is-active {unit}").stdout.strip() == "active"
+    assert host.run(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
+    assert unit_property(name, unit, "User") == SERVICE_USER
+    pid = main_pid(name, unit)
+    assert pid > 0
+    assert host.check_output(f"ps -o user= -p {pid}").strip() == SERVICE_USER
+    # every process of the unit, not only the main one
+    cgroup = unit_property(name, unit, "ControlGroup")
+    procs = host.check_output(f"cat /sys/fs/cgroup/systemd{cgroup}/cgroup.procs").split()
+    assert str(pid) in procs
+    owners = host.check_output(f"ps -o user= -p {','.join(procs)}")
+    assert set(owners.split()) == {SERVICE_USER}
+
+
+@pytest.mark.parametrize(("name", "unit"), HOST_UNITS, ids=ids(HOST_UNITS))
+def test_exposure_within_threshold(name: str, unit: str) -> None:
+    out = machine(name).check_output(f"systemd-analyze security --no-pager {unit}")
+    match = EXPOSURE_LINE.search(out)
+    assert match, out[-500:]
+    exposure = float(match.group(1))
+    print(f"{name} {unit}: exposure {exposure}")
+    assert exposure <= exposure_limit(unit), f"{unit}: {exposure} > {exposure_limit(unit)}"
+
+
+def _expected_ports(name: str, unit: str) -> dict[str, str]:
+    """{role: "address:port"} the unit must hold, from its effective configuration."""
+    config = effective_config(name, unit)
+    if unit == EVENTBUS:
+        return {"grpc": config["listen"], "metrics": config["metrics"]["listen"]}
+    if unit == UI:
+        return {"http": config["listen"]}
+    return {"metrics": config["metrics"]["listen"]}
+
+
+@pytest.mark.parametrize(("name", "unit"), HOST_UNITS, ids=ids(HOST_UNITS))
+def test_listening_ports(name: str, unit: str) -> None:
+    ports = _expected_ports(name, unit)
+    kind = unit_kind(unit)
+    if unit == EVENTBUS:
+        assert ports["grpc"].endswith(f":{HUB_PORT}")
+        assert ports["metrics"].endswith(f":{HUB_METRICS_PORT}")
+    elif unit == UI:
+        assert ports["http"] == f"127.0.0.1:{UI_PORT}", "the UI listens on loopback only by default"
+    else:
+        assert ports["metrics"].endswith(f":{AGENT_METRICS_PORT[kind]}"), ports
+    pid = main_pid(name, unit)
+    held = {(addr, port) for addr, port, pids in listeners(name) if pid in pids}
+    for role, listen in ports.items():
+        addr, _, port = listen.rpartition(":")
+        wanted = {ANY_ADDRESS: "*"}.get(addr, addr)
+        assert (wanted, int(port)) in held, f"{unit} {role} {listen}: not held by its main process {pid}: {held}"
+
+
+METRICS_UNITS = [(name, unit) for name, unit in HOST_UNITS if unit != UI]  # the UI serves no metrics
+
+
+@pytest.mark.parametrize(("name", "unit"), METRICS_UNITS, ids=ids(METRICS_UNITS))
+def test_metrics_endpoint_answers(name: str, unit: str) -> None:
+    listen = _expected_ports(name, unit)["metrics"]
+    listen = listen.replace(ANY_ADDRESS, "127.0.0.1")
+    status, body = http_get(name, f"http://{listen}/metrics")
+    assert status == 200, body
+    prefix = "amoskys_bus_" if unit == EVENTBUS else "amoskys_agent_"
+    assert prefix in body
+
+
+def _private_keys(name: str, unit: str) -> list[str]:
+    config = effective_config(name, unit)
+    keys = [config["tls"]["key"]]
+    if "signing_key" in config:
+        keys.append(config["signing_key"])
+    return keys
+
+
+@pytest.mark.parametrize(("name", "unit"), HOST_UNITS, ids=ids(HOST_UNITS))
+def test_private_keys_0600_owned_by_service_user(name: str, unit: str) -> None:
+    host = machine(name)
+    for path in _private_keys(name, unit):
+        key = host.file(path)
+        assert key.exists, path
+        assert key.mode == 0o600, f"{path}: {oct(key.mode)}"
+        assert key.user == SERVICE_USER, f"{path}: owner {key.user}"
+
+
+@pytest.mark.parametrize("name", ALL_HOSTS)
+def test_every_private_key_is_0600_and_no_ca_key_on_hosts(name: str) -> None:
+    host = machine(name)
+    found = host.check_output("find /etc/amoskys -type f \\( -name '*.key' -o -name '*signing*' \\) ! -name '*.pub'")
+    for path in found.split():
+        key = host.file(path)
+        assert key.mode == 0o600, f"{path}: {oct(key.mode)}"
+        assert key.user in (SERVICE_USER, "root"), f"{path}: owner {key.user}"
+    assert host.check_output("find / -xdev -name ca.key -not -path '/proc/*' 2>/dev/null || true") == ""
+
+
+def test_ca_key_only_on_controller() -> None:
+    ca_dir = host_vars(ALL_HOSTS[0])["amoskys_pki_ca_dir"]
+    ca_key = os.path.join(ca_dir, "ca.key")
+    assert stat.S_IMODE(os.stat(ca_key).st_mode) == 0o600

@@ -1,0 +1,62 @@
+#!/bin/bash
+# Usage: scripts/lab.sh up|down   (make lab / make lab-down)
+# up: boot the lab fleet (hub, web1, db1: systemd-nspawn machines on br-amx-lab 10.231.12.0/24), run
+# `ansible-playbook -i inventories/lab site.yml`, print how to reach it. Running it again keeps the
+# machines and re-runs the playbook. down: power the machines off (their overlays are discarded) and
+# remove the bridge; .lab/ (SSH key) stays. Needs root (namespaces, bridge), ansible-playbook on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nspawn=scripts/nspawn
+rootfs=${LAB_ROOTFS:-/var/cache/nspawn-rootfs/amoskys-bookworm}
+bridge=br-amx-lab subnet=10.231.12.0/24 gateway=10.231.12.1
+machines=(hub:10.231.12.10 web1:10.231.12.11 db1:10.231.12.12)
+key=.lab/id_ed25519
+ssh_opts="-i $key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+
+up() {
+  "$nspawn/make-rootfs.sh" "$rootfs"
+  "$nspawn/bridge-up.sh" "$bridge" "$gateway/24"
+  "$nspawn/nat-up.sh" "$subnet"
+  mkdir -p .lab
+  [ -f "$key" ] || ssh-keygen -q -t ed25519 -N '' -C amoskys-lab -f "$key"
+  for entry in "${machines[@]}"; do
+    NSPAWN_IP="${entry#*:}/24" NSPAWN_GW=$gateway "$nspawn/nspawn-start.sh" "${entry%%:*}" "$rootfs" \
+      --volatile=overlay --network-bridge="$bridge" --bind-ro="$PWD/$key.pub:/root/.ssh/authorized_keys" \
+      --system-call-filter=bpf
+  done
+  for entry in "${machines[@]}"; do
+    for _ in $(seq 1 100); do
+      # shellcheck disable=SC2086
+      ssh $ssh_opts -o BatchMode=yes -o ConnectTimeout=2 "root@${entry#*:}" true 2>/dev/null && break
+      sleep 0.3
+    done
+  done
+  local start=$SECONDS
+  ansible-playbook -i inventories/lab site.yml
+  echo "site.yml on the lab took $((SECONDS - start)) s"
+  cat <<INFO
+
+Lab fleet is up: hub 10.231.12.10 (hub, UI, Prometheus, agents), web1 10.231.12.11, db1 10.231.12.12.
+  UI (127.0.0.1:8080 inside hub) and Prometheus (9090 on hub), through an SSH tunnel:
+      ssh $ssh_opts -N -L 8080:127.0.0.1:8080 -L 9090:127.0.0.1:9090 root@10.231.12.10
+      then open http://127.0.0.1:8080/ (UI) and http://127.0.0.1:9090/targets (Prometheus)
+  Units on a machine:
+      scripts/nspawn/nspawn-run.sh hub systemctl status 'amoskys-*'
+      ssh $ssh_opts root@10.231.12.11 systemctl status 'amoskys-*'
+  Fleet and events from the hub:
+      scripts/nspawn/nspawn-run.sh hub /opt/amoskys/venv/bin/amoskys status
+      scripts/nspawn/nspawn-run.sh hub /opt/amoskys/venv/bin/amoskys query --since 15m --kind auth
+  Remove it: make lab-down
+INFO
+}
+
+down() {
+  "$nspawn/nspawn-stop.sh" "${machines[@]%%:*}"
+  "$nspawn/net-down.sh" "$bridge" "$subnet"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
