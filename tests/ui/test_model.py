@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from amoskys.ui import model, svg
-from amoskys.v1 import bus_pb2
+from amoskys.v1 import bus_pb2, events_pb2
 
 S = 1_000_000_000
 NOW = 1_800_000_000 * S
@@ -66,3 +66,25 @@ def test_charts_are_plain_svg() -> None:
     assert 'aria-label="rate &quot;x&quot;"' in chart
     assert "max 5 events/s" in chart
     assert "style=" not in chart and "<script" not in chart
+
+
+def test_devices_latest_state_per_device_icmp_ones_by_address() -> None:
+    def stored(action: int, mac: str, ip: str, interface: str = "eth0") -> bus_pb2.StoredEvent:
+        device = events_pb2.DeviceEvent(action=action, mac=mac, ips=[ip], interface=interface)  # type: ignore[arg-type]
+        return bus_pb2.StoredEvent(event=events_pb2.Event(agent="scanner", device=device))
+
+    Action = events_pb2.DeviceEvent.Action
+    newest_first = [
+        stored(Action.GONE, "02:00:00:00:00:02", "10.0.0.2"),
+        stored(Action.NEW, "", "10.9.0.5"),  # ICMP: no MAC
+        stored(Action.NEW, "", "10.9.0.6"),
+        stored(Action.CHANGED, "02:00:00:00:00:01", "10.0.0.9"),
+        stored(Action.NEW, "02:00:00:00:00:01", "10.0.0.1"),
+        stored(Action.NEW, "02:00:00:00:00:02", "10.0.0.2"),
+    ]
+    shown = {(d["mac"], tuple(d["ips"]), d["last_change"]) for d in model.devices(newest_first)}
+    assert shown == {
+        ("", ("10.9.0.5",), "new"),
+        ("", ("10.9.0.6",), "new"),
+        ("02:00:00:00:00:01", ("10.0.0.9",), "changed"),
+    }

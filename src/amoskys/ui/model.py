@@ -255,10 +255,14 @@ def host_metrics_view(stored: bus_pb2.StoredEvent | None) -> dict[str, Any] | No
 
 
 def devices(events: Iterable[bus_pb2.StoredEvent]) -> list[dict[str, Any]]:
-    """Devices from newest-first device events: the latest state per MAC, gone ones left out."""
-    latest: dict[str, bus_pb2.StoredEvent] = {}
+    """Devices from newest-first device events: the latest state per device, gone ones left out.
+
+    A device is its MAC on an interface; one found by ICMP (a routed subnet) has no MAC, so its address names it.
+    """
+    latest: dict[tuple[str, str], bus_pb2.StoredEvent] = {}
     for stored in events:
-        latest.setdefault(stored.event.device.mac, stored)
+        device = stored.event.device
+        latest.setdefault((device.interface, device.mac or ",".join(device.ips)), stored)
     return [
         {
             "mac": s.event.device.mac,
