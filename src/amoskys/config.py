@@ -177,6 +177,8 @@ class FlowConfig(Section, frozen=True):
     idle_timeout_s: Seconds = 15.0
     active_timeout_s: Seconds = 60.0
     max_flows: Positive = 100_000
+    promiscuous: bool = False  # also frames not addressed to this host (a mirror/SPAN port)
+    pcap: str = ""  # replay this pcap/pcapng file instead of capturing (`amoskys agent flow --pcap FILE`)
 
 
 def _ipv4_network(cidr: str) -> ipaddress.IPv4Network:

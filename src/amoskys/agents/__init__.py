@@ -11,6 +11,7 @@ __all__ = ["AGENTS", "Agent", "load_agent_class"]
 # kind -> "module:Class"; an agent is listed here only once it really works.
 AGENTS: dict[str, str] = {
     "auth": "amoskys.agents.auth:AuthAgent",
+    "flow": "amoskys.agents.flow:FlowAgent",
     "host": "amoskys.agents.host:HostAgent",
     "proc": "amoskys.agents.proc:ProcAgent",
     "snmp": "amoskys.agents.snmp:SnmpAgent",

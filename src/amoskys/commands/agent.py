@@ -4,24 +4,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from amoskys.agents import AGENTS
 from amoskys.commands import Subparsers
 from amoskys.config import AgentConfig, load_config
+from amoskys.errors import ConfigError
 from amoskys.logs import setup_logging
+
+if TYPE_CHECKING:
+    from amoskys.agents.runtime import AgentRuntime
+
+DELIVERY_POLL_S = 0.2
 
 
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("agent", help="run an agent: " + ", ".join(sorted(AGENTS)))
     parser.add_argument("name", choices=sorted(AGENTS), help="which agent")
     parser.add_argument("--config", type=Path, help="YAML config (default /etc/amoskys/agent-NAME.yml)")
+    parser.add_argument(
+        "--pcap", type=Path, help="flow only: replay this pcap/pcapng file instead of capturing, deliver, exit"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pcap is not None and args.name != "flow":
+        raise ConfigError(f"--pcap is an option of the flow agent, not of {args.name}")
     path = args.config or Path(f"/etc/amoskys/agent-{args.name}.yml")
     config = load_config(path, AgentConfig)
+    if args.pcap is not None:
+        config = msgspec.structs.replace(config, flow=msgspec.structs.replace(config.flow, pcap=str(args.pcap)))
     setup_logging(config.logging)
     asyncio.run(_main(args.name, path, config))
     return 0
@@ -30,4 +47,24 @@ def run(args: argparse.Namespace) -> int:
 async def _main(name: str, path: Path, config: AgentConfig) -> None:
     from amoskys.agents.runtime import AgentRuntime
 
-    await AgentRuntime(name, path, config).run()
+    runtime = AgentRuntime(name, path, config)
+    if name != "flow" or not config.flow.pcap:
+        await runtime.run()
+        return
+    running = asyncio.create_task(runtime.run())
+    await _stop_once_delivered(runtime, running)
+    await running
+
+
+async def _stop_once_delivered(runtime: AgentRuntime, running: asyncio.Task[None]) -> None:
+    """A replay: once the file is read and the hub has acknowledged every flow, stop as on SIGTERM."""
+    from amoskys.agents.flow import FlowAgent
+
+    assert isinstance(runtime.agent, FlowAgent)
+    replayed = asyncio.create_task(runtime.agent.replayed.wait())
+    await asyncio.wait([replayed, running], return_when=asyncio.FIRST_COMPLETED)
+    while not running.done() and (runtime.buffer or runtime.outbox.sizes()[0]):
+        await asyncio.sleep(DELIVERY_POLL_S)
+    replayed.cancel()
+    if not running.done():
+        signal.raise_signal(signal.SIGTERM)
