@@ -380,7 +380,13 @@ class SnmpAgent(Agent):
         self.trap_port = self.trap_socket.getsockname()[1] if self.trap_socket else 0
         self.receiver: TrapReceiver | None = None
         self.trap_drops = 0
-        self.engines: list[Any] = []
+        self.queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(self.QUEUE_SIZE)  # polls and traps
+        slots = engine_slots(settings.targets)
+        self.engines: list[Any] = [SnmpEngine() for _ in set(slots)]
+        self.pollers = [
+            TargetPoller(target, self.engines[slot], self.secrets)
+            for target, slot in zip(settings.targets, slots, strict=True)
+        ]
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         for collector in self.metrics.collectors():
@@ -397,34 +403,26 @@ class SnmpAgent(Agent):
         self.config = config
 
     async def collect(self) -> AsyncIterator[events_pb2.Event]:
-        queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(self.QUEUE_SIZE)
-        targets = self.config.snmp.targets
-        slots = engine_slots(targets)
-        self.engines = [SnmpEngine() for _ in set(slots)]
-        pollers = [TargetPoller(t, self.engines[slot], self.secrets) for t, slot in zip(targets, slots, strict=True)]
-        tasks = [asyncio.create_task(self._poll_loop(poller, queue)) for poller in pollers]
-        if self.trap_socket is not None and self.receiver is None:
-            self.receiver = TrapReceiver(self.config.snmp, self.trap_socket, self._on_trap(queue))
+        tasks = [asyncio.create_task(self._poll_loop(poller)) for poller in self.pollers]
+        if self.trap_socket is not None and self.receiver is None:  # it outlives a restarted collect loop
+            self.receiver = TrapReceiver(self.config.snmp, self.trap_socket, self._on_trap)
         log.info(
             "snmp agent running",
-            extra={"targets": [t.name for t in self.config.snmp.targets], "trap_port": self.trap_port},
+            extra={"targets": [p.target.name for p in self.pollers], "trap_port": self.trap_port},
         )
         try:
             while True:
-                yield await queue.get()
+                yield await self.queue.get()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for engine in self.engines:
-                engine.close_dispatcher()
-            self.engines = []
 
-    async def _poll_loop(self, poller: TargetPoller, queue: asyncio.Queue[events_pb2.Event]) -> None:
+    async def _poll_loop(self, poller: TargetPoller) -> None:
         while True:
             started = time.monotonic()
             for event in await self.poll_once(poller):
-                await queue.put(event)
+                await self.queue.put(event)
             await asyncio.sleep(max(0.0, started + self.config.snmp.interval_s - time.monotonic()))
 
     async def poll_once(self, poller: TargetPoller) -> list[events_pb2.Event]:
@@ -465,16 +463,13 @@ class SnmpAgent(Agent):
             events.append(self.event(severity, snmp=body(Kind.INTERFACE_CHANGE, [stats]), labels=labels))
         return events
 
-    def _on_trap(self, queue: asyncio.Queue[events_pb2.Event]) -> Callable[[Trap], None]:
-        def deliver(trap: Trap) -> None:
-            try:
-                queue.put_nowait(self.trap_event(trap))
-            except asyncio.QueueFull:
-                self.trap_drops += 1
-                return
-            self.metrics.traps.inc()
-
-        return deliver
+    def _on_trap(self, trap: Trap) -> None:
+        try:
+            self.queue.put_nowait(self.trap_event(trap))
+        except asyncio.QueueFull:
+            self.trap_drops += 1
+            return
+        self.metrics.traps.inc()
 
     def trap_event(self, trap: Trap) -> events_pb2.Event:
         """A TRAP event; `target` is the one target configured at the sender's address, else the address."""
@@ -493,6 +488,8 @@ class SnmpAgent(Agent):
         return counts | {"queue_full": self.trap_drops}
 
     async def close(self) -> None:
+        for engine in self.engines:
+            engine.close_dispatcher()
         if self.receiver is not None:
             self.receiver.close()
         elif self.trap_socket is not None:
