@@ -405,6 +405,7 @@ async def test_v3_trap_and_inform(tmp_path: Path) -> None:
     ]
     assert events[0].snmp.varbinds["1.3.6.1.4.1.8072.2.3.2.1"] == "42"
     assert len(seen) == 2, "the trap with a wrong privacy key is refused"
+    assert counter(agent, "amoskys_agent_snmp_traps_rejected_total", reason="decryption_error") == 1
 
 
 # ---- configuration ---------------------------------------------------------------------------------
