@@ -8,7 +8,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: build-wheelhouse.sh OUTDIR}
 python=${PYTHON:-$root/.venv/bin/python}
 [ -x "$python" ] || { echo "no build interpreter at $python: run 'make' (the project venv) first" >&2; exit 2; }
-stamp=$(cd "$root" && find src/amoskys proto pyproject.toml hatch_build.py -type f \
+stamp=$(cd "$root" && find src/amoskys proto pyproject.toml hatch_build.py scripts/build-wheelhouse.sh -type f \
           ! -name '*_pb2*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 if [ -f "$out/.stamp" ] && [ "$(cat "$out/.stamp")" = "$stamp" ]; then echo "wheelhouse cached: $out"; exit 0; fi
 mkdir -p "$(dirname "$out")"
@@ -16,6 +16,7 @@ tmp=$(mktemp -d "$out.tmp.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 # --no-build-isolation: the project venv already has the build backend and the protobuf generators.
 "$python" -m pip wheel --quiet --no-build-isolation --wheel-dir "$tmp" "$root"
+(cd "$tmp" && sha256sum -- *.whl > SHA256SUMS)   # what hosts compare with what they installed
 echo "$stamp" > "$tmp/.stamp"
 chmod 0755 "$tmp"
 rm -rf "$out"; mv "$tmp" "$out"; trap - EXIT
