@@ -194,6 +194,33 @@ async def test_dropped_events_are_reported_to_the_hub(live_hub: LiveHub, tmp_pat
     assert int(alert.event.alert.details["dropped"]) >= dropped  # heartbeats keep overflowing the tiny outbox
 
 
+async def test_idle_publisher_does_not_wait_for_the_linger(live_hub: LiveHub, tmp_path: Path) -> None:
+    """Nothing in flight: an event is sealed and sent at once, not after batch.max_linger_ms (here 60 s)."""
+    config = agent_config(live_hub, tmp_path, "host", batch={"max_events": 500, "max_linger_ms": 60_000})
+    runtime = AgentRuntime("host", None, config)
+    task = await start(runtime)
+    try:
+        stored: list[bus_pb2.StoredEvent] = []
+        for _ in range(200):  # 20 s at most, a third of the linger
+            stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"], kinds=["heartbeat"]))
+            if stored:
+                break
+            await asyncio.sleep(0.1)
+        assert stored
+        marker = runtime.agent.event(labels={"marker": "late-event"})
+        runtime.buffer.append(marker.SerializeToString())
+        found: list[str] = []
+        for _ in range(200):
+            everything = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+            found = [s.event.event_id for s in everything if s.event.labels.get("marker") == "late-event"]
+            if found:
+                break
+            await asyncio.sleep(0.1)
+        assert found == [marker.event_id]
+    finally:
+        await stop(runtime, task)
+
+
 # pysnmp encrypts SNMPv3 (AES/DES) with cryptography: only the snmp agent carries it.
 HEAVY_ALLOWED = {"snmp": {"cryptography"}}
 

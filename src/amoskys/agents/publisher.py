@@ -122,6 +122,12 @@ class Publisher:
         self.on_acked = on_acked
         self.backoff = Backoff()
         self.connected = False
+        self._inflight: Inflight | None = None  # the open stream's window; None between streams
+
+    @property
+    def idle(self) -> bool:
+        """A stream is open and nothing is in flight: an envelope sealed now would go out at once."""
+        return self._inflight is not None and not self._inflight
 
     async def run(self) -> None:
         """Publish forever: one stream per session, reconnecting as needed."""
@@ -150,21 +156,25 @@ class Publisher:
         inflight: Inflight = collections.deque()
         last_sent = 0
         await stream.send_request()
-        while True:
-            last_sent = await self._fill(stream, inflight, last_sent)
-            if not inflight:
-                self.wake.clear()
-                await wait_event(self.wake, 1.0)
-                continue
-            ack = await stream.recv_message()
-            if ack is None:  # the hub ended the stream: its status says why
-                await stream.recv_trailing_metadata()
-                raise EndSession(self.backoff.next())
-            self._set_connected(True)
-            sent, started = inflight.popleft()
-            pause = self._on_ack(sent, ack, time.perf_counter() - started)
-            if pause is not None:
-                raise EndSession(pause)
+        self._inflight = inflight
+        try:
+            while True:
+                last_sent = await self._fill(stream, inflight, last_sent)
+                if not inflight:
+                    self.wake.clear()
+                    await wait_event(self.wake, 1.0)
+                    continue
+                ack = await stream.recv_message()
+                if ack is None:  # the hub ended the stream: its status says why
+                    await stream.recv_trailing_metadata()
+                    raise EndSession(self.backoff.next())
+                self._set_connected(True)
+                sent, started = inflight.popleft()
+                pause = self._on_ack(sent, ack, time.perf_counter() - started)
+                if pause is not None:
+                    raise EndSession(pause)
+        finally:
+            self._inflight = None
 
     async def _fill(self, stream: PublishStream, inflight: Inflight, last: int) -> int:
         room = self.config.batch.max_inflight - len(inflight)

@@ -120,12 +120,16 @@ class AgentRuntime:
                 self.flush()
 
     async def _batcher(self) -> None:
-        """Seal when a batch is full or its oldest event has lingered long enough."""
+        """Seal when a batch is full, its oldest event has lingered long enough, or the publisher is idle.
+
+        Like Nagle's algorithm: with nothing in flight an envelope goes out at once (low latency at
+        low rates); while envelopes are in flight, events gather into fuller batches.
+        """
         batch = self.config.batch
         while True:
             count, oldest_ns = self.outbox.pending_events(batch.max_events)
             waited_ms = (time.time_ns() - oldest_ns) / 1e6 if count else 0
-            if count and (count >= batch.max_events or waited_ms >= batch.max_linger_ms):
+            if count and (count >= batch.max_events or waited_ms >= batch.max_linger_ms or self.publisher.idle):
                 self._seal(batch.max_events)
                 continue
             self.flushed.clear()
