@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -71,9 +71,9 @@ class Agent(ABC):
     def restore(self, state: dict[str, str]) -> None:  # noqa: B027 - optional hook
         """Take back the position saved by `checkpoint` (called once, before `collect`)."""
 
-    def shutdown_events(self) -> list[events_pb2.Event]:
+    def shutdown_events(self) -> Iterable[events_pb2.Event]:
         """Events that only stopping produces (e.g. flows still open); called once, after `collect` stopped."""
-        return []
+        return ()
 
     def register_metrics(self, registry: CollectorRegistry) -> None:  # noqa: B027 - optional hook
         """Declare the agent's own metrics (`amoskys_agent_KIND_*`) in the runtime's registry."""

@@ -9,8 +9,8 @@ receiver the initiator). It counts packets, IP bytes and TCP flags each way and 
 - no packet for `flow.idle_timeout_s` (IDLE_TIMEOUT);
 - it has lasted `flow.active_timeout_s`: that slice is reported (ACTIVE_TIMEOUT), counters start
   over and the flow goes on;
-- the table holds `flow.max_flows` and a new flow needs room: the least recently seen one goes
-  (EVICTED, counted in `amoskys_agent_flow_evicted_total`);
+- the table holds `flow.max_flows` and a new flow needs room: one not seen lately goes (EVICTED,
+  counted in `amoskys_agent_flow_evicted_total`);
 - the agent stops or the pcap ends (SHUTDOWN).
 
 Time is the packets' own: kernel timestamps live, file timestamps in a replay, so a replay gives
@@ -19,11 +19,13 @@ the same flows every time.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -60,47 +62,43 @@ READ_BUDGET = 512  # frames read per wake-up, so the event loop stays responsive
 REPLAY_BATCH = 4096  # records replayed between yields to the event loop
 YIELD_EVERY = 1000  # events handed over between yields to the event loop
 NEVER = 1 << 62
+LOW_BEGAN = 1  # the key's first (lower) side began the flow
+FIN_LOW, FIN_HIGH = 2, 4  # each side's FIN seen
+RECENT = 8  # seen since the eviction clock last passed (second chance)
 
-# (protocol, initiator ip, initiator port, responder ip, responder port, vlan, interface index)
-Key = tuple[int, bytes, int, bytes, int, int, int]
+# A flow's key: lower address, higher address, their ports, protocol, vlan, interface index; the
+# lower side is the one whose (address, port) sorts first, so both directions find the same key.
+KEY_TAIL = struct.Struct(">HHBHH")
+KEY_V4 = struct.Struct(">4s4sHHBHH")
+KEY_V6 = struct.Struct(">16s16sHHBHH")
+_key_tail = KEY_TAIL.pack
 
-
-class Flow:
-    """Counters of the current slice of one flow, and its end state."""
-
-    __slots__ = ("bucket", "bytes_in", "bytes_out", "close_at", "closing", "due", "fins", "first",
-                 "flags_in", "flags_out", "last", "packets_in", "packets_out")  # fmt: skip
-
-    def __init__(self, ts: int) -> None:
-        self.packets_out = self.bytes_out = self.packets_in = self.bytes_in = 0
-        self.flags_out = self.flags_in = self.fins = self.closing = 0
-        self.first = self.last = ts
-        self.close_at = NEVER
-        self.due = NEVER  # the earliest of close_at and first + active timeout: a packet at or after it checks
-        self.bucket = -1  # second in which this slice's active timeout falls (-1: not scheduled)
-
-    def slice(self) -> Flow:
-        """A copy of the counters, to report while this flow goes on."""
-        copy = Flow(self.first)
-        copy.last, copy.packets_out, copy.bytes_out, copy.packets_in, copy.bytes_in = (
-            self.last,
-            self.packets_out,
-            self.bytes_out,
-            self.packets_in,
-            self.bytes_in,
-        )
-        copy.flags_out, copy.flags_in = self.flags_out, self.flags_in
-        return copy
+# A reported flow: key, state bits, first_ns, last_ns, packets and bytes out and in, flags, end reason
+Ended = tuple[bytes, int, int, int, int, int, int, int, int, int]
 
 
 class FlowTable:
-    """The bounded flow table; `add` takes parsed packets, ended flows collect in `ended`."""
+    """The bounded flow table, in columns: an array per field and a row per flow (~250 bytes a flow).
+
+    `add` counts parsed packets, `expire` applies the timeouts at a time, and `take` hands out the
+    flows that ended as events. A full table evicts a flow not seen lately (the clock algorithm:
+    a flow seen since the clock hand last passed gets a second chance).
+    """
 
     def __init__(self, settings: FlowConfig, interface_name: Callable[[int], str]) -> None:
-        self.flows: collections.OrderedDict[Key, Flow] = collections.OrderedDict()  # least recently seen first
-        self.closing: dict[Key, Flow] = {}
-        self.slices: dict[int, dict[Key, Flow]] = {}  # active-timeout second -> flows whose slice ends then
-        self.ended: list[tuple[Key, Flow, int]] = []  # turned into events by `take`, one at a time
+        self.rows: dict[bytes, int] = {}  # key -> row
+        self.keys: list[bytes] = []  # row -> key; b"" for a free row
+        self.free = array.array("I")
+        self.first, self.last = array.array("q"), array.array("q")
+        self.due = array.array("q")  # first + active timeout, or close time if sooner; 0: empty slice
+        self.packets_out, self.bytes_out = array.array("Q"), array.array("Q")
+        self.packets_in, self.bytes_in = array.array("Q"), array.array("Q")
+        self.flags = array.array("H")  # the initiator's TCP flags | the responder's << 8
+        self.state = array.array("B")
+        self.closing: dict[int, tuple[int, int]] = {}  # row -> (close time, FIN or RST)
+        self.ended: list[Ended] = []
+        self.ending_all = False
+        self.hand = 0
         self.interface_name = interface_name
         self.evicted = 0
         self.reported: collections.Counter[int] = collections.Counter()
@@ -112,151 +110,162 @@ class FlowTable:
         self.active = int(settings.active_timeout_s * SEC)
         self.max_flows = settings.max_flows
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
     def add(self, ts: int, iface: int, packet: Parsed) -> None:
         """Count one packet (`ts` in ns) into its flow, creating, ending or slicing flows as due."""
         if ts >= self.next_tick:
             self.expire(ts)
         protocol, src, sport, dst, dport, flags, length, vlan = packet
-        key: Key = (protocol, src, sport, dst, dport, vlan, iface)
-        flows = self.flows
-        flow = flows.get(key)
-        outbound = flow is not None
-        reverse: Key = (protocol, dst, dport, src, sport, vlan, iface)
-        if flow is None:
-            flow = flows.get(reverse)
-            if flow is not None:
-                key = reverse
-        if flow is not None and (ts >= flow.due or ts - flow.last >= self.idle):
-            flow = self._due(key, flow, ts)
-        if flow is None:
-            # a new flow: its sender began it, unless it is a SYN-ACK (we missed the SYN: its receiver began)
-            outbound = not (protocol == 6 and flags & (SYN | ACK) == SYN | ACK)
-            key = (protocol, src, sport, dst, dport, vlan, iface) if outbound else reverse
-            flow = self._start(key, ts)
+        low_sends = src < dst or (src == dst and sport <= dport)
+        if low_sends:
+            key = src + dst + _key_tail(sport, dport, protocol, vlan, iface)
         else:
-            flows.move_to_end(key)
-        flow.last = ts
-        if outbound:
-            flow.packets_out += 1
-            flow.bytes_out += length
-            flow.flags_out |= flags
+            key = dst + src + _key_tail(dport, sport, protocol, vlan, iface)
+        row = self.rows.get(key)
+        if row is None or ts >= self.due[row] or ts - self.last[row] >= self.idle:
+            row = self._row_after_deadline(key, row, ts, low_sends, protocol == 6 and flags & (SYN | ACK) == SYN | ACK)
+        states = self.state
+        state = states[row]
+        states[row] = state | RECENT
+        self.last[row] = ts
+        if (state & LOW_BEGAN != 0) == low_sends:  # from the initiator
+            self.packets_out[row] += 1
+            self.bytes_out[row] += length
+            self.flags[row] |= flags
         else:
-            flow.packets_in += 1
-            flow.bytes_in += length
-            flow.flags_in |= flags
+            self.packets_in[row] += 1
+            self.bytes_in[row] += length
+            self.flags[row] |= flags << 8
         if flags & (FIN | RST) and protocol == 6:
-            self._tcp_end(key, flow, flags, outbound, ts)
+            self._tcp_end(row, flags, low_sends, ts)
 
-    def _start(self, key: Key, ts: int) -> Flow:
-        if len(self.flows) >= self.max_flows:
-            old_key, old = self.flows.popitem(last=False)
+    def _row_after_deadline(self, key: bytes, row: int | None, ts: int, low_sends: bool, syn_ack: bool) -> int:
+        """The row for a packet of a new flow, or of a flow past a deadline (which may end it first)."""
+        if row is not None and not self._deadline(row, ts):
+            if not self.due[row]:  # a new slice begins with this packet
+                self.first[row] = ts
+                self.due[row] = min(ts + self.active, self.closing.get(row, (NEVER, 0))[0])
+            return row
+        # a new flow: its sender began it, unless it is a SYN-ACK (we missed the SYN: its receiver began)
+        return self._start(key, ts, low_sends != syn_ack)
+
+    def _start(self, key: bytes, ts: int, began_low: bool) -> int:
+        while len(self.rows) >= self.max_flows:
+            self._evict()
+        row = self.free.pop() if self.free else self._grow()
+        self.rows[key], self.keys[row] = row, key
+        self.first[row] = self.last[row] = ts
+        self.due[row] = ts + self.active
+        self.packets_out[row] = self.bytes_out[row] = self.packets_in[row] = self.bytes_in[row] = self.flags[row] = 0
+        self.state[row] = LOW_BEGAN if began_low else 0
+        return row
+
+    def _grow(self) -> int:
+        for column in (self.first, self.last, self.due, self.packets_out, self.bytes_out, self.packets_in,
+                       self.bytes_in, self.flags, self.state):  # fmt: skip
+            column.append(0)
+        self.keys.append(b"")
+        return len(self.keys) - 1
+
+    def _evict(self) -> None:
+        keys, state = self.keys, self.state
+        while True:
+            row, self.hand = self.hand, (self.hand + 1) % len(keys)
+            if not keys[row]:
+                continue
+            if state[row] & RECENT:
+                state[row] &= ~RECENT
+                continue
             self.evicted += 1
-            self._end(old_key, old, EndReason.EVICTED)
-        flow = self.flows[key] = Flow(ts)
-        self._schedule(key, flow, ts)
-        return flow
+            self._end(row, EndReason.EVICTED)
+            return
 
-    def _due(self, key: Key, flow: Flow, ts: int) -> Flow | None:
-        """A packet for a flow past a deadline: end it (None), or report its slice and go on."""
-        if ts >= flow.close_at:
-            self._end(key, flow, flow.closing)
-            return None
-        if ts - flow.last >= self.idle:
-            self._end(key, flow, EndReason.IDLE_TIMEOUT)
-            return None
-        if flow.bucket >= 0 and ts - flow.first >= self.active:
-            self._report_slice(key, flow)
-        if flow.bucket < 0:  # a new slice starts with this packet
-            flow.first = ts
-            self._schedule(key, flow, ts)
-        return flow
+    def _deadline(self, row: int, now: int) -> bool:
+        """End the flow (True) if it closed or idled out by `now`; report its slice if that is due."""
+        closing = self.closing.get(row)
+        if closing is not None and now >= closing[0]:
+            self._end(row, closing[1])
+            return True
+        if now - self.last[row] >= self.idle:
+            self._end(row, EndReason.IDLE_TIMEOUT)
+            return True
+        if self.due[row] and now - self.first[row] >= self.active:
+            self._report(row, EndReason.ACTIVE_TIMEOUT)
+            self.packets_out[row] = self.bytes_out[row] = self.packets_in[row] = self.bytes_in[row] = 0
+            self.flags[row] = self.due[row] = 0  # the counters start over; the next packet opens a slice
+        return False
 
-    def _tcp_end(self, key: Key, flow: Flow, flags: int, outbound: bool, ts: int) -> None:
-        if flow.closing:
+    def _tcp_end(self, row: int, flags: int, low_sends: bool, ts: int) -> None:
+        """Both FINs or a RST: the flow closes after CLOSE_GRACE_NS (the last ACKs still count)."""
+        if row in self.closing:
             return
         if flags & RST:
-            flow.closing = EndReason.RST
+            reason = EndReason.RST
         else:
-            flow.fins |= 1 if outbound else 2
-            if flow.fins != 3:
+            state = self.state[row] = self.state[row] | (FIN_LOW if low_sends else FIN_HIGH)
+            if state & (FIN_LOW | FIN_HIGH) != FIN_LOW | FIN_HIGH:
                 return
-            flow.closing = EndReason.FIN
-        flow.close_at = ts + CLOSE_GRACE_NS
-        flow.due = min(flow.due, flow.close_at)
-        self.closing[key] = flow
+            reason = EndReason.FIN
+        close_at = ts + CLOSE_GRACE_NS
+        self.closing[row] = (close_at, reason)
+        self.due[row] = min(self.due[row], close_at)
 
-    def _schedule(self, key: Key, flow: Flow, ts: int) -> None:
-        flow.bucket = (ts + self.active) // SEC
-        flow.due = min(ts + self.active, flow.close_at)
-        self.slices.setdefault(flow.bucket, {})[key] = flow
+    def _report(self, row: int, reason: int) -> None:
+        if self.packets_out[row] or self.packets_in[row]:  # empty: its last slice was reported already
+            self.ended.append((self.keys[row], self.state[row], self.first[row], self.last[row],
+                               self.packets_out[row], self.bytes_out[row], self.packets_in[row],
+                               self.bytes_in[row], self.flags[row], reason))  # fmt: skip
 
-    def _unschedule(self, key: Key, flow: Flow) -> None:
-        bucket = self.slices.get(flow.bucket)
-        if bucket is not None:
-            bucket.pop(key, None)
-        flow.bucket = -1
-        flow.due = flow.close_at
-
-    def _report_slice(self, key: Key, flow: Flow) -> None:
-        """ACTIVE_TIMEOUT: report the slice, start the counters over; the next packet opens a slice."""
-        self._unschedule(key, flow)
-        self.ended.append((key, flow.slice(), EndReason.ACTIVE_TIMEOUT))
-        flow.packets_out = flow.bytes_out = flow.packets_in = flow.bytes_in = flow.flags_out = flow.flags_in = 0
-        flow.due = 0  # the next packet goes through _due and starts a slice
-
-    def _end(self, key: Key, flow: Flow, reason: int) -> None:
-        self.flows.pop(key, None)
-        self.closing.pop(key, None)
-        self._unschedule(key, flow)
-        if flow.packets_out or flow.packets_in:  # empty: its last slice was reported already
-            self.ended.append((key, flow, reason))
-
-    def _event(self, key: Key, flow: Flow, reason: int) -> events_pb2.FlowEvent:
-        protocol, src, sport, dst, dport, vlan, iface = key
-        self.reported[reason] += 1
-        return events_pb2.FlowEvent(
-            interface=self.interface_name(iface), protocol=protocol, vlan=vlan,
-            src_ip=_address(src), src_port=sport, dst_ip=_address(dst), dst_port=dport,
-            packets_out=flow.packets_out, bytes_out=flow.bytes_out, packets_in=flow.packets_in, bytes_in=flow.bytes_in,
-            tcp_flags_out=flow.flags_out, tcp_flags_in=flow.flags_in, first_ns=flow.first, last_ns=flow.last,
-            end_reason=reason,  # type: ignore[arg-type]
-        )  # fmt: skip
+    def _end(self, row: int, reason: int) -> None:
+        self._report(row, reason)
+        del self.rows[self.keys[row]]
+        self.keys[row] = b""
+        self.closing.pop(row, None)
+        self.free.append(row)
 
     def expire(self, now: int) -> None:
         """End or slice every flow whose deadline is at or before `now` (ns)."""
         self.next_tick = now + TICK_NS
-        idle = []
-        for key, flow in self.flows.items():  # least recently seen first
-            if now - flow.last < self.idle:
-                break
-            idle.append((key, flow))
-        for key, flow in idle:
-            self._end(key, flow, EndReason.IDLE_TIMEOUT)
-        for key, flow in [(k, f) for k, f in self.closing.items() if f.close_at <= now]:
-            self._end(key, flow, flow.closing)
-        for second in sorted(s for s in self.slices if s * SEC <= now):
-            bucket = self.slices[second]
-            for key, flow in [(k, f) for k, f in bucket.items() if now - f.first >= self.active]:
-                self._report_slice(key, flow)
-            if not bucket:
-                del self.slices[second]
+        last, due, idle = self.last, self.due, self.idle
+        for row, key in enumerate(self.keys):
+            if key and (now - last[row] >= idle or 0 < due[row] <= now):
+                self._deadline(row, now)
 
     def end_all(self) -> None:
-        """Report every open flow: SHUTDOWN, or FIN/RST for those already closing."""
-        for key, flow in list(self.flows.items()):
-            self._end(key, flow, flow.closing or EndReason.SHUTDOWN)
-        self.slices.clear()
+        """End every open flow (SHUTDOWN, or FIN/RST if it was closing) as `take` hands them out."""
+        self.ending_all = True
 
     def take(self) -> Iterator[events_pb2.FlowEvent]:
-        """The flows ended so far as events, built one at a time (an end of capture can end 100,000)."""
+        """The flows that ended, as events built one at a time (ending a capture can end 100,000)."""
         while self.ended:
             ended, self.ended = self.ended, []
-            for key, flow, reason in ended:
-                yield self._event(key, flow, reason)
+            for flow in ended:
+                yield self._event(*flow)
+        if self.ending_all:
+            self.ending_all = False
+            for row, key in enumerate(self.keys):
+                if key:
+                    self._end(row, self.closing.get(row, (0, EndReason.SHUTDOWN))[1])
+                    while self.ended:
+                        yield self._event(*self.ended.pop())
 
-
-def _address(raw: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    def _event(self, key: bytes, state: int, first: int, last: int, packets_out: int, bytes_out: int,
+               packets_in: int, bytes_in: int, flags: int, reason: int) -> events_pb2.FlowEvent:  # fmt: skip
+        layout, family = (KEY_V4, socket.AF_INET) if len(key) == KEY_V4.size else (KEY_V6, socket.AF_INET6)
+        low, high, low_port, high_port, protocol, vlan, iface = layout.unpack(key)
+        src, sport, dst, dport = (
+            (low, low_port, high, high_port) if state & LOW_BEGAN else (high, high_port, low, low_port)
+        )
+        self.reported[reason] += 1
+        return events_pb2.FlowEvent(
+            interface=self.interface_name(iface), protocol=protocol, vlan=vlan,
+            src_ip=socket.inet_ntop(family, src), src_port=sport, dst_ip=socket.inet_ntop(family, dst), dst_port=dport,
+            packets_out=packets_out, bytes_out=bytes_out, packets_in=packets_in, bytes_in=bytes_in,
+            tcp_flags_out=flags & 0xFF, tcp_flags_in=flags >> 8, first_ns=first, last_ns=last,
+            end_reason=reason,  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 class FlowAgent(Agent):
@@ -303,10 +312,10 @@ class FlowAgent(Agent):
         if self.reader is not None:
             self.replayed.set()
 
-    def shutdown_events(self) -> list[events_pb2.Event]:
+    def shutdown_events(self) -> Iterator[events_pb2.Event]:
         """Flows still open when the agent stops: SHUTDOWN (or FIN/RST if they were closing)."""
         self.table.end_all()
-        return [self.event(flow=flow) for flow in self.table.take()]
+        return (self.event(flow=flow) for flow in self.table.take())
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -468,4 +477,4 @@ class _FlowMetrics:
             ("file_problems", "Pcap files cut short or corrupt", agent.file_problems),
         ):
             yield CounterMetricFamily(f"amoskys_agent_flow_{name}", text, value=value)
-        yield GaugeMetricFamily("amoskys_agent_flow_open", "Flows in the table", value=len(table.flows))
+        yield GaugeMetricFamily("amoskys_agent_flow_open", "Flows in the table", value=len(table))

@@ -100,6 +100,8 @@ def _ethernet(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | 
             return TRUNCATED
         vlan = vlan or (buf[off] & 0xF) << 8 | buf[off + 1]
         ethertype, off = buf[off + 2] << 8 | buf[off + 3], off + 4
+    if ethertype == ETH_IPV4:
+        return _ipv4(buf, off, end, wire - (off - start), vlan)
     return _ip_by_ethertype(buf, off, end, wire - (off - start), ethertype, vlan)
 
 
@@ -252,17 +254,33 @@ class PcapReader:
         header = struct.Struct(self._order + "IIII").unpack_from
         unit = self._ts_unit
         while self._fill(16):
-            seconds, fraction, caplen, wire = header(self._buf, self._pos)
+            buf, pos = self._buf, self._pos
+            size = len(buf)
+            while size - pos >= 16:  # the records complete in this chunk
+                seconds, fraction, caplen, wire = header(buf, pos)
+                end = pos + 16 + caplen
+                if end > size or caplen > MAX_RECORD:
+                    break
+                self.records_read += 1
+                yield (
+                    seconds * 1_000_000_000 + fraction * unit,
+                    0,
+                    buf,
+                    pos + 16,
+                    end,
+                    wire if wire > caplen else caplen,
+                )
+                pos = end
+            self._pos = pos
+            if size - pos < 16:
+                continue
+            caplen = header(buf, pos)[2]
             if caplen > MAX_RECORD:
                 self.problem = f"{self.path}: corrupt record {self.records_read + 1} (length {caplen})"
                 return
             if not self._fill(16 + caplen):
                 self._cut("a packet")
                 return
-            start = self._pos + 16
-            self._pos = start + caplen
-            self.records_read += 1
-            yield seconds * 1_000_000_000 + fraction * unit, 0, self._buf, start, start + caplen, max(wire, caplen)
         self._cut("a record header")
 
     def _pcapng_records(self) -> Iterator[Record]:
