@@ -2,7 +2,8 @@
 """snmp agent benchmark: RSS of the agent process polling a few targets, poll latency, concurrency.
 
     python benchmarks/snmp.py                     # all parts
-    python benchmarks/snmp.py --part process      # `amoskys agent snmp` against snmpd, through a hub
+    python benchmarks/snmp.py --part process      # `amoskys agent snmp` against snmpd, through a hub:
+                                                  # one v2c target; then five targets and the trap receiver
     python benchmarks/snmp.py --part latency      # in-process poll latency (v2c, v3 SHA/AES)
     python benchmarks/snmp.py --part imports      # resident memory of what the agent imports
 
@@ -116,13 +117,21 @@ def wait_for_log(log: Path, find: Any, timeout: float = 30) -> int:
     raise SystemExit(f"agent did not start: {log.read_text()[-2000:]}")
 
 
-def process_part(work: Path, snmpd: Snmpd, seconds: float, interval: float, traps: int) -> dict[str, Any]:
+def process_part(root: Path, snmpd: Snmpd, scenario: str, args: argparse.Namespace) -> dict[str, Any]:
+    """`lab`: five targets and the trap receiver; `single`: one v2c target, no receiver."""
+    work = root / scenario
+    pki.init_ca(work / "ca")
+    (work / "ids" / "trust").mkdir(parents=True)
     hub, port, _ = start_hub(work, work / "ids")
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
     try:
-        snmp = {"targets": targets(snmpd, silent.getsockname()[1]), "interval_s": interval,
-                "trap_listen": "127.0.0.1:0", "trap_communities": [TRAP_COMMUNITY]}  # fmt: skip
+        every = targets(snmpd, silent.getsockname()[1])
+        snmp: dict[str, Any] = {"targets": every, "interval_s": args.interval}
+        if scenario == "lab":
+            snmp |= {"trap_listen": "127.0.0.1:0", "trap_communities": [TRAP_COMMUNITY]}
+        else:
+            snmp["targets"] = every[:1]
         config = write_agent_config(work, "snmp", port, snmp=snmp, metrics={"listen": "127.0.0.1:0"})
         hub.send_signal(1)  # SIGHUP: the hub learns the agent's key
         time.sleep(0.5)
@@ -131,7 +140,10 @@ def process_part(work: Path, snmpd: Snmpd, seconds: float, interval: float, trap
             agent = subprocess.Popen([sys.executable, "-m", "amoskys", "agent", "snmp", "--config", str(config)],
                                      stderr=err)  # fmt: skip
         try:
-            return run_agent(work, snmpd, agent, log, seconds, traps)
+            traps = args.traps if scenario == "lab" else 0
+            return {"scenario": scenario, "targets": len(snmp["targets"])} | run_agent(
+                work, snmpd, agent, log, args.seconds, traps
+            )
         finally:
             agent.terminate()
             agent.wait(30)
@@ -145,7 +157,7 @@ def run_agent(
     work: Path, snmpd: Snmpd, agent: subprocess.Popen[bytes], log: Path, seconds: float, traps: int
 ) -> dict[str, Any]:
     metrics = wait_for_log(log, metrics_port)
-    trap_seconds = send_traps(snmpd, wait_for_log(log, trap_port), traps)
+    trap_seconds = send_traps(snmpd, wait_for_log(log, trap_port), traps) if traps else 0.0
     before = proc_stats(agent.pid)
     time.sleep(seconds)
     after = proc_stats(agent.pid)
@@ -153,7 +165,6 @@ def run_agent(
     time.sleep(1.0)  # the last batch reaches the hub
     return {
         "part": "process",
-        "targets": 5,
         "seconds": seconds,
         "rss_mb": round(after["rss_mb"], 1),
         "peak_rss_mb": round(after["peak_rss_mb"], 1),
@@ -236,10 +247,8 @@ def main() -> int:
             if args.part in ("latency", "all"):
                 print(json.dumps(asyncio.run(poll_latency(snmpd, args.polls))), flush=True)
             if args.part in ("process", "all"):
-                pki.init_ca(work / "ca")
-                (work / "ids" / "trust").mkdir(parents=True)
-                report = process_part(work, snmpd, args.seconds, args.interval, args.traps)
-                print(json.dumps(report), flush=True)
+                for scenario in ("single", "lab"):
+                    print(json.dumps(process_part(work, snmpd, scenario, args)), flush=True)
     return 0
 
 
