@@ -5,7 +5,7 @@
 # Optional env: NSPAWN_IP=10.231.12.10/24 [NSPAWN_GW=10.231.12.1]: static address on host0 after boot.
 # State: /run/amoskys-nspawn/NAME.{pid,leader,log}; a machine already running is left alone.
 set -euo pipefail
-name=$1; rootfs=$2; shift 2
+name=$1; rootfs=$(readlink -f "$2"); shift 2   # a versioned rootfs: pin the version it boots
 state=/run/amoskys-nspawn; mkdir -p "$state"
 if [ -f "$state/$name.pid" ] && kill -0 "$(cat "$state/$name.pid")" 2>/dev/null; then
   echo "$name: already running (leader $(cat "$state/$name.leader" 2>/dev/null))"; exit 0
