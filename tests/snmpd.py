@@ -64,15 +64,15 @@ def _config(root: Path, port: int) -> str:
     )
     return (
         f"[snmp] persistentDir {root / 'persist'}\n"
-        f"agentaddress udp:127.0.0.1:{port}\n"
-        f"rocommunity {COMMUNITY} 127.0.0.1\n"
+        f"agentaddress udp:127.0.0.1:{port},udp6:[::1]:{port}\n"
+        f"rocommunity {COMMUNITY} 127.0.0.1\nrocommunity6 {COMMUNITY} ::1\n"
         f"{users}sysname {SYS_NAME}\nsysdescr {SYS_DESCR}\n"
     )
 
 
 @contextlib.contextmanager
 def run_snmpd(root: Path) -> Iterator[Snmpd]:
-    """snmpd on 127.0.0.1:<free port> with a v2c community and the v3 users; stopped on the way out."""
+    """snmpd on 127.0.0.1 and [::1] (same free port) with a v2c community and the v3 users; stopped on the way out."""
     (root / "persist").mkdir(parents=True, exist_ok=True)
     port = free_udp_port()
     config = root / "snmpd.conf"

@@ -408,6 +408,18 @@ async def test_v3_trap_and_inform(tmp_path: Path) -> None:
     assert counter(agent, "amoskys_agent_snmp_traps_rejected_total", reason="decryption_error") == 1
 
 
+async def test_ipv6_target_and_trap_receiver(snmpd: Snmpd, tmp_path: Path) -> None:
+    agent = trap_agent(tmp_path, targets=[target(snmpd, "v6", address="::1")], trap_listen="[::1]:0")
+    (event,) = await poll(agent)
+    assert (event.snmp.kind, event.snmp.sys_name) == (Kind.POLL, SYS_NAME), event.snmp.error
+    async with collecting(agent) as wait:
+        await send(trap_env(tmp_path), "snmptrap", "-v2c", "-c", TRAP_COMMUNITY, f"udp6:[::1]:{agent.trap_port}", "",
+                   "1.3.6.1.4.1.8072.2.3.0.1")  # fmt: skip
+        seen = await wait(lambda events: any(e.snmp.kind == Kind.TRAP for e in events))
+    (trap,) = [e for _, e in seen if e.snmp.kind == Kind.TRAP]
+    assert (trap.snmp.target, trap.labels["source"]) == ("v6", "::1")
+
+
 # ---- configuration ---------------------------------------------------------------------------------
 
 

@@ -142,10 +142,11 @@ class TrapReceiver:
         request = engine.observer.get_execution_context("rfc3412.receiveMessage:request") or {}
         version = VERSIONS.get(int(request.get("messageProcessingModel", 1)), "?")
         user = str(request.get("securityName", "")) if version == "3" else ""
+        source = str(address[0]).removeprefix("::ffff:")  # IPv4 senders on a dual-stack [::] socket
         try:
-            trap = parse_trap(str(address[0]), version, user, var_binds)
+            trap = parse_trap(source, version, user, var_binds)
         except (ValueError, TypeError) as exc:
-            log.warning("snmp trap not understood", extra={"source": str(address[0]), "error": str(exc)})
+            log.warning("snmp trap not understood", extra={"source": source, "error": str(exc)})
             return
         self.deliver(trap)
 
