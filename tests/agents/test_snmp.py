@@ -23,10 +23,12 @@ from amoskys.agents.runtime import AgentRuntime
 from amoskys.agents.snmp import (
     COLUMNS,
     SYSTEM,
+    PollError,
     SnmpAgent,
     build_result,
     counter_delta,
     engine_slots,
+    walk_columns,
 )
 from amoskys.config import AgentConfig, load_config
 from amoskys.errors import ConfigError
@@ -255,6 +257,44 @@ def test_counter_delta_wraps_32_bit_counters_and_treats_a_64_bit_decrease_as_a_r
     assert counter_delta(2**32 - 100, 50, 32) == 150
     assert counter_delta(2**64 - 100, 50, 64) is None
     assert counter_delta(5_000_000, 10, 64) is None
+
+
+async def test_walk_columns_side_by_side_until_each_leaves_its_column() -> None:
+    from pysnmp.proto.rfc1905 import endOfMibView
+
+    a, b = (1, 3, 6, 1, 9, 1), (1, 3, 6, 1, 9, 2)
+    mib = [((*a, 1), "a1"), ((*a, 2), "a2"), ((*b, 1), "b1"), ((*b, 7), "b7"), ((1, 3, 6, 1, 10), "next")]
+    requests = []
+
+    async def bulk(oids: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], Any]]:
+        """GETBULK with max-repetitions 2: per row, the next object after each column's cursor."""
+        requests.append(oids)
+        after = [[entry for entry in mib if entry[0] > oid] for oid in oids]
+        return [column[row] if row < len(column) else (oid, endOfMibView)
+                for row in range(2) for oid, column in zip(oids, after, strict=True)]  # fmt: skip
+
+    assert await walk_columns(bulk, {"a": a, "b": b}) == {"a": {1: "a1", 2: "a2"}, "b": {1: "b1", 7: "b7"}}
+    assert requests == [[a, b], [(*a, 2), (*b, 7)]]
+
+    async def backwards(oids: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], Any]]:
+        return [((*a, 5), "x")] if oids == [a] else [((*a, 3), "back")]
+
+    with pytest.raises(PollError, match="non-increasing OID in column a"):
+        await walk_columns(backwards, {"a": a})
+
+
+def test_reload_takes_the_interval_and_warns_that_targets_need_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = make_agent(tmp_path, targets=[{"name": "a", "address": "192.0.2.1", "community": "c"}])
+    faster = msgspec.structs.replace(agent.config, snmp=msgspec.structs.replace(agent.config.snmp, interval_s=5.0))
+    agent.reload(faster)
+    assert agent.config.snmp.interval_s == 5.0
+    assert "restart" not in caplog.text
+    moved = msgspec.structs.replace(faster, snmp=msgspec.structs.replace(faster.snmp, targets=[]))
+    agent.reload(moved)
+    assert "snmp targets and trap settings change on restart" in caplog.text
+    assert [p.target.name for p in agent.pollers] == ["a"]
 
 
 def _table(**columns: dict[int, Any]) -> dict[str, dict[int, Any]]:

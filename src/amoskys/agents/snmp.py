@@ -410,6 +410,8 @@ class SnmpAgent(Agent):
             "snmp agent running",
             extra={"targets": [p.target.name for p in self.pollers], "trap_port": self.trap_port},
         )
+        if not (self.pollers or self.receiver):
+            log.warning("snmp agent has nothing to do: no snmp.targets and no snmp.trap_listen")
         try:
             while True:
                 yield await self.queue.get()
