@@ -498,6 +498,22 @@ def test_bad_snmp_config_is_explained(tmp_path: Path, section: str, expected: st
         assert secret not in str(caught.value)
 
 
+def test_config_dump_masks_every_snmp_secret(tmp_path: Path) -> None:
+    from amoskys.config import dump_config
+
+    path = tmp_path / "agent-snmp.yml"
+    path.write_text(
+        "snmp:\n  trap_listen: 0.0.0.0:162\n  trap_communities: [trap-secret-1]\n"
+        "  trap_users: [{user: t, auth_key: trap-auth-secret, priv_key: trap-priv-secret}]\n"
+        "  targets:\n    - {name: a, address: 192.0.2.1, community: poll-secret}\n"
+        "    - {name: b, address: 192.0.2.2, version: 3, user: u, auth_key: auth-secret, priv_key: priv-secret}\n"
+    )
+    dumped = dump_config(load_config(path, AgentConfig, env={}))
+    for secret in ("trap-secret-1", "trap-auth-secret", "trap-priv-secret", "poll-secret", "auth-secret", "priv-secr"):
+        assert secret not in dumped
+    assert "user: u" in dumped and "name: b" in dumped
+
+
 def test_a_trap_port_in_use_stops_the_agent_at_start(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
