@@ -423,11 +423,11 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 1, 1
 PACKET_STATISTICS, PACKET_AUXDATA = 6, 8
-SO_ATTACH_FILTER, SO_TIMESTAMPNS = 26, 35
+SO_ATTACH_FILTER, SO_RCVBUFFORCE, SO_TIMESTAMPNS = 26, 33, 35
 TP_STATUS_VLAN_VALID = 0x10
 SNAPLEN = 262144  # what the filter accepts; the socket then hands over only READ_BYTES of it
 READ_BYTES = 256  # enough for every header this agent reads
-RCVBUF = 4 << 20
+RCVBUF = 8 << 20  # frames are queued whole (a 64 KiB offload frame takes 64 KiB)
 # ARPHRD (link type of an interface) -> pcap link type: Ethernet, loopback; PPP, raw IP, tun ("none")
 ARPHRD_LINKTYPES = {
     1: LINKTYPE_ETHERNET,
@@ -476,7 +476,10 @@ class Capture:
         if promiscuous:
             index = socket.if_nametoindex(self.interface)
             sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, struct.pack("IHH8s", index, PACKET_MR_PROMISC, 0, b""))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        try:  # beyond net.core.rmem_max only with CAP_NET_ADMIN; without it the kernel caps SO_RCVBUF there
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.setblocking(False)
