@@ -391,12 +391,17 @@ async def test_v2c_trap_becomes_a_trap_event(tmp_path: Path) -> None:
     env = trap_env(tmp_path)
     async with collecting(agent) as wait:
         await send(env, "snmptrap", "-v2c", "-c", TRAP_COMMUNITY, to, "", LINK_DOWN,
-                   "1.3.6.1.2.1.2.2.1.1.7", "i", "7", "1.3.6.1.2.1.2.2.1.2.7", "s", "uplink to core")  # fmt: skip
+                   "1.3.6.1.2.1.2.2.1.1.7", "i", "7", "1.3.6.1.2.1.2.2.1.2.7", "s", "uplink to core",
+                   "1.3.6.1.2.1.2.2.1.6.7", "x", "001B21AABBCC")  # fmt: skip
         seen = await wait(lambda events: len(events) == 1)
     ((_, event),) = seen
     snmp = event.snmp
     assert (snmp.kind, snmp.trap_oid, snmp.target) == (Kind.TRAP, LINK_DOWN, "127.0.0.1")
-    assert dict(snmp.varbinds) == {"1.3.6.1.2.1.2.2.1.1.7": "7", "1.3.6.1.2.1.2.2.1.2.7": "uplink to core"}
+    assert dict(snmp.varbinds) == {
+        "1.3.6.1.2.1.2.2.1.1.7": "7",
+        "1.3.6.1.2.1.2.2.1.2.7": "uplink to core",
+        "1.3.6.1.2.1.2.2.1.6.7": "0x001b21aabbcc",  # binary (a MAC address) as hex
+    }
     assert dict(event.labels) == {"source": "127.0.0.1", "version": "2c"}
     assert event.severity == events_pb2.SEVERITY_WARNING  # linkDown
     assert TRAP_COMMUNITY.encode() not in event.SerializeToString()
@@ -420,6 +425,7 @@ async def test_wrong_community_and_v1_traps(tmp_path: Path) -> None:
     assert event.snmp.trap_oid == "1.3.6.1.4.1.8072.0.17"
     assert event.labels["version"] == "1"
     assert event.snmp.varbinds["1.3.6.1.2.1.1.5.0"] == "v1 device"
+    assert event.snmp.varbinds["1.3.6.1.6.3.18.1.3.0"] == "127.0.0.1"  # snmpTrapAddress: the v1 agent-addr
     assert TRAP_COMMUNITY.encode() not in event.SerializeToString(), "snmpTrapCommunity.0 is dropped"
     assert counter(agent, "amoskys_agent_snmp_traps_rejected_total", reason="bad_community") == 1
 

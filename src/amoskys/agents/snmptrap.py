@@ -93,10 +93,14 @@ class Trap:
 
 
 def _value_text(value: Any) -> str:
-    if isinstance(value, v2c.OctetString):
+    if isinstance(value, v2c.OctetString) and not isinstance(value, v2c.IpAddress):  # text if UTF-8 text, else hex
         raw = bytes(value)
-        printable = raw.decode("utf-8", "replace").isprintable()
-        text = raw.decode("utf-8", "replace") if printable else "0x" + raw.hex()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        if not text or not all(c.isprintable() or c in "\t\r\n" for c in text):
+            text = "0x" + raw.hex() if raw else ""
     else:
         text = value.prettyPrint()
     return text[:MAX_VALUE_CHARS]
