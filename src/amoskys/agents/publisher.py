@@ -113,13 +113,14 @@ def failure_code(exc: BaseException) -> str:
 class Publisher:
     def __init__(
         self, outbox: Outbox, config: AgentConfig, metrics: AgentMetrics, wake: asyncio.Event,
-        on_acked: Callable[[], None] | None = None,
+        on_acked: Callable[[], None] | None = None, on_idle: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self.outbox = outbox
         self.config = config
         self.metrics = metrics
         self.wake = wake
         self.on_acked = on_acked
+        self.on_idle = on_idle  # called when the publisher becomes idle (see `idle`)
         self.backoff = Backoff()
         self.connected = False
         self._inflight: Inflight | None = None  # the open stream's window; None between streams
@@ -157,6 +158,7 @@ class Publisher:
         last_sent = 0
         await stream.send_request()
         self._inflight = inflight
+        self._became_idle()
         try:
             while True:
                 last_sent = await self._fill(stream, inflight, last_sent)
@@ -173,8 +175,14 @@ class Publisher:
                 pause = self._on_ack(sent, ack, time.perf_counter() - started)
                 if pause is not None:
                     raise EndSession(pause)
+                if not inflight:
+                    self._became_idle()
         finally:
             self._inflight = None
+
+    def _became_idle(self) -> None:
+        if self.on_idle is not None:
+            self.on_idle()
 
     async def _fill(self, stream: PublishStream, inflight: Inflight, last: int) -> int:
         room = self.config.batch.max_inflight - len(inflight)

@@ -55,7 +55,9 @@ class AgentRuntime:
         self.buffer: list[bytes] = []
         self.flushed = asyncio.Event()
         self.sealed = asyncio.Event()
-        self.publisher = Publisher(self.outbox, self.config, self.metrics, self.sealed, self._report_drops_soon)
+        self.publisher = Publisher(
+            self.outbox, self.config, self.metrics, self.sealed, self._report_drops_soon, self.flushed.set
+        )  # an idle publisher wakes the batcher: what waits in the outbox can go now
         self.metrics_port = 0
         self._drops_due = True
         self._memory_drops = 0
