@@ -4,7 +4,7 @@
     python benchmarks/flow.py                         # everything below
     python benchmarks/flow.py --part replay           # packets/s through reader + parser + flow table, one core
     python benchmarks/flow.py --part rss              # `amoskys agent flow --pcap` against a real hub, RSS from /proc
-    python benchmarks/flow.py --part live             # root: live capture in a netns, RSS while flows are open
+    python benchmarks/flow.py --part live --rate 100000   # root: live capture of frames sent onto a veth pair
 
 The pcap is synthetic but shaped like real traffic: TCP connections (handshake, data both ways,
 FIN), UDP request/response pairs and ICMP echo, 15 % IPv6, 10 % behind an 802.1Q tag, `--flows`
@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import random
+import secrets
 import shutil
+import signal
+import socket
+import sqlite3
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +45,9 @@ from amoskys.agents.packets import PcapReader, parse_frame
 from amoskys.config import AgentConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from agents import write_agent_config
 from hub import proc_stats, start_hub
+
+from agents import write_agent_config
 
 SNAPLEN = 128
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
@@ -170,43 +179,133 @@ def stage_costs(pcap: Path, limit: int = 300_000) -> dict[str, Any]:
             "scapy_dissect_packets_per_s": round(len(frames) / scapy_s)}  # fmt: skip
 
 
-def agent_process_rss(work: Path, pcap: Path, max_flows: int) -> dict[str, Any]:
-    """`amoskys agent flow --pcap` as its own process, delivering to `amoskys eventbus`; RSS sampled from /proc."""
+@contextlib.contextmanager
+def bench_hub(work: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`amoskys eventbus` with a temporary PKI; yields the process and its port."""
     pki.init_ca(work / "ca")
     (work / "ids" / "trust").mkdir(parents=True)
     hub, port, _ = start_hub(work, work / "ids")
     try:
-        config = write_agent_config(work, "flow", port, flow={"max_flows": max_flows}, batch={"max_events": 2000})
-        hub.send_signal(1)  # SIGHUP: the hub learns the new agent's key
-        time.sleep(0.5)
-        command = [sys.executable, "-m", "amoskys", "agent", "flow", "--config", str(config), "--pcap", str(pcap)]
-        started = time.monotonic()
-        agent = subprocess.Popen(command, stderr=(work / "agent.log").open("wb"))
-        peak, samples = 0.0, []
-        while agent.poll() is None:
-            try:
-                stats = proc_stats(agent.pid)
-            except (FileNotFoundError, ProcessLookupError, KeyError):
-                break
-            samples.append(stats["rss_mb"])
-            peak = max(peak, stats["peak_rss_mb"])
-            time.sleep(0.1)
-        elapsed = time.monotonic() - started
-        agent.wait(60)
+        yield hub, port
     finally:
         hub.terminate()
         hub.wait(30)
-    stored = _stored_flows(work)
+
+
+def trust_agent(work: Path, hub: subprocess.Popen[bytes], port: int, **sections: Any) -> Path:
+    """The flow agent's config, its key in the hub's trust map (SIGHUP: the hub reloads it)."""
+    config = write_agent_config(work, "flow", port, **sections)
+    hub.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    return config
+
+
+def agent_process_rss(work: Path, pcap: Path, max_flows: int) -> dict[str, Any]:
+    """`amoskys agent flow --pcap` as its own process, delivering to `amoskys eventbus`; RSS sampled from /proc."""
+    with bench_hub(work) as (hub, port):
+        config = trust_agent(work, hub, port, flow={"max_flows": max_flows})
+        command = [sys.executable, "-m", "amoskys", "agent", "flow", "--config", str(config), "--pcap", str(pcap)]
+        started = time.monotonic()
+        agent = subprocess.Popen(command, stderr=(work / "agent.log").open("wb"))
+        peak, samples, cpu = 0.0, [], 0.0
+        while agent.poll() is None:
+            try:
+                stats = proc_stats(agent.pid)
+            except (FileNotFoundError, ProcessLookupError, KeyError, IndexError):
+                break
+            samples.append(stats["rss_mb"])
+            peak, cpu = max(peak, stats["peak_rss_mb"]), stats["cpu_s"]
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        agent.wait(60)
+        stored = stored_flows(work)
     return {"max_flows": max_flows, "exit_code": agent.returncode, "run_s": round(elapsed, 1),
-            "flows_stored_at_hub": stored, "rss_mb_max_sampled": round(max(samples, default=0), 1),
-            "peak_rss_mb": round(peak, 1)}  # fmt: skip
+            "agent_cpu_s": round(cpu, 1), "flows_stored_at_hub": stored,
+            "rss_mb_max_sampled": round(max(samples, default=0), 1), "peak_rss_mb": round(peak, 1)}  # fmt: skip
 
 
-def _stored_flows(work: Path) -> int:
-    import sqlite3
-
+def stored_flows(work: Path) -> int:
     with sqlite3.connect(f"file:{work / 'store' / 'events.db'}?mode=ro", uri=True) as conn:
         return int(conn.execute("SELECT count(*) FROM events WHERE kind = 'flow'").fetchone()[0])
+
+
+# ---- live capture: frames sent onto a veth pair (no addresses, IPv6 off: nothing else on it) ----
+
+
+def send_frames(pcap: Path, interface: str, rate: int, seconds: float) -> None:
+    """Send the pcap's frames (cycling) out of `interface` at `rate` frames/s for `seconds` (its own process)."""
+    reader = PcapReader(pcap)
+    frames = [buf[start:end] for _, _, buf, start, end, _ in itertools.islice(reader.records(), 200_000)]
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    sock.bind((interface, 0))
+    sent, started, batch = 0, time.monotonic(), max(1, rate // 1000)
+    for frame in itertools.cycle(frames):
+        sock.send(frame)
+        sent += 1
+        if sent % batch == 0:
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+            if time.monotonic() - started >= seconds:
+                break
+    print(json.dumps({"sent": sent, "send_s": round(time.monotonic() - started, 2)}))
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        lines = reply.read().decode().splitlines()
+    return {name: float(value) for name, _, value in (line.rpartition(" ") for line in lines)
+            if name.startswith("amoskys_agent_flow")}  # fmt: skip
+
+
+def live_capture(work: Path, pcap: Path, rate: int, seconds: float) -> dict[str, Any]:
+    tag = secrets.token_hex(3)
+    sender_if, capture_if = f"amxs{tag}", f"amxc{tag}"
+    subprocess.run(["ip", "link", "add", sender_if, "type", "veth", "peer", "name", capture_if], check=True)
+    try:
+        for name in (sender_if, capture_if):
+            subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], check=True)
+            subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        with bench_hub(work) as (hub, port):
+            config = trust_agent(work, hub, port, flow={"interfaces": [capture_if]},
+                                 metrics={"listen": "127.0.0.1:0"}, logging={"format": "json"})  # fmt: skip
+            return _measure_live(work, config, pcap, sender_if, rate, seconds)
+    finally:
+        subprocess.run(["ip", "link", "del", sender_if], check=False)
+
+
+def _measure_live(work: Path, config: Path, pcap: Path, sender_if: str, rate: int, seconds: float) -> dict[str, Any]:
+    """Start the agent, send for `seconds`, read its CPU and RSS from /proc and its counters from /metrics."""
+    log = work / "agent.log"
+    agent = subprocess.Popen([sys.executable, "-m", "amoskys", "agent", "flow", "--config", str(config)],
+                             stderr=log.open("wb"))  # fmt: skip
+    try:
+        metrics_port = 0
+        while not metrics_port:
+            time.sleep(0.2)
+            for line in log.read_text().splitlines():
+                entry = json.loads(line) if line.startswith("{") else {}
+                metrics_port = entry.get("metrics_port", 0) if entry.get("msg") == "agent running" else metrics_port
+        time.sleep(1)
+        idle_rss = proc_stats(agent.pid)["rss_mb"]
+        before = proc_stats(agent.pid)
+        sender = subprocess.run([sys.executable, __file__, "--send", str(pcap), "--interface", sender_if,
+                                 "--rate", str(rate), "--seconds", str(seconds)],
+                                capture_output=True, text=True, check=True)  # fmt: skip
+        time.sleep(1)
+        after = proc_stats(agent.pid)
+        counters = scrape(metrics_port)
+    finally:
+        agent.terminate()
+        agent.wait(60)
+    sent = json.loads(sender.stdout)
+    return {"target_rate": rate, **sent, "agent_exit_code": agent.returncode,
+            "packets_counted": int(counters.get("amoskys_agent_flow_packets_total", 0)),
+            "kernel_drops": int(counters.get("amoskys_agent_flow_kernel_drops_total", 0)),
+            "open_flows_at_end": int(counters.get("amoskys_agent_flow_open", 0)),
+            "agent_cpu_percent_of_one_core": round(100 * (after["cpu_s"] - before["cpu_s"]) / sent["send_s"], 1),
+            "idle_rss_mb": round(idle_rss, 1), "rss_mb": round(after["rss_mb"], 1),
+            "peak_rss_mb": round(after["peak_rss_mb"], 1), "flows_stored_at_hub": stored_flows(work)}  # fmt: skip
 
 
 def main() -> int:
@@ -215,7 +314,14 @@ def main() -> int:
     parser.add_argument("--packets", type=int, default=2_000_000)
     parser.add_argument("--flows", type=int, default=20_000, help="conversations open at once")
     parser.add_argument("--full-frames", action="store_true")
+    parser.add_argument("--rate", type=int, default=100_000, help="live: frames/s sent")
+    parser.add_argument("--seconds", type=float, default=10.0, help="live: how long")
+    parser.add_argument("--send", type=Path, help=argparse.SUPPRESS)  # the live part's sender process
+    parser.add_argument("--interface", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.send:
+        send_frames(args.send, args.interface, args.rate, args.seconds)
+        return 0
     with tempfile.TemporaryDirectory(prefix="amoskys-flow-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         pcap = work / "synthetic.pcap"
@@ -226,9 +332,15 @@ def main() -> int:
             print(json.dumps({"stages": stage_costs(pcap)}), flush=True)
         if args.part in ("rss", "all"):
             print(json.dumps({"rss": agent_process_rss(work / "rss", pcap, 100_000)}), flush=True)
+            full = work / "full-table.pcap"
+            shape = write_pcap(full, 2_000_000, 100_000, False, seed=11)
+            print(json.dumps({"full_table_pcap": {**shape, "concurrent_flows": 100_000}}), flush=True)
+            print(json.dumps({"rss_full_table": agent_process_rss(work / "rss-full", full, 100_000)}), flush=True)
         if args.part in ("live", "all"):
             if os.geteuid() != 0 or not shutil.which("ip"):
                 print(json.dumps({"live": "skipped: needs root and iproute2"}))
+            else:
+                print(json.dumps({"live": live_capture(work / "live", pcap, args.rate, args.seconds)}), flush=True)
     return 0
 
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
-import contextlib
+import itertools
 import logging
+import selectors
 import socket
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -36,6 +38,7 @@ from amoskys.agents.packets import (
     SUPPORTED_LINKTYPES,
     BpfError,
     Capture,
+    Frame,
     Parsed,
     PcapReader,
     Record,
@@ -58,7 +61,8 @@ SEC = 1_000_000_000
 TICK_NS = SEC  # timeouts are checked once a second (of packet time)
 CLOSE_GRACE_NS = 2 * SEC  # after both FINs or a RST: the last ACKs still belong to the flow
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
-READ_BUDGET = 512  # frames read per wake-up, so the event loop stays responsive
+READ_BUDGET = 4096  # frames read from one socket before looking at the others and the clock
+POLL_S = 0.1  # the capture thread checks the clock and whether to stop at least this often
 REPLAY_BATCH = 4096  # records replayed between yields to the event loop
 YIELD_EVERY = 1000  # events handed over between yields to the event loop
 NEVER = 1 << 62
@@ -279,6 +283,7 @@ class FlowAgent(Agent):
         self.kernel_drops = 0
         self.file_problems = 0
         self.captures: list[Capture] = []
+        self.handed: collections.deque[events_pb2.FlowEvent] = collections.deque()  # from the capture thread
         self.replayed = asyncio.Event()  # set once a pcap has been read to its end
         self.reader: PcapReader | None = None
         if settings.pcap:
@@ -303,19 +308,18 @@ class FlowAgent(Agent):
         registry.register(_FlowMetrics(self))
 
     async def collect(self) -> AsyncIterator[events_pb2.Event]:
-        steps = self._replay() if self.reader is not None else self._capture()
-        async for _ in steps:
-            for count, flow in enumerate(self.table.take(), 1):
-                yield self.event(flow=flow)
-                if count % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
-        if self.reader is not None:
-            self.replayed.set()
+        flows = self._replay() if self.reader is not None else self._capture()
+        count = 0
+        async for flow in flows:
+            yield self.event(flow=flow)
+            count += 1
+            if count % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
 
     def shutdown_events(self) -> Iterator[events_pb2.Event]:
         """Flows still open when the agent stops: SHUTDOWN (or FIN/RST if they were closing)."""
         self.table.end_all()
-        return (self.event(flow=flow) for flow in self.table.take())
+        return (self.event(flow=flow) for flow in itertools.chain(_drain(self.handed), self.table.take()))
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -323,20 +327,24 @@ class FlowAgent(Agent):
 
     # ---- pcap replay ----
 
-    async def _replay(self) -> AsyncIterator[None]:
-        """Count the file's packets into the table, a batch per step; at its end, every flow ends."""
+    async def _replay(self) -> AsyncIterator[events_pb2.FlowEvent]:
+        """Count the file's packets into the table, a batch at a time; at its end every flow ends."""
         reader = self.reader
         assert reader is not None
         records = reader.records()
-        while self._replay_batch(reader, records):
-            yield None
+        more = True
+        while more:
+            more = self._replay_batch(reader, records)
+            if not more:
+                if reader.problem:
+                    self.file_problems += 1
+                    log.warning("flow: pcap replay stopped early", extra={"problem": reader.problem})
+                self.table.end_all()
+            for flow in self.table.take():
+                yield flow
             await asyncio.sleep(0)
-        if reader.problem:
-            self.file_problems += 1
-            log.warning("flow: pcap replay stopped early", extra={"problem": reader.problem})
-        self.table.end_all()
         log.info("flow: pcap replayed", extra={"records": reader.records_read, "packets": self.packets})
-        yield None
+        self.replayed.set()
 
     def _replay_batch(self, reader: PcapReader, records: Iterator[Record]) -> bool:
         """Count up to REPLAY_BATCH records into the table; False once the file is exhausted."""
@@ -357,55 +365,83 @@ class FlowAgent(Agent):
 
     # ---- live capture ----
 
-    async def _capture(self) -> AsyncIterator[None]:
-        """Open the capture sockets and count what they read; a step whenever flows ended or a second passed."""
-        settings = self.config.flow
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        failures: list[OSError] = []
+    async def _capture(self) -> AsyncIterator[events_pb2.FlowEvent]:
+        """Open the capture sockets; a thread reads them (an outbox fsync on this loop must not stall it)."""
+        settings, loop, wake = self.config.flow, asyncio.get_running_loop(), asyncio.Event()
+        reader = CaptureThread(self, lambda: loop.call_soon_threadsafe(wake.set))
         try:
             for name in settings.interfaces:
                 self.captures.append(_open_capture(name, settings))
-            for index, capture in enumerate(self.captures):
-                loop.add_reader(capture.fileno(), self._readable, index, capture, wake, failures)
-            while not failures:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), TICK_NS / SEC)
+            reader.start()
+            while True:
+                await wake.wait()
                 wake.clear()
-                self._tick()
-                yield None
-            raise failures[0]
+                for flow in _drain(self.handed):
+                    yield flow
+                if reader.failure is not None:
+                    raise reader.failure
         finally:
+            reader.stop()
             for capture in self.captures:
-                loop.remove_reader(capture.fileno())
                 capture.close()
             self.captures = []
 
-    def _readable(self, index: int, capture: Capture, wake: asyncio.Event, failures: list[OSError]) -> None:
-        try:
-            frames = capture.read(READ_BUDGET)
-        except OSError as exc:
-            asyncio.get_running_loop().remove_reader(capture.fileno())
-            failures.append(OSError(exc.errno, f"flow: capture on {capture.interface} failed: {exc.strerror}"))
-            wake.set()
-            return
-        linktype, add, skipped = capture.linktype, self.table.add, self.skipped
+
+class CaptureThread(threading.Thread):
+    """Reads the agent's capture sockets into its table; ended flows go to `agent.handed` (a deque)."""
+
+    def __init__(self, agent: FlowAgent, notify: Callable[[], object]) -> None:
+        super().__init__(name="flow-capture", daemon=True)
+        self.agent, self.notify = agent, notify
+        self.stopping = threading.Event()
+        self.failure: OSError | None = None
+
+    def stop(self) -> None:
+        if self.is_alive():
+            self.stopping.set()
+            self.join()
+
+    def run(self) -> None:
+        captures = self.agent.captures
+        with selectors.DefaultSelector() as selector:
+            for index, capture in enumerate(captures):
+                selector.register(capture.sock, selectors.EVENT_READ, index)
+            while not self.stopping.is_set():
+                for key, _ in selector.select(POLL_S):
+                    capture = captures[key.data]
+                    try:
+                        self._count(key.data, capture.linktype, capture.read(READ_BUDGET))
+                    except OSError as exc:
+                        self.failure = OSError(exc.errno, f"flow: capture on {capture.interface} failed: {exc}")
+                        self.notify()
+                        return
+                self._tick(captures)
+
+    def _count(self, index: int, linktype: int, frames: list[Frame]) -> None:
+        agent, add, skipped = self.agent, self.agent.table.add, self.agent.skipped
         for ts, data, wire, vlan in frames:
             parsed = parse_frame(data, 0, len(data), wire, linktype, vlan)
             if isinstance(parsed, str):
                 skipped[parsed] += 1
             else:
-                self.packets += 1
+                agent.packets += 1
                 add(ts, index, parsed)
-        if self.table.ended:
-            wake.set()
 
-    def _tick(self) -> None:
-        now = time.time_ns()
-        if now >= self.table.next_tick:
-            self.table.expire(now)
-        for capture in self.captures:
-            self.kernel_drops += capture.kernel_drops()
+    def _tick(self, captures: list[Capture]) -> None:
+        """Timeouts by the clock (packets may stop coming); hand ended flows over; kernel drops."""
+        table, now = self.agent.table, time.time_ns()
+        if now >= table.next_tick:
+            table.expire(now)
+            for capture in captures:
+                self.agent.kernel_drops += capture.kernel_drops()
+        if table.ended:
+            self.agent.handed.extend(table.take())
+            self.notify()
+
+
+def _drain(handed: collections.deque[events_pb2.FlowEvent]) -> Iterator[events_pb2.FlowEvent]:
+    while handed:
+        yield handed.popleft()
 
 
 def _open_pcap(path: Path) -> PcapReader:
@@ -464,11 +500,11 @@ class _FlowMetrics:
             "Frames not counted, by reason (non_ip, truncated, ...)",
             labels=["reason"],
         )
-        for reason, count in sorted(agent.skipped.items()):
+        for reason, count in sorted(dict(agent.skipped).items()):
             skipped.add_metric([reason], count)
         yield skipped
         reported = CounterMetricFamily("amoskys_agent_flow_reported", "Flows reported, by end", labels=["reason"])
-        for end, count in sorted(table.reported.items()):
+        for end, count in sorted(dict(table.reported).items()):
             reported.add_metric([EndReason.Name(end)], count)  # type: ignore[arg-type]
         yield reported
         for name, text, value in (

@@ -32,6 +32,7 @@ __all__ = [
     "BpfError",
     "Capture",
     "CaptureInterface",
+    "Frame",
     "Parsed",
     "PcapReader",
     "Record",
