@@ -80,20 +80,30 @@ def trap_port(log: Path) -> int:
     return 0
 
 
-def poll_seconds(port: int) -> dict[str, float]:
-    """Mean poll duration by target from the agent's own histogram."""
+def poll_seconds(port: int) -> dict[str, dict[str, float]]:
+    """Per target, from the agent's own histogram: polls, mean, and the buckets holding the median and the slowest."""
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        for suffix, into in (("_sum", sums), ("_count", counts)):
-            if line.startswith(f"amoskys_agent_snmp_poll_seconds{suffix}{{"):
-                target = line.split('target="', 1)[1].split('"', 1)[0]
-                into[target] = float(line.rsplit(" ", 1)[1])
-    return {t: round(1000 * sums[t] / counts[t], 2) for t in sums if counts.get(t)}
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "amoskys_agent_snmp_poll_seconds"]
+    found: dict[str, dict[str, Any]] = {}
+    for sample in family.samples:
+        entry = found.setdefault(sample.labels["target"], {"buckets": []})
+        if sample.name.endswith("_bucket"):
+            entry["buckets"].append((float(sample.labels["le"]), sample.value))
+        else:
+            entry[sample.name.rsplit("_", 1)[1]] = sample.value
+    report = {}
+    for target, entry in found.items():
+        count = entry["count"]
+        median = next(le for le, n in entry["buckets"] if n >= count / 2)
+        slowest = next(le for le, n in entry["buckets"] if n >= count)
+        report[target] = {"polls": count, "mean_ms": round(1000 * entry["sum"] / count, 1),
+                          "p50_le_ms": 1000 * median, "max_le_ms": 1000 * slowest}  # fmt: skip
+    return report
 
 
 def send_traps(snmpd: Snmpd, port: int, count: int) -> float:
@@ -169,7 +179,7 @@ def run_agent(
         "rss_mb": round(after["rss_mb"], 1),
         "peak_rss_mb": round(after["peak_rss_mb"], 1),
         "cpu_percent_of_one_core": round(100 * (after["cpu_s"] - before["cpu_s"]) / seconds, 2),
-        "mean_poll_ms_by_target": latency,
+        "poll_ms_by_target": latency,
         "traps_sent": traps,
         "trap_send_s": round(trap_seconds, 1),
         "stored_by_kind": stored_kinds(work, "bench-snmp"),
