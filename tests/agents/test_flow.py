@@ -365,6 +365,13 @@ class VethLink:
         stats = json.loads(ip("-j", "-s", "link", "show", self.if_a, namespace=self.ns_a))[0]["stats64"]
         return stats["rx"]["packets"] + stats["tx"]["packets"], stats["rx"]["bytes"] + stats["tx"]["bytes"]
 
+    def promiscuity(self) -> int:
+        return int(json.loads(ip("-j", "-d", "link", "show", self.if_a, namespace=self.ns_a))[0]["promiscuity"])
+
+    def ping(self, count: int = 1) -> None:
+        subprocess.run(["ip", "netns", "exec", self.ns_a, "ping", "-c", str(count), "-i", "0.05", "-W", "2", "-q",
+                        self.ip_b], check=True, capture_output=True)  # fmt: skip
+
     def run(self, namespace: str, code: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", code, *args],
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -463,8 +470,7 @@ def generate_traffic(link: VethLink) -> tuple[int, int]:
     server = link.run(link.ns_b, SERVER, link.ip_b, str(DATAGRAMS))
     assert server.stdout is not None
     tcp_port, udp_port = map(int, server.stdout.readline().split())
-    subprocess.run(["ip", "netns", "exec", link.ns_a, "ping", "-c", str(PINGS), "-i", "0.05", "-q", link.ip_b],
-                   check=True, capture_output=True)  # fmt: skip
+    link.ping(PINGS)
     client = link.run(link.ns_a, CLIENT, link.ip_b, str(tcp_port), str(udp_port), str(TCP_BYTES), str(DATAGRAMS),
                       str(DATAGRAM_BYTES))  # fmt: skip
     assert client.wait(30) == 0
@@ -514,7 +520,7 @@ def test_live_capture_in_a_namespace_matches_the_interface_counters_and_its_pcap
 
     def session() -> list[list[events_pb2.FlowEvent]]:
         everything = FlowAgent(flow_config(tmp_path, interfaces=[veth.if_a]), tmp_path)
-        udp_only = FlowAgent(flow_config(tmp_path, interfaces=[veth.if_a], bpf="udp"), tmp_path)
+        udp_only = FlowAgent(flow_config(tmp_path, interfaces=[veth.if_a], bpf="udp", promiscuous=True), tmp_path)
         result = asyncio.run(capture_until([everything, udp_only], recording, veth.if_a, ready, done))
         assert not everything.skipped and not udp_only.skipped and everything.kernel_drops == 0
         return result
@@ -522,6 +528,7 @@ def test_live_capture_in_a_namespace_matches_the_interface_counters_and_its_pcap
     thread, outcome = in_namespace(veth.ns_a, session)
     try:
         assert ready.wait(10), outcome
+        assert veth.promiscuity() == 1
         frames_before, bytes_before = veth.counters()
         tcp_port, udp_port = generate_traffic(veth)
         time.sleep(0.3)
@@ -532,6 +539,7 @@ def test_live_capture_in_a_namespace_matches_the_interface_counters_and_its_pcap
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     flows, udp_flows = outcome[0]
+    assert veth.promiscuity() == 0  # closing the socket dropped it
 
     frames, frame_bytes = frames_after - frames_before, bytes_after - bytes_before
     assert sum(f.packets_out + f.packets_in for f in flows) == frames
@@ -552,6 +560,49 @@ def test_live_capture_in_a_namespace_matches_the_interface_counters_and_its_pcap
 
     replayed = asyncio.run(replay_file(recording, tmp_path))[1]  # the recorder's pcap: the same flows
     assert sorted(summary(f) for f in replayed) == sorted(summary(f) for f in flows)
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 5) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.root
+@needs_libpcap
+def test_an_interface_going_down_is_counted_and_one_deleted_fails_the_capture_clearly(
+    veth: VethLink, tmp_path: Path
+) -> None:
+    async def scenario() -> tuple[FlowAgent, list[events_pb2.FlowEvent], BaseException | None]:
+        agent = FlowAgent(flow_config(tmp_path, interfaces=[veth.if_a], bpf="icmp"), tmp_path)
+        flows: list[events_pb2.FlowEvent] = []
+
+        async def drain() -> None:
+            async for event in agent.collect():
+                flows.append(event.flow)
+
+        task = asyncio.create_task(drain())
+        await until(lambda: agent.captures, "the capture")
+        veth.ping()
+        ip("link", "set", veth.if_a, "down", namespace=veth.ns_a)
+        await until(lambda: agent.interface_downs == 1, "the interface down")
+        ip("link", "set", veth.if_a, "up", namespace=veth.ns_a)
+        veth.ping()
+        ip("link", "del", veth.if_a, namespace=veth.ns_a)
+        failure = (await asyncio.gather(asyncio.wait_for(task, 5), return_exceptions=True))[0]
+        flows.extend(event.flow for event in agent.shutdown_events())
+        return agent, flows, failure
+
+    thread, outcome = in_namespace(veth.ns_a, lambda: asyncio.run(scenario()))
+    thread.join(30)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    agent, flows, failure = outcome[0]
+    assert isinstance(failure, OSError) and f"capture on {veth.if_a} failed" in str(failure)
+    assert not agent.captures  # closed on the way out
+    assert [(f.protocol, f.packets_out, f.packets_in) for f in flows] == [(1, 1, 1), (1, 1, 1)]  # before, after
 
 
 # ---- through a live hub ---------------------------------------------------------------------------------

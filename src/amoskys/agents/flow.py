@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import errno
 import itertools
 import logging
 import selectors
@@ -281,6 +282,7 @@ class FlowAgent(Agent):
         self.packets = 0
         self.skipped: collections.Counter[str] = collections.Counter()
         self.kernel_drops = 0
+        self.interface_downs = 0
         self.file_problems = 0
         self.captures: list[Capture] = []
         self.handed: collections.deque[events_pb2.FlowEvent] = collections.deque()  # from the capture thread
@@ -394,7 +396,7 @@ class CaptureThread(threading.Thread):
         super().__init__(name="flow-capture", daemon=True)
         self.agent, self.notify = agent, notify
         self.stopping = threading.Event()
-        self.failure: OSError | None = None
+        self.failure: Exception | None = None
 
     def stop(self) -> None:
         if self.is_alive():
@@ -402,20 +404,33 @@ class CaptureThread(threading.Thread):
             self.join()
 
     def run(self) -> None:
-        captures = self.agent.captures
+        try:
+            self._read_until_stopped(self.agent.captures)
+        except Exception as exc:  # a capture that failed for good (or a bug): the runtime restarts the collector
+            self.failure = exc
+            self.notify()
+
+    def _read_until_stopped(self, captures: list[Capture]) -> None:
         with selectors.DefaultSelector() as selector:
             for index, capture in enumerate(captures):
                 selector.register(capture.sock, selectors.EVENT_READ, index)
             while not self.stopping.is_set():
                 for key, _ in selector.select(POLL_S):
-                    capture = captures[key.data]
-                    try:
-                        self._count(key.data, capture.linktype, capture.read(READ_BUDGET))
-                    except OSError as exc:
-                        self.failure = OSError(exc.errno, f"flow: capture on {capture.interface} failed: {exc}")
-                        self.notify()
-                        return
+                    self._read(key.data, captures[key.data])
                 self._tick(captures)
+
+    def _read(self, index: int, capture: Capture) -> None:
+        try:
+            frames = capture.read(READ_BUDGET)
+        except OSError as exc:
+            if exc.errno == errno.ENETDOWN and capture.still_there():
+                self.agent.interface_downs += 1
+                log.warning(
+                    "flow: interface down; capture resumes when it is up", extra={"interface": capture.interface}
+                )
+                return
+            raise OSError(exc.errno, f"flow: capture on {capture.interface} failed: {exc.strerror}") from None
+        self._count(index, capture.linktype, frames)
 
     def _count(self, index: int, linktype: int, frames: list[Frame]) -> None:
         agent, add, skipped = self.agent, self.agent.table.add, self.agent.skipped
@@ -510,6 +525,11 @@ class _FlowMetrics:
         for name, text, value in (
             ("evicted", "Flows evicted from a full table (reported as EVICTED)", table.evicted),
             ("kernel_drops", "Frames the kernel dropped (socket buffer full)", agent.kernel_drops),
+            (
+                "interface_downs",
+                "Times a capture interface went down (capture resumes when it is up)",
+                agent.interface_downs,
+            ),
             ("file_problems", "Pcap files cut short or corrupt", agent.file_problems),
         ):
             yield CounterMetricFamily(f"amoskys_agent_flow_{name}", text, value=value)

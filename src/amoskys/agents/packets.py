@@ -485,6 +485,7 @@ class Capture:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.setblocking(False)
         sock.bind((self.interface, ETH_P_ALL))  # start receiving, filter already in place
+        self.index = socket.if_nametoindex(self.interface)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -510,6 +511,13 @@ class Capture:
                     ts_ns = seconds * 1_000_000_000 + nanoseconds
             frames.append((ts_ns, data, wire, vlan))
         return frames
+
+    def still_there(self) -> bool:
+        """The interface still exists (it may be down): not deleted, nor replaced by another of that name."""
+        try:
+            return socket.if_nametoindex(self.interface) == self.index
+        except OSError:
+            return False
 
     def kernel_drops(self) -> int:
         """Frames the kernel dropped (socket buffer full) since the last call."""
