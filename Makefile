@@ -8,7 +8,7 @@ DEPLOY_VENV ?= .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed-stamp
 DEPLOY_PATH := PATH=$(abspath $(DEPLOY_VENV))/bin:$$PATH
 
-.PHONY: test lint typecheck unit proto bench clean molecule lab lab-down
+.PHONY: test lint typecheck unit proto bench clean molecule lab lab-down ansible-lint
 
 test: lint typecheck unit molecule
 
@@ -42,6 +42,10 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks) hatch_build.py
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks) hatch_build.py
+
+# Roles, playbooks and inventories at ansible-lint's production profile (config: .ansible-lint).
+ansible-lint: $(DEPLOY_STAMP)
+	$(DEPLOY_PATH) ansible-lint --profile production
 
 typecheck: proto
 	$(BIN)/mypy
