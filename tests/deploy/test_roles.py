@@ -1,0 +1,60 @@
+"""Ansible roles: argument specs match the defaults; alert rules name metrics the code really exports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLES = sorted(p for p in (ROOT / "roles").iterdir() if (p / "tasks" / "main.yml").exists())
+RULES = ROOT / "roles" / "amoskys_prometheus" / "files" / "amoskys.rules.yml"
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
+def test_argument_specs_document_every_default(role: Path) -> None:
+    defaults = load(role / "defaults" / "main.yml") or {}
+    options = load(role / "meta" / "argument_specs.yml")["argument_specs"]["main"]["options"]
+    assert set(defaults) == set(options), f"{role.name}: defaults and argument_specs differ"
+    for name, value in defaults.items():
+        spec = options[name]
+        assert spec.get("description"), f"{role.name}: {name} has no description"
+        if not (isinstance(value, str) and "{{" in value):  # templated defaults are described in words
+            assert spec.get("default") == value, f"{role.name}: {name}: {value!r} in defaults, {spec.get('default')!r}"
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
+def test_role_shape(role: Path) -> None:
+    """main.yml is a table of contents: preflight, install, configure, each tagged."""
+    steps = load(role / "tasks" / "main.yml")
+    assert [s["ansible.builtin.import_tasks"] for s in steps] == ["preflight.yml", "install.yml", "configure.yml"]
+    assert all(role.name in s["tags"] for s in steps)
+    for step in ("preflight", "install", "configure"):
+        assert (role / "tasks" / f"{step}.yml").exists()
+
+
+def exported_metrics() -> set[str]:
+    """Metric names the code declares (prometheus_client Counter/Gauge/Histogram first arguments)."""
+    names = set()
+    for path in (ROOT / "src" / "amoskys").rglob("*.py"):
+        names |= set(re.findall(r"\b(?:Counter|Gauge|Histogram)\(\s*\"(amoskys_\w+)\"", path.read_text()))
+    return names
+
+
+def test_alert_rules_use_exported_metrics() -> None:
+    exported = exported_metrics()
+    assert {"amoskys_bus_rejected", "amoskys_agent_connected"} <= exported  # the scan itself works
+    rules = [rule for group in load(RULES)["groups"] for rule in group["rules"]]
+    assert {r["alert"] for r in rules} >= {"AmoskysHubDown", "AmoskysAgentDown", "AmoskysAgentEventsDropped"}
+    for rule in rules:
+        for metric in re.findall(r"(?<![\"\w])amoskys_\w+", rule["expr"]):
+            base = re.sub(r"_(total|bucket|sum|count)$", "", metric)
+            assert base in exported, f"{rule['alert']}: {metric} is not exported by any amoskys component"
+        assert re.search(r'component="amoskys_(hub|agent)"', rule["expr"]), rule["alert"]
