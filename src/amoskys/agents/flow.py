@@ -15,6 +15,12 @@ receiver the initiator). It counts packets, IP bytes and TCP flags each way and 
 
 Time is the packets' own: kernel timestamps live, file timestamps in a replay, so a replay gives
 the same flows every time.
+
+Live, one AF_PACKET socket per interface (CAP_NET_RAW; the BPF filter compiled by libpcap) is
+read by a thread of its own, so the event loop's outbox writes never stall the capture; frames
+the kernel still drops are counted (`amoskys_agent_flow_kernel_drops_total`). A replay
+(`flow.pcap`, `amoskys agent flow --pcap FILE`) reads the file on the event loop, reports every
+flow still open at its end as SHUTDOWN, and the command exits once the hub has them all.
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ Ended = tuple[bytes, int, int, int, int, int, int, int, int, int]
 
 
 class FlowTable:
-    """The bounded flow table, in columns: an array per field and a row per flow (~250 bytes a flow).
+    """The bounded flow table, in columns: an array per field and a row per flow (about 200 bytes a flow).
 
     `add` counts parsed packets, `expire` applies the timeouts at a time, and `take` hands out the
     flows that ended as events. A full table evicts a flow not seen lately (the clock algorithm:

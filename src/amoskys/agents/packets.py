@@ -3,7 +3,8 @@
 Frames are parsed from raw bytes with `struct` at offsets (no copy, no dissection): Ethernet,
 802.1Q/802.1ad tags, Linux cooked captures (SLL, SLL2), raw IP, IPv4, IPv6 (with extension
 headers), TCP, UDP, SCTP, ICMP and ICMPv6. A parsed packet is a `Parsed` tuple; a frame that
-cannot give one yields a reason (`NON_IP`, `TRUNCATED`, `MALFORMED`) that the caller counts.
+cannot give one yields a reason (`NON_IP`, `TRUNCATED`, `MALFORMED`, `UNSUPPORTED_LINK`) that the
+caller counts.
 
 The capture socket is a plain AF_PACKET socket (CAP_NET_RAW) with the BPF filter compiled by
 libpcap (`pcap_compile` through ctypes, on a dead handle: no capture privileges involved).
