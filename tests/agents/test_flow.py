@@ -311,6 +311,17 @@ def test_bad_live_settings_are_refused_at_start(tmp_path: Path) -> None:
     FlowAgent(flow_config(tmp_path, interfaces=["lo"], bpf="tcp port 22 or udp"), tmp_path)
 
 
+def test_reload_takes_new_timeouts_and_warns_about_what_needs_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrpcap(str(tmp_path / "one.pcap"), [at(0, udp(A, B, 1, 2))])
+    agent = FlowAgent(flow_config(tmp_path, pcap=str(tmp_path / "one.pcap")), tmp_path)
+    agent.reload(flow_config(tmp_path, pcap=str(tmp_path / "one.pcap"), idle_timeout_s=5, max_flows=10))
+    assert (agent.table.idle, agent.table.max_flows) == (5 * SEC, 10) and not caplog.records
+    agent.reload(flow_config(tmp_path, interfaces=["eth9"], bpf="udp"))
+    assert "take effect at the next start" in caplog.text
+
+
 def test_pcap_option_is_for_the_flow_agent_only(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["agent", "proc", "--pcap", "x.pcap"]) == 2
     assert "--pcap is an option of the flow agent, not of proc" in capsys.readouterr().err
