@@ -42,7 +42,7 @@ import msgspec
 from amoskys import pki
 from amoskys.agents.flow import FlowAgent
 from amoskys.agents.packets import PcapReader, parse_frame
-from amoskys.config import AgentConfig
+from amoskys.config import AgentConfig, FlowConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub import proc_stats, start_hub
@@ -331,11 +331,11 @@ def main() -> int:
             print(json.dumps({"replay": replay_in_process(pcap)}), flush=True)
             print(json.dumps({"stages": stage_costs(pcap)}), flush=True)
         if args.part in ("rss", "all"):
-            print(json.dumps({"rss": agent_process_rss(work / "rss", pcap, 100_000)}), flush=True)
+            print(json.dumps({"rss": agent_process_rss(work / "rss", pcap, FlowConfig().max_flows)}), flush=True)
             full = work / "full-table.pcap"
             shape = write_pcap(full, 2_000_000, 100_000, False, seed=11)
             print(json.dumps({"full_table_pcap": {**shape, "concurrent_flows": 100_000}}), flush=True)
-            print(json.dumps({"rss_full_table": agent_process_rss(work / "rss-full", full, 100_000)}), flush=True)
+            print(json.dumps({"rss_full_table": agent_process_rss(work / "rss-full", full, FlowConfig().max_flows)}), flush=True)
         if args.part in ("live", "all"):
             if os.geteuid() != 0 or not shutil.which("ip"):
                 print(json.dumps({"live": "skipped: needs root and iproute2"}))

@@ -176,7 +176,7 @@ class FlowConfig(Section, frozen=True):
     bpf: str = "ip or ip6"
     idle_timeout_s: Seconds = 15.0
     active_timeout_s: Seconds = 60.0
-    max_flows: Positive = 100_000
+    max_flows: Positive = 60_000  # a full table keeps the agent within 70 MB (BENCHMARKS.md)
     promiscuous: bool = False  # also frames not addressed to this host (a mirror/SPAN port)
     pcap: str = ""  # replay this pcap/pcapng file instead of capturing (`amoskys agent flow --pcap FILE`)
 
