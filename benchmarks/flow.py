@@ -335,7 +335,8 @@ def main() -> int:
             full = work / "full-table.pcap"
             shape = write_pcap(full, 2_000_000, 100_000, False, seed=11)
             print(json.dumps({"full_table_pcap": {**shape, "concurrent_flows": 100_000}}), flush=True)
-            print(json.dumps({"rss_full_table": agent_process_rss(work / "rss-full", full, FlowConfig().max_flows)}), flush=True)
+            rss_full = agent_process_rss(work / "rss-full", full, FlowConfig().max_flows)
+            print(json.dumps({"rss_full_table": rss_full}), flush=True)
         if args.part in ("live", "all"):
             if os.geteuid() != 0 or not shutil.which("ip"):
                 print(json.dumps({"live": "skipped: needs root and iproute2"}))
