@@ -29,6 +29,12 @@ for _ in $(seq 1 300); do
     st=$(nsenter -t "$leader" -a systemctl is-system-running 2>/dev/null || true)
     case "$st" in running|degraded)
       echo "$leader" > "$state/$name.leader"
+      # nspawn lays a random boot id over /proc/sys/kernel/random/boot_id, but a sandboxed unit that gets a
+      # fresh /proc (ProtectProc=, ProtectKernelTunables=, ProtectControlGroups=) reads the kernel's own: its
+      # `journalctl --follow` then waits for entries of a boot that journald never writes. One boot id for all,
+      # as on a real host: drop the overlay and let journald restart with the kernel's id.
+      nsenter -t "$leader" -a umount -l /proc/sys/kernel/random/boot_id
+      nsenter -t "$leader" -a systemctl restart systemd-journald
       if [ -n "${NSPAWN_IP:-}" ]; then   # needs --network-bridge / --network-veth
         nsenter -t "$leader" -n ip addr replace "$NSPAWN_IP" dev host0
         nsenter -t "$leader" -n ip link set host0 up

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import stat
 
 import pytest
@@ -53,7 +54,7 @@ def test_unit_active_enabled_as_service_user(name: str, unit: str) -> None:
     assert host.check_output(f"ps -o user= -p {pid}").strip() == SERVICE_USER
     # every process of the unit, not only the main one
     cgroup = unit_property(name, unit, "ControlGroup")
-    procs = host.check_output(f"cat /sys/fs/cgroup/systemd{cgroup}/cgroup.procs").split()
+    procs = host.check_output("cat " + shlex.quote(f"/sys/fs/cgroup/systemd{cgroup}/cgroup.procs")).split()
     assert str(pid) in procs
     owners = host.check_output(f"ps -o user= -p {','.join(procs)}")
     assert set(owners.split()) == {SERVICE_USER}

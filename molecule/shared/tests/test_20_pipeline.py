@@ -16,7 +16,6 @@ from fleet import (
     HUB,
     HUB_METRICS_PORT,
     PROC_HOSTS,
-    address,
     agents_on,
     every_agent_up,
     failed_ssh_login_reaches_hub,
@@ -25,6 +24,7 @@ from fleet import (
     ids,
     machine,
     new_process_reaches_hub,
+    tcp_exchange,
     wait_until,
 )
 
@@ -52,8 +52,8 @@ def test_agent_events_of_its_kind_stored(name: str, kind: str) -> None:
     event_kind = AGENT_EVENT_KIND[kind]
     if kind == "auth":  # an auth event needs something to happen: the failed login test provides it
         failed_ssh_login_reaches_hub(name)
-    if kind == "flow":  # a flow needs traffic: the hub's SSH connection to the host is one
-        machine(HUB).run(f"ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o ConnectTimeout=5 x@{address(name)} true")
+    if kind == "flow":  # a flow needs traffic on the host's interface: a connection from the controller
+        assert tcp_exchange(name).startswith(b"SSH-")
     events = wait_until(
         lambda: hub_query("--since", "30m", "--agent-id", agent_id, "--kind", event_kind, "--limit", "1"),
         timeout=120,
