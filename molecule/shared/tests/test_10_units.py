@@ -13,11 +13,13 @@ from fleet import (
     ALL_HOSTS,
     EVENTBUS,
     HOST_UNITS,
+    HUB,
     HUB_METRICS_PORT,
     HUB_PORT,
     SERVICE_USER,
     UI,
     UI_PORT,
+    address,
     effective_config,
     exposure_limit,
     host_vars,
@@ -104,9 +106,10 @@ METRICS_UNITS = [(name, unit) for name, unit in HOST_UNITS if unit != UI]  # the
 
 @pytest.mark.parametrize(("name", "unit"), METRICS_UNITS, ids=ids(METRICS_UNITS))
 def test_metrics_endpoint_answers(name: str, unit: str) -> None:
+    """Asked from the hub, where Prometheus scrapes (the units admit only the hub and configured scrapers)."""
     listen = _expected_ports(name, unit)["metrics"]
-    listen = listen.replace(ANY_ADDRESS, "127.0.0.1")
-    status, body = http_get(name, f"http://{listen}/metrics")
+    listen = listen.replace(ANY_ADDRESS, address(name))
+    status, body = http_get(HUB, f"http://{listen}/metrics")
     assert status == 200, body
     prefix = "amoskys_bus_" if unit == EVENTBUS else "amoskys_agent_"
     assert prefix in body
