@@ -41,10 +41,10 @@ def test_role_shape(role: Path) -> None:
 
 
 def exported_metrics() -> set[str]:
-    """Metric names the code declares (prometheus_client Counter/Gauge/Histogram first arguments)."""
+    """Metric names the code declares (prometheus_client Counter/Gauge/Histogram/GaugeMetricFamily first arguments)."""
     names = set()
     for path in (ROOT / "src" / "amoskys").rglob("*.py"):
-        names |= set(re.findall(r"\b(?:Counter|Gauge|Histogram)\(\s*\"(amoskys_\w+)\"", path.read_text()))
+        names |= set(re.findall(r"\b(?:Counter|Gauge|Histogram|GaugeMetricFamily)\(\s*\"(amoskys_\w+)\"", path.read_text()))
     return names
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 import urllib.request
 
 import grpc
@@ -99,3 +101,11 @@ async def test_health_and_metrics(live_hub: LiveHub) -> None:
     assert "amoskys_bus_events_stored_total 4.0" in body
     for name in ("amoskys_bus_ack_latency_seconds_bucket", "amoskys_bus_inflight_events", "amoskys_bus_store_bytes"):
         assert name in body
+    hub_expiry = re.search(r"^amoskys_bus_cert_expiry_timestamp_seconds (\S+)$", body, re.M)
+    hub_cert = live_hub.hub.trust.identity.cert  # type: ignore[union-attr]
+    assert hub_expiry and float(hub_expiry.group(1)) == hub_cert.not_valid_after_utc.timestamp()
+    agent_expiry = re.search(
+        r'^amoskys_bus_agent_cert_expiry_timestamp_seconds\{agent_id="web1-proc",host="([^"]*)"\} (\S+)$', body, re.M
+    )
+    assert agent_expiry, body
+    assert time.time() < float(agent_expiry.group(2)) < time.time() + 400 * 86400

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterator
 
-__all__ = ["BusMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from amoskys.v1 import bus_pb2
+
+__all__ = ["BusMetrics", "CertificateExpiry"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class CertificateExpiry(Collector):
+    """At scrape time: when the hub's own certificate and each agent's client certificate expire."""
+
+    def __init__(self, hub_not_after: Callable[[], float], agents: Callable[[], list[bus_pb2.AgentInfo]]) -> None:
+        self.hub_not_after = hub_not_after
+        self.agents = agents
+
+    def collect(self) -> Iterator[Metric]:
+        hub = GaugeMetricFamily(
+            "amoskys_bus_cert_expiry_timestamp_seconds", "When the hub's server certificate expires (Unix time)"
+        )
+        hub.add_metric([], self.hub_not_after())
+        yield hub
+        agents = GaugeMetricFamily(
+            "amoskys_bus_agent_cert_expiry_timestamp_seconds",
+            "When each agent's client certificate expires (Unix time), as last presented to the hub",
+            labels=["agent_id", "host"],
+        )
+        for agent in self.agents():
+            if agent.cert_not_after_ns:
+                agents.add_metric([agent.agent_id, agent.host], agent.cert_not_after_ns / 1e9)
+        yield agents
 
 
 class BusMetrics:

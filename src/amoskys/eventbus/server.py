@@ -24,7 +24,7 @@ from amoskys.errors import AmoskysError, VerificationError
 from amoskys.eventbus.auth import Peer, TrustState, peer_of
 from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
 from amoskys.eventbus.ingest import Ack, Ingest
-from amoskys.eventbus.metrics import BusMetrics
+from amoskys.eventbus.metrics import BusMetrics, CertificateExpiry
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import AgentUpdate, SqliteStore
 from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
@@ -343,9 +343,14 @@ class Hub:
         if not self.config.metrics.listen:
             return
         host, port = parse_address(self.config.metrics.listen)
+        self.metrics.registry.register(CertificateExpiry(self._cert_not_after, self.store.list_agents))
         server, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
         self._metrics_server = server
         self.metrics_port = server.server_port
+
+    def _cert_not_after(self) -> float:
+        identity = self.trust.identity
+        return identity.cert.not_valid_after_utc.timestamp() if identity is not None else 0.0
 
     async def _maintain(self) -> None:
         """Retention by age and size, and the store-size gauge, every prune_interval_s."""
