@@ -44,7 +44,8 @@ def exported_metrics() -> set[str]:
     """Metric names the code declares (prometheus_client Counter/Gauge/Histogram/GaugeMetricFamily first arguments)."""
     names = set()
     for path in (ROOT / "src" / "amoskys").rglob("*.py"):
-        names |= set(re.findall(r"\b(?:Counter|Gauge|Histogram|GaugeMetricFamily)\(\s*\"(amoskys_\w+)\"", path.read_text()))
+        declared = r"\b(?:Counter|Gauge|Histogram|GaugeMetricFamily)\(\s*\"(amoskys_\w+)\""
+        names |= set(re.findall(declared, path.read_text()))
     return names
 
 
