@@ -10,7 +10,7 @@ DEPLOY_PATH := PATH=$(abspath $(DEPLOY_VENV))/bin:$$PATH
 
 .PHONY: test lint typecheck unit proto bench clean molecule lab lab-down ansible-lint
 
-test: lint typecheck unit molecule
+test: lint typecheck unit ansible-lint molecule
 
 $(STAMP): pyproject.toml hatch_build.py $(PROTOS)
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,8 @@ proto: $(STAMP)
 	$(BIN)/python hatch_build.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests $(wildcard benchmarks) hatch_build.py
-	$(BIN)/ruff format --check src tests $(wildcard benchmarks) hatch_build.py
+	$(BIN)/ruff check src tests $(wildcard benchmarks) molecule hatch_build.py
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks) molecule hatch_build.py
 
 # Roles, playbooks and inventories at ansible-lint's production profile (config: .ansible-lint).
 ansible-lint: $(DEPLOY_STAMP)
