@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import yaml
 
-from amoskys.agents.auth import AuthAgent, LogFollower
+from amoskys.agents.auth import AuthAgent, JournalError, LogFollower
 from amoskys.agents.authlog import parse_line
 from amoskys.config import AgentConfig
 from amoskys.errors import ConfigError
@@ -194,3 +194,41 @@ async def test_kill_9_mid_file_then_restart_every_line_exactly_once(live_hub: Li
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(20)
+
+
+JOURNAL_ENTRIES = [  # `journalctl -o json` lines as Debian 12's journald writes them for sshd
+    {"__CURSOR": "s=1;i=1", "SYSLOG_IDENTIFIER": "sshd", "_PID": "812",
+     "MESSAGE": "Failed password for invalid user admin from 198.51.100.7 port 50122 ssh2"},
+    {"__CURSOR": "s=1;i=2", "SYSLOG_IDENTIFIER": "sshd", "_PID": "815",
+     "MESSAGE": "Accepted publickey for alice from 198.51.100.8 port 50200 ssh2: ED25519 SHA256:abc"},
+]  # fmt: skip
+
+
+async def test_journalctl_exit_is_an_error_and_the_cursor_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """journald cannot run here (PID 1 is not systemd; Molecule covers the real journal): a journalctl
+    that prints real-format entries and exits stands in for it, to show the agent does not go quiet."""
+    import json
+
+    calls = tmp_path / "calls"
+    script = tmp_path / "bin" / "journalctl"
+    script.parent.mkdir()
+    lines = "\n".join(json.dumps(entry) for entry in JOURNAL_ENTRIES)
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\ncat <<'EOF'\n{lines}\nEOF\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    config = msgspec.convert({"host": "h", "auth": {"source": "journal"}}, AgentConfig)
+    agent = AuthAgent(config, tmp_path)
+    events: list[events_pb2.Event] = []
+    with pytest.raises(JournalError, match="journalctl exited with status 1"):
+        async for event in agent.collect():
+            events.append(event)
+    assert [e.auth.kind for e in events] == [events_pb2.AuthEvent.SSH_FAILED, events_pb2.AuthEvent.SSH_ACCEPTED]
+    assert agent.checkpoint() == {"auth.cursor": "s=1;i=2"}
+    with pytest.raises(JournalError):
+        async for _ in agent.collect():
+            pass
+    first, second = calls.read_text().splitlines()
+    assert "--lines=0" in first.split()
+    assert "--after-cursor=s=1;i=2" in second.split()

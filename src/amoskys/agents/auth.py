@@ -23,7 +23,7 @@ from typing import BinaryIO
 from amoskys.agents.authlog import ParsedLine, parse_line, parse_message
 from amoskys.agents.base import Agent
 from amoskys.config import AgentConfig
-from amoskys.errors import ConfigError
+from amoskys.errors import AmoskysError, ConfigError
 from amoskys.v1 import events_pb2
 
 __all__ = ["AuthAgent"]
@@ -33,6 +33,10 @@ POLL_S = 0.25
 READ_CHUNK = 1 << 20
 HEAD_BYTES = 64
 Kind = events_pb2.AuthEvent.Kind
+
+
+class JournalError(AmoskysError):
+    """journalctl stopped: the runtime counts it and restarts the collector, which resumes at the cursor."""
 
 
 class LogFollower:
@@ -210,6 +214,8 @@ class AuthAgent(Agent):
                 parsed = parse_message(program, int(entry.get("_PID", 0) or 0), message, f"{program}: {message}")
                 for event in self.events_for(parsed) if parsed else []:
                     yield event
+            code = await proc.wait()
+            raise JournalError(f"journalctl exited with status {code}; following the journal again from its cursor")
         finally:
             if proc.returncode is None:
                 proc.kill()
