@@ -234,7 +234,10 @@ async def test_a_dead_target_does_not_delay_the_others(snmpd: Snmpd, tmp_path: P
         dead = target(snmpd, "dead", port=silent.getsockname()[1], timeout_s=1.0, retries=1)
         agent = make_agent(tmp_path, targets=[dead, target(snmpd, "live")], interval_s=60)
         async with collecting(agent) as wait:
+            await wait(lambda events: any(e.snmp.target == "live" for e in events), timeout=5)
+            assert agent.start_up_steps_left == 1  # start-up memory is released after the dead one's first poll
             seen = await wait(lambda events: any(e.snmp.target == "dead" for e in events), timeout=5)
+            assert agent.start_up_steps_left == 0
     times = {e.snmp.target: (t, e.snmp.kind) for t, e in seen}
     assert times["live"][1] == Kind.POLL and times["live"][0] < 1.0, times
     assert times["dead"][1] == Kind.POLL_ERROR and times["dead"][0] >= 1.9, times  # 2 attempts of 1 s

@@ -14,6 +14,8 @@ logs, events or error messages.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -332,6 +334,18 @@ class TargetPoller:
         return [(tuple(oid), value) for oid, value in found[3]]
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the kernel (glibc's malloc_trim).
+
+    Each SNMP engine compiles pysnmp's MIB modules from source (twice: pysnmp reads them, then runs
+    them with runpy); what start-up freed stays in the process, in the holes of the heap, unless trimmed.
+    """
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; elsewhere nothing to do
+    if trim is not None:
+        trim(0)
+
+
 def engine_slots(targets: list[SnmpTarget]) -> list[int]:
     """Which SNMP engine each target uses: all share one (an engine costs ~1 MB), except that pysnmp
     keeps one entry per v3 user name, so the same name with other keys needs an engine of its own."""
@@ -380,6 +394,7 @@ class SnmpAgent(Agent):
         self.trap_port = self.trap_socket.getsockname()[1] if self.trap_socket else 0
         self.receiver: TrapReceiver | None = None
         self.trap_drops = 0
+        self.start_up_steps_left = 0  # the receiver and each target's first poll (see _start_up_step_done)
         self.queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(self.QUEUE_SIZE)  # polls and traps
         slots = engine_slots(settings.targets)
         self.engines: list[Any] = [SnmpEngine() for _ in set(slots)]
@@ -387,6 +402,7 @@ class SnmpAgent(Agent):
             TargetPoller(target, self.engines[slot], self.secrets)
             for target, slot in zip(settings.targets, slots, strict=True)
         ]
+        release_free_memory()  # what building the engines freed
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         for collector in self.metrics.collectors():
@@ -412,6 +428,8 @@ class SnmpAgent(Agent):
         )
         if not (self.pollers or self.receiver):
             log.warning("snmp agent has nothing to do: no snmp.targets and no snmp.trap_listen")
+        self.start_up_steps_left = len(self.pollers) + 1
+        self._start_up_step_done()  # the receiver is up; each poll loop reports its first poll
         try:
             while True:
                 yield await self.queue.get()
@@ -421,11 +439,21 @@ class SnmpAgent(Agent):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _poll_loop(self, poller: TargetPoller) -> None:
+        first = True
         while True:
             started = time.monotonic()
             for event in await self.poll_once(poller):
                 await self.queue.put(event)
+            if first:
+                first = False
+                self._start_up_step_done()
             await asyncio.sleep(max(0.0, started + self.config.snmp.interval_s - time.monotonic()))
+
+    def _start_up_step_done(self) -> None:
+        """Once the receiver is up and every target was polled once, what start-up freed is released."""
+        self.start_up_steps_left -= 1
+        if self.start_up_steps_left == 0:
+            release_free_memory()
 
     async def poll_once(self, poller: TargetPoller) -> list[events_pb2.Event]:
         """Poll one target: POLL (+ INTERFACE_CHANGE) events, or one POLL_ERROR event."""
