@@ -109,3 +109,7 @@ async def test_health_and_metrics(live_hub: LiveHub) -> None:
     )
     assert agent_expiry, body
     assert time.time() < float(agent_expiry.group(2)) < time.time() + 400 * 86400
+    readers = len(live_hub.hub.store._all_readers)
+    for _ in range(20):  # each scrape is served on a new thread
+        await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+    assert len(live_hub.hub.store._all_readers) <= readers + 1, "a reader connection per scrape"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import signal
@@ -61,6 +62,7 @@ class Hub:
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: Any = None
+        self._scrape_reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics-reader")
         self._tasks: list[asyncio.Task[None]] = []
         self._rate_window: list[tuple[float, float]] = []
 
@@ -343,10 +345,15 @@ class Hub:
         if not self.config.metrics.listen:
             return
         host, port = parse_address(self.config.metrics.listen)
-        self.metrics.registry.register(CertificateExpiry(self._cert_not_after, self.store.list_agents))
+        self.metrics.registry.register(CertificateExpiry(self._cert_not_after, self._agents_for_scrape))
         server, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
         self._metrics_server = server
         self.metrics_port = server.server_port
+
+    def _agents_for_scrape(self) -> list[bus_pb2.AgentInfo]:
+        """The registry, read on one thread of its own: every scrape runs on a new thread, and the
+        store keeps a reader connection per thread until it closes."""
+        return self._scrape_reader.submit(self.store.list_agents).result(timeout=10)
 
     def _cert_not_after(self) -> float:
         identity = self.trust.identity
@@ -400,6 +407,7 @@ class Hub:
         await asyncio.to_thread(self.ingest.stop)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        self._scrape_reader.shutdown()
         self.store.close()
         log.info("eventbus stopped")
 
