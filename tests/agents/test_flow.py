@@ -37,7 +37,16 @@ from scapy.packet import Packet, Raw
 from scapy.utils import PcapNgWriter, PcapWriter, RawPcapWriter, wrpcap
 
 from amoskys.agents.flow import FlowAgent
-from amoskys.agents.packets import MALFORMED, NON_IP, TRUNCATED, BpfError, compile_bpf, parse_frame
+from amoskys.agents.packets import (
+    LINKTYPE_ETHERNET,
+    LINKTYPE_RAW,
+    MALFORMED,
+    NON_IP,
+    TRUNCATED,
+    BpfError,
+    compile_bpf,
+    parse_frame,
+)
 from amoskys.agents.runtime import AgentRuntime
 from amoskys.cli import main
 from amoskys.config import AgentConfig
@@ -287,6 +296,23 @@ async def test_broken_pcap_files_are_refused_or_replayed_as_far_as_they_go(tmp_p
     assert sum(f.packets_out + f.packets_in for f in flows) == 2
 
 
+async def test_pcapng_blocks_too_short_for_their_kind_end_the_replay_as_a_problem(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.pcapng"
+    packets = handshake_data_close(42000)
+    writer = PcapNgWriter(str(whole))
+    writer.write(packets)
+    writer.close()
+    data = whole.read_bytes()
+    for name, block in [
+        ("epb.pcapng", struct.pack("<III", 6, 12, 12)),  # an enhanced packet block with no body
+        ("spb.pcapng", struct.pack("<III", 3, 12, 12)),  # a simple packet block with no length
+    ]:
+        (tmp_path / name).write_bytes(data + block)
+        agent, flows = await replay_file(tmp_path / name, tmp_path)
+        assert "too short" in (agent.reader.problem if agent.reader else ""), name
+        assert sum(f.packets_out + f.packets_in for f in flows) == len(packets), name
+
+
 def libpcap_missing() -> bool:
     try:
         compile_bpf("ip")
@@ -309,6 +335,12 @@ def test_bad_live_settings_are_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"flow\.bpf: 'ether proto wibble' does not compile"):
         FlowAgent(flow_config(tmp_path, interfaces=["lo"], bpf="ether proto wibble"), tmp_path)
     FlowAgent(flow_config(tmp_path, interfaces=["lo"], bpf="tcp port 22 or udp"), tmp_path)
+
+
+@needs_libpcap
+def test_filters_compile_for_raw_ip_interfaces() -> None:
+    """tun, WireGuard and PPP interfaces carry raw IP: libpcap names that link type 12 (DLT_RAW), not 101."""
+    assert compile_bpf("ip or ip6", LINKTYPE_RAW) != compile_bpf("ip or ip6", LINKTYPE_ETHERNET)
 
 
 def test_reload_takes_new_timeouts_and_warns_about_what_needs_a_restart(

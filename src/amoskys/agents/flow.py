@@ -501,6 +501,8 @@ def _check_live(settings: FlowConfig) -> None:
 def _open_capture(name: str, settings: FlowConfig) -> Capture:
     try:
         return Capture(name, settings.bpf, settings.promiscuous)
+    except BpfError as exc:  # e.g. a filter valid for Ethernet but not for this interface's link type
+        raise ConfigError(f"flow.bpf on {name}: {exc}") from None
     except OSError as exc:
         raise OSError(exc.errno, f"flow: cannot capture on {name}: {exc.strerror or exc}") from None
 

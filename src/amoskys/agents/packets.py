@@ -197,6 +197,7 @@ PCAP_MAGIC = {  # magic as read little-endian -> (byte order, ns per timestamp f
 PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BYTE_ORDER = 0x1A2B3C4D
 PCAPNG_IDB, PCAPNG_OPB, PCAPNG_SPB, PCAPNG_EPB = 1, 2, 3, 6
+PCAPNG_MIN_BODY = {PCAPNG_IDB: 8, PCAPNG_OPB: 20, PCAPNG_SPB: 4, PCAPNG_EPB: 20}  # bytes a block must hold
 MAX_RECORD = 1 << 20  # no capture has frames this long: a bigger length means a corrupt file
 CHUNK = 1 << 20
 
@@ -299,7 +300,12 @@ class PcapReader:
                 self._cut("a block")
                 return
             body, self._pos = self._pos + 8, self._pos + size
+            if size - 12 < PCAPNG_MIN_BODY.get(kind, 0):
+                self.problem = f"{self.path}: corrupt block after {self.records_read} records (too short)"
+                return
             record = self._pcapng_block(kind, body, body + size - 12, ts_ns)
+            if self.problem:
+                return
             if record is not None:
                 ts_ns = record[0]
                 self.records_read += 1
@@ -405,7 +411,8 @@ def _libpcap() -> ctypes.CDLL:
 def compile_bpf(expression: str, linktype: int = LINKTYPE_ETHERNET) -> bytes:
     """Classic BPF bytecode (8 bytes an instruction) for a tcpdump-style filter expression."""
     lib = _libpcap()
-    handle = lib.pcap_open_dead(linktype, SNAPLEN)
+    # libpcap takes a DLT, which for raw IP (101 in files) is 12
+    handle = lib.pcap_open_dead(DLT_RAW if linktype == LINKTYPE_RAW else linktype, SNAPLEN)
     if not handle:
         raise BpfError(f"libpcap cannot compile for link type {linktype}")
     program = _BpfProgram()
