@@ -595,3 +595,19 @@ def test_stopping_abandons_a_sweep_at_once(tmp_path: Path, lab: NetLab) -> None:
         return time.monotonic() - stopped
 
     assert asyncio.run(stop_mid_sweep()) < 0.5
+
+
+def test_cancelling_the_collector_stops_the_sweep_thread(tmp_path: Path, lab: NetLab) -> None:
+    """The runtime cancels the collector on SIGTERM before it calls close(): probing stops then, not later."""
+    slow = scanner_section(lab, rate_pps=5)
+    agent = ScannerAgent(bare_config(tmp_path, **slow), tmp_path)
+
+    async def cancel_mid_sweep() -> None:
+        first = asyncio.ensure_future(agent.collect().__anext__())
+        await asyncio.sleep(0.5)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    asyncio.run(cancel_mid_sweep())
+    assert agent.stopping.is_set()

@@ -486,6 +486,9 @@ class ScannerAgent(Agent):
                 sweeps = await asyncio.to_thread(self.sweep_round)
             except Stopped:
                 return
+            except asyncio.CancelledError:  # stopping: the sweep thread must not go on probing
+                self.stopping.set()
+                raise
             events, saved = await asyncio.to_thread(self.fold, sweeps)
             for index, event in enumerate(events):
                 if index == len(events) - 1:
