@@ -57,7 +57,7 @@ class Snmpd:
         return [line.strip().strip('"') for line in out.splitlines()]
 
 
-def _config(root: Path, port: int) -> str:
+def _config(root: Path, port: int, extra: str) -> str:
     users = "".join(
         f'createUser {user} {auth} "{auth_key}" {priv} "{priv_key}"\nrouser {user} priv\n'
         for user, (auth, auth_key, priv, priv_key) in V3_USERS.items()
@@ -66,17 +66,18 @@ def _config(root: Path, port: int) -> str:
         f"[snmp] persistentDir {root / 'persist'}\n"
         f"agentaddress udp:127.0.0.1:{port},udp6:[::1]:{port}\n"
         f"rocommunity {COMMUNITY} 127.0.0.1\nrocommunity6 {COMMUNITY} ::1\n"
-        f"{users}sysname {SYS_NAME}\nsysdescr {SYS_DESCR}\n"
+        f"{users}sysname {SYS_NAME}\nsysdescr {SYS_DESCR}\n{extra}"
     )
 
 
 @contextlib.contextmanager
-def run_snmpd(root: Path) -> Iterator[Snmpd]:
-    """snmpd on 127.0.0.1 and [::1] (same free port) with a v2c community and the v3 users; stopped on the way out."""
+def run_snmpd(root: Path, extra: str = "") -> Iterator[Snmpd]:
+    """snmpd on 127.0.0.1 and [::1] (same free port) with a v2c community and the v3 users (plus `extra`
+    config lines); stopped on the way out."""
     (root / "persist").mkdir(parents=True, exist_ok=True)
     port = free_udp_port()
     config = root / "snmpd.conf"
-    config.write_text(_config(root, port))
+    config.write_text(_config(root, port, extra))
     snmpd = Snmpd(port, root)
     log_path = root / "snmpd.log"
     with log_path.open("wb") as log:

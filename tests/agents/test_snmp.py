@@ -32,6 +32,7 @@ from amoskys.agents.snmp import (
 )
 from amoskys.config import AgentConfig, load_config
 from amoskys.errors import ConfigError
+from amoskys.logs import JsonFormatter
 from amoskys.v1 import bus_pb2, events_pb2
 from tests.agents.conftest import agent_config
 from tests.hubfixture import LiveHub
@@ -212,10 +213,25 @@ async def test_v3_errors_are_clear_counted_and_keep_the_keys_secret(
     assert event.labels["reason"] == reason
     assert event.snmp.error.startswith(message), event.snmp.error
     assert counter(agent, "amoskys_agent_snmp_poll_errors_total", target="bad", reason=reason) == 1
-    for text in (event.SerializeToString(), caplog.text.encode()):
+    logged = "\n".join(JsonFormatter().format(record) for record in caplog.records)  # extra= fields too
+    assert '"error"' in logged
+    for text in (event.SerializeToString(), logged.encode()):
         assert secret.encode() not in text
         assert V3_PRIV.encode() not in text
     assert "snmp poll failed" in caplog.text
+
+
+async def test_an_answer_of_the_wrong_type_is_a_counted_poll_error(tmp_path: Path) -> None:
+    """A device that answers a 64-bit counter with a string (snmpd's `override`) gets POLL_ERROR
+    bad_response, poll after poll: polling that target goes on."""
+    wrong = 'override .1.3.6.1.2.1.31.1.1.1.6.1 octet_str "not-a-counter"\n'  # ifHCInOctets of lo
+    with run_snmpd(tmp_path / "snmpd", wrong) as odd:
+        agent = make_agent(tmp_path, targets=[target(odd, "odd")])
+        for _ in range(2):
+            (event,) = await poll(agent)
+            assert (event.snmp.kind, event.labels["reason"]) == (Kind.POLL_ERROR, "bad_response")
+            assert "wrong type" in event.snmp.error
+        assert counter(agent, "amoskys_agent_snmp_poll_errors_total", target="odd", reason="bad_response") == 2
 
 
 async def test_wrong_community_times_out_with_a_hint(snmpd: Snmpd, tmp_path: Path) -> None:

@@ -314,7 +314,12 @@ class TargetPoller:
             table = await walk_columns(lambda oids: self._bulk(transport, oids), COLUMNS)
         except (PySnmpError, OSError) as exc:
             raise PollError("transport", redact(f"{type(exc).__name__}: {exc}", self.secrets)) from None
-        result = build_result(system, table, time.monotonic(), self.previous)
+        try:
+            result = build_result(system, table, time.monotonic(), self.previous)
+        except (ValueError, TypeError) as exc:  # e.g. a counter column answered with a string
+            raise PollError(
+                "bad_response", redact(f"the device's answer has the wrong type: {exc}", self.secrets)
+            ) from None
         self.previous = result.sample
         return result
 
@@ -462,13 +467,20 @@ class SnmpAgent(Agent):
         try:
             result = await poller.poll()
         except PollError as exc:
-            self.metrics.poll_errors.labels(name, exc.reason).inc()
-            log.warning("snmp poll failed", extra={"target": name, "reason": exc.reason, "error": str(exc)})
-            body = events_pb2.SnmpEvent(kind=Kind.POLL_ERROR, target=name, error=str(exc))
-            return [self.event(events_pb2.SEVERITY_WARNING, snmp=body, labels={"reason": exc.reason})]
+            return self.poll_error(name, exc)
+        except Exception as exc:  # a bug must not end this target's polling silently
+            log.exception("snmp poll crashed", extra={"target": name})
+            return self.poll_error(name, PollError("internal", f"the agent failed on the answer: {type(exc).__name__}"))
         self.metrics.polls.labels(name).inc()
         self.metrics.poll_seconds.labels(name).observe(time.monotonic() - started)
         return self.poll_events(name, result)
+
+    def poll_error(self, target: str, error: PollError) -> list[events_pb2.Event]:
+        """A failed poll: counted, logged (no secrets: PollError messages are made safe) and reported."""
+        self.metrics.poll_errors.labels(target, error.reason).inc()
+        log.warning("snmp poll failed", extra={"target": target, "reason": error.reason, "error": str(error)})
+        body = events_pb2.SnmpEvent(kind=Kind.POLL_ERROR, target=target, error=str(error))
+        return [self.event(events_pb2.SEVERITY_WARNING, snmp=body, labels={"reason": error.reason})]
 
     def poll_events(self, target: str, result: PollResult) -> list[events_pb2.Event]:
         """POLL events (interfaces split into parts on large devices), then one per interface change."""
