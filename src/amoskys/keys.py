@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from amoskys.errors import IdentityError
-from amoskys.keyfile import PRIVATE_MODE, check_private_permissions
+from amoskys.keyfile import PRIVATE_MODE, check_private_permissions, read_private_key
 
 __all__ = [
     "PrivateKey",
@@ -72,11 +72,7 @@ def write_public_file(path: Path, data: bytes) -> None:
 
 def load_private_key(path: Path) -> PrivateKey:
     """Load a PEM private key after the permission check."""
-    check_private_permissions(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise IdentityError(f"{path}: cannot read private key: {exc.strerror}") from exc
+    data = read_private_key(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

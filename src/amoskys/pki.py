@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from amoskys import keys
 from amoskys.errors import IdentityError
+from amoskys.keyfile import read_identity_file
 
 __all__ = [
     "CertificateAuthority",
@@ -59,12 +60,9 @@ class TlsIdentity:
 
 
 def load_certificate(path: Path) -> x509.Certificate:
+    data = read_identity_file(path, "certificate")
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except FileNotFoundError as exc:
-        raise IdentityError(f"{path}: certificate not found") from exc
-    except PermissionError as exc:
-        raise IdentityError(f"{path}: certificate not readable by this user") from exc
+        return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise IdentityError(f"{path}: not a PEM certificate") from exc
 

@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 
 from amoskys.config import TlsConfig
 from amoskys.errors import IdentityError
-from amoskys.keyfile import check_private_permissions
+from amoskys.keyfile import check_private_permissions, read_identity_file, read_private_key
 
 __all__ = ["Ed25519Signer", "check_tls_identity", "client_tls_context", "load_signer"]
 
@@ -44,31 +44,12 @@ class Ed25519Signer:
 
 def load_signer(path: Path) -> Ed25519Signer:
     """The agent's Ed25519 signing key (PKCS#8 PEM, as `amoskys pki keygen` writes it), 0600 only."""
-    data = _read_private(path)
+    data = read_private_key(path)
     match = PEM_PRIVATE_KEY.search(data)
     der = base64.b64decode(match.group(1)) if match else b""
     if len(der) != len(ED25519_PKCS8_PREFIX) + 32 or not der.startswith(ED25519_PKCS8_PREFIX):
         raise IdentityError(f"{path}: not an unencrypted PEM Ed25519 signing key")
     return Ed25519Signer(der[len(ED25519_PKCS8_PREFIX) :])
-
-
-def _read_private(path: Path) -> bytes:
-    check_private_permissions(path)
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise IdentityError(f"{path}: cannot read private key: {exc.strerror}") from exc
-
-
-def _require_readable(path: Path, what: str) -> None:
-    try:
-        path.read_bytes()
-    except FileNotFoundError as exc:
-        raise IdentityError(f"{path}: {what} not found") from exc
-    except PermissionError as exc:
-        raise IdentityError(f"{path}: {what} not readable by this user") from exc
-    except OSError as exc:
-        raise IdentityError(f"{path}: cannot read {what}: {exc.strerror}") from exc
 
 
 def _load_chain(context: ssl.SSLContext, tls: TlsConfig) -> None:
@@ -115,8 +96,8 @@ def _subject(server: ssl.SSLObject) -> tuple[tuple[tuple[str, str], ...], ...]:
 def check_tls_identity(tls: TlsConfig, agent_id: str) -> None:
     """Refuse a missing, unsafe, mismatched, untrusted, expired or misnamed TLS identity."""
     check_private_permissions(Path(tls.key))
-    _require_readable(Path(tls.cert), "certificate")
-    _require_readable(Path(tls.ca), "CA certificate")
+    read_identity_file(Path(tls.cert), "certificate")
+    read_identity_file(Path(tls.ca), "CA certificate")
     client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_context.check_hostname = False
     client_context.verify_mode = ssl.CERT_NONE  # only the agent's certificate is under test
