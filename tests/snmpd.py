@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.processes import stop_process
+
 __all__ = ["COMMUNITY", "SYS_DESCR", "SYS_NAME", "V3_USERS", "Snmpd", "free_udp_port", "run_snmpd"]
 
 COMMUNITY = "amx-ro-7f3a"
@@ -97,9 +99,4 @@ def run_snmpd(root: Path, extra: str = "") -> Iterator[Snmpd]:
             raise RuntimeError(f"snmpd did not answer: {log_path.read_text()[-2000:]}")
         yield snmpd
     finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 5)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tests.processes import stop_process
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -165,9 +167,4 @@ def chromium(profile: Path) -> Iterator[DevTools]:
         finally:
             tools.close()
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 10)
