@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest_asyncio
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from amoskys import keys
+from amoskys.catalog import split_agent_id
 from amoskys.client import hub_channel, hub_stub
 from amoskys.config import EventBusConfig, TlsConfig, load_config
 from amoskys.envelope import ChainState, seal
@@ -36,6 +38,15 @@ class AgentIdentity:
         return seal(self.agent_id, events_pb2.EventBatch(events=events), self.chain, self.signing_key)
 
 
+def _body(agent: str, n: int) -> dict[str, object]:
+    """A plausible body of the kind `agent` sends (the hub refuses bodies of other kinds)."""
+    if agent == "auth":
+        return {"auth": events_pb2.AuthEvent(kind=events_pb2.AuthEvent.SSH_FAILED, user=f"user{n}", src_ip="192.0.2.9")}
+    if agent == "host":
+        return {"host_metrics": events_pb2.HostMetrics(cpu_percent=float(n % 100), mem_total_bytes=1 << 30)}
+    return {"process": events_pb2.ProcessEvent(action=events_pb2.ProcessEvent.START, pid=1000 + n, name="bash")}
+
+
 def make_events(count: int, host: str = "web1", agent: str = "proc", start: int = 0) -> list[events_pb2.Event]:
     now = time.time_ns()
     return [
@@ -45,7 +56,7 @@ def make_events(count: int, host: str = "web1", agent: str = "proc", start: int 
             host=host,
             agent=agent,
             severity=events_pb2.SEVERITY_INFO,
-            process=events_pb2.ProcessEvent(action=events_pb2.ProcessEvent.START, pid=1000 + start + i, name="bash"),
+            **_body(agent, start + i),  # type: ignore[arg-type]
         )
         for i in range(count)
     ]
@@ -66,8 +77,6 @@ def hub_config(test_pki: TestPki, tmp_path: Path, **overrides: object) -> EventB
         "logging": {"level": "debug", "format": "text"},
     }
     document.update(overrides)
-    import yaml
-
     path = tmp_path / "eventbus.yml"
     path.write_text(yaml.safe_dump(document))
     return load_config(path, EventBusConfig, env={})
@@ -83,13 +92,24 @@ class LiveHub:
     def address(self) -> str:
         return f"127.0.0.1:{self.hub.port}"
 
-    def agent(self, agent_id: str, *, trusted: bool = True, cert_cn: str | None = None) -> AgentIdentity:
-        """A new agent identity: client cert (CN = agent_id unless cert_cn), signing key, trust entry."""
+    def agent(
+        self, agent_id: str, *, trusted: bool = True, cert_cn: str | None = None, host: str = "", kind: str = ""
+    ) -> AgentIdentity:
+        """A new agent identity: client cert (CN = agent_id unless cert_cn), signing key, trust entry.
+
+        An id of the form HOST-KIND is enrolled for that host and kind (a `.pub` file, as the hub derives
+        it); any other id, or an explicit host/kind, gets a `{key, host, kind}` entry (default web1, proc).
+        """
         key_path, cert_path = self.pki.issue(cert_cn or agent_id, "client")
         signing = keys.generate_signing_key()
         if trusted:
-            trust = Path(self.config.trust_map) / f"{agent_id}.pub"
-            trust.write_text(keys.public_key_text(signing.public_key()) + "\n")
+            key_text = keys.public_key_text(signing.public_key())
+            trust_dir = Path(self.config.trust_map)
+            if split_agent_id(agent_id) and not host and not kind:
+                (trust_dir / f"{agent_id}.pub").write_text(key_text + "\n")
+            else:
+                entry = {"key": key_text, "host": host or "web1", "kind": kind or "proc"}
+                (trust_dir / f"{agent_id}.yml").write_text(yaml.safe_dump({agent_id: entry}))
             self.hub.trust.reload()
         tls = TlsConfig(ca=str(self.pki.ca_cert), cert=str(cert_path), key=str(key_path))
         return AgentIdentity(agent_id, tls, signing)

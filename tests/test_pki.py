@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import stat
 import subprocess
@@ -155,23 +156,38 @@ def test_revocation_list_accumulates_and_is_ca_signed(tmp_path: Path, test_pki: 
 def test_keygen_and_trust_map_forms(tmp_path: Path) -> None:
     assert main(["pki", "keygen", "--out", str(tmp_path / "agent1.key")]) == 0
     assert mode(tmp_path / "agent1.key") == 0o600
-    pub_text = (tmp_path / "agent1.key.pub").read_text()
+    pub_text = (tmp_path / "agent1.key.pub").read_text().strip()
     trust_dir = tmp_path / "trust"
     trust_dir.mkdir()
-    (trust_dir / "agent1.pub").write_text(pub_text)
-    (tmp_path / "trust.yml").write_text(f"agent1: '{pub_text.strip()}'\n")
+    (trust_dir / "web1-proc.pub").write_text(pub_text + "\n")
+    (trust_dir / "lab.yml").write_text(f"collector-7: {{key: '{pub_text}', host: db1, kind: snmp}}\n")
+    (tmp_path / "trust.yml").write_text(
+        f"web1-proc: '{pub_text}'\ncollector-7: {{key: '{pub_text}', host: db1, kind: snmp}}\n"
+    )
     signing = keys.load_signing_key(tmp_path / "agent1.key")
     for source in (trust_dir, tmp_path / "trust.yml"):
-        loaded = keys.read_public_keys(source)
-        assert list(loaded) == ["agent1"]
-        signature = signing.sign(b"m")
-        loaded["agent1"].verify(signature, b"m")
+        loaded = keys.read_trust_map(source)
+        assert sorted(loaded) == ["collector-7", "web1-proc"]
+        assert (loaded["web1-proc"].host, loaded["web1-proc"].kind) == ("web1", "proc")
+        assert (loaded["collector-7"].host, loaded["collector-7"].kind) == ("db1", "snmp")
+        loaded["web1-proc"].key.verify(signing.sign(b"m"), b"m")
 
 
-def test_bad_trust_map_entry_names_the_agent(tmp_path: Path) -> None:
-    (tmp_path / "trust.yml").write_text("agent1: 'ed25519:not-base64!'\n")
-    with pytest.raises(IdentityError, match="agent1"):
-        keys.read_public_keys(tmp_path / "trust.yml")
+@pytest.mark.parametrize(
+    ("entry", "complaint"),
+    [
+        ("agent1: 'ed25519:not-base64!'", "agent1"),
+        ("collector: 'ed25519:AAAA'", "cannot tell the host and kind of 'collector'"),
+        ("web1-gpu: 'ed25519:AAAA'", "cannot tell the host and kind of 'web1-gpu'"),
+        ("x: {key: 'ed25519:AAAA', host: web1, kind: eventbus}", "kind one of"),
+        ("x: {key: 'ed25519:AAAA', host: '', kind: proc}", "non-empty host"),
+        ("- a list", "mapping"),
+    ],
+)
+def test_bad_trust_map_entries_are_named(tmp_path: Path, entry: str, complaint: str) -> None:
+    (tmp_path / "trust.yml").write_text(entry + "\n")
+    with pytest.raises(IdentityError, match=re.escape(complaint)):
+        keys.read_trust_map(tmp_path / "trust.yml")
 
 
 def test_existing_key_is_not_overwritten(tmp_path: Path) -> None:

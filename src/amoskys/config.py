@@ -100,6 +100,7 @@ class LimitsConfig(Section, frozen=True):
     max_envelope_bytes: Positive = 4 * MiB
     max_events_per_batch: Positive = 5000
     max_event_bytes: Positive = 64 * 1024
+    max_clock_skew_s: Seconds = 300.0  # an event stamped further ahead is filed at hub time + this
 
 
 class BackpressureConfig(Section, frozen=True):

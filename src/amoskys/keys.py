@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import base64
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from amoskys.catalog import AGENT_KINDS, split_agent_id
 from amoskys.errors import IdentityError
 from amoskys.keyfile import PRIVATE_MODE, check_private_permissions, read_private_key
 
 __all__ = [
+    "Enrolment",
     "PrivateKey",
     "check_private_permissions",
     "generate_signing_key",
@@ -25,7 +28,7 @@ __all__ = [
     "load_signing_key",
     "load_verify_key",
     "public_key_text",
-    "read_public_keys",
+    "read_trust_map",
     "write_private_key",
     "write_public_file",
 ]
@@ -112,24 +115,67 @@ def parse_public_key_text(text: str, origin: str) -> ed25519.Ed25519PublicKey:
         raise IdentityError(f"{origin}: expected 'ed25519:<base64 of 32 bytes>' or a PEM public key") from exc
 
 
-def load_verify_key(path: Path) -> ed25519.Ed25519PublicKey:
+def load_verify_key_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="ascii")
+        return path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise IdentityError(f"{path}: cannot read public key: {exc}") from exc
-    return parse_public_key_text(text, str(path))
 
 
-def read_public_keys(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
-    """A trust map: a directory of `<agent_id>.pub` files, or one YAML file `agent_id: key`."""
+def load_verify_key(path: Path) -> ed25519.Ed25519PublicKey:
+    return parse_public_key_text(load_verify_key_text(path), str(path))
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    """What one agent identity may speak for: its signing key, and the host and kind it was enrolled for."""
+
+    key: ed25519.Ed25519PublicKey
+    host: str
+    kind: str
+
+
+def _enrolment(agent_id: str, entry: object, origin: str) -> Enrolment:
+    """`agent_id: KEY` (host and kind from the id's `HOST-KIND` form) or `agent_id: {key, host, kind}`."""
+    if not isinstance(entry, dict):
+        split = split_agent_id(agent_id)
+        if split is None:
+            raise IdentityError(
+                f"{origin}: cannot tell the host and kind of {agent_id!r} (not HOST-KIND with a known kind); "
+                "write it as {key: ..., host: ..., kind: ...}"
+            )
+        return Enrolment(parse_public_key_text(str(entry), origin), *split)
+    key, host, kind = entry.get("key"), entry.get("host"), entry.get("kind")
+    if not isinstance(host, str) or not host or not isinstance(kind, str) or kind not in AGENT_KINDS:
+        kinds = ", ".join(sorted(AGENT_KINDS))
+        raise IdentityError(f"{origin}: expected {{key, host, kind}} with a non-empty host and kind one of {kinds}")
+    return Enrolment(parse_public_key_text(str(key), origin), host, kind)
+
+
+def _read_yaml_map(path: Path) -> dict[str, Enrolment]:
     import yaml
 
-    if path.is_dir():
-        return {item.stem: load_verify_key(item) for item in sorted(path.glob("*.pub"))}
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise IdentityError(f"{path}: cannot read trust map: {exc}") from exc
     if not isinstance(document, dict):
         raise IdentityError(f"{path}: trust map must be a mapping of agent_id to public key")
-    return {str(agent): parse_public_key_text(str(key), f"{path}: {agent}") for agent, key in document.items()}
+    return {str(agent): _enrolment(str(agent), entry, f"{path}: {agent}") for agent, entry in document.items()}
+
+
+def read_trust_map(path: Path) -> dict[str, Enrolment]:
+    """A trust map: one YAML file, or a directory of YAML files and `<agent_id>.pub` key files.
+
+    An entry is `agent_id: KEY` (an id of the form HOST-KIND binds that host and kind) or
+    `agent_id: {key: KEY, host: HOST, kind: KIND}`.
+    """
+    if not path.is_dir():
+        return _read_yaml_map(path)
+    trust: dict[str, Enrolment] = {}
+    for item in sorted(path.iterdir()):
+        if item.suffix == ".pub":
+            trust[item.stem] = _enrolment(item.stem, load_verify_key_text(item), str(item))
+        elif item.suffix in (".yml", ".yaml"):
+            trust.update(_read_yaml_map(item))
+    return trust

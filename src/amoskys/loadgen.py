@@ -73,8 +73,13 @@ class Stats:
         self.latencies += other.latencies
 
 
+def simulated_host(index: int) -> str:
+    return f"{HOSTS[index % len(HOSTS)]}{index:05d}"
+
+
 def agent_name(index: int) -> str:
-    return f"loadgen-{index:05d}"
+    """A simulated proc agent's id, in the enrolled form HOST-KIND (the hub binds it to that host)."""
+    return f"{simulated_host(index)}-proc"
 
 
 def ensure_identities(ca_dir: Path, directory: Path, count: int) -> None:
@@ -122,7 +127,7 @@ def restamp(batch: events_pb2.EventBatch, prefix: str, start: int) -> events_pb2
 class SimulatedAgent:
     def __init__(self, index: int, options: LoadOptions, stats: Stats, ack_log: TextIO | None) -> None:
         self.agent_id = agent_name(index)
-        self.host = f"{HOSTS[index % len(HOSTS)]}{index:05d}"
+        self.host = simulated_host(index)
         self.options = options
         self.stats = stats
         self.ack_log = ack_log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -33,7 +34,11 @@ async def test_status_lists_agents_with_liveness(live_hub: LiveHub, capsys: pyte
     events = make_events(2, agent="host")
     events.append(
         events_pb2.Event(
-            event_id="hb", host="web1", agent="host", heartbeat=events_pb2.Heartbeat(version="0.1.0", interval_s=30)
+            event_id="hb",
+            ts_ns=time.time_ns(),
+            host="web1",
+            agent="host",
+            heartbeat=events_pb2.Heartbeat(version="0.1.0", interval_s=30),
         )
     )
     await live_hub.publish(agent, agent.seal(events))
@@ -52,7 +57,7 @@ async def test_status_lists_agents_with_liveness(live_hub: LiveHub, capsys: pyte
 async def test_query_finds_a_planted_event(live_hub: LiveHub, capsys: pytest.CaptureFixture[str]) -> None:
     agent = live_hub.agent("db1-auth")
     events = make_events(5, host="db1", agent="auth")
-    events[3].process.name = "needle-in-haystack"
+    events[3].auth.user = "needle-in-haystack"
     await live_hub.publish(agent, agent.seal(events))
     args = hub_args(live_hub)
     assert await asyncio.to_thread(main, ["query", *args, "--since", "10m", "--text", "NEEDLE", "--json"]) == 0

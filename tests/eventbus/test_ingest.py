@@ -38,7 +38,7 @@ async def test_publish_query_and_registry(live_hub: LiveHub) -> None:
 
 async def test_stream_pipelines_acks_in_order(live_hub: LiveHub) -> None:
     agent = live_hub.agent("db1-host")
-    envelopes = [agent.seal(make_events(50, host="db1", start=i * 50)) for i in range(20)]
+    envelopes = [agent.seal(make_events(50, host="db1", agent="host", start=i * 50)) for i in range(20)]
     async with live_hub.channel(agent.tls) as channel:
         call = hub_stub(channel).PublishStream(iter(envelopes))
         acks = [ack async for ack in call]
@@ -50,14 +50,14 @@ async def test_stream_pipelines_acks_in_order(live_hub: LiveHub) -> None:
 async def test_query_filters_and_pages(live_hub: LiveHub) -> None:
     agent = live_hub.agent("web1-auth")
     events = make_events(30, agent="auth")
-    events[7].process.name = "Planted-Needle"
+    events[7].auth.user = "Planted-Needle"
     events[8].severity = 5
     await live_hub.publish(agent, agent.seal(events))
     assert [s.event.event_id for s in await live_hub.query(bus_pb2.EventFilter(text="planted-needle"))] == [
         "web1-auth-7"
     ]
     assert [s.event.event_id for s in await live_hub.query(bus_pb2.EventFilter(min_severity=5))] == ["web1-auth-8"]
-    paged = await live_hub.query(bus_pb2.EventFilter(kinds=["process"]), page_size=7)
+    paged = await live_hub.query(bus_pb2.EventFilter(kinds=["auth"]), page_size=7)
     assert len(paged) == 30
     assert len({s.cursor for s in paged}) == 30
     assert [s.event.ts_ns for s in paged] == sorted((s.event.ts_ns for s in paged), reverse=True)
@@ -72,7 +72,8 @@ async def test_subscribe_replays_then_streams_live(live_hub: LiveHub) -> None:
         stream = hub_stub(channel).Subscribe(request)
         received = [await stream.read() for _ in range(5)]
         await live_hub.publish(agent, agent.seal(make_events(3, start=5)))
-        await live_hub.publish(agent, agent.seal(make_events(2, host="other", start=8)))
+        other = live_hub.agent("other-proc")
+        await live_hub.publish(other, other.seal(make_events(2, host="other", start=8)))
         received += [await asyncio.wait_for(stream.read(), 5) for _ in range(3)]
         stream.cancel()
     ids = [r.event.event_id for r in received]

@@ -232,7 +232,7 @@ async def test_full_disk_answers_retry_then_recovers(test_pki: TestPki, tmp_path
         hub = create_server(config)
         await hub.start()
         live = LiveHub(hub, test_pki, config)
-        agent = live.agent("filler")
+        agent = live.agent("full-proc")
         filler = mount / "filler"
         filler.write_bytes(b"\0" * (2 * 1024 * 1024))
         acked, retry = 0, None

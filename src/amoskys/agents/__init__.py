@@ -5,18 +5,12 @@ from __future__ import annotations
 import importlib
 
 from amoskys.agents.base import Agent
+from amoskys.catalog import AGENT_KINDS
 
 __all__ = ["AGENTS", "Agent", "load_agent_class"]
 
-# kind -> "module:Class"; an agent is listed here only once it really works.
-AGENTS: dict[str, str] = {
-    "auth": "amoskys.agents.auth:AuthAgent",
-    "flow": "amoskys.agents.flow:FlowAgent",
-    "host": "amoskys.agents.host:HostAgent",
-    "proc": "amoskys.agents.proc:ProcAgent",
-    "snmp": "amoskys.agents.snmp:SnmpAgent",
-    "scanner": "amoskys.agents.scanner:ScannerAgent",
-}
+# kind -> "module:Class", from the one registry of agent kinds (amoskys.catalog).
+AGENTS: dict[str, str] = {name: kind.entry for name, kind in AGENT_KINDS.items()}
 
 
 def load_agent_class(kind: str) -> type[Agent]:

@@ -29,5 +29,4 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     setup_logging(config.logging)
     hub = create_server(config)
-    asyncio.run(hub.run())
-    return 0
+    return asyncio.run(hub.run())

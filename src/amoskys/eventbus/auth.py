@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from amoskys import keys, pki
 from amoskys.config import EventBusConfig
+from amoskys.eventbus.edge import INT64_MAX
 
 __all__ = ["Peer", "TrustState", "peer_of"]
 
@@ -31,7 +31,8 @@ class Peer:
 @functools.lru_cache(maxsize=16384)
 def _parse_peer(pem: bytes) -> Peer:
     cert = x509.load_pem_x509_certificate(pem)
-    not_after_ns = int(cert.not_valid_after_utc.timestamp() * 1_000_000_000)
+    # A certificate valid past 2262 would overflow int64 nanoseconds (and the registry's column).
+    not_after_ns = min(int(cert.not_valid_after_utc.timestamp()) * 1_000_000_000, INT64_MAX)
     return Peer(pki.common_name(cert), cert.serial_number, not_after_ns)
 
 
@@ -43,11 +44,14 @@ def peer_of(context: grpc.aio.ServicerContext[object, object]) -> Peer | None:
 
 
 class TrustState:
-    """Trust map, revocation list and server credentials; `reload()` swaps them atomically."""
+    """Trust map (who may speak for which host and kind), revocation list and server credentials.
+
+    `reload()` swaps them atomically.
+    """
 
     def __init__(self, config: EventBusConfig) -> None:
         self.config = config
-        self.keys: dict[str, Ed25519PublicKey] = {}
+        self.agents: dict[str, keys.Enrolment] = {}
         self.revoked: frozenset[int] = frozenset()
         self.identity: pki.TlsIdentity | None = None
         self._pending_tls: grpc.ServerCertificateConfiguration | None = None
@@ -57,10 +61,10 @@ class TrustState:
         """Load everything anew; on any error keep the previous state and raise."""
         tls = self.config.tls
         identity = pki.load_tls_identity(Path(tls.cert), Path(tls.key), Path(tls.ca))
-        trust = keys.read_public_keys(Path(self.config.trust_map))
+        trust = keys.read_trust_map(Path(self.config.trust_map))
         revoked = frozenset(pki.load_crl(Path(self.config.crl), pki.load_certificate(Path(tls.ca))))
         changed_tls = self.identity is None or identity.cert_pem != self.identity.cert_pem
-        self.identity, self.keys, self.revoked = identity, trust, revoked
+        self.identity, self.agents, self.revoked = identity, trust, revoked
         if changed_tls:
             self._pending_tls = self.certificate_configuration()
         log.info("trust loaded", extra={"agents": len(trust), "revoked": len(revoked)})

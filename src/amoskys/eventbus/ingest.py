@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from amoskys.catalog import HUB_AGENT
 from amoskys.config import BackpressureConfig
 from amoskys.envelope import GENESIS_HASH
 from amoskys.eventbus.metrics import BusMetrics
@@ -30,7 +31,7 @@ __all__ = ["Ack", "Committed", "Ingest", "Submission"]
 
 log = logging.getLogger(__name__)
 Status = envelope_pb2.PublishAck.Status
-HUB_AGENT_ID = "eventbus"
+ALERT_INTERVAL_S = 60.0  # at most one alert per agent and rule in this time; the rest are counted into the next
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +95,15 @@ class Ingest:
         config: BackpressureConfig,
         metrics: BusMetrics,
         on_committed: Callable[[list[Committed]], None] | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
         self.on_committed = on_committed
+        self.on_fatal = on_fatal
+        self.failure: BaseException | None = None
+        self._alerted: dict[tuple[str, str], tuple[float, int]] = {}  # (agent, rule) -> (last alert, suppressed)
         self.chains: dict[str, ChainRecord] = store.load_chains()
         self.hostname = socket.gethostname()
         self._queue: queue.SimpleQueue[Submission | _WriterTask | None] = queue.SimpleQueue()
@@ -119,7 +124,7 @@ class Ingest:
 
     def overload_backoff(self, events: int) -> int | None:
         """None when `events` more can be admitted, else the backoff (ms) to advise."""
-        if time.monotonic() < self._store_down_until:
+        if self.failure is not None or time.monotonic() < self._store_down_until:
             return self.config.max_backoff_ms
         pending = self._pending_events
         if pending + events <= self.config.high_water_events:
@@ -178,13 +183,46 @@ class Ingest:
                 return group, tasks, False
 
     def _run(self) -> None:
+        """The writer loop. Should it ever fail, everything waiting is answered RETRY and the hub is told
+        (it stops serving and exits non-zero, so systemd restarts it): never a live process that acks nothing."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            self.failure = exc
+            log.critical("ingest writer failed; the hub stops", exc_info=exc)
+            self._answer_queued(Ack(Status.RETRY, "unavailable: hub is restarting", self.config.max_backoff_ms))
+            if self._loop is not None and self.on_fatal is not None:
+                self._loop.call_soon_threadsafe(self.on_fatal, exc)
+
+    def _serve(self) -> None:
         stopping = False
         while not stopping:
             group, tasks, stopping = self._take_group()
             if group:
-                self._process(group)
+                try:
+                    self._process(group)
+                except BaseException:
+                    self._resolve([(sub, Ack(Status.RETRY, "unavailable: hub is restarting")) for sub in group])
+                    raise
             for task in tasks:
                 self._run_task(task)
+
+    def _answer_queued(self, ack: Ack) -> None:
+        """Answer (or fail) everything still queued; used once the writer cannot go on."""
+        answered: list[tuple[Submission, Ack]] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Submission):
+                answered.append((item, ack))
+            elif isinstance(item, _WriterTask) and self._loop is not None:
+                error = RuntimeError("ingest writer failed")
+                self._loop.call_soon_threadsafe(_settle, item.future, None, error)
+        self._resolve(answered)
+        with self._pending_lock:
+            self._pending_events = 0
 
     def _run_task(self, task: _WriterTask) -> None:
         try:
@@ -227,7 +265,7 @@ class Ingest:
     ) -> list[tuple[Submission, Ack]]:
         items = [item for _, item in accepted]
         if alerts:
-            items.append(AcceptedEnvelope(HUB_AGENT_ID, b"", 0, b"", [to_row(a) for a in alerts]))
+            items.append(AcceptedEnvelope(HUB_AGENT, b"", 0, b"", [to_row(a) for a in alerts]))
         if not items:
             return []
         now_ns = time.time_ns()
@@ -308,15 +346,26 @@ class Ingest:
 
     def _alert(
         self, rule: str, summary: str, h: envelope_pb2.EnvelopeHeader, severity: int = events_pb2.SEVERITY_ERROR
-    ) -> events_pb2.Event:
+    ) -> events_pb2.Event | None:
+        """A hub alert about an agent's chain; one per agent and rule per ALERT_INTERVAL_S, the rest counted."""
         log.warning(summary, extra={"rule": rule, "agent_id": h.agent_id, "seq": h.seq})
+        now = time.monotonic()
+        last, suppressed = self._alerted.get((h.agent_id, rule), (-ALERT_INTERVAL_S, 0))
+        if now - last < ALERT_INTERVAL_S:
+            self._alerted[(h.agent_id, rule)] = (last, suppressed + 1)
+            self.metrics.alerts_suppressed.labels(rule).inc()
+            return None
+        self._alerted[(h.agent_id, rule)] = (now, 0)
+        details = {"agent_id": h.agent_id, "seq": str(h.seq)}
+        if suppressed:
+            details["suppressed_since_last"] = str(suppressed)
         return events_pb2.Event(
             event_id=f"{rule}:{h.agent_id}:{h.chain_id.hex()}:{h.seq}:{time.time_ns()}",
             ts_ns=time.time_ns(),
             host=self.hostname,
-            agent=HUB_AGENT_ID,
+            agent=HUB_AGENT,
             severity=severity,  # type: ignore[arg-type]
-            alert=events_pb2.Alert(rule=rule, summary=summary, details={"agent_id": h.agent_id, "seq": str(h.seq)}),
+            alert=events_pb2.Alert(rule=rule, summary=summary, details=details),
         )
 
     def _resolve(self, acks: list[tuple[Submission, Ack]]) -> None:

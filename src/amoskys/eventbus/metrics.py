@@ -46,6 +46,13 @@ class BusMetrics:
         self.envelopes_received = Counter("amoskys_bus_envelopes_received", "Envelopes received", registry=r)
         self.events_received = Counter("amoskys_bus_events_received", "Events in received envelopes", registry=r)
         self.events_stored = Counter("amoskys_bus_events_stored", "Events committed to the store", registry=r)
+        self.future_events = Counter(
+            "amoskys_bus_future_events", "Events stamped beyond the allowed clock skew (filed at hub time)", registry=r
+        )
+        self.alerts_suppressed = Counter(
+            "amoskys_bus_alerts_suppressed", "Hub alerts not stored (rate limit per agent and rule)", ["rule"],
+            registry=r,
+        )  # fmt: skip
         self.duplicates = Counter("amoskys_bus_duplicates", "Envelopes resent and acked without storing", registry=r)
         self.rejected = Counter("amoskys_bus_rejected", "Envelopes rejected, by reason", ["reason"], registry=r)
         self.retries = Counter("amoskys_bus_retries", "RETRY answers, by reason", ["reason"], registry=r)

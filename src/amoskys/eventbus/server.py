@@ -24,10 +24,12 @@ from amoskys.envelope import PROTOCOL_VERSION, envelope_digest, verify_signature
 from amoskys.errors import AmoskysError, VerificationError
 from amoskys.eventbus.auth import Peer, TrustState, peer_of
 from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
+from amoskys.eventbus.edge import MAX_HEADER_BYTES, event_refusal, filter_refusal, header_refusal, observed_ns
 from amoskys.eventbus.ingest import Ack, Ingest
 from amoskys.eventbus.metrics import BusMetrics, CertificateExpiry
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import AgentUpdate, SqliteStore
+from amoskys.keys import Enrolment
 from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
 
 __all__ = ["SERVICE_NAME", "Hub", "create_server"]
@@ -54,7 +56,7 @@ class Hub:
         self.trust = TrustState(config)
         self.store = SqliteStore(Path(config.store.path), config.store.synchronous)
         self.broker = Broker()
-        self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish)
+        self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish, self._fatal)
         self.health = health_aio.HealthServicer()
         self.started_ns = time.time_ns()
         self.draining = False
@@ -65,6 +67,7 @@ class Hub:
         self._scrape_reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics-reader")
         self._tasks: list[asyncio.Task[None]] = []
         self._rate_window: list[tuple[float, float]] = []
+        self._stop_requested = asyncio.Event()
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -116,12 +119,15 @@ class Hub:
             envelope = envelope_pb2.Envelope.FromString(raw)
             if not envelope.header or not envelope.sig:
                 return _invalid("incomplete: header and sig are required")
+            if len(envelope.header) > MAX_HEADER_BYTES:
+                return _invalid(f"header_too_large: {len(envelope.header)} bytes > {MAX_HEADER_BYTES}")
             header = envelope_pb2.EnvelopeHeader.FromString(envelope.header)
         except DecodeError:
             return _invalid("malformed: not an Envelope with an EnvelopeHeader")
         if header.version != PROTOCOL_VERSION:
             return _invalid(f"unsupported_version: {header.version} (this hub speaks {PROTOCOL_VERSION})")
-        return envelope, header
+        refusal = header_refusal(header)
+        return _invalid(refusal) if refusal else (envelope, header)
 
     def _admission(self, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
         limit = self.config.limits.max_events_per_batch
@@ -134,7 +140,7 @@ class Hub:
 
     def _signature(self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
         try:
-            verify_signature(envelope, self.trust.keys[header.agent_id])
+            verify_signature(envelope, self.trust.agents[header.agent_id].key)
         except VerificationError:
             return _invalid("bad_signature: signature does not verify with the agent's key")
         return None
@@ -146,7 +152,7 @@ class Hub:
         assert peer is not None
         if header.agent_id != peer.cn:
             return Ack(Status.UNAUTHORIZED, f"cn_mismatch: certificate CN {peer.cn!r} != agent_id {header.agent_id!r}")
-        if header.agent_id not in self.trust.keys:
+        if header.agent_id not in self.trust.agents:
             return Ack(Status.UNAUTHORIZED, f"unknown_agent: {header.agent_id!r} is not in the trust map")
         return None
 
@@ -162,13 +168,30 @@ class Hub:
             return _invalid(f"event_count_mismatch: header says {header.event_count}, payload has {count}")
         if len(batch.events) > self.config.limits.max_events_per_batch:
             return _invalid(f"too_many_events: {len(batch.events)} > {self.config.limits.max_events_per_batch}")
+        enrolment = self.trust.agents[header.agent_id]
+        refusal = next(filter(None, (event_refusal(e, i, enrolment) for i, e in enumerate(batch.events))), None)
+        if refusal is not None:
+            return _invalid(refusal)
         rows = [to_row(event) for event in batch.events]
         too_big = next((r for r in rows if len(r.body) > self.config.limits.max_event_bytes), None)
         if too_big is not None:
             return _invalid(f"event_too_large: {len(too_big.body)} bytes > {self.config.limits.max_event_bytes}")
         self.metrics.events_received.inc(len(rows))
-        update = _agent_update(batch, rows, peer)
+        rows = self._file_times(rows)
+        update = _agent_update(batch, rows, enrolment, peer)
         return header, rows, update, envelope_digest(envelope.header, envelope.payload)
+
+    def _file_times(self, rows: list[EventRow]) -> list[EventRow]:
+        """Events that claim the future are filed at the hub's time plus the allowed skew (counted)."""
+        now_ns = time.time_ns()
+        skew_ns = int(self.config.limits.max_clock_skew_s * 1e9)
+        future = [i for i, row in enumerate(rows) if row.ts_ns > now_ns + skew_ns]
+        if not future:
+            return rows
+        self.metrics.future_events.inc(len(future))
+        for i in future:
+            rows[i] = rows[i]._replace(ts_ns=observed_ns(rows[i].ts_ns, now_ns, skew_ns))
+        return rows
 
     async def publish(self, raw: bytes, context: Context) -> envelope_pb2.PublishAck:
         return (await self.handle_envelope(raw, peer_of(context))).message()
@@ -197,7 +220,8 @@ class Hub:
 
     # ---- consumers ----------------------------------------------------------------------------
 
-    async def _require_consumer(self, context: Context) -> None:
+    async def _require_consumer(self, context: Context, flt: bus_pb2.EventFilter | None = None) -> None:
+        """Only configured consumers, and only filters within the documented limits."""
         peer = peer_of(context)
         refusal = self.trust.refusal(peer, time.time_ns())
         if refusal is not None:
@@ -205,9 +229,12 @@ class Hub:
         assert peer is not None
         if peer.cn not in self.config.consumers:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer.cn!r} is not a configured consumer")
+        refusal = filter_refusal(flt) if flt is not None else None
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
 
     async def query(self, request: bus_pb2.QueryRequest, context: Context) -> bus_pb2.QueryResponse:
-        await self._require_consumer(context)
+        await self._require_consumer(context, request.filter)
         size = min(request.page_size or 100, MAX_PAGE)
         try:
             events, token = await asyncio.to_thread(self.store.query, request.filter, size, request.page_token)
@@ -218,7 +245,7 @@ class Hub:
     async def subscribe(
         self, request: bus_pb2.SubscribeRequest, context: Context
     ) -> AsyncIterator[bus_pb2.StoredEvent]:
-        await self._require_consumer(context)
+        await self._require_consumer(context, request.filter)
         sub = Subscriber(request.filter)
         self.broker.subscribers.add(sub)
         self.metrics.subscribers.inc()
@@ -391,6 +418,20 @@ class Hub:
             log.error("reload failed; keeping the previous trust state", extra={"error": str(exc)})
         systemd.notify("READY=1")
 
+    def _fatal(self, error: BaseException) -> None:
+        """A thread the hub depends on died: stop answering SERVING and feeding the watchdog, then exit non-zero."""
+        self.draining = True
+        for task in self._tasks:
+            if task.get_name() == "watchdog":
+                task.cancel()
+        self._tasks.append(asyncio.create_task(self._not_serving(), name="not-serving"))
+        systemd.notify(f"STATUS=failed: {type(error).__name__}")
+        self._stop_requested.set()
+
+    async def _not_serving(self) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self) -> None:
         """Drain: refuse new envelopes, finish in-flight ones, commit, close."""
         systemd.notify("STOPPING=1")
@@ -411,29 +452,34 @@ class Hub:
         self.store.close()
         log.info("eventbus stopped")
 
-    async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT; SIGHUP reloads."""
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit status 0) or a fatal failure (1); SIGHUP reloads."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, self._stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
-        await stop.wait()
+        await self._stop_requested.wait()
         await self.stop()
+        if self.ingest.failure is not None:
+            log.critical("eventbus exits after a fatal failure", extra={"error": repr(self.ingest.failure)})
+            return 1
+        return 0
 
 
-def _agent_update(batch: events_pb2.EventBatch, rows: list[EventRow], peer: Peer | None) -> AgentUpdate:
-    """Registry facts from one batch (walks the rows; touches an event only for heartbeats)."""
-    update = AgentUpdate(events=len(rows), cert_not_after_ns=peer.not_after_ns if peer else 0)
-    if rows:
-        update.host, update.kind = rows[-1].host, rows[-1].agent
+def _agent_update(
+    batch: events_pb2.EventBatch, rows: list[EventRow], enrolment: Enrolment, peer: Peer | None
+) -> AgentUpdate:
+    """Registry facts from one batch: host and kind from the enrolment; heartbeat times as filed."""
+    update = AgentUpdate(
+        host=enrolment.host, kind=enrolment.kind, events=len(rows), cert_not_after_ns=peer.not_after_ns if peer else 0
+    )
     for index, row in enumerate(rows):
         if row.kind == "alert":
             update.alerts += 1
         elif row.kind == "heartbeat":
             event = batch.events[index]
-            update.heartbeat_ns = max(update.heartbeat_ns, event.ts_ns)
+            update.heartbeat_ns = max(update.heartbeat_ns, row.ts_ns)
             update.version = event.heartbeat.version
             update.interval_s = event.heartbeat.interval_s
     return update

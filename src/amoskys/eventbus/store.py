@@ -111,6 +111,8 @@ AGENT_COLUMNS = (
     "heartbeat_interval_s", "events_total", "envelopes_total", "last_seq", "alerts_total", "cert_not_after_ns",
 )  # fmt: skip
 PRUNE_CHUNK = 20_000
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # SQLite INTEGER
+MAX_TOKEN_CHARS = 64  # base64 of "ts:cursor", two int64s
 NOTABLE_SEVERITY = 4  # SEVERITY_WARNING: warnings and worse have their own (small, partial) index
 
 
@@ -179,11 +181,17 @@ def _encode_token(ts_ns: int, cursor: int) -> str:
 
 
 def _decode_token(token: str) -> tuple[int, int]:
+    """(ts_ns, cursor) of a page token; ValueError for anything that is not one of ours."""
     try:
+        if len(token) > MAX_TOKEN_CHARS:
+            raise ValueError(token)
         ts_text, _, cursor_text = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        return int(ts_text), int(cursor_text)
+        ts_ns, cursor = int(ts_text), int(cursor_text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError("invalid page token") from exc
+    if not (INT64_MIN <= ts_ns <= INT64_MAX and 0 <= cursor <= INT64_MAX):
+        raise ValueError("invalid page token")
+    return ts_ns, cursor
 
 
 def _where(flt: bus_pb2.EventFilter) -> tuple[list[str], list[object]]:

@@ -1,0 +1,124 @@
+"""What the hub checks before anything of an envelope reaches a shared thread.
+
+Every field an agent sends is hostile input: the header's numbers must fit their SQLite columns,
+every event must be one the sender's enrolment allows (its host, its kind, its kind's bodies and
+alert namespace), and timestamps may not claim the future. Each check returns the reason for an
+INVALID ack, naming the field, or None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from amoskys.catalog import AGENT_KINDS
+from amoskys.keys import Enrolment
+from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
+
+__all__ = [
+    "INT64_MAX",
+    "MAX_HEADER_BYTES",
+    "MAX_ID_CHARS",
+    "event_refusal",
+    "filter_refusal",
+    "header_refusal",
+    "observed_ns",
+]
+
+INT64_MAX = 2**63 - 1  # SQLite INTEGER, protobuf int64, nanoseconds up to the year 2262
+MAX_HEADER_BYTES = 512  # a real header is ~110 bytes
+MAX_ID_CHARS = 128  # event_id, host: longer is garbage, and it is indexed
+CHAIN_ID_BYTES = 16
+HASH_BYTES = 32
+MAX_PORT = 65535
+MAX_HEARTBEAT_INTERVAL_S = 86_400
+MAX_FILTER_VALUES = 1000  # per list: SQLite binds each as a variable (its limit is 32,766)
+MAX_FILTER_TEXT = 1024
+SEVERITIES = frozenset(events_pb2.Severity.values())
+
+
+def header_refusal(header: envelope_pb2.EnvelopeHeader) -> str | None:
+    """The header's numbers and sizes at their edges."""
+    if not 1 <= header.seq <= INT64_MAX:
+        return f"bad_seq: seq {header.seq} is outside 1..{INT64_MAX}"
+    if len(header.chain_id) != CHAIN_ID_BYTES:
+        return f"bad_chain_id: chain_id is {len(header.chain_id)} bytes, not {CHAIN_ID_BYTES}"
+    if len(header.prev_hash) != HASH_BYTES:
+        return f"bad_prev_hash: prev_hash is {len(header.prev_hash)} bytes, not {HASH_BYTES}"
+    return None
+
+
+def event_refusal(event: events_pb2.Event, index: int, enrolment: Enrolment) -> str | None:
+    """Why the sender may not store this event, or None. `index` is its place in the batch."""
+    where = f"event {index}"
+    if event.host != enrolment.host:
+        return f"host_mismatch: {where} host {_shown(event.host)} but this identity is enrolled for {enrolment.host!r}"
+    if event.agent != enrolment.kind:
+        return f"agent_mismatch: {where} agent {_shown(event.agent)} but this identity is a {enrolment.kind!r} agent"
+    body = event.WhichOneof("body")
+    kind = AGENT_KINDS[enrolment.kind]
+    if body is None or not kind.may_send(body):
+        return f"body_not_allowed: {where} body {body or 'none'!r} is not one a {kind.name!r} agent sends"
+    if body == "alert" and not kind.may_raise(event.alert.rule):
+        return f"rule_not_allowed: {where} alert rule {_shown(event.alert.rule)} is outside {kind.name}.* and agent.*"
+    if not 1 <= len(event.event_id) <= MAX_ID_CHARS:
+        return f"bad_event_id: {where} event_id must have 1..{MAX_ID_CHARS} characters"
+    if event.ts_ns <= 0:
+        return f"bad_ts: {where} ts_ns {event.ts_ns} is not a time"
+    if event.severity not in SEVERITIES:
+        return f"bad_severity: {where} severity {event.severity} is not a known level"
+    return _body_refusal(event, body, where)
+
+
+def _body_refusal(event: events_pb2.Event, body: str, where: str) -> str | None:
+    """Numbers inside bodies that the hub, the UI or a rule reads: ports, intervals, finite floats."""
+    if body == "heartbeat" and not 1 <= event.heartbeat.interval_s <= MAX_HEARTBEAT_INTERVAL_S:
+        return f"bad_interval: {where} heartbeat interval_s {event.heartbeat.interval_s} is outside 1..86400"
+    ports = _ports(event, body)
+    if any(port > MAX_PORT for port in ports):
+        return f"bad_port: {where} has a port above {MAX_PORT}"
+    if not all(math.isfinite(value) for value in _floats(event, body)):
+        return f"bad_number: {where} has a NaN or infinite value"
+    return None
+
+
+def _ports(event: events_pb2.Event, body: str) -> Iterable[int]:
+    if body == "flow":
+        return (event.flow.src_port, event.flow.dst_port)
+    if body == "auth":
+        return (event.auth.src_port,)
+    if body == "port":
+        return (event.port.socket.port,)
+    if body == "host_metrics":
+        return (s.port for s in event.host_metrics.listening)
+    return ()
+
+
+def _floats(event: events_pb2.Event, body: str) -> Iterable[float]:
+    if body == "host_metrics":
+        m = event.host_metrics
+        return (m.cpu_percent, m.load1, m.load5, m.load15)
+    if body == "snmp":
+        return (value for i in event.snmp.interfaces for value in (i.in_bps, i.out_bps))
+    return ()
+
+
+def filter_refusal(flt: bus_pb2.EventFilter) -> str | None:
+    """A consumer's filter within what one query may ask (each list, the text)."""
+    for name in ("hosts", "agent_ids", "kinds", "agents"):
+        values = getattr(flt, name)
+        if len(values) > MAX_FILTER_VALUES:
+            return f"filter.{name}: {len(values)} values > {MAX_FILTER_VALUES}"
+    if len(flt.text) > MAX_FILTER_TEXT:
+        return f"filter.text: {len(flt.text)} characters > {MAX_FILTER_TEXT}"
+    return None
+
+
+def observed_ns(ts_ns: int, received_ns: int, max_skew_ns: int) -> int:
+    """The time the hub files an event under: the agent's, but never beyond `max_skew_ns` into the future."""
+    return min(ts_ns, received_ns + max_skew_ns)
+
+
+def _shown(text: str) -> str:
+    """A hostile string, quoted and cut short for a reason text."""
+    return repr(text[:64] + ("..." if len(text) > 64 else ""))
