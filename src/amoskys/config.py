@@ -101,11 +101,18 @@ class LimitsConfig(Section, frozen=True):
     max_events_per_batch: Positive = 5000
     max_event_bytes: Positive = 64 * 1024
     max_clock_skew_s: Seconds = 300.0  # an event stamped further ahead is filed at hub time + this
+    max_streams_per_identity: Positive = 8  # PublishStream + Subscribe streams open at once per certificate
+    stream_idle_s: Seconds = 300.0  # a publish stream with no envelope for this long is ended (agents reconnect)
+    write_timeout_s: Seconds = 10.0  # a consumer that takes no message for this long is cut (resume cursor)
+    handshake_timeout_s: Seconds = 10.0  # a connection that has not finished TLS by then is closed
 
 
 class BackpressureConfig(Section, frozen=True):
     high_water_events: Positive = 100_000
-    commit_max_events: Positive = 10_000
+    max_pending_per_agent: Positive = 20_000  # one identity's events waiting for commit, at most
+    commit_target_ms: Positive = 25  # a commit group holds what the writer commits in about this time...
+    commit_min_events: Positive = 1_000  # ...but at least this many (when waiting)...
+    commit_max_events: Positive = 10_000  # ...and at most this many
     commit_max_delay_ms: NonNegative = 0  # extra wait to grow a group; 0: commit what is queued now
     base_backoff_ms: Positive = 50
     max_backoff_ms: Positive = 10_000

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import yaml
 
 from amoskys import keys
 from amoskys.config import AgentConfig
@@ -13,13 +14,14 @@ from tests.hubfixture import LiveHub
 
 
 def agent_config(live_hub: LiveHub, tmp_path: Path, kind: str, **sections: Any) -> AgentConfig:
-    """An agent config whose identity the hub trusts (agent_id test-KIND)."""
+    """An agent config whose identity the hub trusts (agent_id test-KIND, enrolled for host testhost)."""
     agent_id = f"test-{kind}"
     key_path, cert_path = live_hub.pki.issue(agent_id, "client")
     signing = tmp_path / f"{agent_id}.sign"
     keys.write_private_key(signing, keys.generate_signing_key())
     pub = keys.public_key_text(keys.load_signing_key(signing).public_key())
-    (Path(live_hub.config.trust_map) / f"{agent_id}.pub").write_text(pub + "\n")
+    entry = {agent_id: {"key": pub, "host": "testhost", "kind": kind}}
+    (Path(live_hub.config.trust_map) / f"{agent_id}.yml").write_text(yaml.safe_dump(entry))
     live_hub.hub.trust.reload()
     document: dict[str, Any] = {
         "agent_id": agent_id,

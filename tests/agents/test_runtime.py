@@ -13,7 +13,7 @@ from amoskys.agents import AGENTS
 from amoskys.agents.runtime import AgentRuntime
 from amoskys.errors import IdentityError
 from amoskys.eventbus.server import create_server
-from amoskys.v1 import bus_pb2
+from amoskys.v1 import bus_pb2, events_pb2
 from tests.agents.conftest import agent_config
 from tests.conftest import small_tmpfs
 from tests.hubfixture import LiveHub
@@ -207,7 +207,7 @@ async def test_idle_publisher_does_not_wait_for_the_linger(live_hub: LiveHub, tm
                 break
             await asyncio.sleep(0.1)
         assert stored
-        marker = runtime.agent.event(labels={"marker": "late-event"})
+        marker = runtime.agent.event(host_metrics=events_pb2.HostMetrics(), labels={"marker": "late-event"})
         runtime.buffer.append(marker.SerializeToString())
         found: list[str] = []
         for _ in range(200):

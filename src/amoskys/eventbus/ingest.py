@@ -10,6 +10,7 @@ backlog, so memory stays bounded whatever the clients do.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import socket
@@ -108,6 +109,9 @@ class Ingest:
         self.hostname = socket.gethostname()
         self._queue: queue.SimpleQueue[Submission | _WriterTask | None] = queue.SimpleQueue()
         self._pending_events = 0
+        self._pending_by_agent: dict[str, int] = {}
+        self._backlog: dict[str, collections.deque[Submission]] = {}  # writer thread only
+        self._stopping = False
         self._pending_lock = threading.Lock()
         self._drain_rate = 50_000.0  # events/s, EWMA of observed commits
         self._store_down_until = 0.0
@@ -122,14 +126,29 @@ class Ingest:
     def pending_events(self) -> int:
         return self._pending_events
 
-    def overload_backoff(self, events: int) -> int | None:
-        """None when `events` more can be admitted, else the backoff (ms) to advise."""
+    def overload_backoff(self, agent_id: str, events: int) -> int | None:
+        """None when `agent_id` may add `events` now, else the backoff (ms) to advise.
+
+        Fair admission: no agent holds more than `max_pending_per_agent` events in the queue, and above
+        the high-water mark only agents below their fair share of it are admitted (up to twice the mark),
+        so identities that flood cannot starve the others.
+        """
         if self.failure is not None or time.monotonic() < self._store_down_until:
             return self.config.max_backoff_ms
-        pending = self._pending_events
-        if pending + events <= self.config.high_water_events:
-            return None
-        drain_ms = int(1000 * pending / max(self._drain_rate, 1.0))
+        with self._pending_lock:
+            total, mine, active = (
+                self._pending_events,
+                self._pending_by_agent.get(agent_id, 0),
+                len(self._pending_by_agent),
+            )
+        high_water = self.config.high_water_events
+        if mine + events <= self.config.max_pending_per_agent:
+            if total + events <= high_water:
+                return None
+            fair_share = high_water / max(active, 1)
+            if mine + events <= fair_share and total + events <= 2 * high_water:
+                return None
+        drain_ms = int(1000 * (total + mine) / max(self._drain_rate, 1.0))
         return max(self.config.base_backoff_ms, min(self.config.max_backoff_ms, drain_ms))
 
     def submit(
@@ -137,7 +156,7 @@ class Ingest:
     ) -> asyncio.Future[Ack]:
         assert self._loop is not None, "Ingest.start() not called"
         future: asyncio.Future[Ack] = self._loop.create_future()
-        self._adjust_pending(len(rows))
+        self._adjust_pending(header.agent_id, len(rows))
         self._queue.put(Submission(header, digest, rows, agent, future))
         return future
 
@@ -148,9 +167,14 @@ class Ingest:
         self._queue.put(_WriterTask(fn, future))
         return await future
 
-    def _adjust_pending(self, delta: int) -> None:
+    def _adjust_pending(self, agent_id: str, delta: int) -> None:
         with self._pending_lock:
             self._pending_events += delta
+            mine = self._pending_by_agent.get(agent_id, 0) + delta
+            if mine > 0:
+                self._pending_by_agent[agent_id] = mine
+            else:
+                self._pending_by_agent.pop(agent_id, None)
             self.metrics.inflight_events.set(self._pending_events)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -160,27 +184,55 @@ class Ingest:
             self._thread.join(timeout)
 
     def _take_group(self) -> tuple[list[Submission], list[_WriterTask], bool]:
-        """Everything queued now (up to commit_max_events), writer tasks apart; True when told to stop."""
-        group: list[Submission] = []
+        """The next commit group, writer tasks apart, and True once told to stop with nothing left.
+
+        Everything queued is sorted into one queue per agent; a group takes one envelope from each agent
+        in turn (envelopes of one agent stay in order) until it holds `_group_budget()` events, and the
+        agents served go to the back. One agent's backlog never sits in front of another's envelope.
+        """
         tasks: list[_WriterTask] = []
-        events = 0
-        item = self._queue.get()
-        deadline = time.monotonic() + self.config.commit_max_delay_ms / 1000
+        self._fill(tasks)
+        group: list[Submission] = []
+        events, budget = 0, self._group_budget()
+        while self._backlog and events < budget:
+            for agent_id in list(self._backlog):
+                waiting = self._backlog.pop(agent_id)
+                sub = waiting.popleft()
+                group.append(sub)
+                events += len(sub.rows)
+                if waiting:
+                    self._backlog[agent_id] = waiting  # to the back of the line
+                if events >= budget:
+                    break
+        return group, tasks, self._stopping and not self._backlog
+
+    def _fill(self, tasks: list[_WriterTask]) -> None:
+        """Move what is queued into the per-agent backlog (waiting for work when there is none)."""
+        deadline = None
+        if not self._backlog and not self._stopping:
+            self._stash(self._queue.get(), tasks)
+            deadline = time.monotonic() + self.config.commit_max_delay_ms / 1000
         while True:
-            if item is None:
-                return group, tasks, True
-            if isinstance(item, _WriterTask):
-                tasks.append(item)
-            else:
-                group.append(item)
-                events += len(item.rows)
-            if events >= self.config.commit_max_events:
-                return group, tasks, False
             try:
-                timeout = deadline - time.monotonic()
+                timeout = deadline - time.monotonic() if deadline is not None else 0
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
-                return group, tasks, False
+                return
+            self._stash(item, tasks)
+
+    def _stash(self, item: Submission | _WriterTask | None, tasks: list[_WriterTask]) -> None:
+        if item is None:
+            self._stopping = True
+        elif isinstance(item, _WriterTask):
+            tasks.append(item)
+        else:
+            self._backlog.setdefault(item.header.agent_id, collections.deque()).append(item)
+
+    def _group_budget(self) -> int:
+        """Events per group: what the writer commits in about `commit_target_ms`, within [min, max]."""
+        config = self.config
+        budget = int(self._drain_rate * config.commit_target_ms / 1000)
+        return max(config.commit_min_events, min(config.commit_max_events, budget))
 
     def _run(self) -> None:
         """The writer loop. Should it ever fail, everything waiting is answered RETRY and the hub is told
@@ -209,7 +261,8 @@ class Ingest:
 
     def _answer_queued(self, ack: Ack) -> None:
         """Answer (or fail) everything still queued; used once the writer cannot go on."""
-        answered: list[tuple[Submission, Ack]] = []
+        answered = [(sub, ack) for waiting in self._backlog.values() for sub in waiting]
+        self._backlog.clear()
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -223,6 +276,7 @@ class Ingest:
         self._resolve(answered)
         with self._pending_lock:
             self._pending_events = 0
+            self._pending_by_agent.clear()
 
     def _run_task(self, task: _WriterTask) -> None:
         try:
@@ -251,8 +305,10 @@ class Ingest:
             seen[(h.agent_id, h.chain_id, h.seq)] = sub.digest
             accepted.append((sub, AcceptedEnvelope(h.agent_id, h.chain_id, h.seq, sub.digest, sub.rows, sub.agent)))
         acks += self._commit(accepted, tentative, alerts)
-        events = sum(len(s.rows) for s in group)
-        self._adjust_pending(-events)
+        events = 0
+        for sub in group:
+            self._adjust_pending(sub.header.agent_id, -len(sub.rows))
+            events += len(sub.rows)
         elapsed = max(time.monotonic() - started, 1e-4)
         self._drain_rate = 0.8 * self._drain_rate + 0.2 * (events / elapsed)
         self._resolve(acks)

@@ -59,6 +59,9 @@ class BusMetrics:
         self.chain_breaks = Counter("amoskys_bus_chain_breaks", "Chain breaks and forks, by kind", ["kind"], registry=r)
         self.inflight_events = Gauge("amoskys_bus_inflight_events", "Events waiting for commit", registry=r)
         self.streams = Gauge("amoskys_bus_streams", "Open publish streams", registry=r)
+        self.subscribers_cut = Counter(
+            "amoskys_bus_subscribers_cut", "Subscribe streams ended because the consumer stopped reading", registry=r
+        )
         self.subscribers = Gauge("amoskys_bus_subscribers", "Live Subscribe streams", registry=r)
         self.store_bytes = Gauge("amoskys_bus_store_bytes", "Bytes used by the store", registry=r)
         self.store_errors = Counter("amoskys_bus_store_errors", "Failed store commits, by kind", ["kind"], registry=r)

@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from amoskys.eventbus.ingest import Ack, Ingest
 from amoskys.eventbus.metrics import BusMetrics, CertificateExpiry
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import AgentUpdate, SqliteStore
+from amoskys.eventbus.streams import OpenStreams, StreamHandle
 from amoskys.keys import Enrolment
 from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
 
@@ -68,6 +70,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._rate_window: list[tuple[float, float]] = []
         self._stop_requested = asyncio.Event()
+        self.streams = OpenStreams(config.limits.max_streams_per_identity)
+        self._retry_until: dict[str, float] = {}  # identity -> end of the backoff it was told to wait
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -78,11 +82,29 @@ class Hub:
     def _begin(self, raw: bytes, peer: Peer | None) -> Ack | asyncio.Future[Ack]:
         """The synchronous part: an immediate ack, or the future of the envelope's commit."""
         self.metrics.envelopes_received.inc()
+        early = self._still_backing_off(peer)
+        if early is not None:
+            return early
         checked = self._precheck(raw, peer)
         if isinstance(checked, Ack):
+            if checked.status == Status.RETRY and peer is not None and checked.backoff_ms:
+                # A compliant agent waits at least half the backoff (its jitter is +-50 %).
+                self._retry_until[peer.cn] = time.monotonic() + checked.backoff_ms / 2000
             return checked
         header, rows, update, digest = checked
         return self.ingest.submit(header, digest, rows, update)
+
+    def _still_backing_off(self, peer: Peer | None) -> Ack | None:
+        """RETRY, unread, for an identity that sends again before the backoff it was given: ignoring
+        RETRY costs the hub nothing and gains the sender nothing."""
+        if peer is None or peer.cn not in self._retry_until:
+            return None
+        remaining = self._retry_until[peer.cn] - time.monotonic()
+        if remaining <= 0:
+            del self._retry_until[peer.cn]
+            return None
+        self.metrics.retries.labels("backing_off").inc()
+        return Ack(Status.RETRY, "backing_off: wait the backoff you were given", max(int(remaining * 2000), 1))
 
     async def _finish(self, started: float, outcome: Ack | asyncio.Future[Ack]) -> Ack:
         ack = outcome if isinstance(outcome, Ack) else await outcome
@@ -133,7 +155,7 @@ class Hub:
         limit = self.config.limits.max_events_per_batch
         if header.event_count > limit:
             return _invalid(f"too_many_events: {header.event_count} > {limit}")
-        backoff = self.ingest.overload_backoff(header.event_count)
+        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count)
         if backoff is not None:
             return Ack(Status.RETRY, "overloaded: backlog above high-water mark", backoff)
         return None
@@ -197,26 +219,46 @@ class Hub:
         return (await self.handle_envelope(raw, peer_of(context))).message()
 
     async def publish_stream(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
-        """Acks in order; the next envelope is checked while earlier ones wait for their commit."""
+        """Acks in order; the next envelope is checked while earlier ones wait for their commit.
+
+        A stream counts against its identity's cap, ends when no envelope came for `stream_idle_s`, and
+        ends at once when a reload revokes its identity.
+        """
         peer = peer_of(context)
+        handle = await self._open_stream(peer, context)
         pending: asyncio.Queue[tuple[float, Ack | asyncio.Future[Ack]] | None] = asyncio.Queue(maxsize=64)
 
         async def read() -> None:
             try:
-                async for raw in requests:
+                async for raw in _idle_limited(requests, self.config.limits.stream_idle_s):
                     await pending.put((time.perf_counter(), self._begin(raw, peer)))
+            except TimeoutError:
+                handle.end(f"idle: no envelope for {self.config.limits.stream_idle_s:g} s")
             finally:
                 await pending.put(None)
 
-        self.metrics.streams.inc()
         reader = asyncio.ensure_future(read())
+        handle.wake = reader.cancel
+        self.metrics.streams.inc()
         try:
             while (item := await pending.get()) is not None:
                 yield (await self._finish(*item)).message().SerializeToString()
-            await reader
+            await asyncio.gather(reader, return_exceptions=True)
+            if handle.reason:
+                await context.abort(_ending_code(handle.reason), handle.reason)
         finally:
             self.metrics.streams.dec()
+            self.streams.close(handle)
             reader.cancel()
+
+    async def _open_stream(self, peer: Peer | None, context: Context) -> StreamHandle:
+        """The stream's handle; aborts when the identity already has its share of streams open."""
+        handle = self.streams.open(peer) if peer is not None else None
+        if handle is None:
+            cap = self.config.limits.max_streams_per_identity
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"streams: at most {cap} per identity")
+        assert handle is not None
+        return handle
 
     # ---- consumers ----------------------------------------------------------------------------
 
@@ -242,31 +284,48 @@ class Hub:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return bus_pb2.QueryResponse(events=events, next_page_token=token)
 
-    async def subscribe(
-        self, request: bus_pb2.SubscribeRequest, context: Context
-    ) -> AsyncIterator[bus_pb2.StoredEvent]:
+    async def subscribe(self, request: bus_pb2.SubscribeRequest, context: Context) -> None:
+        """Replay, then live events; a consumer that does not read is cut with its resume cursor."""
         await self._require_consumer(context, request.filter)
+        handle = await self._open_stream(peer_of(context), context)
         sub = Subscriber(request.filter)
+        handle.wake = functools.partial(_wake, sub)
         self.broker.subscribers.add(sub)
         self.metrics.subscribers.inc()
+        sent = _Sent()
         try:
-            last = 0
             if request.replay or request.after_cursor:
                 async for stored in self._replay(request):
-                    last = stored.cursor
-                    yield stored
+                    await self._send(context, stored, sent, handle)
             while True:
                 stored = await sub.queue.get()
+                if handle.reason:
+                    await context.abort(_ending_code(handle.reason), handle.reason)
                 if stored is OVERFLOW:
-                    await context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, f"subscriber too slow; resume with after_cursor={last}"
-                    )
-                if stored.cursor > last:
-                    last = stored.cursor
-                    yield stored
+                    await self._cut(context, sent)
+                if stored.cursor > sent.cursor:
+                    await self._send(context, stored, sent, handle)
         finally:
             self.broker.subscribers.discard(sub)
             self.metrics.subscribers.dec()
+            self.streams.close(handle)
+
+    async def _send(self, context: Context, stored: bus_pb2.StoredEvent, sent: _Sent, handle: StreamHandle) -> None:
+        """One write, within `write_timeout_s`: a consumer that stops reading is cut, never waited for."""
+        if handle.reason:
+            await context.abort(_ending_code(handle.reason), handle.reason)
+        try:
+            await asyncio.wait_for(context.write(stored), self.config.limits.write_timeout_s)
+        except TimeoutError:
+            await self._cut(context, sent)
+        sent.cursor = stored.cursor
+
+    async def _cut(self, context: Context, sent: _Sent) -> None:
+        """End a subscriber that fell behind; it resumes from the last cursor it was sent."""
+        self.metrics.subscribers_cut.inc()
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"subscriber too slow; resume with after_cursor={sent.cursor}"
+        )
 
     async def _replay(self, request: bus_pb2.SubscribeRequest) -> AsyncIterator[bus_pb2.StoredEvent]:
         cursor = request.after_cursor
@@ -345,6 +404,7 @@ class Hub:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 0),
+            ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout_s * 1000)),
         ]
         self.server = grpc.aio.server(options=options)
         self.server.add_generic_rpc_handlers((self._handlers(),))
@@ -416,7 +476,17 @@ class Hub:
             self.trust.reload()
         except AmoskysError as exc:
             log.error("reload failed; keeping the previous trust state", extra={"error": str(exc)})
+        ended = self.streams.end_where(self._stream_refusal)
+        if ended:
+            log.warning("ended streams of identities no longer trusted", extra={"streams": ended})
         systemd.notify("READY=1")
+
+    def _stream_refusal(self, peer: Peer) -> str | None:
+        """Why an open stream's identity may no longer speak (revoked, expired, or gone from trust)."""
+        refusal = self.trust.refusal(peer, time.time_ns())
+        if refusal is None and peer.cn not in self.trust.agents and peer.cn not in self.config.consumers:
+            refusal = "identity removed from the trust map"
+        return f"peer: {refusal}" if refusal else None
 
     def _fatal(self, error: BaseException) -> None:
         """A thread the hub depends on died: stop answering SERVING and feeding the watchdog, then exit non-zero."""
@@ -465,6 +535,32 @@ class Hub:
             log.critical("eventbus exits after a fatal failure", extra={"error": repr(self.ingest.failure)})
             return 1
         return 0
+
+
+@dataclass(slots=True)
+class _Sent:
+    cursor: int = 0  # the last cursor a subscriber was sent: where it resumes
+
+
+def _wake(sub: Subscriber) -> None:
+    """Get a subscriber's handler to look at its stream's handle (it is waiting on its queue)."""
+    if not sub.queue.full():
+        sub.queue.put_nowait(OVERFLOW)
+
+
+def _ending_code(reason: str) -> grpc.StatusCode:
+    return grpc.StatusCode.UNAUTHENTICATED if reason.startswith("peer:") else grpc.StatusCode.UNAVAILABLE
+
+
+async def _idle_limited(requests: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
+    """The stream's messages; TimeoutError when none came for `idle_s`."""
+    iterator = aiter(requests)
+    while True:
+        try:
+            raw = await asyncio.wait_for(anext(iterator), idle_s)
+        except StopAsyncIteration:
+            return
+        yield raw
 
 
 def _agent_update(
