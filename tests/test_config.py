@@ -78,6 +78,52 @@ def test_bad_agent_id_is_explained(tmp_path: Path) -> None:
         load_config(path, AgentConfig, env={})
 
 
+NON_FINITE_AND_HUGE = [
+    ("agent.yml", AgentConfig, "heartbeat_s: .inf\n", "key 'heartbeat_s': expected float <= 31622400"),
+    ("agent.yml", AgentConfig, "heartbeat_s: .nan\n", "key 'heartbeat_s': expected float > 0.0"),
+    ("agent.yml", AgentConfig, "heartbeat_s: -.inf\n", "key 'heartbeat_s': expected float > 0.0"),
+    ("agent.yml", AgentConfig, "snmp: {interval_s: 1e400}\n", "key 'snmp.interval_s': number out of range"),
+    ("agent.yml", AgentConfig, "outbox: {max_age_days: .inf}\n", "key 'outbox.max_age_days': expected float <= 36500"),
+    (
+        "agent.yml",
+        AgentConfig,
+        "batch: {max_linger_ms: 9223372036854775808}\n",
+        "key 'batch.max_linger_ms': expected int <= 9223372036854775807",
+    ),
+    ("eventbus.yml", EventBusConfig, "store: {retention_days: .NaN}\n", "key 'store.retention_days': expected float"),
+    ("eventbus.yml", EventBusConfig, "store: {max_bytes: 1e999}\n", "key 'store.max_bytes': number out of range"),
+    (
+        "eventbus.yml",
+        EventBusConfig,
+        "store: {max_bytes: 99999999999999999999}\n",
+        "key 'store.max_bytes': expected int <= 922",
+    ),
+    ("eventbus.yml", EventBusConfig, "drain_timeout_s: .Inf\n", "key 'drain_timeout_s': expected float <= "),
+    ("ui.yml", UiConfig, "refresh_s: .inf\n", "key 'refresh_s': expected float <= 31622400"),
+]
+
+
+@pytest.mark.parametrize(("name", "schema", "text", "expected"), NON_FINITE_AND_HUGE)
+def test_every_number_is_finite_and_fits_int64(
+    tmp_path: Path, name: str, schema: type, text: str, expected: str
+) -> None:
+    path = write(tmp_path, text, name)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, schema, env={})
+    assert str(caught.value).startswith(f"{path}: {expected}"), caught.value
+
+
+def test_infinite_env_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"AMOSKYS_HEARTBEAT_S\): key 'heartbeat_s': expected float <="):
+        load_config(None, AgentConfig, env={"AMOSKYS_HEARTBEAT_S": ".inf"})
+
+
+def test_config_check_refuses_infinity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "heartbeat_s: .inf\n", "agent-proc.yml")
+    assert main(["config", "check", str(path)]) == 2
+    assert f"{path}: key 'heartbeat_s': expected float <= 31622400" in capsys.readouterr().err
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yml: cannot read config: No such file"):
         load_config(tmp_path / "nope.yml", EventBusConfig, env={})

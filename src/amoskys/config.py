@@ -40,9 +40,13 @@ __all__ = [
 ]
 
 ENV_PREFIX = "AMOSKYS_"
-Positive = Annotated[int, msgspec.Meta(ge=1)]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+INT64_MAX = 2**63 - 1  # SQLite integers, protobuf int64 and nanosecond clocks all stop here
+MAX_SECONDS = 366 * 86400  # intervals and timeouts: a year at most (finite: .inf and .nan are refused)
+MAX_DAYS = 36500  # retention and ages: a century at most, so day counts fit nanoseconds
+Positive = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
+Days = Annotated[float, msgspec.Meta(gt=0, le=MAX_DAYS)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 AgentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 MiB = 1024 * 1024
@@ -89,7 +93,7 @@ class TlsConfig(Section, frozen=True):
 class StoreConfig(Section, frozen=True):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "/var/lib/amoskys/eventbus/events.db"
-    retention_days: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    retention_days: Days = 30.0
     max_bytes: Positive = 10 * 1024 * MiB
     prune_interval_s: Seconds = 60.0
     synchronous: Literal["full", "normal"] = "full"  # full: an acked event survives power loss too
@@ -140,7 +144,7 @@ class EventBusConfig(Section, frozen=True):
 
 class OutboxConfig(Section, frozen=True):
     max_bytes: Positive = 256 * MiB
-    max_age_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
+    max_age_days: Days = 7.0
     when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
 
 
