@@ -22,6 +22,7 @@ import msgspec
 import yaml
 
 from amoskys.errors import ConfigError
+from amoskys.keyfile import IDENTITY_NAME, IDENTITY_RULE
 
 __all__ = [
     "AgentConfig",
@@ -48,7 +49,7 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
 Days = Annotated[float, msgspec.Meta(gt=0, le=MAX_DAYS)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-AgentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+AgentId = Annotated[str, msgspec.Meta(pattern=rf"^{IDENTITY_NAME}\Z")]  # also a certificate CN: one rule
 MiB = 1024 * 1024
 
 
@@ -311,7 +312,7 @@ class SnmpConfig(Section, frozen=True):
 class AgentConfig(Section, frozen=True):
     """The common agent part; each agent reads its own section (proc, host, ...)."""
 
-    agent_id: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")] = ""
+    agent_id: Annotated[str, msgspec.Meta(pattern=rf"^(?:{IDENTITY_NAME})?\Z")] = ""
     host: str = ""
     hub: str = "localhost:50051"
     hub_server_name: str = ""
@@ -456,6 +457,8 @@ def _explain(error: msgspec.ValidationError, schema: type[Section]) -> str:
         full = f"{key}.{field}" if raw_path else field
         return f"key {full!r}: unknown key{suggestion}"
     message = message.replace("`", "")
+    if IDENTITY_NAME in message:  # the pattern itself would tell an operator little
+        message = f"expected an identity name: {IDENTITY_RULE}"
     if message.startswith("Invalid enum value"):
         choices = get_args(_type_at(schema, [p for p in parts if not p.isdigit()]))
         message = f"expected one of {', '.join(map(repr, choices))}, got {message.split(' ', 3)[-1]}"
