@@ -243,6 +243,8 @@ BAD_PKI_ARGS = [
     ("sign --ca-dir {w}/ca --csr {w}/host/web1.csr --out {w}/ca/ca.key", "{w}/ca/ca.key: holds a private key"),
     ("sign --ca-dir {w}/ca --csr {w}/nope.csr --out {w}/o.crt", "{w}/nope.csr: CSR not found"),
     ("sign --ca-dir {w}/ca --csr {w}/afile --out {w}/o.crt", "not a PEM certificate signing request"),
+    ("sign --ca-dir {w}/ca --csr /dev/zero --out {w}/o.crt", "/dev/zero: larger than 16 MiB; not a CSR"),
+    ("check --cert /dev/zero --ca {w}/ca/ca.crt", "/dev/zero: larger than 16 MiB; not a certificate"),
     ("sign --ca-dir {w}/nope --csr {w}/host/web1.csr --out {w}/o.crt", "{w}/nope/ca.key: private key not found"),
     ("issue --ca-dir {w}/ca --cn=../x --dir {w}/issued", f"common name '../x' {CN_RULE}"),
     ("issue --ca-dir {w}/ca --cn={w}/abs --dir {w}/issued", f"common name '{{w}}/abs' {CN_RULE}"),

@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 PRIVATE_MODE = 0o600
+MAX_IDENTITY_BYTES = 16 << 20  # a CRL of ~250,000 serials; certificates, CSRs and keys are a few KiB
 # An agent id, consumer or host identity is a certificate's common name and a file name (NAME.key, NAME.pub):
 # at most 64 characters (X.509 ub-common-name, RFC 5280), no '/', never '.' or '..' (it starts alphanumeric).
 IDENTITY_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -52,19 +53,28 @@ def check_private_permissions(path: Path) -> None:
         )
 
 
+def _read_bounded(path: Path, what: str) -> bytes:
+    """At most MAX_IDENTITY_BYTES: /dev/zero or a log file given by mistake is refused, not read whole."""
+    with path.open("rb") as handle:
+        data = handle.read(MAX_IDENTITY_BYTES + 1)
+    if len(data) > MAX_IDENTITY_BYTES:
+        raise IdentityError(f"{path}: larger than {MAX_IDENTITY_BYTES // (1 << 20)} MiB; not a {what}")
+    return data
+
+
 def read_private_key(path: Path) -> bytes:
     """A private key file's bytes, after the permission check."""
     check_private_permissions(path)
     try:
-        return path.read_bytes()
+        return _read_bounded(path, "private key")
     except OSError as exc:
         raise IdentityError(f"{path}: cannot read private key: {exc.strerror}") from exc
 
 
 def read_identity_file(path: Path, what: str) -> bytes:
-    """A certificate's (or CA certificate's) bytes; `what` names it in the error."""
+    """A certificate's (or CA certificate's, CSR's, CRL's) bytes; `what` names it in the error."""
     try:
-        return path.read_bytes()
+        return _read_bounded(path, what)
     except FileNotFoundError as exc:
         raise IdentityError(f"{path}: {what} not found") from exc
     except PermissionError as exc:
