@@ -239,6 +239,7 @@ BAD_PKI_ARGS = [
     ("sign --ca-dir {w}/ca --csr {w}/host/web1.csr --out {w}/o.crt --days 0", "0 days is out of range"),
     ("sign --ca-dir {w}/ca --csr {w}/host/web1.csr --out {w}/o.crt --days 100000", "100000 days is out of range"),
     ("sign --ca-dir {w}/ca --csr {w}/host/web1.csr --out {w}/o.crt --san=", "subject alt name '' is neither"),
+    ("sign --ca-dir {w}/ca --csr {w}/host/web1.csr --out {w}/o.crt --san fe80::1%eth0", "holds no zone (%eth0)"),
     ("sign --ca-dir {w}/ca --csr {w}/host/web1.csr --out {w}/adir", "{w}/adir: cannot write: Is a directory"),
     ("sign --ca-dir {w}/ca --csr {w}/host/web1.csr --out {w}/ca/ca.key", "{w}/ca/ca.key: holds a private key"),
     ("sign --ca-dir {w}/ca --csr {w}/nope.csr --out {w}/o.crt", "{w}/nope.csr: CSR not found"),
@@ -359,3 +360,10 @@ def test_the_longest_name_and_validity_are_issued_and_end_long_before_2262(work:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_an_address_written_two_ways_is_one_san(test_pki: TestPki) -> None:
+    _, cert = test_pki.issue("web1", "server", ["::1", "0:0::1", "web1", "127.0.0.1"])
+    sans = pki.load_certificate(cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["::1", "127.0.0.1"]
+    assert sans.get_values_for_type(x509.DNSName) == ["web1"]

@@ -71,13 +71,16 @@ def check_ca_name(name: str) -> str:
 def check_san(name: str) -> str:
     """A subject alternative name: an IP address, or a DNS name of letters, digits, '.', '_' and '-'."""
     try:
-        ipaddress.ip_address(name)
+        address = ipaddress.ip_address(name)
     except ValueError:
         if not DNS_SAN.fullmatch(name):
             raise IdentityError(
                 f"subject alt name {name[:80]!r} is neither an IP address nor a DNS name "
                 "(1-253 letters, digits, '.', '_' or '-', starting with a letter or digit)"
             ) from None
+        return name
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise IdentityError(f"subject alt name {name!r}: a certificate holds no zone (%{address.scope_id}); drop it")
     return name
 
 
@@ -189,7 +192,7 @@ def _san_entries(names: list[str]) -> list[x509.GeneralName]:
             entries.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             entries.append(x509.DNSName(name))
-    return entries
+    return list(dict.fromkeys(entries))  # one entry per address however it was written (::1, 0::1)
 
 
 def _build_csr(key: ec.EllipticCurvePrivateKey, common_name: str, sans: list[str]) -> x509.CertificateSigningRequest:
@@ -282,7 +285,7 @@ def _sign(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage(_usage_oids(usage)), critical=False)
-        .add_extension(x509.SubjectAlternativeName(_san_entries(list(dict.fromkeys(names)))), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
