@@ -333,6 +333,21 @@ def test_init_ca_leaves_an_existing_directory_as_it_is(tmp_path: Path) -> None:
     assert mode(existing / "ca.key") == 0o600
 
 
+def test_init_ca_refuses_a_directory_another_user_owns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    assert main(["pki", "init-ca", "--dir", str(theirs)]) == 2
+    assert capsys.readouterr().err == (
+        f"amoskys pki: error: {theirs}: owned by uid 65534, not by this user; refusing to keep a CA key there\n"
+    )
+    assert list(theirs.iterdir()) == []
+
+
 def test_init_ca_makes_a_new_directory_0700_whatever_the_umask(tmp_path: Path) -> None:
     import os
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _prepare_ca_directory(directory: Path) -> None:
-    """Create `directory` 0700, or accept an existing one as it is unless others can write to it."""
+    """Create `directory` 0700, or take an existing one as it is: refused unless ours and only ours to write."""
     try:
         directory.mkdir(mode=CA_DIR_MODE, parents=True)
         directory.chmod(CA_DIR_MODE)  # umask-proof; only a directory made here is chmodded
@@ -126,9 +127,14 @@ def _prepare_ca_directory(directory: Path) -> None:
         pass
     except OSError as exc:
         raise IdentityError(f"{directory}: cannot create CA directory: {exc.strerror}") from exc
-    mode = directory.stat().st_mode
+    info = directory.stat()
+    mode = info.st_mode
     if not stat.S_ISDIR(mode):
         raise IdentityError(f"{directory}: not a directory")
+    if info.st_uid != os.geteuid():
+        raise IdentityError(
+            f"{directory}: owned by uid {info.st_uid}, not by this user; refusing to keep a CA key there"
+        )
     if mode & 0o022:
         raise IdentityError(
             f"{directory}: writable by group/others (mode {stat.S_IMODE(mode):04o}); refusing to keep a CA key "
