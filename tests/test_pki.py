@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,16 @@ def test_an_address_written_two_ways_is_one_san(test_pki: TestPki) -> None:
     sans = pki.load_certificate(cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["::1", "127.0.0.1"]
     assert sans.get_values_for_type(x509.DNSName) == ["web1"]
+
+
+def test_the_installed_command_refuses_a_path_for_a_name_in_one_line(work: Path) -> None:
+    before = snapshot(work)
+    result = subprocess.run(
+        [sys.executable, "-m", "amoskys", "pki", "issue", "--ca-dir", str(work / "ca"), "--cn", "../x",
+         "--dir", str(work / "issued")],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"amoskys pki: error: common name '../x' {CN_RULE}, '.', '_' or '-', starting with a " \
+        "letter or digit\n"  # fmt: skip
+    assert snapshot(work) == before
