@@ -13,6 +13,7 @@ from amoskys.errors import IdentityError
 
 __all__ = [
     "IDENTITY_NAME",
+    "IDENTITY_RULE",
     "PRIVATE_MODE",
     "check_identity_name",
     "check_private_permissions",
@@ -21,7 +22,7 @@ __all__ = [
 ]
 
 PRIVATE_MODE = 0o600
-MAX_IDENTITY_BYTES = 16 << 20  # a CRL of ~250,000 serials; certificates, CSRs and keys are a few KiB
+MAX_IDENTITY_BYTES = 16 << 20  # a CRL of some 300,000 serials; certificates, CSRs and keys are a few KiB
 # An agent id, consumer or host identity is a certificate's common name and a file name (NAME.key, NAME.pub):
 # at most 64 characters (X.509 ub-common-name, RFC 5280), no '/', never '.' or '..' (it starts alphanumeric).
 IDENTITY_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"

@@ -390,6 +390,7 @@ def load_crl(path: Path, ca_cert: x509.Certificate) -> set[int]:
 
 
 def check_serial(serial: int) -> int:
+    """A certificate serial as RFC 5280 allows it: positive, at most 20 octets."""
     if not 0 < serial < 1 << MAX_SERIAL_BITS:
         raise IdentityError(f"serial {serial:#x} is not a certificate serial: expected 1 to 2^{MAX_SERIAL_BITS}-1")
     return serial
