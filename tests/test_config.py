@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from amoskys.cli import main
 from amoskys.config import AgentConfig, EventBusConfig, UiConfig, load_config
-from amoskys.errors import ConfigError
+from amoskys.errors import ConfigError, IdentityError
+from amoskys.keyfile import check_identity_name
 
 
 def write(tmp_path: Path, text: str, name: str = "eventbus.yml") -> Path:
@@ -46,7 +48,7 @@ BAD_INPUTS = [
     ),
     ("- a\n- b\n", "expected a mapping of keys at the top level, got list"),
     ("store: [\n", "invalid YAML at line 2"),
-    ("consumers: ['bad id!']\n", "key 'consumers[0]': expected str matching regex"),
+    ("consumers: ['bad id!']\n", "key 'consumers[0]': expected an identity name: 1-64 letters"),
     ("backpressure: {base_backoff_ms: 99999}\n", "key 'backpressure': base_backoff_ms must not exceed"),
     ("limits: {max_events_per_batch: 0}\n", "key 'limits.max_events_per_batch': expected int >= 1"),
     ("metrics: {listen: 9100}\n", "key 'metrics.listen': expected str, got int"),
@@ -72,10 +74,65 @@ def test_bad_agent_sections_are_explained(tmp_path: Path) -> None:
         load_config(path, AgentConfig, env={})
 
 
-def test_bad_agent_id_is_explained(tmp_path: Path) -> None:
-    path = write(tmp_path, "agent_id: 'has space'\n", "agent.yml")
-    with pytest.raises(ConfigError, match="key 'agent_id': expected str matching regex"):
+@pytest.mark.parametrize("agent_id", ["has space", "web1\n", "a" * 65, "../x", "/abs", ".", "..", "-x"])
+def test_bad_agent_id_is_explained(tmp_path: Path, agent_id: str) -> None:
+    path = write(tmp_path, f"agent_id: {json.dumps(agent_id)}\n", "agent.yml")  # JSON is YAML
+    with pytest.raises(ConfigError, match="key 'agent_id': expected an identity name: 1-64 letters, digits"):
         load_config(path, AgentConfig, env={})
+
+
+def test_agent_ids_are_exactly_the_names_a_certificate_can_carry() -> None:
+    longest = "w" * 64
+    assert load_config(None, AgentConfig, env={"AMOSKYS_AGENT_ID": longest}).agent_id == longest
+    assert check_identity_name(longest, "common name") == longest
+    with pytest.raises(IdentityError, match=r"common name 'w{65}' is not a valid identity: expected 1-64 letters"):
+        check_identity_name(longest + "w", "common name")
+
+
+NON_FINITE_AND_HUGE = [
+    ("agent.yml", AgentConfig, "heartbeat_s: .inf\n", "key 'heartbeat_s': expected float <= 31622400"),
+    ("agent.yml", AgentConfig, "heartbeat_s: .nan\n", "key 'heartbeat_s': expected float > 0.0"),
+    ("agent.yml", AgentConfig, "heartbeat_s: -.inf\n", "key 'heartbeat_s': expected float > 0.0"),
+    ("agent.yml", AgentConfig, "snmp: {interval_s: 1e400}\n", "key 'snmp.interval_s': number out of range"),
+    ("agent.yml", AgentConfig, "outbox: {max_age_days: .inf}\n", "key 'outbox.max_age_days': expected float <= 36500"),
+    (
+        "agent.yml",
+        AgentConfig,
+        "batch: {max_linger_ms: 9223372036854775808}\n",
+        "key 'batch.max_linger_ms': expected int <= 9223372036854775807",
+    ),
+    ("eventbus.yml", EventBusConfig, "store: {retention_days: .NaN}\n", "key 'store.retention_days': expected float"),
+    ("eventbus.yml", EventBusConfig, "store: {max_bytes: 1e999}\n", "key 'store.max_bytes': number out of range"),
+    (
+        "eventbus.yml",
+        EventBusConfig,
+        "store: {max_bytes: 99999999999999999999}\n",
+        "key 'store.max_bytes': expected int <= 922",
+    ),
+    ("eventbus.yml", EventBusConfig, "drain_timeout_s: .Inf\n", "key 'drain_timeout_s': expected float <= "),
+    ("ui.yml", UiConfig, "refresh_s: .inf\n", "key 'refresh_s': expected float <= 31622400"),
+]
+
+
+@pytest.mark.parametrize(("name", "schema", "text", "expected"), NON_FINITE_AND_HUGE)
+def test_every_number_is_finite_and_fits_int64(
+    tmp_path: Path, name: str, schema: type, text: str, expected: str
+) -> None:
+    path = write(tmp_path, text, name)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, schema, env={})
+    assert str(caught.value).startswith(f"{path}: {expected}"), caught.value
+
+
+def test_infinite_env_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"AMOSKYS_HEARTBEAT_S\): key 'heartbeat_s': expected float <="):
+        load_config(None, AgentConfig, env={"AMOSKYS_HEARTBEAT_S": ".inf"})
+
+
+def test_config_check_refuses_infinity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "heartbeat_s: .inf\n", "agent-proc.yml")
+    assert main(["config", "check", str(path)]) == 2
+    assert f"{path}: key 'heartbeat_s': expected float <= 31622400" in capsys.readouterr().err
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

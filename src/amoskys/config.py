@@ -22,6 +22,7 @@ import msgspec
 import yaml
 
 from amoskys.errors import ConfigError
+from amoskys.keyfile import IDENTITY_NAME, IDENTITY_RULE
 
 __all__ = [
     "AgentConfig",
@@ -40,11 +41,15 @@ __all__ = [
 ]
 
 ENV_PREFIX = "AMOSKYS_"
-Positive = Annotated[int, msgspec.Meta(ge=1)]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+INT64_MAX = 2**63 - 1  # SQLite integers, protobuf int64 and nanosecond clocks all stop here
+MAX_SECONDS = 366 * 86400  # intervals and timeouts: a year at most (finite: .inf and .nan are refused)
+MAX_DAYS = 36500  # retention and ages: a century at most, so day counts fit nanoseconds
+Positive = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
+Days = Annotated[float, msgspec.Meta(gt=0, le=MAX_DAYS)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-AgentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+AgentId = Annotated[str, msgspec.Meta(pattern=rf"^{IDENTITY_NAME}\Z")]  # also a certificate CN: one rule
 MiB = 1024 * 1024
 
 
@@ -89,7 +94,7 @@ class TlsConfig(Section, frozen=True):
 class StoreConfig(Section, frozen=True):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "/var/lib/amoskys/eventbus/events.db"
-    retention_days: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    retention_days: Days = 30.0
     max_bytes: Positive = 10 * 1024 * MiB
     prune_interval_s: Seconds = 60.0
     synchronous: Literal["full", "normal"] = "full"  # full: an acked event survives power loss too
@@ -148,7 +153,7 @@ class EventBusConfig(Section, frozen=True):
 
 class OutboxConfig(Section, frozen=True):
     max_bytes: Positive = 256 * MiB
-    max_age_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
+    max_age_days: Days = 7.0
     when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
 
 
@@ -315,7 +320,7 @@ class SnmpConfig(Section, frozen=True):
 class AgentConfig(Section, frozen=True):
     """The common agent part; each agent reads its own section (proc, host, ...)."""
 
-    agent_id: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")] = ""
+    agent_id: Annotated[str, msgspec.Meta(pattern=rf"^(?:{IDENTITY_NAME})?\Z")] = ""
     host: str = ""
     hub: str = "localhost:50051"
     hub_server_name: str = ""
@@ -460,6 +465,8 @@ def _explain(error: msgspec.ValidationError, schema: type[Section]) -> str:
         full = f"{key}.{field}" if raw_path else field
         return f"key {full!r}: unknown key{suggestion}"
     message = message.replace("`", "")
+    if IDENTITY_NAME in message:  # the pattern itself would tell an operator little
+        message = f"expected an identity name: {IDENTITY_RULE}"
     if message.startswith("Invalid enum value"):
         choices = get_args(_type_at(schema, [p for p in parts if not p.isdigit()]))
         message = f"expected one of {', '.join(map(repr, choices))}, got {message.split(' ', 3)[-1]}"

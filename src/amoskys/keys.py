@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from amoskys.catalog import AGENT_KINDS, split_agent_id
 from amoskys.errors import IdentityError
-from amoskys.keyfile import PRIVATE_MODE, check_private_permissions, read_private_key
+from amoskys.keyfile import PRIVATE_MODE, check_identity_name, check_private_permissions, read_private_key
 
 __all__ = [
     "Enrolment",
@@ -29,6 +29,7 @@ __all__ = [
     "load_verify_key",
     "public_key_text",
     "read_trust_map",
+    "write_key_and_public",
     "write_private_key",
     "write_public_file",
 ]
@@ -46,31 +47,69 @@ def generate_signing_key() -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IdentityError(f"{path.parent}: cannot create directory: {exc.strerror}") from exc
+
+
 def write_private_key(path: Path, key: PrivateKey, *, overwrite: bool = False) -> None:
     """Write a PKCS#8 PEM key, born 0600; refuse to replace an existing key unless asked."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    _make_parent(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     if overwrite and path.exists():
         path.unlink()
     try:
         fd = os.open(path, flags, PRIVATE_MODE)
     except FileExistsError as exc:
-        raise IdentityError(f"{path}: a key already exists; refusing to overwrite it") from exc
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    os.chmod(path, PRIVATE_MODE)  # umask-proof
+        raise IdentityError(f"{path}: a file already exists there; refusing to overwrite it") from exc
+    except OSError as exc:
+        raise IdentityError(f"{path}: cannot write private key: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        os.chmod(path, PRIVATE_MODE)  # umask-proof
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise IdentityError(f"{path}: cannot write private key: {exc.strerror}") from exc
+
+
+def _holds_private_key(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return b"PRIVATE KEY-----" in handle.read(1 << 16)
+    except OSError:
+        return False
 
 
 def write_public_file(path: Path, data: bytes) -> None:
-    """Write public material (certs, CSRs, public keys) atomically, mode 0644."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write public material (certs, CSRs, public keys) atomically, mode 0644; never over a private key."""
+    if _holds_private_key(path):
+        raise IdentityError(f"{path}: holds a private key; refusing to replace it with public material")
+    _make_parent(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PUBLIC_MODE)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, PUBLIC_MODE)
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)  # a stale one from a crash; O_EXCL below refuses anything planted meanwhile
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PUBLIC_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, PUBLIC_MODE)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise IdentityError(f"{path}: cannot write: {exc.strerror}") from exc
+
+
+def write_key_and_public(key_path: Path, key: PrivateKey, public_path: Path, data: bytes) -> None:
+    """A private key and its public companion (cert, CSR, .pub): both written, or neither left behind."""
+    write_private_key(key_path, key)
+    try:
+        write_public_file(public_path, data)
+    except IdentityError:
+        key_path.unlink(missing_ok=True)
+        raise
 
 
 def load_private_key(path: Path) -> PrivateKey:
@@ -137,6 +176,7 @@ class Enrolment:
 
 def _enrolment(agent_id: str, entry: object, origin: str) -> Enrolment:
     """`agent_id: KEY` (host and kind from the id's `HOST-KIND` form) or `agent_id: {key, host, kind}`."""
+    check_identity_name(agent_id, f"{origin}: agent_id")
     if not isinstance(entry, dict):
         split = split_agent_id(agent_id)
         if split is None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,14 +17,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from amoskys import keys
+from amoskys.config import MAX_DAYS
 from amoskys.errors import IdentityError
-from amoskys.keyfile import read_identity_file
+from amoskys.keyfile import check_identity_name, read_identity_file
 
 __all__ = [
     "CertificateAuthority",
     "TlsIdentity",
     "Usage",
+    "check_ca_name",
     "check_certificate",
+    "check_days",
+    "check_san",
+    "check_serial",
     "create_csr",
     "init_ca",
     "issue",
@@ -37,6 +45,44 @@ Usage = Literal["server", "client", "both"]
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
 CLOCK_SKEW = dt.timedelta(minutes=5)
+CA_DIR_MODE = 0o700
+MAX_CN = 64  # X.509 ub-common-name (RFC 5280)
+MAX_SERIAL_BITS = 159  # RFC 5280: a positive serial of at most 20 octets
+# A DNS SAN: the characters of an identity name, up to a full DNS name's length (every CN is also a DNS SAN).
+DNS_SAN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def check_days(days: int, *, minimum: int = 1) -> int:
+    """A validity in days: at least `minimum`, at most MAX_DAYS (notAfter stays far before int64 ns end, 2262)."""
+    if not minimum <= days <= MAX_DAYS:
+        raise IdentityError(f"{days} days is out of range: expected {minimum} to {MAX_DAYS} days")
+    return days
+
+
+def check_ca_name(name: str) -> str:
+    """A CA's common name is only a label: 1-64 printable characters (spaces allowed)."""
+    if not (1 <= len(name) <= MAX_CN and name.isprintable() and name.strip() == name):
+        raise IdentityError(
+            f"CA common name {name[:80]!r} is not valid: expected 1-{MAX_CN} printable characters, "
+            "no leading or trailing space"
+        )
+    return name
+
+
+def check_san(name: str) -> str:
+    """A subject alternative name: an IP address, or a DNS name of letters, digits, '.', '_' and '-'."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        if not DNS_SAN.fullmatch(name):
+            raise IdentityError(
+                f"subject alt name {name[:80]!r} is neither an IP address nor a DNS name "
+                "(1-253 letters, digits, '.', '_' or '-', starting with a letter or digit)"
+            ) from None
+        return name
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise IdentityError(f"subject alt name {name!r}: a certificate holds no zone (%{address.scope_id}); drop it")
+    return name
 
 
 def _now() -> dt.datetime:
@@ -71,13 +117,38 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+def _prepare_ca_directory(directory: Path) -> None:
+    """Create `directory` 0700, or take an existing one as it is: refused unless ours and only ours to write."""
+    try:
+        directory.mkdir(mode=CA_DIR_MODE, parents=True)
+        directory.chmod(CA_DIR_MODE)  # umask-proof; only a directory made here is chmodded
+        return
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise IdentityError(f"{directory}: cannot create CA directory: {exc.strerror}") from exc
+    info = directory.stat()
+    mode = info.st_mode
+    if not stat.S_ISDIR(mode):
+        raise IdentityError(f"{directory}: not a directory")
+    if info.st_uid != os.geteuid():
+        raise IdentityError(
+            f"{directory}: owned by uid {info.st_uid}, not by this user; refusing to keep a CA key there"
+        )
+    if mode & 0o022:
+        raise IdentityError(
+            f"{directory}: writable by group/others (mode {stat.S_IMODE(mode):04o}); refusing to keep a CA key "
+            f"there; run: chmod go-w {directory} (or give a new directory)"
+        )
+
+
 def init_ca(directory: Path, common_name: str = "AMOSKYS CA", days: int = 3650) -> CertificateAuthority:
     """Create ca.key (0600) and ca.crt in `directory`; refuse if a CA is already there."""
+    check_ca_name(common_name)
+    check_days(days)
     key_path = directory / CA_KEY
     if key_path.exists() or (directory / CA_CERT).exists():
         raise IdentityError(f"{directory}: a CA already exists there; refusing to replace it")
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
     key = keys.generate_tls_key()
     now = _now()
     cert = (
@@ -106,8 +177,8 @@ def init_ca(directory: Path, common_name: str = "AMOSKYS CA", days: int = 3650) 
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    keys.write_private_key(key_path, key)
-    keys.write_public_file(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    _prepare_ca_directory(directory)
+    keys.write_key_and_public(key_path, key, directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
     return CertificateAuthority(cert, key)
 
 
@@ -127,18 +198,26 @@ def _san_entries(names: list[str]) -> list[x509.GeneralName]:
             entries.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             entries.append(x509.DNSName(name))
-    return entries
+    return list(dict.fromkeys(entries))  # one entry per address however it was written (::1, 0::1)
+
+
+def _build_csr(key: ec.EllipticCurvePrivateKey, common_name: str, sans: list[str]) -> x509.CertificateSigningRequest:
+    check_identity_name(common_name, "common name")
+    for name in sans:
+        check_san(name)
+    builder = x509.CertificateSigningRequestBuilder().subject_name(_name(common_name))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(_san_entries(sans)), critical=False)
+    return builder.sign(key, hashes.SHA256())
 
 
 def create_csr(key_path: Path, csr_path: Path, common_name: str, sans: list[str]) -> None:
     """Generate a TLS key at `key_path` (0600, nowhere else) and write its CSR."""
+    if key_path.resolve() == csr_path.resolve():
+        raise IdentityError(f"{csr_path}: the CSR must not be written over its own key")
     key = keys.generate_tls_key()
-    builder = x509.CertificateSigningRequestBuilder().subject_name(_name(common_name))
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(_san_entries(sans)), critical=False)
-    csr = builder.sign(key, hashes.SHA256())
-    keys.write_private_key(key_path, key)
-    keys.write_public_file(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+    csr = _build_csr(key, common_name, sans)
+    keys.write_key_and_public(key_path, key, csr_path, csr.public_bytes(serialization.Encoding.PEM))
 
 
 def _usage_oids(usage: Usage) -> list[x509.ObjectIdentifier]:
@@ -146,27 +225,44 @@ def _usage_oids(usage: Usage) -> list[x509.ObjectIdentifier]:
     return oids["server"] + oids["client"] if usage == "both" else oids[usage]
 
 
+def _requested_names(csr: x509.CertificateSigningRequest) -> list[str]:
+    """The CSR's common name (checked) followed by the SANs it asks for (checked)."""
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise IdentityError("CSR must carry exactly one common name")
+    names = [check_identity_name(str(cns[0].value), "CSR common name")]
+    try:
+        requested = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return names
+    names += [check_san(str(v)) for v in requested.get_values_for_type(x509.DNSName)]
+    return names + [str(v) for v in requested.get_values_for_type(x509.IPAddress)]
+
+
 def sign_csr(
     ca: CertificateAuthority, csr_pem: bytes, usage: Usage, sans: list[str], days: int = 365
 ) -> x509.Certificate:
-    """Sign a CSR: CN from the CSR, SANs from the CSR plus `sans` (CN is always a DNS SAN)."""
+    """Sign a CSR: CN from the CSR, SANs from the CSR plus `sans` (CN is always a DNS SAN).
+
+    `days` is 0 to MAX_DAYS (0: expired at once, for tests of expiry); never past the CA's own end.
+    """
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError as exc:
         raise IdentityError("not a PEM certificate signing request") from exc
+    return _sign(ca, csr, usage, sans, days)
+
+
+def _sign(
+    ca: CertificateAuthority, csr: x509.CertificateSigningRequest, usage: Usage, sans: list[str], days: int
+) -> x509.Certificate:
+    check_days(days, minimum=0)
+    for name in sans:
+        check_san(name)
     if not csr.is_signature_valid:
         raise IdentityError("CSR signature is invalid")
-    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(cns) != 1 or not str(cns[0].value):
-        raise IdentityError("CSR must carry exactly one non-empty common name")
-    common_name = str(cns[0].value)
-    names = [common_name, *sans]
-    try:
-        requested = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names += [str(v) for v in requested.get_values_for_type(x509.DNSName)]
-        names += [str(v) for v in requested.get_values_for_type(x509.IPAddress)]
-    except x509.ExtensionNotFound:
-        pass
+    requested = _requested_names(csr)
+    common_name, names = requested[0], [requested[0], *sans, *requested[1:]]
     now = _now()
     public_key = csr.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
@@ -195,10 +291,18 @@ def sign_csr(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage(_usage_oids(usage)), critical=False)
-        .add_extension(x509.SubjectAlternativeName(_san_entries(list(dict.fromkeys(names)))), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
+
+
+def _file_in(directory: Path, name: str) -> Path:
+    """`directory / name`, refused unless it resolves to a file directly inside `directory`."""
+    path = directory / name
+    if path.resolve().parent != directory.resolve():
+        raise IdentityError(f"{path}: resolves outside {directory}; refusing to write there")
+    return path
 
 
 def issue(
@@ -209,13 +313,15 @@ def issue(
     sans: list[str],
     days: int = 365,
 ) -> tuple[Path, Path]:
-    """One step for tests and the lab: NAME.key (0600) + NAME.crt in `directory`."""
-    key_path, cert_path = directory / f"{common_name}.key", directory / f"{common_name}.crt"
-    csr_path = directory / f"{common_name}.csr"
-    create_csr(key_path, csr_path, common_name, sans)
-    cert = sign_csr(ca, csr_path.read_bytes(), usage, sans, days)
-    csr_path.unlink()
-    keys.write_public_file(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    """One step for tests and the lab: NAME.key (0600) + NAME.crt in `directory` (days as for sign_csr)."""
+    check_identity_name(common_name, "common name")
+    key_path, cert_path = _file_in(directory, f"{common_name}.key"), _file_in(directory, f"{common_name}.crt")
+    for path in (key_path, cert_path):
+        if path.exists() or path.is_symlink():
+            raise IdentityError(f"{path}: a file already exists there; refusing to overwrite it")
+    key = keys.generate_tls_key()
+    cert = _sign(ca, _build_csr(key, common_name, sans), usage, sans, days)
+    keys.write_key_and_public(key_path, key, cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
 
 
@@ -274,7 +380,7 @@ def load_crl(path: Path, ca_cert: x509.Certificate) -> set[int]:
     if not path.exists():
         return set()
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        crl = x509.load_pem_x509_crl(read_identity_file(path, "revocation list"))
     except ValueError as exc:
         raise IdentityError(f"{path}: not a PEM certificate revocation list") from exc
     public_key = ca_cert.public_key()
@@ -283,15 +389,24 @@ def load_crl(path: Path, ca_cert: x509.Certificate) -> set[int]:
     return {entry.serial_number for entry in crl}
 
 
+def check_serial(serial: int) -> int:
+    """A certificate serial as RFC 5280 allows it: positive, at most 20 octets."""
+    if not 0 < serial < 1 << MAX_SERIAL_BITS:
+        raise IdentityError(f"serial {serial:#x} is not a certificate serial: expected 1 to 2^{MAX_SERIAL_BITS}-1")
+    return serial
+
+
 def revoke(ca: CertificateAuthority, crl_path: Path, serials: list[int], days: int = 30) -> int:
     """Add serials to the CRL at `crl_path` (created when missing), re-signed; return its size."""
+    for serial in serials:
+        check_serial(serial)
     revoked = load_crl(crl_path, ca.cert) | set(serials)
     now = _now()
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.cert.subject)
         .last_update(now - CLOCK_SKEW)
-        .next_update(now + dt.timedelta(days=days))
+        .next_update(now + dt.timedelta(days=check_days(days)))
     )
     for serial in sorted(revoked):
         builder = builder.add_revoked_certificate(

@@ -9,7 +9,16 @@ from cryptography.hazmat.primitives import serialization
 
 from amoskys import keys, pki
 from amoskys.commands import Subparsers
+from amoskys.config import MAX_DAYS
 from amoskys.errors import IdentityError
+from amoskys.keyfile import IDENTITY_RULE, read_identity_file
+
+DAYS_HELP = f"validity in days, 1 to {MAX_DAYS}"
+
+
+def serial_number(text: str) -> int:
+    """A serial as written: decimal or 0x-prefixed hex (argparse names this function in its error)."""
+    return int(text, 0)
 
 
 def register(subparsers: Subparsers) -> None:
@@ -17,13 +26,18 @@ def register(subparsers: Subparsers) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     init = actions.add_parser("init-ca", help="create a CA (ca.key 0600 + ca.crt) in a directory")
-    init.add_argument("--dir", type=Path, required=True, help="CA directory (created 0700)")
-    init.add_argument("--cn", default="AMOSKYS CA", help="CA common name")
-    init.add_argument("--days", type=int, default=3650)
+    init.add_argument(
+        "--dir",
+        type=Path,
+        required=True,
+        help="CA directory (created 0700; an existing one must not be group/world-writable)",
+    )
+    init.add_argument("--cn", default="AMOSKYS CA", help="CA common name (1-64 printable characters)")
+    init.add_argument("--days", type=int, default=3650, help=DAYS_HELP)
     init.set_defaults(func=run_init_ca)
 
     csr = actions.add_parser("csr", help="generate a TLS key (0600) and its CSR where the key will live")
-    csr.add_argument("--cn", required=True, help="common name: the host or agent id")
+    csr.add_argument("--cn", required=True, help=f"common name: the host or agent id ({IDENTITY_RULE})")
     csr.add_argument("--key", type=Path, required=True, help="private key path (must not exist)")
     csr.add_argument("--out", type=Path, required=True, help="CSR path")
     csr.add_argument("--san", action="append", default=[], help="subject alt name (DNS or IP); repeatable")
@@ -35,16 +49,16 @@ def register(subparsers: Subparsers) -> None:
     sign.add_argument("--out", type=Path, required=True, help="certificate path")
     sign.add_argument("--usage", choices=["server", "client", "both"], default="client")
     sign.add_argument("--san", action="append", default=[], help="extra subject alt name; repeatable")
-    sign.add_argument("--days", type=int, default=365)
+    sign.add_argument("--days", type=int, default=365, help=DAYS_HELP)
     sign.set_defaults(func=run_sign)
 
     issue = actions.add_parser("issue", help="key + CSR + signed cert in one step (tests and the lab)")
     issue.add_argument("--ca-dir", type=Path, required=True)
-    issue.add_argument("--cn", required=True)
+    issue.add_argument("--cn", required=True, help=f"common name: the host or agent id ({IDENTITY_RULE})")
     issue.add_argument("--dir", type=Path, required=True, help="writes CN.key (0600) and CN.crt here")
     issue.add_argument("--usage", choices=["server", "client", "both"], default="client")
     issue.add_argument("--san", action="append", default=[])
-    issue.add_argument("--days", type=int, default=365)
+    issue.add_argument("--days", type=int, default=365, help=DAYS_HELP)
     issue.set_defaults(func=run_issue)
 
     keygen = actions.add_parser("keygen", help="generate an Ed25519 envelope-signing key pair")
@@ -68,7 +82,7 @@ def register(subparsers: Subparsers) -> None:
     revoke.add_argument("--ca-dir", type=Path, required=True)
     revoke.add_argument("--crl", type=Path, required=True, help="CRL path (created when missing)")
     revoke.add_argument("--cert", type=Path, action="append", default=[], help="cert to revoke; repeatable")
-    revoke.add_argument("--serial", type=lambda s: int(s, 0), action="append", default=[])
+    revoke.add_argument("--serial", type=serial_number, action="append", default=[], help="e.g. 0x1f3a; repeatable")
     revoke.set_defaults(func=run_revoke)
 
 
@@ -84,18 +98,11 @@ def run_csr(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_cert(path: Path, cert_pem: bytes) -> None:
-    keys.write_public_file(path, cert_pem)
-
-
 def run_sign(args: argparse.Namespace) -> int:
+    pki.check_days(args.days)
     ca = pki.load_ca(args.ca_dir)
-    try:
-        csr_pem = args.csr.read_bytes()
-    except OSError as exc:
-        raise IdentityError(f"{args.csr}: cannot read CSR: {exc.strerror}") from exc
-    cert = pki.sign_csr(ca, csr_pem, args.usage, args.san, args.days)
-    _write_cert(args.out, cert.public_bytes(serialization.Encoding.PEM))
+    cert = pki.sign_csr(ca, read_identity_file(args.csr, "CSR"), args.usage, args.san, args.days)
+    keys.write_public_file(args.out, cert.public_bytes(serialization.Encoding.PEM))
     print(
         f"certificate: {args.out} CN={pki.common_name(cert)} serial={cert.serial_number:#x} "
         f"expires {cert.not_valid_after_utc:%Y-%m-%d}"
@@ -104,6 +111,7 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_issue(args: argparse.Namespace) -> int:
+    pki.check_days(args.days)
     ca = pki.load_ca(args.ca_dir)
     key_path, cert_path = pki.issue(ca, args.dir, args.cn, args.usage, args.san, args.days)
     print(f"key: {key_path} (0600), certificate: {cert_path}")
@@ -112,9 +120,8 @@ def run_issue(args: argparse.Namespace) -> int:
 
 def run_keygen(args: argparse.Namespace) -> int:
     key = keys.generate_signing_key()
-    keys.write_private_key(args.out, key)
     pub_path = args.out.with_name(args.out.name + ".pub")
-    keys.write_public_file(pub_path, (keys.public_key_text(key.public_key()) + "\n").encode())
+    keys.write_key_and_public(args.out, key, pub_path, (keys.public_key_text(key.public_key()) + "\n").encode())
     print(f"signing key: {args.out} (0600), public key: {pub_path}")
     return 0
 
@@ -125,6 +132,7 @@ def run_pubkey(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    pki.check_days(args.days, minimum=0)
     cert = pki.load_certificate(args.cert)
     ca_cert = pki.load_certificate(args.ca)
     try:
