@@ -129,6 +129,20 @@ class LogFollower:
             self.handle = None
 
 
+def journal_entry(entry: dict[str, object]) -> ParsedLine | None:
+    """A `journalctl -o json` entry, timed by `__REALTIME_TIMESTAMP` (microseconds since the epoch)."""
+    message = entry.get("MESSAGE")
+    if isinstance(message, list):  # journald writes non-UTF-8 messages as byte arrays
+        message = bytes(message).decode("utf-8", "replace")
+    if not isinstance(message, str):
+        return None
+    program = str(entry.get("SYSLOG_IDENTIFIER", ""))
+    pid = str(entry.get("_PID", ""))
+    realtime = str(entry.get("__REALTIME_TIMESTAMP", ""))
+    ts_ns = int(realtime) * 1000 if realtime.isdigit() else 0
+    return parse_message(program, int(pid) if pid.isdigit() else 0, message, f"{program}: {message}", ts_ns)
+
+
 class AuthAgent(Agent):
     kind = "auth"
 
@@ -153,10 +167,19 @@ class AuthAgent(Agent):
         self.follower.restore(int(inode), int(offset))
 
     def events_for(self, parsed: ParsedLine) -> list[events_pb2.Event]:
-        events = [self.event(parsed.severity, auth=parsed.auth)]
-        if parsed.auth.kind == Kind.SSH_FAILED and parsed.auth.src_ip:
-            events += self._brute_force(parsed.auth.src_ip, parsed.auth.user)
+        """The line's events (N for "message repeated N times"), stamped with the log's own time."""
+        ts_ns = parsed.ts_ns or time.time_ns()
+        events = []
+        for _ in range(parsed.repeats):
+            events.append(self._at(ts_ns, self.event(parsed.severity, auth=parsed.auth)))
+            if parsed.auth.kind == Kind.SSH_FAILED and parsed.auth.src_ip:
+                events += [self._at(ts_ns, e) for e in self._brute_force(parsed.auth.src_ip, parsed.auth.user)]
         return events
+
+    @staticmethod
+    def _at(ts_ns: int, event: events_pb2.Event) -> events_pb2.Event:
+        event.ts_ns = ts_ns
+        return event
 
     def _brute_force(self, address: str, user: str) -> list[events_pb2.Event]:
         settings = self.config.auth
@@ -190,9 +213,10 @@ class AuthAgent(Agent):
             if not lines and not path.exists() and not warned:
                 log.warning("auth log not found; waiting for it", extra={"path": str(path)})
                 warned = True
+            now_ns = time.time_ns()
             for line, offset in lines:
                 self.follower.offset = offset  # the position moves with each line, before its events
-                parsed = parse_line(line)
+                parsed = parse_line(line, now_ns)
                 for event in self.events_for(parsed) if parsed else []:
                     yield event
             if not lines:
@@ -207,11 +231,7 @@ class AuthAgent(Agent):
             while line := await proc.stdout.readline():
                 entry = json.loads(line)
                 self.cursor = entry.get("__CURSOR", self.cursor)
-                message = entry.get("MESSAGE")
-                if not isinstance(message, str):
-                    continue
-                program = entry.get("SYSLOG_IDENTIFIER", "")
-                parsed = parse_message(program, int(entry.get("_PID", 0) or 0), message, f"{program}: {message}")
+                parsed = journal_entry(entry)
                 for event in self.events_for(parsed) if parsed else []:
                     yield event
             code = await proc.wait()
