@@ -1,8 +1,10 @@
-"""auth: rotation both ways, brute force, kill -9 mid-file exactly once."""
+"""auth: rotation both ways, event time, brute force and its saved windows, kill -9 mid-file exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,15 +15,20 @@ import msgspec
 import pytest
 import yaml
 
+from amoskys import keys
 from amoskys.agents.auth import AuthAgent, JournalError, LogFollower
-from amoskys.config import AgentConfig
+from amoskys.agents.outbox import Outbox
+from amoskys.config import AgentConfig, OutboxConfig
 from amoskys.errors import ConfigError
 from amoskys.v1 import bus_pb2, events_pb2
 from tests.agents.conftest import agent_config
+from tests.agents.test_authlog import DATA
 from tests.hubfixture import LiveHub
 
 Kind = events_pb2.AuthEvent.Kind
 H = "2026-11-22T10:15:01.123456+00:00 web1"
+NS = 1_000_000_000
+T0 = 1_795_335_301  # 2026-11-22T08:15:01Z
 
 
 def write(path: Path, lines: list[str], mode: str = "a") -> None:
@@ -76,25 +83,119 @@ def test_restart_after_rotation_while_stopped_reads_the_old_file_first(tmp_path:
     assert seen == ["b\n", "c\n"]
 
 
-async def test_brute_force_alert(tmp_path: Path) -> None:
-    log = tmp_path / "auth.log"
-    write(log, [f"{H} sshd[9]: Failed password for root from 192.0.2.50 port {4000 + i} ssh2" for i in range(6)], "w")
-    config = msgspec.convert(
-        {"host": "t", "auth": {"source": "file", "log_path": str(log), "brute_force_failures": 5}}, AgentConfig
-    )
-    agent = AuthAgent(config, tmp_path)
+# ---- the agent: event time, brute force ---------------------------------------------------------------
+
+
+def auth_config(log: Path, **auth: object) -> AgentConfig:
+    return msgspec.convert({"host": "t", "auth": {"source": "file", "log_path": str(log), **auth}}, AgentConfig)
+
+
+async def take(agent: AuthAgent, count: int) -> list[events_pb2.Event]:
     events: list[events_pb2.Event] = []
 
-    async def take() -> None:
+    async def run() -> None:
         async for event in agent.collect():
             events.append(event)
-            if len(events) == 7:
+            if len(events) == count:
                 return
 
-    await asyncio.wait_for(take(), 10)
-    rules = [e.alert.rule for e in events if e.WhichOneof("body") == "alert"]
-    assert rules == ["auth.brute_force"]
-    assert events[5].alert.details["src_ip"] == "192.0.2.50"
+    await asyncio.wait_for(run(), 20)
+    return events
+
+
+def iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
+
+
+def alerts(events: list[events_pb2.Event]) -> list[events_pb2.Event]:
+    return [e for e in events if e.WhichOneof("body") == "alert"]
+
+
+async def test_events_carry_the_log_time_and_the_window_is_event_time(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    spread = [f"{iso(T0 + i * 2700)} web1 sshd[{i}]: Failed password for root from 192.0.2.50 port {4000 + i} ssh2"
+              for i in range(5)]  # fmt: skip
+    burst = [f"{iso(T0 + 20000 + i * 10)} web1 sshd[{i}]: Failed password for root from 192.0.2.50 port {i} ssh2"
+             for i in range(5)]  # fmt: skip
+    write(log, spread + burst, "w")  # three hours of log read in one go, as after an outage
+    agent = AuthAgent(auth_config(log, brute_force_failures=5, brute_force_window_s=60), tmp_path)
+    events = await take(agent, 11)
+    assert [e.ts_ns for e in events[:5]] == [(T0 + i * 2700) * NS for i in range(5)]
+    [alert] = alerts(events)
+    assert alert is events[10] and alert.ts_ns == (T0 + 20040) * NS
+    assert alert.alert.details["failures"] == "5"
+    assert alert.alert.details["first_ns"] == str((T0 + 20000) * NS)
+    assert "within 40 s" in alert.alert.summary
+
+
+async def test_invalid_users_and_key_only_probes_count(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    lines = []
+    for i in range(12):  # 12 invalid-user probes in 2 minutes, each its own connection
+        stamp = f"{iso(T0 + i * 10)} web1 sshd[{500 + i}]:"
+        address = f"192.0.2.9 port {6000 + i}"
+        lines += [f"{stamp} Invalid user probe{i} from {address}",
+                  f"{stamp} Failed none for invalid user probe{i} from {address} ssh2",
+                  f"{stamp} Connection closed by invalid user probe{i} {address} [preauth]"]  # fmt: skip
+    write(log, lines, "w")
+    agent = AuthAgent(auth_config(log, brute_force_failures=5, brute_force_window_s=120), tmp_path)
+    events = await take(agent, 36 + 2)
+    assert [a.alert.details["failures"] for a in alerts(events)] == ["5", "5"]  # at the 5th and the 10th
+
+
+async def test_real_openssh_lines_count_one_attempt_per_failed_connection(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    shutil.copy(DATA / "openssh-9.2-loopback.log", log)  # 8 connections fail, one succeeds
+    agent = AuthAgent(auth_config(log, brute_force_failures=8, brute_force_window_s=3600), tmp_path)
+    events = await take(agent, 17 + 1)
+    [alert] = alerts(events)
+    assert alert.alert.details["failures"] == "8"
+    assert alert is events[-2] and "maximum authentication attempts" in events[-3].auth.raw  # the 8th connection
+
+
+async def test_message_repeated_counts_each_repetition(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    write(log, [
+        f"{H} sshd[7]: Failed password for root from 192.0.2.7 port 4000 ssh2",
+        f"{H} sshd[7]: message repeated 4 times: [ Failed password for root from 192.0.2.7 port 4000 ssh2]",
+    ], "w")  # fmt: skip
+    agent = AuthAgent(auth_config(log, brute_force_failures=5), tmp_path)
+    events = await take(agent, 6)
+    assert [e.WhichOneof("body") for e in events] == ["auth"] * 5 + ["alert"]
+
+
+async def test_brute_force_windows_survive_a_restart(tmp_path: Path) -> None:
+    """The window is saved with the position, in the outbox transaction the runtime writes."""
+    log = tmp_path / "auth.log"
+    failures = [
+        f"{iso(T0 + i)} web1 sshd[{i}]: Failed password for root from 192.0.2.66 port {i} ssh2" for i in range(5)
+    ]
+    write(log, failures[:3], "w")
+    key = tmp_path / "sign.key"
+    keys.write_private_key(key, keys.generate_signing_key())
+
+    def outbox() -> Outbox:
+        return Outbox(tmp_path / "outbox.db", OutboxConfig(), "agent-1", keys.load_signing_key(key))
+
+    first = AuthAgent(auth_config(log), tmp_path)
+    box = outbox()
+    first.restore(box.state())
+    box.add([e.SerializeToString() for e in await take(first, 3)], first.checkpoint())
+    box.close()
+    write(log, failures[3:])
+    second = AuthAgent(auth_config(log), tmp_path)
+    second.restore(outbox().state())
+    events = await take(second, 3)
+    assert [e.auth.raw for e in events[:2]] == failures[3:]  # nothing read twice
+    assert alerts(events)[0].alert.details["failures"] == "5"
+
+
+def test_unreadable_saved_state_starts_afresh(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    agent = AuthAgent(auth_config(tmp_path / "auth.log"), tmp_path)
+    agent.restore({"auth.position": "1:2", "auth.brute_force": "{not json"})
+    assert (agent.follower.inode, agent.follower.offset) == (1, 2)
+    assert "saved auth state unreadable" in caplog.text
+    assert agent.checkpoint()["auth.brute_force"] == '{"attempts":{},"connections":{}}'
 
 
 async def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:

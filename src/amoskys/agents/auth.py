@@ -10,7 +10,6 @@ fails `brute_force_failures` times within `brute_force_window_s`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
+from amoskys.agents.authbrute import BruteForce, Burst
 from amoskys.agents.authlog import ParsedLine, parse_line, parse_message
 from amoskys.agents.base import Agent
 from amoskys.config import AgentConfig
@@ -154,17 +154,27 @@ class AuthAgent(Agent):
             self.source = "file" if Path(settings.log_path).exists() or not shutil.which("journalctl") else "journal"
         self.follower = LogFollower(Path(settings.log_path))
         self.cursor = ""
-        self.failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self.brute_force = BruteForce(settings.brute_force_failures, settings.brute_force_window_s)
 
     def checkpoint(self) -> dict[str, str]:
+        state = {"auth.brute_force": self.brute_force.state()}
         if self.source == "journal":
-            return {"auth.cursor": self.cursor} if self.cursor else {}
-        return {"auth.position": f"{self.follower.inode}:{self.follower.offset}"}
+            return state | ({"auth.cursor": self.cursor} if self.cursor else {})
+        return state | {"auth.position": f"{self.follower.inode}:{self.follower.offset}"}
 
     def restore(self, state: dict[str, str]) -> None:
         self.cursor = state.get("auth.cursor", "")
         inode, _, offset = state.get("auth.position", "0:0").partition(":")
         self.follower.restore(int(inode), int(offset))
+        try:
+            self.brute_force.load(state.get("auth.brute_force", '{"attempts":{},"connections":{}}'))
+        except ValueError as exc:
+            log.warning("saved auth state unreadable; starting that part afresh", extra={"error": str(exc)})
+
+    def reload(self, config: AgentConfig) -> None:
+        super().reload(config)
+        self.brute_force.threshold = config.auth.brute_force_failures
+        self.brute_force.window_ns = int(config.auth.brute_force_window_s * 1e9)
 
     def events_for(self, parsed: ParsedLine) -> list[events_pb2.Event]:
         """The line's events (N for "message repeated N times"), stamped with the log's own time."""
@@ -172,8 +182,9 @@ class AuthAgent(Agent):
         events = []
         for _ in range(parsed.repeats):
             events.append(self._at(ts_ns, self.event(parsed.severity, auth=parsed.auth)))
-            if parsed.auth.kind == Kind.SSH_FAILED and parsed.auth.src_ip:
-                events += [self._at(ts_ns, e) for e in self._brute_force(parsed.auth.src_ip, parsed.auth.user)]
+            burst = self.brute_force.observe(parsed.auth.src_ip, parsed.auth.pid, parsed.failures, ts_ns)
+            if burst:
+                events.append(self._at(ts_ns, self._alert(burst, parsed.auth.user)))
         return events
 
     @staticmethod
@@ -181,20 +192,17 @@ class AuthAgent(Agent):
         event.ts_ns = ts_ns
         return event
 
-    def _brute_force(self, address: str, user: str) -> list[events_pb2.Event]:
-        settings = self.config.auth
-        now = time.monotonic()
-        window = self.failures[address]
-        window.append(now)
-        while window and now - window[0] > settings.brute_force_window_s:
-            window.popleft()
-        if len(window) < settings.brute_force_failures:
-            return []
-        count = len(window)
-        window.clear()
-        summary = f"{count} failed logins from {address} within {settings.brute_force_window_s:g} s"
-        details = {"src_ip": address, "failures": str(count), "last_user": user}
-        return [self.alert("auth.brute_force", summary, details, events_pb2.SEVERITY_ERROR)]
+    def _alert(self, burst: Burst, user: str) -> events_pb2.Event:
+        span_s = (burst.last_ns - burst.first_ns) / 1e9
+        summary = (
+            f"{burst.count} failed login attempts from {burst.address} within {span_s:.0f} s"
+            f" (rule: {self.config.auth.brute_force_failures} within {self.config.auth.brute_force_window_s:g} s)"
+        )
+        details = {
+            "src_ip": burst.address, "failures": str(burst.count), "last_user": user,
+            "first_ns": str(burst.first_ns), "last_ns": str(burst.last_ns),
+        }  # fmt: skip
+        return self.alert("auth.brute_force", summary, details, events_pb2.SEVERITY_ERROR)
 
     async def collect(self) -> AsyncIterator[events_pb2.Event]:
         source = self._journal() if self.source == "journal" else self._file()
