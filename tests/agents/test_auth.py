@@ -1,4 +1,4 @@
-"""auth: rotation both ways, event time, brute force and its saved windows, kill -9 mid-file exactly once."""
+"""auth: rotations by real logrotate, event time, brute force and its saved windows, kill -9 mid-file exactly once."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from amoskys import keys
-from amoskys.agents.auth import AuthAgent, JournalError, LogFollower
+from amoskys.agents.auth import AuthAgent, JournalError, LogFollower, Position
 from amoskys.agents.outbox import Outbox
 from amoskys.config import AgentConfig, OutboxConfig
 from amoskys.errors import ConfigError
@@ -36,51 +36,119 @@ def write(path: Path, lines: list[str], mode: str = "a") -> None:
         handle.writelines(line + "\n" for line in lines)
 
 
-def test_follower_handles_rename_and_copytruncate(tmp_path: Path) -> None:
-    log = tmp_path / "auth.log"
-    write(log, ["one", "two"], "w")
-    follower = LogFollower(log)
-    assert [line for line, _ in follower.read_lines()] == ["one\n", "two\n"]
-    follower.offset = follower.read_lines()[-1][1] if follower.read_lines() else follower.offset
-    with log.open("a") as handle:
-        handle.write("three\npart")
-    lines = follower.read_lines()
-    follower.offset = lines[-1][1]
-    assert [line for line, _ in lines] == ["three\n"]
-    log.rename(tmp_path / "auth.log.1")  # rotation by rename, with the partial line completed late
-    with (tmp_path / "auth.log.1").open("a") as handle:
-        handle.write("ial\n")
-    write(log, ["four"], "w")
-    seen = []
-    for _ in range(3):
+def numbered(prefix: str, first: int, count: int) -> list[str]:
+    return [f"{prefix} line {i:05d} " + "x" * (i % 37) for i in range(first, first + count)]
+
+
+def drain(follower: LogFollower, upto: int | None = None) -> list[str]:
+    """Lines the agent would process (all, or the first `upto`), advancing as the agent does."""
+    seen: list[str] = []
+    for _ in range(6):  # each rotation step needs a poll
         for line, offset in follower.read_lines():
+            if upto is not None and len(seen) == upto:
+                return seen
             seen.append(line)
-            follower.offset = offset
-    assert seen == ["partial\n", "four\n"]
-    with log.open("r+") as handle:  # copytruncate
-        handle.truncate(0)
-    write(log, ["five"])
-    lines = follower.read_lines()
-    assert [line for line, _ in lines] == ["five\n"]
+            follower.advance(offset)
+    return seen
 
 
-def test_restart_after_rotation_while_stopped_reads_the_old_file_first(tmp_path: Path) -> None:
+def logrotate(tmp_path: Path, log: Path, mode: str) -> None:
+    """Debian's rsyslog rotation (delaycompress: the newest rotated file stays plain), by `create` or `copytruncate`."""
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(f"{log} {{\n  rotate 4\n  {mode}\n  compress\n  delaycompress\n  missingok\n}}\n")
+    subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "logrotate.state"), str(conf)], check=True)
+
+
+def test_rename_rotation_reads_the_old_file_to_its_end_then_the_new(tmp_path: Path) -> None:
     log = tmp_path / "auth.log"
-    write(log, ["a", "b"], "w")
+    write(log, numbered("a", 0, 100), "w")
+    follower = LogFollower(log)
+    assert drain(follower, upto=40) == numbered("a", 0, 40)
+    write(log, numbered("a", 100, 30))
+    logrotate(tmp_path, log, "create")
+    write(log, numbered("b", 0, 50))
+    assert drain(follower) == numbered("a", 40, 90) + numbered("b", 0, 50)
+    logrotate(tmp_path, log, "create")  # again: auth.log.1 -> auth.log.2.gz
+    write(log, numbered("c", 0, 5))
+    assert drain(follower) == numbered("c", 0, 5)
+
+
+def test_copytruncate_lines_written_just_before_come_from_the_copy(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    write(log, numbered("a", 0, 100), "w")
+    follower = LogFollower(log)
+    assert len(drain(follower)) == 100
+    write(log, numbered("a", 100, 34))  # not read yet when logrotate copies and truncates
+    logrotate(tmp_path, log, "copytruncate")
+    write(log, numbered("b", 0, 20))
+    assert drain(follower) == numbered("a", 100, 34) + numbered("b", 0, 20)
+    write(log, numbered("a", 134, 3))  # a second copytruncate, the first copy now compressed
+    logrotate(tmp_path, log, "copytruncate")
+    assert drain(follower) == numbered("a", 134, 3)
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copytruncate", "truncate-only"])
+def test_append_larger_than_the_old_offset_right_after_truncation(tmp_path: Path, copy: bool) -> None:
+    log = tmp_path / "auth.log"
+    write(log, numbered("a", 0, 10), "w")
+    follower = LogFollower(log)
+    assert len(drain(follower)) == 10
+    write(log, numbered("a", 10, 5))
+    if copy:
+        logrotate(tmp_path, log, "copytruncate")
+    else:
+        log.open("r+").truncate(0)
+    write(log, numbered("b", 0, 200))  # past the old offset before the agent looks again
+    unread = numbered("a", 10, 5) if copy else []  # without a copy they are gone: said in a warning
+    assert drain(follower) == unread + numbered("b", 0, 200)
+
+
+@pytest.mark.parametrize("mode", ["copytruncate", "create"])
+def test_agent_down_across_a_rotation_resumes_exactly(tmp_path: Path, mode: str) -> None:
+    log = tmp_path / "auth.log"
+    write(log, numbered("a", 0, 50), "w")
     first = LogFollower(log)
-    lines = first.read_lines()
-    inode, offset = first.inode, lines[0][1]  # only "a" was processed before the stop
+    assert len(drain(first, upto=30)) == 30
+    saved = first.position.text()
     first.close()
-    log.rename(tmp_path / "auth.log.1")
-    write(log, ["c"], "w")
+    write(log, numbered("a", 50, 18))
+    logrotate(tmp_path, log, mode)
+    write(log, numbered("b", 0, 25))
     second = LogFollower(log)
-    second.restore(inode, offset)
-    seen = []
-    for _ in range(3):
-        for line, off in second.read_lines():
-            seen.append(line)
-            second.offset = off
-    assert seen == ["b\n", "c\n"]
+    second.restore(Position.parse(saved))
+    assert drain(second) == numbered("a", 30, 38) + numbered("b", 0, 25)
+
+
+def test_agent_down_across_a_truncate_without_copy_reads_the_new_content(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    write(log, numbered("a", 0, 50), "w")
+    first = LogFollower(log)
+    drain(first)
+    saved = first.position.text()
+    first.close()
+    log.open("r+").truncate(0)
+    write(log, numbered("b", 0, 80))  # longer than before: only the first bytes tell
+    second = LogFollower(log)
+    second.restore(Position.parse(saved))
+    assert drain(second) == numbered("b", 0, 80)
+
+
+def test_position_text_round_trip_and_bad_text(tmp_path: Path) -> None:
+    position = Position(12, 345, b"Nov 22 10:15:03 web1")
+    assert Position.parse(position.text()) == position
+    assert Position.parse("12:345") == Position(12, 345, b"")  # saved by an older version
+    with pytest.raises(ValueError):
+        Position.parse("twelve:3")
+
+
+def test_crlf_and_partial_lines(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    log.write_bytes(b"one\r\ntw\ro\npart")
+    follower = LogFollower(log)
+    assert drain(follower) == ["one\r", "tw\ro"]  # a lone CR is inside a line; the parser drops the CRLF's
+    with log.open("ab") as handle:
+        handle.write(b"ial\n")
+    assert drain(follower) == ["partial"]
 
 
 # ---- the agent: event time, brute force ---------------------------------------------------------------
@@ -193,7 +261,7 @@ async def test_brute_force_windows_survive_a_restart(tmp_path: Path) -> None:
 def test_unreadable_saved_state_starts_afresh(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     agent = AuthAgent(auth_config(tmp_path / "auth.log"), tmp_path)
     agent.restore({"auth.position": "1:2", "auth.brute_force": "{not json"})
-    assert (agent.follower.inode, agent.follower.offset) == (1, 2)
+    assert agent.follower.position == Position(1, 2)
     assert "saved auth state unreadable" in caplog.text
     assert agent.checkpoint()["auth.brute_force"] == '{"attempts":{},"connections":{}}'
 
