@@ -133,6 +133,21 @@ def test_agent_down_across_a_truncate_without_copy_reads_the_new_content(tmp_pat
     assert drain(second) == numbered("b", 0, 80)
 
 
+def test_a_missing_log_keeps_the_saved_position_until_it_comes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "auth.log"
+    follower = LogFollower(log)
+    follower.restore(Position(123, 456, b"Nov 22 10:15:03 web1"))
+    assert follower.read_lines() == follower.read_lines() == []
+    assert follower.position == Position(123, 456, b"Nov 22 10:15:03 web1") and not caplog.records
+    write(log, numbered("b", 0, 3), "w")  # another stream: the old one's rest is nowhere
+    assert drain(follower) == numbered("b", 0, 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the rest of the log before the last rotation is gone (no uncompressed rotated copy); going on"
+    ]
+
+
 def test_position_text_round_trip_and_bad_text(tmp_path: Path) -> None:
     position = Position(12, 345, b"Nov 22 10:15:03 web1")
     assert Position.parse(position.text()) == position

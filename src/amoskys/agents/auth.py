@@ -105,6 +105,8 @@ class LogFollower:
             if handle is not None:
                 self.handle, self.draining = handle, candidate != self.path
                 return True
+        if not self.path.exists():
+            return False  # wait for it, keeping the saved position
         log.warning(
             "the rest of the log before the last rotation is gone (no uncompressed rotated copy); going on",
             extra={"path": str(self.path), "offset": self.position.offset},
