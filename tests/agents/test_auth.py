@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from amoskys import keys
-from amoskys.agents.auth import AuthAgent, JournalError, LogFollower, Position
+from amoskys.agents.auth import READ_CHUNK, AuthAgent, JournalError, LogFollower, Position
 from amoskys.agents.outbox import Outbox
 from amoskys.config import AgentConfig, OutboxConfig
 from amoskys.errors import ConfigError
@@ -146,6 +146,13 @@ def test_a_missing_log_keeps_the_saved_position_until_it_comes(
     assert [r.getMessage() for r in caplog.records] == [
         "the rest of the log before the last rotation is gone (no uncompressed rotated copy); going on"
     ]
+
+
+def test_a_line_longer_than_a_read_comes_in_pieces_and_the_next_line_whole(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    giant = "x" * (2 * READ_CHUNK + 10)
+    write(log, [giant, "after"], "w")
+    assert drain(LogFollower(log)) == [giant[:READ_CHUNK], giant[READ_CHUNK : 2 * READ_CHUNK], giant[-10:], "after"]
 
 
 def test_position_text_round_trip_and_bad_text(tmp_path: Path) -> None:

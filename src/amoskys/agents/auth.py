@@ -178,12 +178,14 @@ class LogFollower:
         return True
 
     def _read_complete(self) -> list[tuple[str, int]]:
+        """Complete lines from the offset; a line longer than READ_CHUNK comes in pieces of that size."""
         if self.handle is None:
             return []
         data = os.pread(self.handle.fileno(), READ_CHUNK, self.position.offset)
-        end = data.rfind(b"\n")
+        if b"\n" not in data and len(data) == READ_CHUNK:
+            return [(data.decode("utf-8", "replace"), self.position.offset + len(data))]
         lines, offset = [], self.position.offset
-        for raw in data[: end + 1].split(b"\n")[:-1] if end >= 0 else []:
+        for raw in data.split(b"\n")[:-1]:  # the last piece is incomplete (or empty)
             offset += len(raw) + 1
             lines.append((raw.decode("utf-8", "replace"), offset))
         return lines
