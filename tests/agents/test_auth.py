@@ -297,6 +297,47 @@ async def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
         await asyncio.wait_for(agent.collect().__anext__(), 5)
 
 
+class AgentProcess:
+    """`amoskys agent auth` as its own process, publishing to the live hub; what the hub stored."""
+
+    def __init__(self, live_hub: LiveHub, tmp_path: Path, log: Path) -> None:
+        self.hub = live_hub
+        self.config = agent_config(
+            live_hub, tmp_path, "auth",
+            auth={"source": "file", "log_path": str(log)},
+            batch={"max_events": 500, "max_linger_ms": 50},
+        )  # fmt: skip
+        path = tmp_path / "agent-auth.yml"
+        path.write_text(yaml.safe_dump(msgspec.to_builtins(self.config)))
+        self.command = [sys.executable, "-m", "amoskys", "agent", "auth", "--config", str(path)]
+
+    def start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.command, stderr=subprocess.DEVNULL)
+
+    def count(self, kind: str = "auth") -> int:
+        """Events of `kind` in the hub's store, read-only beside the hub."""
+        with sqlite3.connect(f"file:{self.hub.config.store.path}?mode=ro", uri=True) as db:
+            query = "SELECT count(*) FROM events WHERE agent_id = ? AND kind = ?"
+            return int(db.execute(query, (self.config.agent_id, kind)).fetchone()[0])
+
+    async def wait_for(self, total: int) -> None:
+        for _ in range(600):
+            if self.count() >= total:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # and nothing more comes
+
+    async def stored(self, kind: str) -> list[events_pb2.Event]:
+        stored = await self.hub.query(bus_pb2.EventFilter(agent_ids=[self.config.agent_id], kinds=[kind]))
+        return [s.event for s in stored]
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+
+
 @pytest.mark.slow
 async def test_kill_9_mid_file_then_restart_every_line_exactly_once(live_hub: LiveHub, tmp_path: Path) -> None:
     log = tmp_path / "auth.log"
@@ -305,40 +346,58 @@ async def test_kill_9_mid_file_then_restart_every_line_exactly_once(live_hub: Li
         f"{H} sshd[{i}]: Accepted password for user{i} from 10.9.0.{i % 250} port {1024 + i} ssh2" for i in range(total)
     ]
     write(log, lines, "w")
-    config = agent_config(
-        live_hub, tmp_path, "auth",
-        auth={"source": "file", "log_path": str(log)},
-        batch={"max_events": 500, "max_linger_ms": 50},
-    )  # fmt: skip
-    path = tmp_path / "agent-auth.yml"
-    path.write_text(yaml.safe_dump(msgspec.to_builtins(config)))
-    command = [sys.executable, "-m", "amoskys", "agent", "auth", "--config", str(path)]
-
-    def count() -> int:  # auth events in the hub's store, read-only beside the hub
-        with sqlite3.connect(f"file:{live_hub.config.store.path}?mode=ro", uri=True) as db:
-            query = "SELECT count(*) FROM events WHERE agent_id = ? AND kind = 'auth'"
-            return int(db.execute(query, (config.agent_id,)).fetchone()[0])
-
-    first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    while count() == 0:
-        await asyncio.sleep(0.02)
-    first.send_signal(signal.SIGKILL)  # as soon as the first batch is stored: mid-file
-    first.wait()
-    assert count() < total, "the agent finished before it was killed: use more lines"
-    second = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    agent = AgentProcess(live_hub, tmp_path, log)
+    first = agent.start()
     try:
-        for _ in range(600):
-            if count() >= total:
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)
-        stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=[config.agent_id], kinds=["auth"]))
-        raws = [s.event.auth.raw for s in stored]
+        while agent.count() == 0:
+            await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGKILL)  # as soon as the first batch is stored: mid-file
+        first.wait()
+    finally:
+        stop(first)
+    assert agent.count() < total, "the agent finished before it was killed: use more lines"
+    second = agent.start()
+    try:
+        await agent.wait_for(total)
+        raws = [event.auth.raw for event in await agent.stored("auth")]
         assert len(raws) == total
         assert set(raws) == set(lines)
     finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(20)
+        stop(second)
+
+
+@pytest.mark.slow
+async def test_kill_9_then_copytruncate_while_down_loses_repeats_and_resets_nothing(
+    live_hub: LiveHub, tmp_path: Path
+) -> None:
+    """The issue's run: lines written before the truncate, new ones after, the agent down across it;
+    three failures before the kill and two after still make one brute-force alert."""
+    log = tmp_path / "auth.log"
+    accepted = [
+        f"{H} sshd[{i}]: Accepted password for user{i} from 10.9.1.{i % 250} port {i} ssh2" for i in range(2052)
+    ]
+    failed = [f"{H} sshd[{70 + i}]: Failed password for root from 192.0.2.77 port {i} ssh2" for i in range(5)]
+    write(log, accepted[:2000] + failed[:3], "w")
+    agent = AgentProcess(live_hub, tmp_path, log)
+    first = agent.start()
+    try:
+        await agent.wait_for(2003)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        stop(first)
+    write(log, accepted[2000:2034])  # not read: the agent is down
+    logrotate(tmp_path, log, "copytruncate")
+    write(log, accepted[2034:] + failed[3:])
+    second = agent.start()
+    try:
+        await agent.wait_for(2057)
+        raws = [event.auth.raw for event in await agent.stored("auth")]
+        assert sorted(raws) == sorted(accepted + failed)  # each line exactly once
+        [alert] = await agent.stored("alert")
+        assert (alert.alert.rule, alert.alert.details["failures"]) == ("auth.brute_force", "5")
+    finally:
+        stop(second)
 
 
 JOURNAL_ENTRIES = [  # `journalctl -o json` lines as Debian 12's journald writes them for sshd
