@@ -9,6 +9,7 @@ from the journal (`parse_message` with `__REALTIME_TIMESTAMP`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import re
 import time
@@ -19,7 +20,7 @@ from amoskys.v1 import events_pb2
 
 __all__ = ["Failures", "ParsedLine", "line_time_ns", "parse_line", "parse_message"]
 
-Kind = events_pb2.AuthEvent.Kind
+Auth = events_pb2.AuthEvent  # its kinds as class attributes: Auth.Auth.X is a slow lookup on every use
 # A yearless time further ahead of the clock than this is last year's. A day, not minutes: a writer in
 # another zone (a container in UTC) is hours off, and must not be put a year back.
 FUTURE_SKEW = dt.timedelta(days=1)
@@ -34,6 +35,8 @@ TRADITIONAL = re.compile(
     r"^(?:<\d{1,3}>)?(?:(?P<time>\d{4}-\d\d-\d\dT\S+)|(?P<month>[A-Z][a-z]{2}) {1,2}(?P<day>\d{1,2}) "
     r"(?P<clock>\d\d:\d\d:\d\d)(?:\.\d+)?) (?P<host>\S+) (?P<program>[^\s\[:]+)(?:\[(?P<pid>\d+)\])?: ?(?P<message>.*)$"
 )
+HOUR_NS = 3_600_000_000_000
+TIME_CACHE: dict[tuple[str, int, tuple[str, str]], int] = {}
 REPEATED = re.compile(r"^message repeated (?P<count>\d+) times: \[ ?(?P<message>.*)\]$")
 
 
@@ -89,12 +92,21 @@ def bsd_time_ns(month: str, day: int, clock: str, now_ns: int) -> int:
 
 def line_time_ns(fields: dict[str, str | None], now_ns: int) -> int:
     """The time of a matched line, or 0 when it cannot be read (the caller uses the arrival time)."""
+    stamp = fields.get("time") or f"{fields['month']} {fields['day']} {fields['clock']}"
+    key = (stamp, now_ns // HOUR_NS, time.tzname)  # lines share their second: parse each once
+    if (known := TIME_CACHE.get(key)) is not None:
+        return known
     try:
         if fields.get("time"):
-            return iso_time_ns(str(fields["time"]))
-        return bsd_time_ns(str(fields["month"]), int(str(fields["day"])), str(fields["clock"]), now_ns)
+            ts_ns = iso_time_ns(stamp)
+        else:
+            ts_ns = bsd_time_ns(str(fields["month"]), int(str(fields["day"])), str(fields["clock"]), now_ns)
     except (ValueError, KeyError, OverflowError):
-        return 0
+        ts_ns = 0
+    if len(TIME_CACHE) >= 4096:
+        TIME_CACHE.clear()
+    TIME_CACHE[key] = ts_ns
+    return ts_ns
 
 
 # ---- sshd ----------------------------------------------------------------------------------------
@@ -106,33 +118,34 @@ INVALID = r"(?P<invalid>(?:invalid|illegal) user )?"
 ADDR_PORT = r"(?P<ip>\S+) port (?P<port>\d+)"
 SSHD: list[tuple[re.Pattern[str], int, str, Failures]] = [
     (re.compile(rf"^Accepted (?P<method>\S+) for {USER} from {ADDR_PORT}(?: ssh[12])?(?:: .*)?$"),
-     Kind.SSH_ACCEPTED, "", NO_FAILURE),
+     Auth.SSH_ACCEPTED, "", NO_FAILURE),
     (re.compile(rf"^Failed (?P<method>\S+) for {INVALID}{USER} from {ADDR_PORT}(?: ssh[12])?(?:: .*)?$"),
-     Kind.SSH_FAILED, "", Failures(new=1)),
+     Auth.SSH_FAILED, "", Failures(new=1)),
     (re.compile(rf"^(?:Invalid|Illegal) user {USER} from (?P<ip>\S+)(?: port (?P<port>\d+))?$"),
-     Kind.SSH_INVALID_USER, "", Failures(at_least=1)),
+     Auth.SSH_INVALID_USER, "", Failures(at_least=1)),
     (re.compile(rf"^User {USER} from (?P<ip>\S+) not allowed because (?P<method>.+)$"),
-     Kind.SSH_INVALID_USER, "", Failures(at_least=1)),
+     Auth.SSH_INVALID_USER, "", Failures(at_least=1)),
     (re.compile(rf"^(?P<method>Connection closed by|Disconnected from|Connection reset by) "
                 rf"(?P<invalid>invalid|authenticating) user {USER} {ADDR_PORT}$"),
-     Kind.SSH_FAILED, "", Failures(at_least=1)),
+     Auth.SSH_FAILED, "", Failures(at_least=1)),
     (re.compile(rf"^maximum authentication attempts exceeded for {INVALID}{USER} from {ADDR_PORT}(?: ssh2)?$"),
-     Kind.SSH_FAILED, "max-attempts", Failures(at_least=1)),
+     Auth.SSH_FAILED, "max-attempts", Failures(at_least=1)),
     (re.compile(rf"^Disconnecting (?:invalid|authenticating) user {USER} {ADDR_PORT}: "
                 r"Too many authentication failures$"),
-     Kind.SSH_FAILED, "too-many", Failures(at_least=1)),
+     Auth.SSH_FAILED, "too-many", Failures(at_least=1)),
     (re.compile(rf"^Disconnecting: Too many authentication failures(?: for {INVALID}{USER})?$"),
-     Kind.SSH_FAILED, "too-many", NO_FAILURE),
+     Auth.SSH_FAILED, "too-many", NO_FAILURE),
     (re.compile(r"^PAM (?P<more>\d+) more authentication failures?; .*?rhost=(?P<ip>\S*)(?:\s+user=(?P<user>.*))?$"),
-     Kind.SSH_FAILED, "pam", Failures(at_least=1)),
+     Auth.SSH_FAILED, "pam", Failures(at_least=1)),
     (re.compile(rf"^PAM: Authentication failure for {INVALID}{USER} from (?P<ip>\S+)$"),
-     Kind.SSH_FAILED, "pam", Failures(at_least=1)),
+     Auth.SSH_FAILED, "pam", Failures(at_least=1)),
     (re.compile(r"^ROOT LOGIN REFUSED FROM (?P<ip>\S+?)(?: port (?P<port>\d+))?$"),
-     Kind.SSH_FAILED, "root-refused", Failures(at_least=1)),
+     Auth.SSH_FAILED, "root-refused", Failures(at_least=1)),
 ]  # fmt: skip
 CLOSE_TAGS = {"Connection closed by": "closed", "Disconnected from": "disconnected", "Connection reset by": "reset"}
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text.partition("%")[0])
@@ -173,7 +186,7 @@ def _sudo(message: str, auth: events_pb2.AuthEvent) -> Failures | None:
     match = SUDO.match(message)
     if not match:
         return None
-    auth.kind = Kind.SUDO_FAILED if match.group("failure") else Kind.SUDO
+    auth.kind = Auth.SUDO_FAILED if match.group("failure") else Auth.SUDO
     auth.user, auth.target_user = match.group("user"), match.group("target")
     auth.tty, auth.command = match.group("tty"), match.group("command")
     auth.method = (match.group("failure") or "").strip()
@@ -190,7 +203,7 @@ def _su(message: str, auth: events_pb2.AuthEvent) -> Failures | None:
     for pattern in SU:
         match = pattern.match(message)
         if match:
-            auth.kind = Kind.SU
+            auth.kind = Auth.SU
             auth.user, auth.target_user = match.group("user"), match.group("target")
             auth.tty = match.groupdict().get("tty") or ""
             auth.method = "failed" if match.group("failed") else ""
@@ -209,16 +222,16 @@ PAM_AUTH_FAILURE = re.compile(
 
 def _pam(message: str, auth: events_pb2.AuthEvent) -> Failures | None:
     if match := PAM_SESSION.match(message):
-        auth.kind = Kind.SESSION_OPENED if match.group("what") == "opened" else Kind.SESSION_CLOSED
+        auth.kind = Auth.SESSION_OPENED if match.group("what") == "opened" else Auth.SESSION_CLOSED
         auth.user, auth.method = match.group("user"), match.group("service")
         return NO_FAILURE
     if match := PAM_AUTH_FAILURE.match(message):
         caller = match.group("ruser") or match.group("logname") or match.group("user")
         if match.group("service") in ("su", "su-l"):  # user= is the account asked for
-            auth.kind, auth.method = Kind.SU, "failed"
+            auth.kind, auth.method = Auth.SU, "failed"
             auth.user, auth.target_user = caller, match.group("user")
         else:  # sudo asks for the caller's own password
-            auth.kind, auth.method, auth.user = Kind.SUDO_FAILED, "pam: authentication failure", caller
+            auth.kind, auth.method, auth.user = Auth.SUDO_FAILED, "pam: authentication failure", caller
         return NO_FAILURE
     return None
 
@@ -228,20 +241,20 @@ def _pam(message: str, auth: events_pb2.AuthEvent) -> Failures | None:
 # Their per-file lines ("group added to /etc/group: ...", "group 'x' removed from /etc/gshadow") are
 # left out: each is followed by the one summary line mapped here.
 ACCOUNT: list[tuple[re.Pattern[str], int]] = [
-    (re.compile(r"^new user: name=(?P<user>[^,]+),"), Kind.USER_ADDED),
-    (re.compile(r"^new group: name=(?P<group>[^,]+),"), Kind.GROUP_ADDED),
-    (re.compile(r"^delete user '(?P<user>[^']+)'$"), Kind.USER_DELETED),
+    (re.compile(r"^new user: name=(?P<user>[^,]+),"), Auth.USER_ADDED),
+    (re.compile(r"^new group: name=(?P<group>[^,]+),"), Auth.GROUP_ADDED),
+    (re.compile(r"^delete user '(?P<user>[^']+)'$"), Auth.USER_DELETED),
     (re.compile(r"^(?:group '(?P<group>[^']+)' removed|removed group '(?P<group2>[^']+)' owned by '[^']*')$"),
-     Kind.GROUP_DELETED),
+     Auth.GROUP_DELETED),
     (re.compile(r"^(?:add|delete) '(?P<user>[^']+)' (?:to|from) (?:shadow )?group '(?P<group>[^']+)'$"),
-     Kind.USER_MODIFIED),
-    (re.compile(r"^user (?P<user>\S+) (?:added|removed) by \S+ (?:to|from) group (?P<group>\S+)$"), Kind.USER_MODIFIED),
-    (re.compile(r"^(?:change user|lock user|unlock user) '(?P<user>[^']+)'"), Kind.USER_MODIFIED),
-    (re.compile(r"^change user name '[^']+' to '(?P<user>[^']+)'$"), Kind.USER_MODIFIED),
-    (re.compile(r"^changed password expiry for (?P<user>\S+)$"), Kind.USER_MODIFIED),
+     Auth.USER_MODIFIED),
+    (re.compile(r"^user (?P<user>\S+) (?:added|removed) by \S+ (?:to|from) group (?P<group>\S+)$"), Auth.USER_MODIFIED),
+    (re.compile(r"^(?:change user|lock user|unlock user) '(?P<user>[^']+)'"), Auth.USER_MODIFIED),
+    (re.compile(r"^change user name '[^']+' to '(?P<user>[^']+)'$"), Auth.USER_MODIFIED),
+    (re.compile(r"^changed password expiry for (?P<user>\S+)$"), Auth.USER_MODIFIED),
     (re.compile(r"^pam_unix\((?:passwd|chpasswd):chauthtok\): password changed for (?P<user>\S+)$"),
-     Kind.PASSWORD_CHANGED),
-    (re.compile(r"^password for '(?P<user>[^']+)' changed by '[^']+'$"), Kind.PASSWORD_CHANGED),
+     Auth.PASSWORD_CHANGED),
+    (re.compile(r"^password for '(?P<user>[^']+)' changed by '[^']+'$"), Auth.PASSWORD_CHANGED),
 ]  # fmt: skip
 
 
@@ -258,8 +271,8 @@ def _account(message: str, auth: events_pb2.AuthEvent) -> Failures | None:
 
 
 LOGIND = [
-    (re.compile(r"^New session (?P<session>\S+) of user (?P<user>.+)\.$"), Kind.SESSION_OPENED),
-    (re.compile(r"^Removed session (?P<session>\S+)\.$"), Kind.SESSION_CLOSED),
+    (re.compile(r"^New session (?P<session>\S+) of user (?P<user>.+)\.$"), Auth.SESSION_OPENED),
+    (re.compile(r"^Removed session (?P<session>\S+)\.$"), Auth.SESSION_CLOSED),
 ]
 
 
@@ -285,15 +298,15 @@ PARSERS: dict[str, list[Parser]] = {
     "systemd-logind": [_logind],
 }
 SEVERITY = {
-    Kind.SSH_FAILED: events_pb2.SEVERITY_NOTICE,
-    Kind.SSH_INVALID_USER: events_pb2.SEVERITY_NOTICE,
-    Kind.SUDO_FAILED: events_pb2.SEVERITY_WARNING,
-    Kind.USER_ADDED: events_pb2.SEVERITY_NOTICE,
-    Kind.USER_DELETED: events_pb2.SEVERITY_NOTICE,
-    Kind.USER_MODIFIED: events_pb2.SEVERITY_NOTICE,
-    Kind.GROUP_ADDED: events_pb2.SEVERITY_NOTICE,
-    Kind.GROUP_DELETED: events_pb2.SEVERITY_NOTICE,
-    Kind.PASSWORD_CHANGED: events_pb2.SEVERITY_NOTICE,
+    Auth.SSH_FAILED: events_pb2.SEVERITY_NOTICE,
+    Auth.SSH_INVALID_USER: events_pb2.SEVERITY_NOTICE,
+    Auth.SUDO_FAILED: events_pb2.SEVERITY_WARNING,
+    Auth.USER_ADDED: events_pb2.SEVERITY_NOTICE,
+    Auth.USER_DELETED: events_pb2.SEVERITY_NOTICE,
+    Auth.USER_MODIFIED: events_pb2.SEVERITY_NOTICE,
+    Auth.GROUP_ADDED: events_pb2.SEVERITY_NOTICE,
+    Auth.GROUP_DELETED: events_pb2.SEVERITY_NOTICE,
+    Auth.PASSWORD_CHANGED: events_pb2.SEVERITY_NOTICE,
 }
 
 
@@ -309,7 +322,7 @@ def parse_message(program: str, pid: int, message: str, raw: str, ts_ns: int = 0
         if failures is None:
             continue
         severity = SEVERITY.get(auth.kind, events_pb2.SEVERITY_INFO)
-        if auth.kind == Kind.SU and auth.method == "failed":
+        if auth.kind == Auth.SU and auth.method == "failed":
             severity = events_pb2.SEVERITY_WARNING
         return ParsedLine(auth, severity, ts_ns, max(repeats, 1), failures)
     return None
