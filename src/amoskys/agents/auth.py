@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -243,16 +243,14 @@ class AuthAgent(Agent):
         self.brute_force.threshold = config.auth.brute_force_failures
         self.brute_force.window_ns = int(config.auth.brute_force_window_s * 1e9)
 
-    def events_for(self, parsed: ParsedLine) -> list[events_pb2.Event]:
-        """The line's events (N for "message repeated N times"), stamped with the log's own time."""
+    def events_for(self, parsed: ParsedLine) -> Iterator[events_pb2.Event]:
+        """The line's events (N for "message repeated N times", one by one), stamped with the log's own time."""
         ts_ns = parsed.ts_ns or time.time_ns()
-        events = []
-        for _ in range(parsed.repeats):
-            events.append(self._at(ts_ns, self.event(parsed.severity, auth=parsed.auth)))
+        for _ in range(parsed.repeats):  # the window takes each before its event goes: a checkpoint then has it
             burst = self.brute_force.observe(parsed.auth.src_ip, parsed.auth.pid, parsed.failures, ts_ns)
+            yield self._at(ts_ns, self.event(parsed.severity, auth=parsed.auth))
             if burst:
-                events.append(self._at(ts_ns, self._alert(burst, parsed.auth.user)))
-        return events
+                yield self._at(ts_ns, self._alert(burst, parsed.auth.user))
 
     @staticmethod
     def _at(ts_ns: int, event: events_pb2.Event) -> events_pb2.Event:

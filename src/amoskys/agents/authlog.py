@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from amoskys.v1 import events_pb2
 
-__all__ = ["Failures", "ParsedLine", "line_time_ns", "parse_line", "parse_message"]
+__all__ = ["Failures", "ParsedLine", "bsd_time_ns", "iso_time_ns", "line_time_ns", "parse_line", "parse_message"]
 
-Auth = events_pb2.AuthEvent  # its kinds as class attributes: Auth.Auth.X is a slow lookup on every use
+Auth = events_pb2.AuthEvent  # kinds as class attributes: AuthEvent.Kind.X is a slow lookup on every use
 # A yearless time further ahead of the clock than this is last year's. A day, not minutes: a writer in
 # another zone (a container in UTC) is hours off, and must not be put a year back.
 FUTURE_SKEW = dt.timedelta(days=1)
