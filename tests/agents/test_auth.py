@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from amoskys import keys
-from amoskys.agents.auth import READ_CHUNK, AuthAgent, JournalError, LogFollower, Position
+from amoskys.agents.auth import READ_CHUNK, AuthAgent, JournalError, LogFollower, Position, journal_entry
+from amoskys.agents.authlog import parse_line
 from amoskys.agents.outbox import Outbox
 from amoskys.config import AgentConfig, OutboxConfig
 from amoskys.errors import ConfigError
@@ -153,6 +154,24 @@ def test_a_line_longer_than_a_read_comes_in_pieces_and_the_next_line_whole(tmp_p
     giant = "x" * (2 * READ_CHUNK + 10)
     write(log, [giant, "after"], "w")
     assert drain(LogFollower(log)) == [giant[:READ_CHUNK], giant[READ_CHUNK : 2 * READ_CHUNK], giant[-10:], "after"]
+
+
+def test_bytes_that_are_not_utf8_are_replaced_not_dropped(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    log.write_bytes(f"{H} sshd[9]: Invalid user ".encode() + b"\xff\xfeadm" + b" from 192.0.2.1 port 22\n")
+    [line] = drain(LogFollower(log))
+    parsed = parse_line(line)
+    assert parsed is not None and parsed.auth.user == "\ufffd\ufffdadm" and parsed.auth.src_ip == "192.0.2.1"
+
+
+def test_journal_entries_of_every_shape() -> None:
+    binary = {"SYSLOG_IDENTIFIER": "sshd", "_PID": "7", "__REALTIME_TIMESTAMP": "1795335301000001",
+              "MESSAGE": list(b"Invalid user \xffx from 192.0.2.1 port 22")}  # fmt: skip
+    parsed = journal_entry(binary)
+    assert parsed is not None and parsed.auth.user == "\ufffdx" and parsed.ts_ns == 1_795_335_301_000_001_000
+    bare = journal_entry({"SYSLOG_IDENTIFIER": "su", "MESSAGE": "(to root) alice on pts/0", "_PID": "x"})
+    assert bare is not None and (bare.auth.pid, bare.ts_ns) == (0, 0)  # no time: stamped on arrival
+    assert journal_entry({"SYSLOG_IDENTIFIER": "sshd"}) is None
 
 
 def test_position_text_round_trip_and_bad_text(tmp_path: Path) -> None:

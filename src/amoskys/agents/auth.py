@@ -28,7 +28,7 @@ from amoskys.config import AgentConfig
 from amoskys.errors import AmoskysError, ConfigError
 from amoskys.v1 import events_pb2
 
-__all__ = ["AuthAgent"]
+__all__ = ["AuthAgent", "JournalError", "LogFollower", "Position", "journal_entry"]
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25
