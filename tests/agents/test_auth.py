@@ -1,8 +1,10 @@
-"""auth: real-format Debian lines, rotation both ways, brute force, kill -9 mid-file exactly once."""
+"""auth: rotations by real logrotate, event time, brute force and its saved windows, kill -9 mid-file exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,61 +15,21 @@ import msgspec
 import pytest
 import yaml
 
-from amoskys.agents.auth import AuthAgent, JournalError, LogFollower
+from amoskys import keys
+from amoskys.agents.auth import READ_CHUNK, AuthAgent, JournalError, LogFollower, Position, journal_entry
 from amoskys.agents.authlog import parse_line
-from amoskys.config import AgentConfig
+from amoskys.agents.outbox import Outbox
+from amoskys.config import AgentConfig, OutboxConfig
 from amoskys.errors import ConfigError
 from amoskys.v1 import bus_pb2, events_pb2
 from tests.agents.conftest import agent_config
+from tests.agents.test_authlog import DATA
 from tests.hubfixture import LiveHub
 
 Kind = events_pb2.AuthEvent.Kind
 H = "2026-11-22T10:15:01.123456+00:00 web1"
-CORPUS: list[tuple[str, int | None, dict[str, object]]] = [
-    (f"{H} sshd[1201]: Accepted publickey for alice from 203.0.113.7 port 50122 ssh2: ED25519 SHA256:abc",
-     Kind.SSH_ACCEPTED, {"user": "alice", "src_ip": "203.0.113.7", "src_port": 50122, "method": "publickey"}),
-    (f"{H} sshd[1202]: Failed password for root from 198.51.100.9 port 40022 ssh2",
-     Kind.SSH_FAILED, {"user": "root", "src_ip": "198.51.100.9", "method": "password"}),
-    (f"{H} sshd[1203]: Failed password for invalid user admin from 198.51.100.9 port 40024 ssh2",
-     Kind.SSH_FAILED, {"user": "admin", "src_ip": "198.51.100.9"}),
-    (f"{H} sshd[1203]: Invalid user admin from 198.51.100.9 port 40024",
-     Kind.SSH_INVALID_USER, {"user": "admin", "src_ip": "198.51.100.9", "src_port": 40024}),
-    ("Nov 22 10:15:03 web1 sudo:    alice : TTY=pts/0 ; PWD=/home/alice ; USER=root ; COMMAND=/usr/bin/apt update",
-     Kind.SUDO, {"user": "alice", "target_user": "root", "tty": "pts/0", "command": "/usr/bin/apt update"}),
-    (f"{H} sudo:      bob : 3 incorrect password attempts ; TTY=pts/1 ; PWD=/home/bob ; USER=root ; COMMAND=/bin/sh",
-     Kind.SUDO_FAILED, {"user": "bob", "command": "/bin/sh", "method": "3 incorrect password attempts"}),
-    (f"{H} sudo:      eve : user NOT in sudoers ; TTY=pts/2 ; PWD=/tmp ; USER=root ; COMMAND=/usr/bin/id",
-     Kind.SUDO_FAILED, {"user": "eve", "method": "user NOT in sudoers"}),
-    (f"{H} su[1300]: (to root) alice on pts/0", Kind.SU, {"user": "alice", "target_user": "root", "tty": "pts/0"}),
-    (f"{H} useradd[1400]: new group: name=carol, GID=1003", Kind.GROUP_ADDED, {"group": "carol"}),
-    (f"{H} useradd[1400]: new user: name=carol, UID=1003, GID=1003, home=/home/carol, shell=/bin/bash, from=/dev/pts/0",
-     Kind.USER_ADDED, {"user": "carol"}),
-    (f"{H} usermod[1401]: add 'carol' to group 'sudo'", Kind.USER_MODIFIED, {"user": "carol", "group": "sudo"}),
-    (f"{H} passwd[1402]: pam_unix(passwd:chauthtok): password changed for carol",
-     Kind.PASSWORD_CHANGED, {"user": "carol"}),
-    (f"{H} userdel[1403]: delete user 'carol'", Kind.USER_DELETED, {"user": "carol"}),
-    (f"{H} groupdel[1404]: group 'carol' removed", Kind.GROUP_DELETED, {"group": "carol"}),
-    (f"{H} sshd[1201]: pam_unix(sshd:session): session opened for user alice(uid=1000) by (uid=0)",
-     Kind.SESSION_OPENED, {"user": "alice", "method": "sshd"}),
-    (f"{H} sshd[1201]: pam_unix(sshd:session): session closed for user alice", Kind.SESSION_CLOSED, {"user": "alice"}),
-    (f"{H} CRON[1500]: pam_unix(cron:session): session opened for user root(uid=0) by (uid=0)",
-     Kind.SESSION_OPENED, {"user": "root", "method": "cron"}),
-    (f"{H} systemd-logind[400]: New seat seat0.", None, {}),
-    (f"{H} sshd[1201]: Received disconnect from 203.0.113.7 port 50122:11: disconnected by user", None, {}),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(("line", "kind", "fields"), CORPUS, ids=[f"line{i}" for i in range(len(CORPUS))])
-def test_corpus_line(line: str, kind: int | None, fields: dict[str, object]) -> None:
-    parsed = parse_line(line + "\n")
-    if kind is None:
-        assert parsed is None
-        return
-    assert parsed is not None
-    assert parsed.auth.kind == kind
-    for name, value in fields.items():
-        assert getattr(parsed.auth, name) == value, name
-    assert parsed.auth.raw == line
+NS = 1_000_000_000
+T0 = 1_795_335_301  # 2026-11-22T08:15:01Z
 
 
 def write(path: Path, lines: list[str], mode: str = "a") -> None:
@@ -75,72 +37,274 @@ def write(path: Path, lines: list[str], mode: str = "a") -> None:
         handle.writelines(line + "\n" for line in lines)
 
 
-def test_follower_handles_rename_and_copytruncate(tmp_path: Path) -> None:
-    log = tmp_path / "auth.log"
-    write(log, ["one", "two"], "w")
-    follower = LogFollower(log)
-    assert [line for line, _ in follower.read_lines()] == ["one\n", "two\n"]
-    follower.offset = follower.read_lines()[-1][1] if follower.read_lines() else follower.offset
-    with log.open("a") as handle:
-        handle.write("three\npart")
-    lines = follower.read_lines()
-    follower.offset = lines[-1][1]
-    assert [line for line, _ in lines] == ["three\n"]
-    log.rename(tmp_path / "auth.log.1")  # rotation by rename, with the partial line completed late
-    with (tmp_path / "auth.log.1").open("a") as handle:
-        handle.write("ial\n")
-    write(log, ["four"], "w")
-    seen = []
-    for _ in range(3):
+def numbered(prefix: str, first: int, count: int) -> list[str]:
+    return [f"{prefix} line {i:05d} " + "x" * (i % 37) for i in range(first, first + count)]
+
+
+def drain(follower: LogFollower, upto: int | None = None) -> list[str]:
+    """Lines the agent would process (all, or the first `upto`), advancing as the agent does."""
+    seen: list[str] = []
+    for _ in range(6):  # each rotation step needs a poll
         for line, offset in follower.read_lines():
+            if upto is not None and len(seen) == upto:
+                return seen
             seen.append(line)
-            follower.offset = offset
-    assert seen == ["partial\n", "four\n"]
-    with log.open("r+") as handle:  # copytruncate
-        handle.truncate(0)
-    write(log, ["five"])
-    lines = follower.read_lines()
-    assert [line for line, _ in lines] == ["five\n"]
+            follower.advance(offset)
+    return seen
 
 
-def test_restart_after_rotation_while_stopped_reads_the_old_file_first(tmp_path: Path) -> None:
+def logrotate(tmp_path: Path, log: Path, mode: str) -> None:
+    """Debian's rsyslog rotation (delaycompress: the newest rotated file stays plain), by `create` or `copytruncate`."""
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(f"{log} {{\n  rotate 4\n  {mode}\n  compress\n  delaycompress\n  missingok\n}}\n")
+    subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "logrotate.state"), str(conf)], check=True)
+
+
+def test_rename_rotation_reads_the_old_file_to_its_end_then_the_new(tmp_path: Path) -> None:
     log = tmp_path / "auth.log"
-    write(log, ["a", "b"], "w")
+    write(log, numbered("a", 0, 100), "w")
+    follower = LogFollower(log)
+    assert drain(follower, upto=40) == numbered("a", 0, 40)
+    write(log, numbered("a", 100, 30))
+    logrotate(tmp_path, log, "create")
+    write(log, numbered("b", 0, 50))
+    assert drain(follower) == numbered("a", 40, 90) + numbered("b", 0, 50)
+    logrotate(tmp_path, log, "create")  # again: auth.log.1 -> auth.log.2.gz
+    write(log, numbered("c", 0, 5))
+    assert drain(follower) == numbered("c", 0, 5)
+
+
+def test_copytruncate_lines_written_just_before_come_from_the_copy(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    write(log, numbered("a", 0, 100), "w")
+    follower = LogFollower(log)
+    assert len(drain(follower)) == 100
+    write(log, numbered("a", 100, 34))  # not read yet when logrotate copies and truncates
+    logrotate(tmp_path, log, "copytruncate")
+    write(log, numbered("b", 0, 20))
+    assert drain(follower) == numbered("a", 100, 34) + numbered("b", 0, 20)
+    write(log, numbered("a", 134, 3))  # a second copytruncate, the first copy now compressed
+    logrotate(tmp_path, log, "copytruncate")
+    assert drain(follower) == numbered("a", 134, 3)
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copytruncate", "truncate-only"])
+def test_append_larger_than_the_old_offset_right_after_truncation(tmp_path: Path, copy: bool) -> None:
+    log = tmp_path / "auth.log"
+    write(log, numbered("a", 0, 10), "w")
+    follower = LogFollower(log)
+    assert len(drain(follower)) == 10
+    write(log, numbered("a", 10, 5))
+    if copy:
+        logrotate(tmp_path, log, "copytruncate")
+    else:
+        log.open("r+").truncate(0)
+    write(log, numbered("b", 0, 200))  # past the old offset before the agent looks again
+    unread = numbered("a", 10, 5) if copy else []  # without a copy they are gone: said in a warning
+    assert drain(follower) == unread + numbered("b", 0, 200)
+
+
+@pytest.mark.parametrize("mode", ["copytruncate", "create"])
+def test_agent_down_across_a_rotation_resumes_exactly(tmp_path: Path, mode: str) -> None:
+    log = tmp_path / "auth.log"
+    write(log, numbered("a", 0, 50), "w")
     first = LogFollower(log)
-    lines = first.read_lines()
-    inode, offset = first.inode, lines[0][1]  # only "a" was processed before the stop
+    assert len(drain(first, upto=30)) == 30
+    saved = first.position.text()
     first.close()
-    log.rename(tmp_path / "auth.log.1")
-    write(log, ["c"], "w")
+    write(log, numbered("a", 50, 18))
+    logrotate(tmp_path, log, mode)
+    write(log, numbered("b", 0, 25))
     second = LogFollower(log)
-    second.restore(inode, offset)
-    seen = []
-    for _ in range(3):
-        for line, off in second.read_lines():
-            seen.append(line)
-            second.offset = off
-    assert seen == ["b\n", "c\n"]
+    second.restore(Position.parse(saved))
+    assert drain(second) == numbered("a", 30, 38) + numbered("b", 0, 25)
 
 
-async def test_brute_force_alert(tmp_path: Path) -> None:
+def test_agent_down_across_a_truncate_without_copy_reads_the_new_content(tmp_path: Path) -> None:
     log = tmp_path / "auth.log"
-    write(log, [f"{H} sshd[9]: Failed password for root from 192.0.2.50 port {4000 + i} ssh2" for i in range(6)], "w")
-    config = msgspec.convert(
-        {"host": "t", "auth": {"source": "file", "log_path": str(log), "brute_force_failures": 5}}, AgentConfig
-    )
-    agent = AuthAgent(config, tmp_path)
+    write(log, numbered("a", 0, 50), "w")
+    first = LogFollower(log)
+    drain(first)
+    saved = first.position.text()
+    first.close()
+    log.open("r+").truncate(0)
+    write(log, numbered("b", 0, 80))  # longer than before: only the first bytes tell
+    second = LogFollower(log)
+    second.restore(Position.parse(saved))
+    assert drain(second) == numbered("b", 0, 80)
+
+
+def test_a_missing_log_keeps_the_saved_position_until_it_comes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "auth.log"
+    follower = LogFollower(log)
+    follower.restore(Position(123, 456, b"Nov 22 10:15:03 web1"))
+    assert follower.read_lines() == follower.read_lines() == []
+    assert follower.position == Position(123, 456, b"Nov 22 10:15:03 web1") and not caplog.records
+    write(log, numbered("b", 0, 3), "w")  # another stream: the old one's rest is nowhere
+    assert drain(follower) == numbered("b", 0, 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the rest of the log before the last rotation is gone (no uncompressed rotated copy); going on"
+    ]
+
+
+def test_a_line_longer_than_a_read_comes_in_pieces_and_the_next_line_whole(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    giant = "x" * (2 * READ_CHUNK + 10)
+    write(log, [giant, "after"], "w")
+    assert drain(LogFollower(log)) == [giant[:READ_CHUNK], giant[READ_CHUNK : 2 * READ_CHUNK], giant[-10:], "after"]
+
+
+def test_bytes_that_are_not_utf8_are_replaced_not_dropped(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    log.write_bytes(f"{H} sshd[9]: Invalid user ".encode() + b"\xff\xfeadm" + b" from 192.0.2.1 port 22\n")
+    [line] = drain(LogFollower(log))
+    parsed = parse_line(line)
+    assert parsed is not None and parsed.auth.user == "\ufffd\ufffdadm" and parsed.auth.src_ip == "192.0.2.1"
+
+
+def test_journal_entries_of_every_shape() -> None:
+    binary = {"SYSLOG_IDENTIFIER": "sshd", "_PID": "7", "__REALTIME_TIMESTAMP": "1795335301000001",
+              "MESSAGE": list(b"Invalid user \xffx from 192.0.2.1 port 22")}  # fmt: skip
+    parsed = journal_entry(binary)
+    assert parsed is not None and parsed.auth.user == "\ufffdx" and parsed.ts_ns == 1_795_335_301_000_001_000
+    bare = journal_entry({"SYSLOG_IDENTIFIER": "su", "MESSAGE": "(to root) alice on pts/0", "_PID": "x"})
+    assert bare is not None and (bare.auth.pid, bare.ts_ns) == (0, 0)  # no time: stamped on arrival
+    assert journal_entry({"SYSLOG_IDENTIFIER": "sshd"}) is None
+
+
+def test_position_text_round_trip_and_bad_text(tmp_path: Path) -> None:
+    position = Position(12, 345, b"Nov 22 10:15:03 web1")
+    assert Position.parse(position.text()) == position
+    assert Position.parse("12:345") == Position(12, 345, b"")  # saved by an older version
+    with pytest.raises(ValueError):
+        Position.parse("twelve:3")
+
+
+def test_crlf_and_partial_lines(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    log.write_bytes(b"one\r\ntw\ro\npart")
+    follower = LogFollower(log)
+    assert drain(follower) == ["one\r", "tw\ro"]  # a lone CR is inside a line; the parser drops the CRLF's
+    with log.open("ab") as handle:
+        handle.write(b"ial\n")
+    assert drain(follower) == ["partial"]
+
+
+# ---- the agent: event time, brute force ---------------------------------------------------------------
+
+
+def auth_config(log: Path, **auth: object) -> AgentConfig:
+    return msgspec.convert({"host": "t", "auth": {"source": "file", "log_path": str(log), **auth}}, AgentConfig)
+
+
+async def take(agent: AuthAgent, count: int) -> list[events_pb2.Event]:
     events: list[events_pb2.Event] = []
 
-    async def take() -> None:
+    async def run() -> None:
         async for event in agent.collect():
             events.append(event)
-            if len(events) == 7:
+            if len(events) == count:
                 return
 
-    await asyncio.wait_for(take(), 10)
-    rules = [e.alert.rule for e in events if e.WhichOneof("body") == "alert"]
-    assert rules == ["auth.brute_force"]
-    assert events[5].alert.details["src_ip"] == "192.0.2.50"
+    await asyncio.wait_for(run(), 20)
+    return events
+
+
+def iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
+
+
+def alerts(events: list[events_pb2.Event]) -> list[events_pb2.Event]:
+    return [e for e in events if e.WhichOneof("body") == "alert"]
+
+
+async def test_events_carry_the_log_time_and_the_window_is_event_time(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    spread = [f"{iso(T0 + i * 2700)} web1 sshd[{i}]: Failed password for root from 192.0.2.50 port {4000 + i} ssh2"
+              for i in range(5)]  # fmt: skip
+    burst = [f"{iso(T0 + 20000 + i * 10)} web1 sshd[{i}]: Failed password for root from 192.0.2.50 port {i} ssh2"
+             for i in range(5)]  # fmt: skip
+    write(log, spread + burst, "w")  # three hours of log read in one go, as after an outage
+    agent = AuthAgent(auth_config(log, brute_force_failures=5, brute_force_window_s=60), tmp_path)
+    events = await take(agent, 11)
+    assert [e.ts_ns for e in events[:5]] == [(T0 + i * 2700) * NS for i in range(5)]
+    [alert] = alerts(events)
+    assert alert is events[10] and alert.ts_ns == (T0 + 20040) * NS
+    assert alert.alert.details["failures"] == "5"
+    assert alert.alert.details["first_ns"] == str((T0 + 20000) * NS)
+    assert "within 40 s" in alert.alert.summary
+
+
+async def test_invalid_users_and_key_only_probes_count(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    lines = []
+    for i in range(12):  # 12 invalid-user probes in 2 minutes, each its own connection
+        stamp = f"{iso(T0 + i * 10)} web1 sshd[{500 + i}]:"
+        address = f"192.0.2.9 port {6000 + i}"
+        lines += [f"{stamp} Invalid user probe{i} from {address}",
+                  f"{stamp} Failed none for invalid user probe{i} from {address} ssh2",
+                  f"{stamp} Connection closed by invalid user probe{i} {address} [preauth]"]  # fmt: skip
+    write(log, lines, "w")
+    agent = AuthAgent(auth_config(log, brute_force_failures=5, brute_force_window_s=120), tmp_path)
+    events = await take(agent, 36 + 2)
+    assert [a.alert.details["failures"] for a in alerts(events)] == ["5", "5"]  # at the 5th and the 10th
+
+
+async def test_real_openssh_lines_count_one_attempt_per_failed_connection(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    shutil.copy(DATA / "openssh-9.2-loopback.log", log)  # 8 connections fail, one succeeds
+    agent = AuthAgent(auth_config(log, brute_force_failures=8, brute_force_window_s=3600), tmp_path)
+    events = await take(agent, 17 + 1)
+    [alert] = alerts(events)
+    assert alert.alert.details["failures"] == "8"
+    assert alert is events[-2] and "maximum authentication attempts" in events[-3].auth.raw  # the 8th connection
+
+
+async def test_message_repeated_counts_each_repetition(tmp_path: Path) -> None:
+    log = tmp_path / "auth.log"
+    write(log, [
+        f"{H} sshd[7]: Failed password for root from 192.0.2.7 port 4000 ssh2",
+        f"{H} sshd[7]: message repeated 4 times: [ Failed password for root from 192.0.2.7 port 4000 ssh2]",
+    ], "w")  # fmt: skip
+    agent = AuthAgent(auth_config(log, brute_force_failures=5), tmp_path)
+    events = await take(agent, 6)
+    assert [e.WhichOneof("body") for e in events] == ["auth"] * 5 + ["alert"]
+
+
+async def test_brute_force_windows_survive_a_restart(tmp_path: Path) -> None:
+    """The window is saved with the position, in the outbox transaction the runtime writes."""
+    log = tmp_path / "auth.log"
+    failures = [
+        f"{iso(T0 + i)} web1 sshd[{i}]: Failed password for root from 192.0.2.66 port {i} ssh2" for i in range(5)
+    ]
+    write(log, failures[:3], "w")
+    key = tmp_path / "sign.key"
+    keys.write_private_key(key, keys.generate_signing_key())
+
+    def outbox() -> Outbox:
+        return Outbox(tmp_path / "outbox.db", OutboxConfig(), "agent-1", keys.load_signing_key(key))
+
+    first = AuthAgent(auth_config(log), tmp_path)
+    box = outbox()
+    first.restore(box.state())
+    box.add([e.SerializeToString() for e in await take(first, 3)], first.checkpoint())
+    box.close()
+    write(log, failures[3:])
+    second = AuthAgent(auth_config(log), tmp_path)
+    second.restore(outbox().state())
+    events = await take(second, 3)
+    assert [e.auth.raw for e in events[:2]] == failures[3:]  # nothing read twice
+    assert alerts(events)[0].alert.details["failures"] == "5"
+
+
+def test_unreadable_saved_state_starts_afresh(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    agent = AuthAgent(auth_config(tmp_path / "auth.log"), tmp_path)
+    agent.restore({"auth.position": "1:2", "auth.brute_force": "{not json"})
+    assert agent.follower.position == Position(1, 2)
+    assert "saved auth state unreadable" in caplog.text
+    assert agent.checkpoint()["auth.brute_force"] == '{"attempts":{},"connections":{}}'
 
 
 async def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
@@ -152,6 +316,47 @@ async def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
         await asyncio.wait_for(agent.collect().__anext__(), 5)
 
 
+class AgentProcess:
+    """`amoskys agent auth` as its own process, publishing to the live hub; what the hub stored."""
+
+    def __init__(self, live_hub: LiveHub, tmp_path: Path, log: Path) -> None:
+        self.hub = live_hub
+        self.config = agent_config(
+            live_hub, tmp_path, "auth",
+            auth={"source": "file", "log_path": str(log)},
+            batch={"max_events": 500, "max_linger_ms": 50},
+        )  # fmt: skip
+        path = tmp_path / "agent-auth.yml"
+        path.write_text(yaml.safe_dump(msgspec.to_builtins(self.config)))
+        self.command = [sys.executable, "-m", "amoskys", "agent", "auth", "--config", str(path)]
+
+    def start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.command, stderr=subprocess.DEVNULL)
+
+    def count(self, kind: str = "auth") -> int:
+        """Events of `kind` in the hub's store, read-only beside the hub."""
+        with sqlite3.connect(f"file:{self.hub.config.store.path}?mode=ro", uri=True) as db:
+            query = "SELECT count(*) FROM events WHERE agent_id = ? AND kind = ?"
+            return int(db.execute(query, (self.config.agent_id, kind)).fetchone()[0])
+
+    async def wait_for(self, total: int) -> None:
+        for _ in range(600):
+            if self.count() >= total:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # and nothing more comes
+
+    async def stored(self, kind: str) -> list[events_pb2.Event]:
+        stored = await self.hub.query(bus_pb2.EventFilter(agent_ids=[self.config.agent_id], kinds=[kind]))
+        return [s.event for s in stored]
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+
+
 @pytest.mark.slow
 async def test_kill_9_mid_file_then_restart_every_line_exactly_once(live_hub: LiveHub, tmp_path: Path) -> None:
     log = tmp_path / "auth.log"
@@ -160,46 +365,64 @@ async def test_kill_9_mid_file_then_restart_every_line_exactly_once(live_hub: Li
         f"{H} sshd[{i}]: Accepted password for user{i} from 10.9.0.{i % 250} port {1024 + i} ssh2" for i in range(total)
     ]
     write(log, lines, "w")
-    config = agent_config(
-        live_hub, tmp_path, "auth",
-        auth={"source": "file", "log_path": str(log)},
-        batch={"max_events": 500, "max_linger_ms": 50},
-    )  # fmt: skip
-    path = tmp_path / "agent-auth.yml"
-    path.write_text(yaml.safe_dump(msgspec.to_builtins(config)))
-    command = [sys.executable, "-m", "amoskys", "agent", "auth", "--config", str(path)]
-
-    def count() -> int:  # auth events in the hub's store, read-only beside the hub
-        with sqlite3.connect(f"file:{live_hub.config.store.path}?mode=ro", uri=True) as db:
-            query = "SELECT count(*) FROM events WHERE agent_id = ? AND kind = 'auth'"
-            return int(db.execute(query, (config.agent_id,)).fetchone()[0])
-
-    first = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    while count() == 0:
-        await asyncio.sleep(0.02)
-    first.send_signal(signal.SIGKILL)  # as soon as the first batch is stored: mid-file
-    first.wait()
-    assert count() < total, "the agent finished before it was killed: use more lines"
-    second = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    agent = AgentProcess(live_hub, tmp_path, log)
+    first = agent.start()
     try:
-        for _ in range(600):
-            if count() >= total:
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)
-        stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=[config.agent_id], kinds=["auth"]))
-        raws = [s.event.auth.raw for s in stored]
+        while agent.count() == 0:
+            await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGKILL)  # as soon as the first batch is stored: mid-file
+        first.wait()
+    finally:
+        stop(first)
+    assert agent.count() < total, "the agent finished before it was killed: use more lines"
+    second = agent.start()
+    try:
+        await agent.wait_for(total)
+        raws = [event.auth.raw for event in await agent.stored("auth")]
         assert len(raws) == total
         assert set(raws) == set(lines)
     finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(20)
+        stop(second)
+
+
+@pytest.mark.slow
+async def test_kill_9_then_copytruncate_while_down_loses_repeats_and_resets_nothing(
+    live_hub: LiveHub, tmp_path: Path
+) -> None:
+    """The issue's run: lines written before the truncate, new ones after, the agent down across it;
+    three failures before the kill and two after still make one brute-force alert."""
+    log = tmp_path / "auth.log"
+    accepted = [
+        f"{H} sshd[{i}]: Accepted password for user{i} from 10.9.1.{i % 250} port {i} ssh2" for i in range(2052)
+    ]
+    failed = [f"{H} sshd[{70 + i}]: Failed password for root from 192.0.2.77 port {i} ssh2" for i in range(5)]
+    write(log, accepted[:2000] + failed[:3], "w")
+    agent = AgentProcess(live_hub, tmp_path, log)
+    first = agent.start()
+    try:
+        await agent.wait_for(2003)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        stop(first)
+    write(log, accepted[2000:2034])  # not read: the agent is down
+    logrotate(tmp_path, log, "copytruncate")
+    write(log, accepted[2034:] + failed[3:])
+    second = agent.start()
+    try:
+        await agent.wait_for(2057)
+        raws = [event.auth.raw for event in await agent.stored("auth")]
+        assert sorted(raws) == sorted(accepted + failed)  # each line exactly once
+        [alert] = await agent.stored("alert")
+        assert (alert.alert.rule, alert.alert.details["failures"]) == ("auth.brute_force", "5")
+    finally:
+        stop(second)
 
 
 JOURNAL_ENTRIES = [  # `journalctl -o json` lines as Debian 12's journald writes them for sshd
-    {"__CURSOR": "s=1;i=1", "SYSLOG_IDENTIFIER": "sshd", "_PID": "812",
+    {"__CURSOR": "s=1;i=1", "__REALTIME_TIMESTAMP": "1795335301123456", "SYSLOG_IDENTIFIER": "sshd", "_PID": "812",
      "MESSAGE": "Failed password for invalid user admin from 198.51.100.7 port 50122 ssh2"},
-    {"__CURSOR": "s=1;i=2", "SYSLOG_IDENTIFIER": "sshd", "_PID": "815",
+    {"__CURSOR": "s=1;i=2", "__REALTIME_TIMESTAMP": "1795335302000001", "SYSLOG_IDENTIFIER": "sshd", "_PID": "815",
      "MESSAGE": "Accepted publickey for alice from 198.51.100.8 port 50200 ssh2: ED25519 SHA256:abc"},
 ]  # fmt: skip
 
@@ -225,7 +448,8 @@ async def test_journalctl_exit_is_an_error_and_the_cursor_is_kept(
         async for event in agent.collect():
             events.append(event)
     assert [e.auth.kind for e in events] == [events_pb2.AuthEvent.SSH_FAILED, events_pb2.AuthEvent.SSH_ACCEPTED]
-    assert agent.checkpoint() == {"auth.cursor": "s=1;i=2"}
+    assert [e.ts_ns for e in events] == [1_795_335_301_123_456_000, 1_795_335_302_000_001_000]  # the journal's time
+    assert agent.checkpoint()["auth.cursor"] == "s=1;i=2"
     with pytest.raises(JournalError):
         async for _ in agent.collect():
             pass
