@@ -2,7 +2,7 @@
 
 The runtime (identity, outbox, batching, publishing, heartbeat, metrics, signals) owns everything
 else; an agent only observes. Adding an agent means adding one module, its config section in
-`amoskys.config.AgentConfig`, an entry in `amoskys.agents.AGENTS`, and its tests.
+`amoskys.config.AgentConfig`, an entry in `amoskys.catalog.AGENT_KINDS`, and its tests.
 """
 
 from __future__ import annotations
