@@ -40,28 +40,35 @@ class Broker:
         self.subscribers: set[Subscriber] = set()
 
     def publish(self, committed: list[Committed]) -> None:
-        """Runs on the event loop, called from the writer thread after each commit."""
-        for sub in list(self.subscribers):
-            if not sub.overflowed:
-                self._deliver(sub, committed)
+        """Runs on the event loop, called from the writer thread after each commit.
 
-    @staticmethod
-    def _deliver(sub: Subscriber, committed: list[Committed]) -> None:
+        Each stored event is decoded once, for all the subscribers it matches.
+        """
+        subscribers = [sub for sub in self.subscribers if not sub.overflowed]
+        if not subscribers:
+            return
         for item in committed:
             for offset, row in enumerate(item.rows):
-                if not matches(sub.flt, item.agent_id, row):
-                    continue
-                stored = bus_pb2.StoredEvent(
-                    cursor=item.first_cursor + offset,
-                    agent_id=item.agent_id,
-                    received_ns=item.received_ns,
-                    event=events_pb2.Event.FromString(row.body),
-                )
-                try:
-                    sub.queue.put_nowait(stored)
-                except asyncio.QueueFull:
-                    sub.overflowed = True
-                    while not sub.queue.empty():
-                        sub.queue.get_nowait()
-                    sub.queue.put_nowait(OVERFLOW)
-                    return
+                stored: bus_pb2.StoredEvent | None = None
+                for sub in subscribers:
+                    if sub.overflowed or not matches(sub.flt, item.agent_id, row):
+                        continue
+                    if stored is None:
+                        stored = bus_pb2.StoredEvent(
+                            cursor=item.first_cursor + offset,
+                            agent_id=item.agent_id,
+                            received_ns=item.received_ns,
+                            event=events_pb2.Event.FromString(row.body),
+                        )
+                    _offer(sub, stored)
+
+
+def _offer(sub: Subscriber, stored: bus_pb2.StoredEvent) -> None:
+    """Queue one event for a subscriber; a full queue marks it overflowed (it is cut with its cursor)."""
+    try:
+        sub.queue.put_nowait(stored)
+    except asyncio.QueueFull:
+        sub.overflowed = True
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.queue.put_nowait(OVERFLOW)

@@ -25,7 +25,14 @@ from amoskys.config import BackpressureConfig
 from amoskys.envelope import GENESIS_HASH
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.rows import EventRow, to_row
-from amoskys.eventbus.store import AcceptedEnvelope, AgentUpdate, ChainRecord, Store, StoreUnavailableError
+from amoskys.eventbus.store import (
+    AcceptedEnvelope,
+    AgentUpdate,
+    ChainRecord,
+    Store,
+    StoreFullError,
+    StoreUnavailableError,
+)
 from amoskys.v1 import envelope_pb2, events_pb2
 
 __all__ = ["Ack", "Committed", "Ingest", "Submission"]
@@ -328,7 +335,7 @@ class Ingest:
         try:
             self.store.commit(items, tentative, now_ns)
         except StoreUnavailableError as exc:
-            kind = "full" if "full" in str(exc) else "error"
+            kind = "full" if isinstance(exc, StoreFullError) else "error"
             self.metrics.store_errors.labels(kind).inc()
             log.error("store commit failed; answering RETRY", extra={"error": str(exc), "envelopes": len(items)})
             self._store_down_until = time.monotonic() + self.config.max_backoff_ms / 1000 / 4

@@ -364,7 +364,7 @@ class Hub:
             events_stored=self.store.count_events(),
             store_bytes=self.store.size_bytes(),
             agents=len(self.store.list_agents()),
-            streams=int(self.metrics.streams._value.get()),
+            streams=int(self._sample("amoskys_bus_streams")),
             inflight=self.ingest.pending_events,
             rejected=rejected,
             retries=int(retries),
@@ -372,9 +372,12 @@ class Hub:
             ingest_eps=self._ingest_rate(),
         )
 
+    def _sample(self, name: str) -> float:
+        return self.metrics.registry.get_sample_value(name) or 0.0
+
     def _ingest_rate(self) -> float:
         now = time.monotonic()
-        stored = self.metrics.events_stored._value.get()
+        stored = self._sample("amoskys_bus_events_stored_total")
         self._rate_window = [(t, v) for t, v in self._rate_window if now - t <= 60] + [(now, stored)]
         (t0, v0), (t1, v1) = self._rate_window[0], self._rate_window[-1]
         return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0

@@ -288,7 +288,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
                 raise StoreFullError(f"{self.path}: {exc}") from exc
             raise StoreUnavailableError(f"{self.path}: {exc}") from exc
 
