@@ -26,9 +26,22 @@ from amoskys.ui.app import create_app
 from amoskys.ui.auth import Authenticator
 from amoskys.ui.hubclient import HubClient
 
-__all__ = ["authenticator", "build_server", "check_exposure", "is_loopback", "reload", "serve"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_HEADER_BYTES",
+    "authenticator",
+    "build_server",
+    "check_exposure",
+    "is_loopback",
+    "reload",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
+# cheroot reads the request line and headers in 256-byte steps against one budget and stops at it:
+# a longer request line is answered 414, longer headers 413, and the connection closed.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 1024  # every route is GET: a declared body over this is answered 413 before reading it
 
 
 def is_loopback(host: str) -> bool:
@@ -84,6 +97,8 @@ def build_server(config: UiConfig, app: Any) -> wsgi.Server:
     check_exposure(config)
     host, port = parse_address(config.listen)
     server = wsgi.Server((host, port), app, numthreads=config.threads, server_name="amoskys-ui")
+    server.max_request_header_size = MAX_HEADER_BYTES
+    server.max_request_body_size = MAX_BODY_BYTES
     if config.server_tls:
         server.ssl_adapter = _tls_adapter(config)
     return server

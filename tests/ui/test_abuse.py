@@ -1,0 +1,102 @@
+"""The UI before login, as its own process: oversized requests answered at once without growing it."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from amoskys.ui.auth import hash_password
+from amoskys.ui.server import MAX_HEADER_BYTES
+from tests.ui.conftest import Fleet, UiProcess, ui_process
+
+PASSWORD = "correct horse battery staple"
+MiB = 1 << 20
+FILLER = b"a" * MiB
+ABUSE_BYTES = 32 * MiB  # what the issue sent: the UI grew from 72 MB to 204-280 MB and kept it
+RSS_GROWTH_LIMIT = 30 * MiB
+OVERSIZED = {
+    "request line": (b"GET /events?text=", 414),
+    "one header": (b"GET / HTTP/1.1\r\nHost: ui\r\nX-Filler: ", 413),
+    "many headers": (b"GET / HTTP/1.1\r\nHost: ui\r\n" + b"X-A: b\r\n" * (MAX_HEADER_BYTES // 8 + 1), 413),
+    "body": (b"GET / HTTP/1.1\r\nHost: ui\r\nContent-Length: %d\r\n\r\n" % ABUSE_BYTES, 413),
+}
+
+
+def basic(password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"ops:{password}".encode()).decode()}
+
+
+def get(port: int, path: str, password: str = PASSWORD, source: str = "127.0.0.1") -> http.client.HTTPResponse:
+    """One GET from `source` (any 127/8 address is ours on Linux); the response, its body read."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        connection.request("GET", path, headers=basic(password))
+        response = connection.getresponse()
+        response.read()
+        return response
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def ui(seeded: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiProcess]:
+    root: Path = tmp_path_factory.mktemp("ui-abuse")
+    with ui_process(root, seeded.hub, auth={"password_hash": hash_password(PASSWORD)}) as process:
+        yield process
+
+
+def send_oversized(port: int, head: bytes) -> tuple[int | None, float]:
+    """`head` then filler until ABUSE_BYTES are sent or the server stops reading: (status answered, seconds)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+
+        def flood() -> None:
+            try:
+                sock.sendall(head)
+                for _ in range(ABUSE_BYTES // len(FILLER)):
+                    sock.sendall(FILLER)
+            except OSError:
+                pass  # the server answered and closed: what we want
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        try:
+            status_line = sock.makefile("rb").readline()
+        except OSError:
+            status_line = b""
+        elapsed = time.monotonic() - started
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # stops the sender if the server did not
+        sender.join(30)
+    parts = status_line.split()
+    return (int(parts[1]) if len(parts) > 1 else None), elapsed
+
+
+def test_oversized_requests_are_answered_at_once_and_memory_stays_flat(ui: UiProcess) -> None:
+    for path in ("/", "/events", "/hosts/web1", "/hub"):  # warm up: templates compiled, fleet built
+        assert get(ui.port, path).status == 200
+    baseline = ui.rss_bytes()
+    shapes = [shape for shape in OVERSIZED.values() for _ in range(10)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda shape: (send_oversized(ui.port, shape[0]), shape[1]), shapes))
+    for (status, elapsed), expected in answers:
+        assert status == expected
+        assert elapsed < 5, elapsed
+    time.sleep(1)
+    grown = ui.rss_bytes() - baseline
+    assert grown < RSS_GROWTH_LIMIT, f"RSS grew {grown / MiB:.1f} MiB after {len(shapes)} oversized requests"
+    assert get(ui.port, "/events").status == 200
+
+
+def test_a_long_but_reasonable_query_is_served(ui: UiProcess) -> None:
+    path = "/events?text=" + "x" * 150 + "&host=" + ",".join(f"h{i}" for i in range(50))
+    assert get(ui.port, path).status == 200
