@@ -1,20 +1,24 @@
-"""The UI before login, as its own process: oversized requests answered at once without growing it."""
+"""The UI before login, as its own process: oversized requests and password guessing are answered at once,
+without growing it and without slowing down an operator who is logged in."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import http.client
+import multiprocessing
 import socket
+import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from amoskys.ui.auth import hash_password
+from amoskys.ui.auth import LOGIN_BURST, LOGIN_REFILL_S, hash_password
 from amoskys.ui.server import MAX_HEADER_BYTES
 from tests.ui.conftest import Fleet, UiProcess, ui_process
 
@@ -100,3 +104,65 @@ def test_oversized_requests_are_answered_at_once_and_memory_stays_flat(ui: UiPro
 def test_a_long_but_reasonable_query_is_served(ui: UiProcess) -> None:
     path = "/events?text=" + "x" * 150 + "&host=" + ",".join(f"h{i}" for i in range(50))
     assert get(ui.port, path).status == 200
+
+
+def status_after_busy(port: int, password: str, source: str) -> int:
+    """A login's status, asking again while every password slot is busy (503, Retry-After: 1)."""
+    for _ in range(20):
+        response = get(port, "/hub", password, source)
+        if response.status != 503:
+            return response.status
+        time.sleep(int(response.headers["Retry-After"]))
+    raise AssertionError("password slots busy for 20 s")
+
+
+def guess_for(port: int, seconds: float, threads: int = 40) -> Counter[int]:
+    """`threads` guessers trying wrong passwords from 127.0.0.1 for `seconds`: the statuses they got.
+
+    Run in a process of its own, so the guessers' threads do not slow the timed requests' client.
+    """
+    answers: Counter[int] = Counter()
+    deadline = time.monotonic() + seconds
+
+    def guess(thread: int) -> None:
+        attempt = 0
+        while time.monotonic() < deadline:
+            response = get(port, "/", f"guess-{thread}-{attempt}")
+            answers[response.status] += 1
+            if response.status == 429:
+                assert 0 < int(response.headers["Retry-After"]) <= LOGIN_REFILL_S
+            attempt += 1
+
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(guess, n) for n in range(threads)]:
+            done.result()
+    return answers
+
+
+def test_password_guessing_is_limited_per_address_and_spares_logged_in_users(ui: UiProcess) -> None:
+    assert get(ui.port, "/hosts/web1").status == 200  # logged in: its credentials are verified once
+    baseline = ui.rss_bytes()
+    seconds = 10.0
+    started = time.monotonic()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        flood = pool.apply_async(guess_for, (ui.port, seconds))
+        time.sleep(1)  # the guessers are at it
+        latencies = []
+        while time.monotonic() - started < seconds - 3:
+            begin = time.monotonic()
+            assert get(ui.port, "/hosts/web1").status == 200
+            latencies.append(time.monotonic() - begin)
+        other_address = status_after_busy(ui.port, PASSWORD, "127.0.0.2")
+        other_guess = status_after_busy(ui.port, "wrong", "127.0.0.3")
+        answers = flood.get(seconds + 60)
+    elapsed = time.monotonic() - started
+    p95 = statistics.quantiles(latencies, n=20)[-1]
+    print(f"logged-in p95 {p95:.3f} s over {len(latencies)} pages; guessers {dict(answers)}")
+    assert p95 < 1.0, f"logged-in p95 {p95:.3f} s of {len(latencies)} during the flood; {answers} in {elapsed:.1f} s"
+    assert (other_address, other_guess) == (200, 401)  # the limit is per address
+    assert answers[429] > 100, answers
+    assert answers[401] <= LOGIN_BURST + elapsed / LOGIN_REFILL_S + 1, answers  # scrypt ran this often
+    assert set(answers) <= {401, 429, 503}, answers
+    time.sleep(1)
+    grown = ui.rss_bytes() - baseline
+    assert grown < RSS_GROWTH_LIMIT, f"RSS grew {grown / MiB:.1f} MiB after {answers.total()} guesses"

@@ -21,7 +21,7 @@ import grpc
 
 from amoskys import __version__
 from amoskys.ui import model, svg
-from amoskys.ui.auth import Authenticator
+from amoskys.ui.auth import Authenticator, LoginRefused
 from amoskys.ui.hubclient import HubError, Snapshot
 from amoskys.v1 import bus_pb2
 
@@ -275,7 +275,7 @@ def create_app(hub: Hub, authenticator: Authenticator | None = None) -> Any:
             app.route(page_path, "GET", _guard(page))
     app.route("/static/<path:path>", "GET", _static)
     app.add_hook("after_request", _harden_response)
-    for status in (400, 401, 403, 404, 405, 500, 503):
+    for status in (400, 401, 403, 404, 405, 429, 500, 503):
         app.error_handler[status] = _error_page
     if authenticator is not None and authenticator.enabled:
         app.add_hook("before_request", functools.partial(_authenticate, authenticator))
@@ -298,7 +298,11 @@ def _static(path: str) -> Any:
 
 
 def _authenticate(authenticator: Authenticator) -> None:
-    if not authenticator.allows(bottle.request.environ):
+    try:
+        allowed = authenticator.allows(bottle.request.environ)
+    except LoginRefused as exc:
+        raise bottle.HTTPError(exc.status, str(exc), **{"Retry-After": str(exc.retry_after_s)}) from None
+    if not allowed:
         raise bottle.HTTPError(
             401, "authentication required", **{"WWW-Authenticate": 'Basic realm="AMOSKYS", charset="UTF-8"'}
         )
