@@ -41,7 +41,9 @@ def test_parse_time() -> None:
 
 
 def test_clean_shows_controls_and_cuts() -> None:
-    assert model.clean("a\x1b[0m\x00b\u202ec\nd") == "a\\u001b[0m\\u0000b\\u202ec d"
+    assert model.clean("a\x1b[0m\x00b\u202ec\nd") == "a\\u001b[0m\\u0000b\\u202ec\\u000ad"
+    assert model.clean("tag\U000e0041 nbsp\u00a0 ok ✓ jürgen") == "tag\\U000e0041 nbsp\\u00a0 ok ✓ jürgen"
+    assert model.clean_tree({"k\u202e": ["v\u2066", 1.5]}) == {"k\\u202e": ["v\\u2066", 1.5]}
     assert model.clean("x" * 500, limit=10) == "x" * 9 + "…"
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import bottle
 import grpc
@@ -134,9 +134,10 @@ class Pages:
         if not agents and not recent.events:
             raise bottle.HTTPError(404, f"no agent and no event from host {name!r}")
         return {
-            "host": name,
+            "host": model.clean(name),
+            "events_url": "/events?" + urlencode({"host": name}),
             "agents": agents,
-            "rate_eps": self.hub.rates.rate(name),
+            "rate_eps": self.hub.rates.rate(model.clean(name)),
             "metrics": model.host_metrics_view(metrics.events[0] if metrics.events else None),
             "devices": model.devices(devices.events),
             "events": [model.event_view(e) for e in recent.events],
@@ -191,7 +192,7 @@ class Pages:
         snapshot = self.hub.snapshot()
         status = snapshot.status
         return {
-            "version": status.version,
+            "version": model.clean(status.version),
             "started_ns": status.started_ns,
             "events_stored": status.events_stored,
             "store_bytes": status.store_bytes,
@@ -202,7 +203,7 @@ class Pages:
             "ingest_history": [s.status.ingest_eps for s in list(self.hub.history)],  # copied: the loop appends
             "retries": status.retries,
             "chain_breaks": status.chain_breaks,
-            "rejected": dict(sorted(status.rejected.items())),
+            "rejected": model.clean_tree(dict(sorted(status.rejected.items()))),
             "certificates": model.certificates(snapshot.agents, time.time_ns()),
         }
 
@@ -235,7 +236,6 @@ def render(name: str, **data: Any) -> str:
     helpers = {
         "model": model,
         "svg": svg,
-        "quote": quote,
         "urlencode": urlencode,
         "nav": NAV,
         "ui_version": __version__,
@@ -252,8 +252,8 @@ def _error_page(error: Any) -> str:
     _harden(bottle.response)
     if bottle.request.path.startswith(f"{API}/") or bottle.request.path == API:
         bottle.response.content_type = "application/json"
-        return json.dumps({"error": str(error.body), "status": error.status_code})
-    return render("error", title=f"{error.status_code}", status=error.status_line, message=str(error.body))
+        return json.dumps({"error": model.clean(str(error.body)), "status": error.status_code})
+    return render("error", title=f"{error.status_code}", status=error.status_line, message=model.clean(str(error.body)))
 
 
 def create_app(hub: Hub, authenticator: Authenticator | None = None) -> Any:
