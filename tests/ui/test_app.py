@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import time
 from typing import Any
@@ -234,3 +236,26 @@ def test_fleet_is_built_once_per_sample_and_after_each(seeded: Fleet, app: Any) 
         assert len(samples) >= 3
         assert len(sampling.listeners) == 2
         assert "db1" in call(fresh, "/").body
+
+
+def strict_json(text: str) -> Any:
+    """json.loads refusing NaN and Infinity (which Python's parser accepts by default)."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_become_null_in_strict_json(seeded: Fleet, app: Any) -> None:
+    metrics = events_pb2.HostMetrics(cpu_percent=math.nan, load1=math.inf, load5=-math.inf, load15=0.5)
+    seeded.publish("nan1-host", [event("nan1", "host", time.time_ns(), host_metrics=metrics)])
+    response = call(app, "/api/v1/hosts/nan1")
+    assert response.status == 200
+    data = strict_json(response.body)
+    assert data["metrics"]["cpu_percent"] is None
+    assert data["metrics"]["load"] == [None, None, 0.5]
+    assert data["events"][0]["body"]["cpu_percent"] == "NaN"  # protobuf's JSON mapping, a string
+    for path in ("/api/v1/events?host=nan1", "/api/v1/fleet", "/api/v1/hub", "/api/v1/hosts/nosuchhost"):
+        strict_json(call(app, path).body)
+    assert call(app, "/hosts/nan1").status == 200  # the page shows nan/inf as Python prints them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import pytest
 
@@ -90,3 +91,8 @@ def test_devices_latest_state_per_device_icmp_ones_by_address() -> None:
         ("", ("10.9.0.6",), "new"),
         ("02:00:00:00:00:01", ("10.0.0.9",), "changed"),
     }
+
+
+def test_to_json_is_strict_and_turns_non_finite_numbers_into_null() -> None:
+    data = {"a": math.nan, "b": [math.inf, -math.inf, 1.5, (2.0, math.nan)], "c": "NaN", "d": 3}
+    assert model.to_json(data) == '{"a": null, "b": [null, null, 1.5, [2.0, null]], "c": "NaN", "d": 3}'

@@ -7,7 +7,6 @@ methods); nothing happens at import time. Pages are SimpleTemplate views that es
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -103,7 +102,7 @@ class FleetView:
             return built
         data = model.fleet(snapshot.agents, self.hub.rates, snapshot.taken_ns)
         html = render("fleet", title="Fleet", rates=self.hub.rates, now_ns=snapshot.taken_ns, **data)
-        built = Built(snapshot.taken_ns, html, json.dumps(data))
+        built = Built(snapshot.taken_ns, html, model.to_json(data))
         self._built = built
         return built
 
@@ -252,13 +251,15 @@ def _error_page(error: Any) -> str:
     _harden(bottle.response)
     if bottle.request.path.startswith(f"{API}/") or bottle.request.path == API:
         bottle.response.content_type = "application/json"
-        return json.dumps({"error": model.clean(str(error.body)), "status": error.status_code})
+        return model.to_json({"error": model.clean(str(error.body)), "status": error.status_code})
     return render("error", title=f"{error.status_code}", status=error.status_line, message=model.clean(str(error.body)))
 
 
 def create_app(hub: Hub, authenticator: Authenticator | None = None) -> Any:
     """The WSGI app: pages, the JSON API under /api/v1, static files, headers and authentication."""
     app = bottle.Bottle()
+    app.uninstall(bottle.JSONPlugin)
+    app.install(bottle.JSONPlugin(json_dumps=model.to_json))  # returned dicts: strict JSON
     pages, fleet = Pages(hub), FleetView(hub)
     hub.listeners.append(fleet.build)
     routes: list[tuple[str, str, Callable[..., Any], Callable[..., str] | None]] = [

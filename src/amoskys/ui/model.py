@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import re
 import threading
 import time
@@ -29,6 +31,7 @@ __all__ = [
     "host_metrics_view",
     "host_url",
     "parse_filter",
+    "to_json",
 ]
 
 LATE_FACTOR = 2.5  # missed heartbeat intervals before an agent is late; twice that: down
@@ -64,6 +67,22 @@ def clean_tree(value: Any) -> Any:
     if isinstance(value, list):
         return [clean_tree(v) for v in value]
     return value
+
+
+def finite(value: Any) -> Any:
+    """JSON-like data with every non-finite float (NaN, ±Infinity) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def to_json(data: Any) -> str:
+    """Strict JSON (RFC 8259 has no NaN or Infinity): non-finite floats become null."""
+    return json.dumps(finite(data), allow_nan=False)
 
 
 def host_url(host: str) -> str:
