@@ -14,6 +14,7 @@ import pytest
 
 from amoskys.ui.app import SECURITY_HEADERS, create_app
 from amoskys.ui.hubclient import HubClient
+from amoskys.ui.model import MAX_FILTER_VALUES
 from amoskys.v1 import events_pb2
 from tests.ui.conftest import HOSTILE_HOST, NEEDLE, Fleet, call, event
 
@@ -259,3 +260,18 @@ def test_non_finite_numbers_become_null_in_strict_json(seeded: Fleet, app: Any) 
     for path in ("/api/v1/events?host=nan1", "/api/v1/fleet", "/api/v1/hub", "/api/v1/hosts/nosuchhost"):
         strict_json(call(app, path).body)
     assert call(app, "/hosts/nan1").status == 200  # the page shows nan/inf as Python prints them
+
+
+@pytest.mark.parametrize("key", ["host", "agent_id", "agent", "kind"])
+def test_too_many_filter_values_is_400_naming_the_cap(app: Any, key: str) -> None:
+    many = call(app, f"/api/v1/events?{key}=" + ",".join(f"h{i}" for i in range(300_000)))
+    assert many.status == 400
+    assert many.json()["error"] == f"{key}: 300,000 values; at most {MAX_FILTER_VALUES} (comma-separated)"
+    assert call(app, f"/events?{key}=" + ",".join(["x"] * (MAX_FILTER_VALUES + 1))).status == 400
+
+
+def test_the_most_filter_values_allowed_are_served(app: Any) -> None:
+    hosts = ",".join(["web1", *(f"h{i}" for i in range(MAX_FILTER_VALUES - 1))])
+    events = call(app, f"/api/v1/events?host={hosts}").json()["events"]
+    assert events
+    assert {e["host"] for e in events} == {"web1"}

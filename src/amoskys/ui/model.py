@@ -20,6 +20,7 @@ from amoskys.v1 import bus_pb2, events_pb2
 
 __all__ = [
     "LATE_FACTOR",
+    "MAX_FILTER_VALUES",
     "RateHistory",
     "agent_view",
     "certificates",
@@ -42,6 +43,7 @@ KINDS = ["process", "flow", "snmp", "device", "host_metrics", "auth", "port", "h
 AGENT_KINDS = ["proc", "host", "auth", "flow", "scanner", "snmp", "eventbus"]
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SUMMARY_MAX = 300
+MAX_FILTER_VALUES = 100  # per list filter (host, agent_id, agent, kind)
 
 
 def _escape(char: str) -> str:
@@ -348,8 +350,12 @@ def parse_time(text: str, now_ns: int, key: str = "time") -> int:
     return int(moment.replace(tzinfo=moment.tzinfo or dt.UTC).timestamp() * 1e9)
 
 
-def _values(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+def _values(text: str, key: str) -> list[str]:
+    """A comma-separated filter list; ValueError beyond MAX_FILTER_VALUES."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if len(values) > MAX_FILTER_VALUES:
+        raise ValueError(f"{key}: {len(values):,} values; at most {MAX_FILTER_VALUES} (comma-separated)")
+    return values
 
 
 def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple[bus_pb2.EventFilter, dict[str, str]]:
@@ -360,15 +366,15 @@ def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple
     severity = form["severity"].lower()
     if severity and severity not in SEVERITIES:
         raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
-    kinds = _values(form["kind"])
+    kinds = _values(form["kind"], "kind")
     if unknown := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"kind {unknown[0]!r}: expected one of {', '.join(KINDS)}")
     flt = bus_pb2.EventFilter(
         since_ns=parse_time(form["since"], now_ns, "since"),
         until_ns=parse_time(form["until"], now_ns, "until"),
-        hosts=_values(form["host"]),
-        agent_ids=_values(form["agent_id"]),
-        agents=_values(form["agent"]),
+        hosts=_values(form["host"], "host"),
+        agent_ids=_values(form["agent_id"], "agent_id"),
+        agents=_values(form["agent"], "agent"),
         kinds=kinds,
         min_severity=events_pb2.Severity.Value(f"SEVERITY_{severity.upper()}") if severity else 0,  # type: ignore[arg-type]
         text=form["text"][:200],
