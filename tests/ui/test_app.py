@@ -11,6 +11,7 @@ from urllib.parse import quote
 from wsgiref.headers import Headers
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from amoskys.ui.app import SECURITY_HEADERS, create_app
 from amoskys.ui.hubclient import HubClient
@@ -222,6 +223,33 @@ def test_hub_unreachable_is_503(tmp_path: Any, seeded: Fleet) -> None:
         assert "127.0.0.1:1" in page.body
         assert_secure(page.headers)
         assert call(app, "/api/v1/events").status == 503
+        metrics = samples(call(app, "/metrics").body)
+        assert metrics[("amoskys_ui_hub_call_errors_total", (("call", "sample"), ("code", "UNAVAILABLE")))] >= 1
+        assert metrics[("amoskys_ui_requests_total", (("status", "503"),))] == 2
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_in_prometheus_text_format(app: Any) -> None:
+    call(app, "/api/v1/hosts/web1")
+    call(app, "/api/v1/events?severity=loud")
+    response = call(app, "/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert_secure(response.headers)
+    metrics = samples(response.body)
+    assert metrics[("amoskys_ui_requests_total", (("status", "400"),))] >= 1
+    assert metrics[("amoskys_ui_hub_call_seconds_count", (("call", "query"),))] >= 1
+    assert ("amoskys_ui_login_failures_total", ()) in metrics
+    openmetrics = call(app, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text")
 
 
 def test_fleet_is_built_once_per_sample_and_after_each(seeded: Fleet, app: Any) -> None:

@@ -22,6 +22,7 @@ from amoskys import __version__
 from amoskys.ui import model, svg
 from amoskys.ui.auth import Authenticator, LoginRefused
 from amoskys.ui.hubclient import HubError, Snapshot
+from amoskys.ui.metrics import UiMetrics
 from amoskys.v1 import bus_pb2
 
 __all__ = ["API", "SECURITY_HEADERS", "Hub", "create_app"]
@@ -52,6 +53,7 @@ class Hub(Protocol):
     """What the app needs from the hub (HubClient implements it)."""
 
     rates: model.RateHistory
+    metrics: UiMetrics
     history: deque[Snapshot]
     listeners: list[Callable[[Snapshot], object]]
 
@@ -256,7 +258,9 @@ def _error_page(error: Any) -> str:
 
 
 def create_app(hub: Hub, authenticator: Authenticator | None = None) -> Any:
-    """The WSGI app: pages, the JSON API under /api/v1, static files, headers and authentication."""
+    """The WSGI app: pages, the JSON API under /api/v1, /metrics (the hub client's registry), static
+    files, headers and authentication."""
+    metrics = hub.metrics
     app = bottle.Bottle()
     app.uninstall(bottle.JSONPlugin)
     app.install(bottle.JSONPlugin(json_dumps=model.to_json))  # returned dicts: strict JSON
@@ -275,12 +279,13 @@ def create_app(hub: Hub, authenticator: Authenticator | None = None) -> Any:
         if page is not None:
             app.route(page_path, "GET", _guard(page))
     app.route("/static/<path:path>", "GET", _static)
+    app.route("/metrics", "GET", functools.partial(_metrics, metrics))
     app.add_hook("after_request", _harden_response)
     for status in (400, 401, 403, 404, 405, 429, 500, 503):
         app.error_handler[status] = _error_page
     if authenticator is not None and authenticator.enabled:
         app.add_hook("before_request", functools.partial(_authenticate, authenticator))
-    return app
+    return metrics.counting(app)
 
 
 def _view(handler: Handler, view: str, rates: model.RateHistory) -> Callable[..., str]:
@@ -296,6 +301,11 @@ def _static(path: str) -> Any:
     result = bottle.static_file(path, root=STATIC)
     result.set_header("Cache-Control", "max-age=3600")
     return result
+
+
+def _metrics(metrics: UiMetrics) -> bytes:
+    body, bottle.response.content_type = metrics.exposition(bottle.request.get_header("Accept", ""))
+    return body
 
 
 def _authenticate(authenticator: Authenticator) -> None:

@@ -17,6 +17,7 @@ from cryptography import x509
 
 from amoskys.errors import AmoskysError
 from amoskys.pki import common_name
+from amoskys.ui.metrics import UiMetrics
 
 __all__ = ["Authenticator", "LoginLimiter", "LoginRefused", "hash_password", "verify_password"]
 
@@ -93,8 +94,10 @@ class LoginLimiter:
         refill_s: float = LOGIN_REFILL_S,
         slots: int = SCRYPT_SLOTS,
         clock: Callable[[], float] = time.monotonic,
+        metrics: UiMetrics | None = None,
     ) -> None:
         self.burst, self.refill_s, self.clock = burst, refill_s, clock
+        self.metrics = metrics or UiMetrics()
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when), least recent first
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(slots)
@@ -102,9 +105,14 @@ class LoginLimiter:
     def attempt(self, address: str, check: Callable[[], bool]) -> bool:
         """Run `check` (a password verification) within the limits; LoginRefused if not allowed."""
         key = address_key(address)
-        self._take(key)
+        try:
+            self._take(key)
+        except LoginRefused:
+            self.metrics.login_refused.labels("rate_limited").inc()
+            raise
         if not self._slots.acquire(blocking=False):
             self._give(key)
+            self.metrics.login_refused.labels("busy").inc()
             raise LoginRefused(503, 1, "busy checking other passwords: try again in a second")
         try:
             passed = check()
@@ -112,6 +120,8 @@ class LoginLimiter:
             self._slots.release()
         if passed:
             self._give(key)
+        else:
+            self.metrics.login_failures.inc()
         return passed
 
     def _tokens(self, key: str, now: float) -> float:

@@ -23,8 +23,9 @@ from amoskys.config import UiConfig, load_config, parse_address
 from amoskys.errors import AmoskysError, ConfigError
 from amoskys.logs import setup_logging
 from amoskys.ui.app import create_app
-from amoskys.ui.auth import Authenticator
+from amoskys.ui.auth import Authenticator, LoginLimiter
 from amoskys.ui.hubclient import HubClient
+from amoskys.ui.metrics import UiMetrics
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -71,10 +72,10 @@ def check_exposure(config: UiConfig) -> None:
         )
 
 
-def authenticator(config: UiConfig) -> Authenticator:
+def authenticator(config: UiConfig, metrics: UiMetrics | None = None) -> Authenticator:
     try:
         cns = frozenset(config.auth.client_cns) if config.auth.client_certs else None
-        return Authenticator(config.auth.password_hash, cns)
+        return Authenticator(config.auth.password_hash, cns, LoginLimiter(metrics=metrics))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -139,8 +140,11 @@ def _wait_for_stop(stop: threading.Event, server_thread: threading.Thread) -> No
 def serve(config: UiConfig, config_path: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop the server and the hub client; SIGHUP reloads."""
     check_exposure(config)
-    auth = authenticator(config)
-    with HubClient(config.hub, config.tls, config.hub_server_name, config.hub_timeout_s, config.refresh_s) as hub:
+    metrics = UiMetrics()
+    auth = authenticator(config, metrics)
+    with HubClient(
+        config.hub, config.tls, config.hub_server_name, config.hub_timeout_s, config.refresh_s, metrics
+    ) as hub:
         server = build_server(config, create_app(hub, auth))
         server.prepare()
         stop = threading.Event()
