@@ -127,10 +127,27 @@ def test_search_text_is_utf8(seeded: Fleet, app: Any) -> None:
 
 
 def test_time_range_filter(app: Any) -> None:
-    recent = call(app, "/api/v1/events?since=2m&host=old1").json()["events"]
+    recent = call(app, "/api/v1/events?since=2m&host=old1&heartbeats=1").json()["events"]
     assert recent == []  # its only heartbeat is 1000 s old
-    older = call(app, "/api/v1/events?since=30m&until=10m&host=old1").json()["events"]
+    older = call(app, "/api/v1/events?since=30m&until=10m&host=old1&heartbeats=1").json()["events"]
     assert [e["kind"] for e in older] == ["heartbeat"]
+
+
+def test_heartbeats_are_left_out_unless_asked_for(app: Any) -> None:
+    kinds = {e["kind"] for e in call(app, "/api/v1/events?host=web1").json()["events"]}
+    assert "heartbeat" not in kinds
+    assert {"process", "auth", "alert", "host_metrics"} <= kinds
+    shown = {e["kind"] for e in call(app, "/api/v1/events?host=web1&heartbeats=1").json()["events"]}
+    assert shown == kinds | {"heartbeat"}
+    only = {e["kind"] for e in call(app, "/api/v1/events?host=web1&kind=heartbeat").json()["events"]}
+    assert only == {"heartbeat"}
+    assert "heartbeat" not in {e["kind"] for e in call(app, "/api/v1/hosts/web1").json()["events"]}
+    page = call(app, "/events?heartbeats=1").body
+    assert '<input type="checkbox" name="heartbeats" value="1" checked>' in page
+    assert "heartbeats=1" in page  # the live tail keeps the choice
+    tail = call(app, "/api/v1/events/tail?after_cursor=1").json()["events"]
+    assert tail
+    assert "heartbeat" not in {e["kind"] for e in tail}
 
 
 def test_events_are_paged(app: Any) -> None:

@@ -12,6 +12,7 @@ from urllib.parse import quote
 import pytest
 
 from amoskys.ui import model
+from amoskys.ui.hubclient import HubClient
 from amoskys.v1 import events_pb2
 from tests.ui.conftest import HOSTILE, HOSTILE_HOST, Fleet, call, event, heartbeat
 
@@ -89,7 +90,7 @@ def test_json_api_gives_the_text_cleaned_like_the_pages(app: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def unseen(seeded: Fleet) -> str:
+def unseen(seeded: Fleet, client: HubClient) -> str:
     """web2's agents send UNSEEN in every text field the UI shows; yields the host name."""
     now = time.time_ns()
     metrics = events_pb2.HostMetrics(
@@ -115,6 +116,7 @@ def unseen(seeded: Fleet) -> str:
     )  # fmt: skip
     seeded.publish("web2-scanner", [event("web2", "scanner", now, device=device)])
     seeded.publish("web2-snmp", [event("web2", "snmp", now, snmp=snmp)])
+    client.snapshot(max_age_s=0)  # a registry sample with web2's agents
     return "web2"
 
 

@@ -127,7 +127,9 @@ class Pages:
         agents = [model.agent_view(a, now_ns) for a in self.hub.snapshot().agents if a.host == name]
         recent, metrics, devices = self.hub.query_many(
             [
-                bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name]), page_size=HOST_EVENTS),
+                bus_pb2.QueryRequest(
+                    filter=bus_pb2.EventFilter(hosts=[name], kinds=model.SHOWN_KINDS), page_size=HOST_EVENTS
+                ),
                 bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name], kinds=["host_metrics"]), page_size=1),
                 bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name], kinds=["device"]), page_size=1000),
             ]

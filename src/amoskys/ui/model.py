@@ -21,6 +21,7 @@ from amoskys.v1 import bus_pb2, events_pb2
 __all__ = [
     "LATE_FACTOR",
     "MAX_FILTER_VALUES",
+    "SHOWN_KINDS",
     "RateHistory",
     "agent_view",
     "certificates",
@@ -40,6 +41,7 @@ DEFAULT_INTERVAL_S = 30
 STATE_RANK = {"up": 0, "late": 1, "down": 2}
 SEVERITIES = [n.removeprefix("SEVERITY_").lower() for n in events_pb2.Severity.keys()][1:]  # noqa: SIM118
 KINDS = ["process", "flow", "snmp", "device", "host_metrics", "auth", "port", "heartbeat", "alert"]
+SHOWN_KINDS = [k for k in KINDS if k != "heartbeat"]  # event lists, unless asked for heartbeats or a kind
 AGENT_KINDS = ["proc", "host", "auth", "flow", "scanner", "snmp", "eventbus"]
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SUMMARY_MAX = 300
@@ -359,8 +361,12 @@ def _values(text: str, key: str) -> list[str]:
 
 
 def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple[bus_pb2.EventFilter, dict[str, str]]:
-    """An EventFilter from query parameters, and the form values to show back; ValueError if invalid."""
-    form = {key: params.get(key, "") for key in ("until", "host", "agent_id", "agent", "kind", "severity", "text")}
+    """An EventFilter from query parameters, and the form values to show back; ValueError if invalid.
+
+    Without a `kind`, heartbeats are left out unless `heartbeats` is set (to anything).
+    """
+    keys = ("until", "host", "agent_id", "agent", "kind", "heartbeats", "severity", "text")
+    form = {key: params.get(key, "") for key in keys}
     form["since"] = params.get("since", default_since)
     now_ns = time.time_ns()
     severity = form["severity"].lower()
@@ -375,7 +381,7 @@ def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple
         hosts=_values(form["host"], "host"),
         agent_ids=_values(form["agent_id"], "agent_id"),
         agents=_values(form["agent"], "agent"),
-        kinds=kinds,
+        kinds=kinds or ([] if form["heartbeats"] else SHOWN_KINDS),
         min_severity=events_pb2.Severity.Value(f"SEVERITY_{severity.upper()}") if severity else 0,  # type: ignore[arg-type]
         text=form["text"][:200],
     )
