@@ -25,6 +25,7 @@ from wsgiref.headers import Headers
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from amoskys import pki
 from amoskys.config import UiConfig
@@ -282,3 +283,12 @@ def ui_process(root: Path, hub: ThreadedHub, **document: Any) -> Iterator[UiProc
     finally:
         stop_process(process, 20)
         notify.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

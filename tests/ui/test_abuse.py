@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from amoskys.ui.auth import LOGIN_BURST, LOGIN_REFILL_S, hash_password
 from amoskys.ui.server import MAX_HEADER_BYTES
-from tests.ui.conftest import Fleet, UiProcess, ui_process
+from tests.ui.conftest import Fleet, UiProcess, samples, ui_process
 
 PASSWORD = "correct horse battery staple"
 MiB = 1 << 20
@@ -188,8 +187,4 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = response.read().decode()
     finally:
         connection.close()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return samples(text)

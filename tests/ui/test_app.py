@@ -11,13 +11,12 @@ from urllib.parse import quote
 from wsgiref.headers import Headers
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from amoskys.ui.app import SECURITY_HEADERS, create_app
 from amoskys.ui.hubclient import HubClient
 from amoskys.ui.model import MAX_FILTER_VALUES
 from amoskys.v1 import events_pb2
-from tests.ui.conftest import HOSTILE_HOST, NEEDLE, Fleet, call, event
+from tests.ui.conftest import HOSTILE_HOST, NEEDLE, Fleet, call, event, samples
 
 PAGES = ["/", "/hosts/web1", "/events", "/alerts", "/hub"]
 APIS = ["/api/v1/fleet", "/api/v1/hosts/web1", "/api/v1/events", "/api/v1/alerts", "/api/v1/hub"]
@@ -243,15 +242,6 @@ def test_hub_unreachable_is_503(tmp_path: Any, seeded: Fleet) -> None:
         metrics = samples(call(app, "/metrics").body)
         assert metrics[("amoskys_ui_hub_call_errors_total", (("call", "sample"), ("code", "UNAVAILABLE")))] >= 1
         assert metrics[("amoskys_ui_requests_total", (("status", "503"),))] == 2
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Prometheus text as {(sample name, sorted labels): value}."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def test_metrics_in_prometheus_text_format(app: Any) -> None:
