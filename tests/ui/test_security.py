@@ -194,6 +194,10 @@ def test_login_limiter_groups_ipv6_by_64_and_caps_concurrent_checks() -> None:
     assert not limiter.attempt("2001:db8::ffff:2", lambda: False)
     with pytest.raises(LoginRefused, match="2001:db8::/64"):
         limiter.attempt("2001:db8::3", lambda: False)
+    assert not limiter.attempt("::ffff:192.0.2.7", lambda: False)
+    assert not limiter.attempt("192.0.2.7", lambda: False)
+    with pytest.raises(LoginRefused, match=r"from 192\.0\.2\.7:"):  # a mapped IPv4 address is that address
+        limiter.attempt("::ffff:192.0.2.7", lambda: False)
 
     def nested() -> bool:  # a second check while the only slot is taken
         with pytest.raises(LoginRefused) as busy:

@@ -49,7 +49,7 @@ class UiMetrics:
         def counted(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
             def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
                 self.requests.labels(status.split(" ", 1)[0]).inc()
-                return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+                return start_response(status, headers, exc_info)
 
             return app(environ, start)
 
