@@ -4,6 +4,12 @@
     python benchmarks/ui.py                                  # 1,000 hosts, 10,000,000 events
     python benchmarks/ui.py --hosts 100 --events 1000000     # smaller
     python benchmarks/ui.py --work /var/tmp/uibench          # keep the store and reuse it next time
+    python benchmarks/ui.py --abuse --hosts 20 --events 20000  # the UI before login, under abuse
+
+`--abuse` serves the UI with a password and measures, in that process, the resident memory before
+and after 40 oversized requests (32 MiB request lines, headers, many headers, declared bodies) and
+after 40 threads (in a process of their own) guess passwords for 10 s, while a logged-in operator
+fetches a host page: its p50/p95/max, and what the guessers were answered.
 
 The store is filled with the hub's own code (`to_row`, `SqliteStore.commit`): events spread over
 the last 24 h across every host's proc/host/auth agents (and a scanner on every tenth host), and a
@@ -17,15 +23,22 @@ does in the background after every sample.
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import http.client
 import json
+import multiprocessing
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +49,9 @@ from amoskys.config import TlsConfig
 from amoskys.eventbus.rows import to_row
 from amoskys.eventbus.store import AcceptedEnvelope, AgentUpdate, SqliteStore
 from amoskys.ui.app import FleetView
+from amoskys.ui.auth import hash_password
 from amoskys.ui.hubclient import HubClient
+from amoskys.ui.server import MAX_HEADER_BYTES
 from amoskys.v1 import events_pb2
 
 S = 1_000_000_000
@@ -222,7 +237,7 @@ def pages(hosts: int, requests: int) -> dict[str, list[str]]:
     }
 
 
-def run(work: Path, hosts: int, events: int, requests: int) -> dict[str, Any]:
+def run(work: Path, hosts: int, events: int, requests: int, abused: bool = False) -> dict[str, Any]:
     ui_config, ui = write_configs(work)
     store = work / "store" / "events.db"
     built = time.monotonic()
@@ -231,11 +246,15 @@ def run(work: Path, hosts: int, events: int, requests: int) -> dict[str, Any]:
     build_s = time.monotonic() - built
     hub, hub_port = start(["eventbus", "--config", str(work / "eventbus.yml")], work / "hub.log", "eventbus serving")
     try:
-        ui_config.write_text(yaml.safe_dump({**ui, "hub": f"127.0.0.1:{hub_port}"}))
+        auth = {"auth": {"password_hash": hash_password(PASSWORD)}} if abused else {}
+        ui_config.write_text(yaml.safe_dump({**ui, **auth, "hub": f"127.0.0.1:{hub_port}"}))
         web, port = start(["ui", "--config", str(ui_config)], work / "ui.log", "ui serving")
         try:
-            results = {name: measure(port, paths) for name, paths in pages(hosts, requests).items()}
-            results.update(fleet_build(ui, hub_port))
+            if abused:
+                results = abuse(port, web.pid)
+            else:
+                results = {name: measure(port, paths) for name, paths in pages(hosts, requests).items()}
+                results.update(fleet_build(ui, hub_port))
         finally:
             web.terminate()
             web.wait(30)
@@ -247,8 +266,109 @@ def run(work: Path, hosts: int, events: int, requests: int) -> dict[str, Any]:
         "events": events,
         "store_bytes": store.stat().st_size,
         "store_build_s": round(build_s, 1),
-        "pages": results,
+        "abuse" if abused else "pages": results,
     }
+
+
+PASSWORD = "benchmark password"
+MiB = 1 << 20
+ABUSE = {
+    "request_line": b"GET /events?text=",
+    "header": b"GET / HTTP/1.1\r\nHost: ui\r\nX-Filler: ",
+    "many_headers": b"GET / HTTP/1.1\r\nHost: ui\r\n" + b"X-A: b\r\n" * (MAX_HEADER_BYTES // 8 + 1),
+    "body": b"GET / HTTP/1.1\r\nHost: ui\r\nContent-Length: %d\r\n\r\n" % (32 * MiB),
+}
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def timed_get(port: int, path: str, password: str) -> tuple[int, float]:
+    credentials = base64.b64encode(f"ops:{password}".encode()).decode()
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request("GET", path, headers={"Authorization": f"Basic {credentials}"})
+        response = connection.getresponse()
+        response.read()
+        return response.status, time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+def oversized(port: int, head: bytes) -> tuple[str, float]:
+    """`head` and up to 32 MiB of filler; the status line's code and how long it took to come."""
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(head)
+                for _ in range(32):
+                    sock.sendall(b"a" * MiB)
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        try:
+            answer = sock.makefile("rb").readline().split()
+        except OSError:
+            answer = []
+        elapsed = time.perf_counter() - started
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sender.join(60)
+    return (answer[1].decode() if len(answer) > 1 else "none"), elapsed
+
+
+def guess(port: int, seconds: float, threads: int = 40) -> dict[int, int]:
+    """`threads` guessers with wrong passwords for `seconds`: how often each status came back."""
+    answers: Counter[int] = Counter()
+    deadline = time.monotonic() + seconds
+
+    def loop(thread: int) -> None:
+        attempt = 0
+        while time.monotonic() < deadline:
+            answers[timed_get(port, "/", f"guess-{thread}-{attempt}")[0]] += 1
+            attempt += 1
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(loop, range(threads)))
+    return dict(answers)
+
+
+def logged_in(port: int, seconds: float, path: str = "/hosts/host-0001") -> dict[str, Any]:
+    times = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status, elapsed = timed_get(port, path, PASSWORD)
+        assert status == 200, status
+        times.append(elapsed)
+    return percentiles(times)
+
+
+def abuse(port: int, pid: int) -> dict[str, Any]:
+    """The UI's memory and a logged-in operator's page times, under oversized requests and guessing."""
+    quiet = logged_in(port, 5)
+    result: dict[str, Any] = {"rss_mib_start": round(rss_mib(pid), 1), "logged_in_quiet": quiet}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda kind: (kind, oversized(port, ABUSE[kind])), [*ABUSE] * 10))
+    time.sleep(1)
+    result["oversized"] = {
+        kind: {"answers": dict(Counter(a[0] for k, a in answers if k == kind)),
+               "slowest_answer_ms": round(max(a[1] for k, a in answers if k == kind) * 1000, 1)}
+        for kind in ABUSE
+    }  # fmt: skip
+    result["rss_mib_after_oversized"] = round(rss_mib(pid), 1)
+    with multiprocessing.get_context("spawn").Pool(1) as flood:
+        guessers = flood.apply_async(guess, (port, 10.0))
+        time.sleep(1)
+        result["logged_in_during_guessing"] = logged_in(port, 7)
+        result["guessers"] = guessers.get(120)
+    time.sleep(1)
+    result["rss_mib_after_guessing"] = round(rss_mib(pid), 1)
+    return result
 
 
 def main() -> int:
@@ -257,13 +377,14 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--requests", type=int, default=100, help="timed requests per page")
     parser.add_argument("--work", type=Path, help="keep the store here and reuse it (default: a temp dir)")
+    parser.add_argument("--abuse", action="store_true", help="oversized requests and password guessing instead")
     args = parser.parse_args()
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-        result = run(args.work, args.hosts, args.events, args.requests)
+        result = run(args.work, args.hosts, args.events, args.requests, args.abuse)
     else:
         with tempfile.TemporaryDirectory(prefix="amoskys-uibench-") as tmp:
-            result = run(Path(tmp), args.hosts, args.events, args.requests)
+            result = run(Path(tmp), args.hosts, args.events, args.requests, args.abuse)
     print(json.dumps(result, indent=2))
     return 0
 

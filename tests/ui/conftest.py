@@ -7,6 +7,10 @@ test's loop: it runs here on a background thread, and tests call the UI like a W
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import wsgiref.util
@@ -20,6 +24,8 @@ from urllib.parse import unquote
 from wsgiref.headers import Headers
 
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from amoskys import pki
 from amoskys.config import UiConfig
@@ -31,6 +37,7 @@ from amoskys.ui.server import bound_port, build_server
 from amoskys.v1 import envelope_pb2, events_pb2
 from tests.conftest import TestPki
 from tests.hubfixture import AgentIdentity, LiveHub, hub_config
+from tests.processes import stop_process
 
 T = TypeVar("T")
 S = 1_000_000_000
@@ -210,3 +217,78 @@ def running(config: UiConfig, app: Any) -> Iterator[int]:
     finally:
         server.stop()
         thread.join(10)
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+
+    def wait_for(self, prefix: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                message = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            for line in message.splitlines():
+                if line.startswith(prefix):
+                    return line
+        raise AssertionError(f"no {prefix} from the UI within {timeout} s")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class UiProcess:
+    """`amoskys ui` as its own process, reading the test hub."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+    def rss_bytes(self) -> int:
+        """Resident memory now, from /proc/PID/status."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc status")
+
+
+@contextmanager
+def ui_process(root: Path, hub: ThreadedHub, **document: Any) -> Iterator[UiProcess]:
+    """`python -m amoskys ui` on 127.0.0.1:0 with `document` as its config; stopped on exit."""
+    tls = hub.live.consumer_tls("ui")
+    config = {
+        "listen": "127.0.0.1:0",
+        "hub": hub.live.address,
+        "hub_server_name": "localhost",
+        "tls": {"ca": tls.ca, "cert": tls.cert, "key": tls.key},
+        "logging": {"level": "warning"},
+        **document,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ui.yml").write_text(yaml.safe_dump(config))
+    notify = NotifySocket(root / "notify")
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path)}
+    command = [sys.executable, "-m", "amoskys", "ui", "--config", str(root / "ui.yml")]
+    process = subprocess.Popen(command, env=env)
+    try:
+        port = int(notify.wait_for("STATUS=serving on port", timeout=60).rsplit(" ", 1)[1])
+        yield UiProcess(process, port)
+    finally:
+        stop_process(process, 20)
+        notify.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import time
 from typing import Any
@@ -12,8 +14,9 @@ import pytest
 
 from amoskys.ui.app import SECURITY_HEADERS, create_app
 from amoskys.ui.hubclient import HubClient
+from amoskys.ui.model import MAX_FILTER_VALUES
 from amoskys.v1 import events_pb2
-from tests.ui.conftest import HOSTILE_HOST, NEEDLE, Fleet, call, event
+from tests.ui.conftest import HOSTILE_HOST, NEEDLE, Fleet, call, event, samples
 
 PAGES = ["/", "/hosts/web1", "/events", "/alerts", "/hub"]
 APIS = ["/api/v1/fleet", "/api/v1/hosts/web1", "/api/v1/events", "/api/v1/alerts", "/api/v1/hub"]
@@ -123,10 +126,27 @@ def test_search_text_is_utf8(seeded: Fleet, app: Any) -> None:
 
 
 def test_time_range_filter(app: Any) -> None:
-    recent = call(app, "/api/v1/events?since=2m&host=old1").json()["events"]
+    recent = call(app, "/api/v1/events?since=2m&host=old1&heartbeats=1").json()["events"]
     assert recent == []  # its only heartbeat is 1000 s old
-    older = call(app, "/api/v1/events?since=30m&until=10m&host=old1").json()["events"]
+    older = call(app, "/api/v1/events?since=30m&until=10m&host=old1&heartbeats=1").json()["events"]
     assert [e["kind"] for e in older] == ["heartbeat"]
+
+
+def test_heartbeats_are_left_out_unless_asked_for(app: Any) -> None:
+    kinds = {e["kind"] for e in call(app, "/api/v1/events?host=web1").json()["events"]}
+    assert "heartbeat" not in kinds
+    assert {"process", "auth", "alert", "host_metrics"} <= kinds
+    shown = {e["kind"] for e in call(app, "/api/v1/events?host=web1&heartbeats=1").json()["events"]}
+    assert shown == kinds | {"heartbeat"}
+    only = {e["kind"] for e in call(app, "/api/v1/events?host=web1&kind=heartbeat").json()["events"]}
+    assert only == {"heartbeat"}
+    assert "heartbeat" not in {e["kind"] for e in call(app, "/api/v1/hosts/web1").json()["events"]}
+    page = call(app, "/events?heartbeats=1").body
+    assert '<input type="checkbox" name="heartbeats" value="1" checked>' in page
+    assert "heartbeats=1" in page  # the live tail keeps the choice
+    tail = call(app, "/api/v1/events/tail?after_cursor=1").json()["events"]
+    assert tail
+    assert "heartbeat" not in {e["kind"] for e in tail}
 
 
 def test_events_are_paged(app: Any) -> None:
@@ -219,6 +239,24 @@ def test_hub_unreachable_is_503(tmp_path: Any, seeded: Fleet) -> None:
         assert "127.0.0.1:1" in page.body
         assert_secure(page.headers)
         assert call(app, "/api/v1/events").status == 503
+        metrics = samples(call(app, "/metrics").body)
+        assert metrics[("amoskys_ui_hub_call_errors_total", (("call", "sample"), ("code", "UNAVAILABLE")))] >= 1
+        assert metrics[("amoskys_ui_requests_total", (("status", "503"),))] == 2
+
+
+def test_metrics_in_prometheus_text_format(app: Any) -> None:
+    call(app, "/api/v1/hosts/web1")
+    call(app, "/api/v1/events?severity=loud")
+    response = call(app, "/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert_secure(response.headers)
+    metrics = samples(response.body)
+    assert metrics[("amoskys_ui_requests_total", (("status", "400"),))] >= 1
+    assert metrics[("amoskys_ui_hub_call_seconds_count", (("call", "query"),))] >= 1
+    assert ("amoskys_ui_login_failures_total", ()) in metrics
+    openmetrics = call(app, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text")
 
 
 def test_fleet_is_built_once_per_sample_and_after_each(seeded: Fleet, app: Any) -> None:
@@ -234,3 +272,41 @@ def test_fleet_is_built_once_per_sample_and_after_each(seeded: Fleet, app: Any) 
         assert len(samples) >= 3
         assert len(sampling.listeners) == 2
         assert "db1" in call(fresh, "/").body
+
+
+def strict_json(text: str) -> Any:
+    """json.loads refusing NaN and Infinity (which Python's parser accepts by default)."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_numbers_become_null_in_strict_json(seeded: Fleet, app: Any) -> None:
+    metrics = events_pb2.HostMetrics(cpu_percent=math.nan, load1=math.inf, load5=-math.inf, load15=0.5)
+    seeded.publish("nan1-host", [event("nan1", "host", time.time_ns(), host_metrics=metrics)])
+    response = call(app, "/api/v1/hosts/nan1")
+    assert response.status == 200
+    data = strict_json(response.body)
+    assert data["metrics"]["cpu_percent"] is None
+    assert data["metrics"]["load"] == [None, None, 0.5]
+    assert data["events"][0]["body"]["cpu_percent"] == "NaN"  # protobuf's JSON mapping, a string
+    for path in ("/api/v1/events?host=nan1", "/api/v1/fleet", "/api/v1/hub", "/api/v1/hosts/nosuchhost"):
+        strict_json(call(app, path).body)
+    assert call(app, "/hosts/nan1").status == 200  # the page shows nan/inf as Python prints them
+
+
+@pytest.mark.parametrize("key", ["host", "agent_id", "agent", "kind"])
+def test_too_many_filter_values_is_400_naming_the_cap(app: Any, key: str) -> None:
+    many = call(app, f"/api/v1/events?{key}=" + ",".join(f"h{i}" for i in range(300_000)))
+    assert many.status == 400
+    assert many.json()["error"] == f"{key}: 300,000 values; at most {MAX_FILTER_VALUES} (comma-separated)"
+    assert call(app, f"/events?{key}=" + ",".join(["x"] * (MAX_FILTER_VALUES + 1))).status == 400
+
+
+def test_the_most_filter_values_allowed_are_served(app: Any) -> None:
+    hosts = ",".join(["web1", *(f"h{i}" for i in range(MAX_FILTER_VALUES - 1))])
+    events = call(app, f"/api/v1/events?host={hosts}").json()["events"]
+    assert events
+    assert {e["host"] for e in events} == {"web1"}

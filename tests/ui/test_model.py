@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import pytest
 
@@ -41,7 +42,9 @@ def test_parse_time() -> None:
 
 
 def test_clean_shows_controls_and_cuts() -> None:
-    assert model.clean("a\x1b[0m\x00b\u202ec\nd") == "a\\u001b[0m\\u0000b\\u202ec d"
+    assert model.clean("a\x1b[0m\x00b\u202ec\nd") == "a\\u001b[0m\\u0000b\\u202ec\\u000ad"
+    assert model.clean("tag\U000e0041 nbsp\u00a0 ok ✓ jürgen") == "tag\\U000e0041 nbsp\\u00a0 ok ✓ jürgen"
+    assert model.clean_tree({"k\u202e": ["v\u2066", 1.5]}) == {"k\\u202e": ["v\\u2066", 1.5]}
     assert model.clean("x" * 500, limit=10) == "x" * 9 + "…"
 
 
@@ -88,3 +91,8 @@ def test_devices_latest_state_per_device_icmp_ones_by_address() -> None:
         ("", ("10.9.0.6",), "new"),
         ("02:00:00:00:00:01", ("10.0.0.9",), "changed"),
     }
+
+
+def test_to_json_is_strict_and_turns_non_finite_numbers_into_null() -> None:
+    data = {"a": math.nan, "b": [math.inf, -math.inf, 1.5, (2.0, math.nan)], "c": "NaN", "d": 3}
+    assert model.to_json(data) == '{"a": null, "b": [null, null, 1.5, [2.0, null]], "c": "NaN", "d": 3}'

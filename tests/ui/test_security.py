@@ -18,7 +18,7 @@ from amoskys.cli import main
 from amoskys.config import UiConfig, load_config
 from amoskys.errors import ConfigError
 from amoskys.ui.app import create_app
-from amoskys.ui.auth import Authenticator, hash_password, verify_password
+from amoskys.ui.auth import Authenticator, LoginLimiter, LoginRefused, hash_password, verify_password
 from amoskys.ui.hubclient import HubClient
 from amoskys.ui.server import authenticator, check_exposure
 from tests.ui.conftest import Fleet, call, running
@@ -159,3 +159,60 @@ def test_production_server_on_loopback(tmp_path: Path, client: HubClient) -> Non
             check=True,
         )
         assert result.stdout.strip() == "200"
+
+
+class Clock:
+    """A clock the test moves by hand (the limiter's time source)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_login_limiter_counts_failures_per_address_and_refills() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(burst=3, refill_s=10, slots=1, clock=clock)
+    for _ in range(3):
+        assert not limiter.attempt("192.0.2.1", lambda: False)
+    with pytest.raises(LoginRefused) as refused:
+        limiter.attempt("192.0.2.1", lambda: True)  # refused before the check: even a right password waits
+    assert (refused.value.status, refused.value.retry_after_s) == (429, 10)
+    assert limiter.attempt("192.0.2.2", lambda: True)  # another address is not affected
+    clock.now += 10
+    assert not limiter.attempt("192.0.2.1", lambda: False)  # one refilled
+    with pytest.raises(LoginRefused):
+        limiter.attempt("192.0.2.1", lambda: False)
+    for _ in range(10):
+        assert limiter.attempt("192.0.2.3", lambda: True)  # right passwords cost no allowance
+
+
+def test_login_limiter_groups_ipv6_by_64_and_caps_concurrent_checks() -> None:
+    limiter = LoginLimiter(burst=2, refill_s=60, slots=1)
+    assert not limiter.attempt("2001:db8::1", lambda: False)
+    assert not limiter.attempt("2001:db8::ffff:2", lambda: False)
+    with pytest.raises(LoginRefused, match="2001:db8::/64"):
+        limiter.attempt("2001:db8::3", lambda: False)
+    assert not limiter.attempt("::ffff:192.0.2.7", lambda: False)
+    assert not limiter.attempt("192.0.2.7", lambda: False)
+    with pytest.raises(LoginRefused, match=r"from 192\.0\.2\.7:"):  # a mapped IPv4 address is that address
+        limiter.attempt("::ffff:192.0.2.7", lambda: False)
+
+    def nested() -> bool:  # a second check while the only slot is taken
+        with pytest.raises(LoginRefused) as busy:
+            limiter.attempt("198.51.100.9", lambda: True)
+        assert (busy.value.status, busy.value.retry_after_s) == (503, 1)
+        return True
+
+    assert limiter.attempt("198.51.100.8", nested)
+    assert limiter.attempt("198.51.100.9", lambda: True)  # the refused one got its token back
+
+
+def test_refused_login_is_429_with_retry_after(client: HubClient) -> None:
+    app = create_app(client, Authenticator(hash_password(PASSWORD), limiter=LoginLimiter(burst=1, refill_s=30)))
+    assert call(app, "/", basic("wrong")).status == 401
+    refused = call(app, "/api/v1/fleet", basic(PASSWORD))
+    assert refused.status == 429
+    assert refused.headers["Retry-After"] == "30"
+    assert "too many failed logins" in refused.json()["error"]

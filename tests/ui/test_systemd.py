@@ -8,7 +8,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,35 +17,14 @@ from cryptography import x509
 
 from amoskys import pki
 from tests.conftest import TestPki
-
-
-class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-
-    def wait_for(self, prefix: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                message = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            for line in message.splitlines():
-                if line.startswith(prefix):
-                    return line
-        raise AssertionError(f"no {prefix} from the UI within {timeout} s")
+from tests.ui.conftest import NotifySocket
 
 
 @pytest.fixture
 def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock = NotifySocket(tmp_path / "notify")
     yield sock
-    sock.sock.close()
+    sock.close()
 
 
 def served_serial(port: int, ca: Path) -> int:

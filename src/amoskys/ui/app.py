@@ -7,22 +7,22 @@ methods); nothing happens at import time. Pages are SimpleTemplate views that es
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import bottle
 import grpc
 
 from amoskys import __version__
 from amoskys.ui import model, svg
-from amoskys.ui.auth import Authenticator
+from amoskys.ui.auth import Authenticator, LoginRefused
 from amoskys.ui.hubclient import HubError, Snapshot
+from amoskys.ui.metrics import UiMetrics
 from amoskys.v1 import bus_pb2
 
 __all__ = ["API", "SECURITY_HEADERS", "Hub", "create_app"]
@@ -53,6 +53,7 @@ class Hub(Protocol):
     """What the app needs from the hub (HubClient implements it)."""
 
     rates: model.RateHistory
+    metrics: UiMetrics
     history: deque[Snapshot]
     listeners: list[Callable[[Snapshot], object]]
 
@@ -103,7 +104,7 @@ class FleetView:
             return built
         data = model.fleet(snapshot.agents, self.hub.rates, snapshot.taken_ns)
         html = render("fleet", title="Fleet", rates=self.hub.rates, now_ns=snapshot.taken_ns, **data)
-        built = Built(snapshot.taken_ns, html, json.dumps(data))
+        built = Built(snapshot.taken_ns, html, model.to_json(data))
         self._built = built
         return built
 
@@ -126,7 +127,9 @@ class Pages:
         agents = [model.agent_view(a, now_ns) for a in self.hub.snapshot().agents if a.host == name]
         recent, metrics, devices = self.hub.query_many(
             [
-                bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name]), page_size=HOST_EVENTS),
+                bus_pb2.QueryRequest(
+                    filter=bus_pb2.EventFilter(hosts=[name], kinds=model.SHOWN_KINDS), page_size=HOST_EVENTS
+                ),
                 bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name], kinds=["host_metrics"]), page_size=1),
                 bus_pb2.QueryRequest(filter=bus_pb2.EventFilter(hosts=[name], kinds=["device"]), page_size=1000),
             ]
@@ -134,9 +137,10 @@ class Pages:
         if not agents and not recent.events:
             raise bottle.HTTPError(404, f"no agent and no event from host {name!r}")
         return {
-            "host": name,
+            "host": model.clean(name),
+            "events_url": "/events?" + urlencode({"host": name}),
             "agents": agents,
-            "rate_eps": self.hub.rates.rate(name),
+            "rate_eps": self.hub.rates.rate(model.clean(name)),
             "metrics": model.host_metrics_view(metrics.events[0] if metrics.events else None),
             "devices": model.devices(devices.events),
             "events": [model.event_view(e) for e in recent.events],
@@ -191,7 +195,7 @@ class Pages:
         snapshot = self.hub.snapshot()
         status = snapshot.status
         return {
-            "version": status.version,
+            "version": model.clean(status.version),
             "started_ns": status.started_ns,
             "events_stored": status.events_stored,
             "store_bytes": status.store_bytes,
@@ -202,7 +206,7 @@ class Pages:
             "ingest_history": [s.status.ingest_eps for s in list(self.hub.history)],  # copied: the loop appends
             "retries": status.retries,
             "chain_breaks": status.chain_breaks,
-            "rejected": dict(sorted(status.rejected.items())),
+            "rejected": model.clean_tree(dict(sorted(status.rejected.items()))),
             "certificates": model.certificates(snapshot.agents, time.time_ns()),
         }
 
@@ -235,7 +239,6 @@ def render(name: str, **data: Any) -> str:
     helpers = {
         "model": model,
         "svg": svg,
-        "quote": quote,
         "urlencode": urlencode,
         "nav": NAV,
         "ui_version": __version__,
@@ -252,13 +255,17 @@ def _error_page(error: Any) -> str:
     _harden(bottle.response)
     if bottle.request.path.startswith(f"{API}/") or bottle.request.path == API:
         bottle.response.content_type = "application/json"
-        return json.dumps({"error": str(error.body), "status": error.status_code})
-    return render("error", title=f"{error.status_code}", status=error.status_line, message=str(error.body))
+        return model.to_json({"error": model.clean(str(error.body)), "status": error.status_code})
+    return render("error", title=f"{error.status_code}", status=error.status_line, message=model.clean(str(error.body)))
 
 
 def create_app(hub: Hub, authenticator: Authenticator | None = None) -> Any:
-    """The WSGI app: pages, the JSON API under /api/v1, static files, headers and authentication."""
+    """The WSGI app: pages, the JSON API under /api/v1, /metrics (the hub client's registry), static
+    files, headers and authentication."""
+    metrics = hub.metrics
     app = bottle.Bottle()
+    app.uninstall(bottle.JSONPlugin)
+    app.install(bottle.JSONPlugin(json_dumps=model.to_json))  # returned dicts: strict JSON
     pages, fleet = Pages(hub), FleetView(hub)
     hub.listeners.append(fleet.build)
     routes: list[tuple[str, str, Callable[..., Any], Callable[..., str] | None]] = [
@@ -274,12 +281,13 @@ def create_app(hub: Hub, authenticator: Authenticator | None = None) -> Any:
         if page is not None:
             app.route(page_path, "GET", _guard(page))
     app.route("/static/<path:path>", "GET", _static)
+    app.route("/metrics", "GET", functools.partial(_metrics, metrics))
     app.add_hook("after_request", _harden_response)
-    for status in (400, 401, 403, 404, 405, 500, 503):
+    for status in (400, 401, 403, 404, 405, 429, 500, 503):
         app.error_handler[status] = _error_page
     if authenticator is not None and authenticator.enabled:
         app.add_hook("before_request", functools.partial(_authenticate, authenticator))
-    return app
+    return metrics.counting(app)
 
 
 def _view(handler: Handler, view: str, rates: model.RateHistory) -> Callable[..., str]:
@@ -297,8 +305,17 @@ def _static(path: str) -> Any:
     return result
 
 
+def _metrics(metrics: UiMetrics) -> bytes:
+    body, bottle.response.content_type = metrics.exposition(bottle.request.get_header("Accept", ""))
+    return body
+
+
 def _authenticate(authenticator: Authenticator) -> None:
-    if not authenticator.allows(bottle.request.environ):
+    try:
+        allowed = authenticator.allows(bottle.request.environ)
+    except LoginRefused as exc:
+        raise bottle.HTTPError(exc.status, str(exc), **{"Retry-After": str(exc.retry_after_s)}) from None
+    if not allowed:
         raise bottle.HTTPError(
             401, "authentication required", **{"WWW-Authenticate": 'Basic realm="AMOSKYS", charset="UTF-8"'}
         )

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ import grpc
 from amoskys.client import hub_channel, hub_stub
 from amoskys.config import TlsConfig
 from amoskys.errors import AmoskysError
+from amoskys.ui.metrics import UiMetrics
 from amoskys.ui.model import RateHistory
 from amoskys.v1 import bus_pb2, bus_pb2_grpc
 
@@ -54,9 +55,16 @@ class HubClient:
     """Owns the channel, the loop thread and the sampled history; close() releases all three."""
 
     def __init__(
-        self, address: str, tls: TlsConfig, server_name: str = "", timeout_s: float = 10.0, refresh_s: float = 5.0
+        self,
+        address: str,
+        tls: TlsConfig,
+        server_name: str = "",
+        timeout_s: float = 10.0,
+        refresh_s: float = 5.0,
+        metrics: UiMetrics | None = None,
     ) -> None:
         self.address = address
+        self.metrics = metrics or UiMetrics()
         self.timeout_s = timeout_s
         self.refresh_s = refresh_s
         self.history: deque[Snapshot] = deque(maxlen=HISTORY)
@@ -66,7 +74,7 @@ class HubClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="ui-hub", daemon=True)
         self._thread.start()
         self._stub: bus_pb2_grpc.EventBusAsyncStub
-        self._channel, self._sampler = self._run(self._open(tls, server_name))
+        self._channel, self._sampler = self._run(self._open(tls, server_name), "open")
 
     async def _open(self, tls: TlsConfig, server_name: str) -> tuple[grpc.aio.Channel, asyncio.Task[None]]:
         """Channel and sampler are created on the loop that will use them."""
@@ -74,17 +82,39 @@ class HubClient:
         self._stub = hub_stub(channel)
         return channel, asyncio.create_task(self._sample_forever(), name="ui-hub-sampler")
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the hub loop; gRPC failures and timeouts become HubError."""
+    def _run(self, coro: Coroutine[Any, Any, T], call: str) -> T:
+        """Run `coro` on the hub loop, timed as `call`; gRPC failures and timeouts become HubError."""
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._observed(call):
+            try:
+                return future.result(self.timeout_s)
+            except TimeoutError as exc:
+                future.cancel()
+                raise HubError(f"hub {self.address}: no answer within {self.timeout_s} s{SLOW_HINT}") from exc
+            except grpc.aio.AioRpcError as exc:
+                hint = SLOW_HINT if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ""
+                raise HubError(f"hub {self.address}: {exc.code().name}: {exc.details()}{hint}", exc.code()) from exc
+
+    @contextlib.contextmanager
+    def _observed(self, call: str) -> Iterator[None]:
+        """The call's duration, and its failure by gRPC status (DEADLINE_EXCEEDED for our own timeout)."""
+        started = time.monotonic()
         try:
-            return future.result(self.timeout_s)
-        except TimeoutError as exc:
-            future.cancel()
-            raise HubError(f"hub {self.address}: no answer within {self.timeout_s} s{SLOW_HINT}") from exc
+            yield
+        except HubError as exc:
+            self._failed(call, exc.code or grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise
         except grpc.aio.AioRpcError as exc:
-            hint = SLOW_HINT if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ""
-            raise HubError(f"hub {self.address}: {exc.code().name}: {exc.details()}{hint}", exc.code()) from exc
+            self._failed(call, exc.code())
+            raise
+        except TimeoutError:
+            self._failed(call, grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise
+        finally:
+            self.metrics.hub_seconds.labels(call).observe(time.monotonic() - started)
+
+    def _failed(self, call: str, code: grpc.StatusCode) -> None:
+        self.metrics.hub_errors.labels(call, code.name).inc()
 
     # ---- calls --------------------------------------------------------------------------------
 
@@ -101,7 +131,7 @@ class HubClient:
             calls = [self._stub.Query(r, timeout=self.timeout_s) for r in requests]
             return list(await asyncio.gather(*calls))
 
-        return self._run(gather())
+        return self._run(gather(), "query")
 
     def tail(self, flt: bus_pb2.EventFilter, after_cursor: int, wait_s: float, limit: int) -> list[bus_pb2.StoredEvent]:
         """Stored events after `after_cursor` (replayed, then live for up to `wait_s`), oldest first."""
@@ -122,14 +152,14 @@ class HubClient:
                 call.cancel()
             return events
 
-        return self._run(collect())
+        return self._run(collect(), "tail")
 
     def snapshot(self, max_age_s: float | None = None) -> Snapshot:
         """The latest sample, or a fresh one when it is older than `max_age_s` (default 2 x refresh_s)."""
         limit_ns = (2 * self.refresh_s if max_age_s is None else max_age_s) * 1e9
         if self.history and time.time_ns() - self.history[-1].taken_ns <= limit_ns:
             return self.history[-1]
-        return self._run(self._sample())
+        return self._run(self._sample(), "sample")
 
     async def _sample(self) -> Snapshot:
         agents, status = await asyncio.gather(
@@ -144,7 +174,8 @@ class HubClient:
     async def _sample_forever(self) -> None:
         while True:
             try:
-                sample = await self._sample()
+                with self._observed("sample"):
+                    sample = await self._sample()
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 log.warning("hub sample failed", extra={"hub": self.address, "error": str(exc)})
             else:
@@ -169,7 +200,7 @@ class HubClient:
         if not self._thread.is_alive():
             return
         with contextlib.suppress(AmoskysError):
-            self._run(self._shutdown())
+            self._run(self._shutdown(), "close")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(self.timeout_s)
         self._loop.close()

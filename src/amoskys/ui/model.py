@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from google.protobuf.json_format import MessageToDict
 
@@ -17,15 +20,20 @@ from amoskys.v1 import bus_pb2, events_pb2
 
 __all__ = [
     "LATE_FACTOR",
+    "MAX_FILTER_VALUES",
+    "SHOWN_KINDS",
     "RateHistory",
     "agent_view",
     "certificates",
     "clean",
+    "clean_tree",
     "devices",
     "event_view",
     "fleet",
     "host_metrics_view",
+    "host_url",
     "parse_filter",
+    "to_json",
 ]
 
 LATE_FACTOR = 2.5  # missed heartbeat intervals before an agent is late; twice that: down
@@ -33,17 +41,57 @@ DEFAULT_INTERVAL_S = 30
 STATE_RANK = {"up": 0, "late": 1, "down": 2}
 SEVERITIES = [n.removeprefix("SEVERITY_").lower() for n in events_pb2.Severity.keys()][1:]  # noqa: SIM118
 KINDS = ["process", "flow", "snmp", "device", "host_metrics", "auth", "port", "heartbeat", "alert"]
+SHOWN_KINDS = [k for k in KINDS if k != "heartbeat"]  # event lists, unless asked for heartbeats or a kind
 AGENT_KINDS = ["proc", "host", "auth", "flow", "scanner", "snmp", "eventbus"]
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SUMMARY_MAX = 300
-# C0/C1 controls, DEL, and the bidi controls that can reorder what an operator reads
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+MAX_FILTER_VALUES = 100  # per list filter (host, agent_id, agent, kind)
 
 
-def clean(text: str, limit: int = SUMMARY_MAX) -> str:
-    """Visible escapes for control characters, cut to `limit` characters."""
-    text = _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).replace("\n", " ").replace("\t", " ")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def clean(text: str, limit: int | None = None) -> str:
+    """Agent-sent text as the UI shows it: every character Python calls unprintable (controls, bidi and
+    other format characters, zero-width and line separators, non-ASCII spaces, private use, unassigned)
+    as a visible `\\u202e`-style escape; cut to `limit` characters when given."""
+    if not text.isprintable():
+        text = "".join(char if char.isprintable() else _escape(char) for char in text)
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clean_tree(value: Any) -> Any:
+    """`clean` applied to every string (and mapping key) in JSON-like data."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean(str(k)): clean_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_tree(v) for v in value]
+    return value
+
+
+def finite(value: Any) -> Any:
+    """JSON-like data with every non-finite float (NaN, ±Infinity) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def to_json(data: Any) -> str:
+    """Strict JSON (RFC 8259 has no NaN or Infinity): non-finite floats become null."""
+    return json.dumps(finite(data), allow_nan=False)
+
+
+def host_url(host: str) -> str:
+    """The host page's path; percent-encoding keeps the exact name (and shows nothing unprintable)."""
+    return f"/hosts/{quote(host, safe='')}"
 
 
 def fmt_time(ts_ns: int) -> str:
@@ -74,10 +122,10 @@ def liveness(agent: bus_pb2.AgentInfo, now_ns: int) -> str:
 def agent_view(agent: bus_pb2.AgentInfo, now_ns: int) -> dict[str, Any]:
     heard = agent.last_heartbeat_ns or agent.last_seen_ns
     return {
-        "agent_id": agent.agent_id,
-        "host": agent.host,
-        "kind": agent.kind,
-        "version": agent.version,
+        "agent_id": clean(agent.agent_id),
+        "host": clean(agent.host),
+        "kind": clean(agent.kind),
+        "version": clean(agent.version),
         "state": liveness(agent, now_ns),
         "last_heartbeat_ns": agent.last_heartbeat_ns,
         "last_seen_ns": agent.last_seen_ns,
@@ -98,7 +146,8 @@ def by_host(agents: Iterable[bus_pb2.AgentInfo]) -> dict[str, list[bus_pb2.Agent
 
 
 class RateHistory:
-    """Events per second per host, from successive registry samples; sparklines cached per sample."""
+    """Events per second per host (by its shown name, `clean`), from successive registry samples;
+    sparklines cached per sample."""
 
     def __init__(self, size: int = 60) -> None:
         self.size = size
@@ -110,7 +159,8 @@ class RateHistory:
     def update(self, taken_ns: int, agents: Iterable[bus_pb2.AgentInfo]) -> None:
         totals: dict[str, int] = {}
         for agent in agents:
-            totals[agent.host] = totals.get(agent.host, 0) + agent.events_total
+            host = clean(agent.host)
+            totals[host] = totals.get(host, 0) + agent.events_total
         with self._lock:
             if self._last is not None and taken_ns > self._last[0]:
                 elapsed, before = (taken_ns - self._last[0]) / 1e9, self._last[1]
@@ -139,16 +189,18 @@ def fleet(agents: Sequence[bus_pb2.AgentInfo], rates: RateHistory, now_ns: int) 
         views = [agent_view(a, now_ns) for a in members]
         for view in views:
             counts[view["state"]] += 1
+        shown = clean(host)
         hosts.append(
             {
-                "host": host,
+                "host": shown,
+                "host_url": host_url(host),
                 "state": max((v["state"] for v in views), key=STATE_RANK.__getitem__),
                 "agents": views,
                 "events_total": sum(a.events_total for a in members),
                 "alerts_total": sum(a.alerts_total for a in members),
                 "last_seen_ns": max(a.last_seen_ns for a in members),
                 "last_heartbeat_ns": max(a.last_heartbeat_ns or a.last_seen_ns for a in members),
-                "rate_eps": rates.rate(host),
+                "rate_eps": rates.rate(shown),
             }
         )
     hosts.sort(key=lambda h: (-STATE_RANK[h["state"]], h["host"]))
@@ -159,8 +211,8 @@ def certificates(agents: Sequence[bus_pb2.AgentInfo], now_ns: int) -> list[dict[
     """Client certificate expiry per agent, soonest first (unknown last)."""
     rows = [
         {
-            "agent_id": a.agent_id,
-            "host": a.host,
+            "agent_id": clean(a.agent_id),
+            "host": clean(a.host),
             "not_after_ns": a.cert_not_after_ns,
             "not_after": fmt_time(a.cert_not_after_ns) if a.cert_not_after_ns else "unknown",
             "days_left": (a.cert_not_after_ns - now_ns) // 86_400_000_000_000 if a.cert_not_after_ns else None,
@@ -206,24 +258,25 @@ def _summary(event: events_pb2.Event, kind: str) -> str:  # noqa: PLR0911 - one 
 
 
 def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
-    """One stored event for a table row and the JSON API (body as protobuf JSON)."""
+    """One stored event for a table row and the JSON API (body as protobuf JSON), its text `clean`."""
     event = stored.event
     kind = event.WhichOneof("body") or "none"
     body = MessageToDict(getattr(event, kind), preserving_proto_field_name=True) if kind != "none" else {}
     return {
         "cursor": stored.cursor,
-        "agent_id": stored.agent_id,
+        "agent_id": clean(stored.agent_id),
         "received_ns": stored.received_ns,
-        "event_id": event.event_id,
+        "event_id": clean(event.event_id),
         "ts_ns": event.ts_ns,
         "time": fmt_time(event.ts_ns),
-        "host": event.host,
-        "agent": event.agent,
+        "host": clean(event.host),
+        "host_url": host_url(event.host),
+        "agent": clean(event.agent),
         "severity": events_pb2.Severity.Name(event.severity).removeprefix("SEVERITY_").lower(),
         "kind": kind,
-        "summary": clean(_summary(event, kind)),
-        "labels": dict(event.labels),
-        "body": body,
+        "summary": clean(_summary(event, kind), SUMMARY_MAX),
+        "labels": clean_tree(dict(event.labels)),
+        "body": clean_tree(body),
     }
 
 
@@ -233,8 +286,8 @@ def host_metrics_view(stored: bus_pb2.StoredEvent | None) -> dict[str, Any] | No
         return None
     m = stored.event.host_metrics
     listening = sorted(
-        ({"protocol": s.protocol, "address": s.address, "port": s.port, "pid": s.pid, "process": s.process}
-         for s in m.listening),
+        ({"protocol": clean(s.protocol), "address": clean(s.address), "port": s.port, "pid": s.pid,
+          "process": clean(s.process)} for s in m.listening),
         key=lambda s: (s["port"], s["protocol"], s["address"]),
     )  # fmt: skip
     return {
@@ -245,9 +298,14 @@ def host_metrics_view(stored: bus_pb2.StoredEvent | None) -> dict[str, Any] | No
         "mem_available_bytes": m.mem_available_bytes,
         "swap_used_bytes": m.swap_used_bytes,
         "uptime": ago(m.uptime_s),
-        "users": list(m.users),
+        "users": [clean(u) for u in m.users],
         "disks": [
-            {"mount": d.mount, "fstype": d.fstype, "total_bytes": d.total_bytes, "used_bytes": d.used_bytes}
+            {
+                "mount": clean(d.mount),
+                "fstype": clean(d.fstype),
+                "total_bytes": d.total_bytes,
+                "used_bytes": d.used_bytes,
+            }
             for d in m.disks
         ],
         "listening": listening,
@@ -265,10 +323,10 @@ def devices(events: Iterable[bus_pb2.StoredEvent]) -> list[dict[str, Any]]:
         latest.setdefault((device.interface, device.mac or ",".join(device.ips)), stored)
     return [
         {
-            "mac": s.event.device.mac,
-            "ips": list(s.event.device.ips),
-            "vendor": s.event.device.vendor,
-            "interface": s.event.device.interface,
+            "mac": clean(s.event.device.mac),
+            "ips": [clean(ip) for ip in s.event.device.ips],
+            "vendor": clean(s.event.device.vendor),
+            "interface": clean(s.event.device.interface),
             "last_change": events_pb2.DeviceEvent.Action.Name(s.event.device.action).lower(),
             "time": fmt_time(s.event.ts_ns),
         }
@@ -294,28 +352,36 @@ def parse_time(text: str, now_ns: int, key: str = "time") -> int:
     return int(moment.replace(tzinfo=moment.tzinfo or dt.UTC).timestamp() * 1e9)
 
 
-def _values(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+def _values(text: str, key: str) -> list[str]:
+    """A comma-separated filter list; ValueError beyond MAX_FILTER_VALUES."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if len(values) > MAX_FILTER_VALUES:
+        raise ValueError(f"{key}: {len(values):,} values; at most {MAX_FILTER_VALUES} (comma-separated)")
+    return values
 
 
 def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple[bus_pb2.EventFilter, dict[str, str]]:
-    """An EventFilter from query parameters, and the form values to show back; ValueError if invalid."""
-    form = {key: params.get(key, "") for key in ("until", "host", "agent_id", "agent", "kind", "severity", "text")}
+    """An EventFilter from query parameters, and the form values to show back; ValueError if invalid.
+
+    Without a `kind`, heartbeats are left out unless `heartbeats` is set (to anything).
+    """
+    keys = ("until", "host", "agent_id", "agent", "kind", "heartbeats", "severity", "text")
+    form = {key: params.get(key, "") for key in keys}
     form["since"] = params.get("since", default_since)
     now_ns = time.time_ns()
     severity = form["severity"].lower()
     if severity and severity not in SEVERITIES:
         raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
-    kinds = _values(form["kind"])
+    kinds = _values(form["kind"], "kind")
     if unknown := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"kind {unknown[0]!r}: expected one of {', '.join(KINDS)}")
     flt = bus_pb2.EventFilter(
         since_ns=parse_time(form["since"], now_ns, "since"),
         until_ns=parse_time(form["until"], now_ns, "until"),
-        hosts=_values(form["host"]),
-        agent_ids=_values(form["agent_id"]),
-        agents=_values(form["agent"]),
-        kinds=kinds,
+        hosts=_values(form["host"], "host"),
+        agent_ids=_values(form["agent_id"], "agent_id"),
+        agents=_values(form["agent"], "agent"),
+        kinds=kinds or ([] if form["heartbeats"] else SHOWN_KINDS),
         min_severity=events_pb2.Severity.Value(f"SEVERITY_{severity.upper()}") if severity else 0,  # type: ignore[arg-type]
         text=form["text"][:200],
     )

@@ -23,12 +23,26 @@ from amoskys.config import UiConfig, load_config, parse_address
 from amoskys.errors import AmoskysError, ConfigError
 from amoskys.logs import setup_logging
 from amoskys.ui.app import create_app
-from amoskys.ui.auth import Authenticator
+from amoskys.ui.auth import Authenticator, LoginLimiter
 from amoskys.ui.hubclient import HubClient
+from amoskys.ui.metrics import UiMetrics
 
-__all__ = ["authenticator", "build_server", "check_exposure", "is_loopback", "reload", "serve"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_HEADER_BYTES",
+    "authenticator",
+    "build_server",
+    "check_exposure",
+    "is_loopback",
+    "reload",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
+# cheroot reads the request line and headers in 256-byte steps against one budget and stops at it:
+# a longer request line is answered 414, longer headers 413, and the connection closed.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 1024  # every route is GET: a declared body over this is answered 413 before reading it
 
 
 def is_loopback(host: str) -> bool:
@@ -58,10 +72,10 @@ def check_exposure(config: UiConfig) -> None:
         )
 
 
-def authenticator(config: UiConfig) -> Authenticator:
+def authenticator(config: UiConfig, metrics: UiMetrics | None = None) -> Authenticator:
     try:
         cns = frozenset(config.auth.client_cns) if config.auth.client_certs else None
-        return Authenticator(config.auth.password_hash, cns)
+        return Authenticator(config.auth.password_hash, cns, LoginLimiter(metrics=metrics))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -84,6 +98,8 @@ def build_server(config: UiConfig, app: Any) -> wsgi.Server:
     check_exposure(config)
     host, port = parse_address(config.listen)
     server = wsgi.Server((host, port), app, numthreads=config.threads, server_name="amoskys-ui")
+    server.max_request_header_size = MAX_HEADER_BYTES
+    server.max_request_body_size = MAX_BODY_BYTES
     if config.server_tls:
         server.ssl_adapter = _tls_adapter(config)
     return server
@@ -124,8 +140,11 @@ def _wait_for_stop(stop: threading.Event, server_thread: threading.Thread) -> No
 def serve(config: UiConfig, config_path: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop the server and the hub client; SIGHUP reloads."""
     check_exposure(config)
-    auth = authenticator(config)
-    with HubClient(config.hub, config.tls, config.hub_server_name, config.hub_timeout_s, config.refresh_s) as hub:
+    metrics = UiMetrics()
+    auth = authenticator(config, metrics)
+    with HubClient(
+        config.hub, config.tls, config.hub_server_name, config.hub_timeout_s, config.refresh_s, metrics
+    ) as hub:
         server = build_server(config, create_app(hub, auth))
         server.prepare()
         stop = threading.Event()

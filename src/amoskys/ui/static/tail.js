@@ -34,7 +34,7 @@
     cell(row, e.time, "nowrap");
     const host = cell(row, "");
     const link = document.createElement("a");
-    link.href = "/hosts/" + encodeURIComponent(e.host);
+    link.href = e.host_url;
     link.textContent = e.host;
     host.appendChild(link);
     cell(row, e.agent_id);

@@ -7,7 +7,7 @@
 % for e in events:
 <tr class="sev-{{e['severity']}}">
 <td class="nowrap">{{e['time']}}</td>
-<td><a href="/hosts/{{quote(e['host'], safe='')}}">{{e['host']}}</a></td>
+<td><a href="{{e['host_url']}}">{{e['host']}}</a></td>
 <td>{{e['agent_id']}}</td>
 <td>{{e['kind']}}</td>
 <td><span class="sev sev-{{e['severity']}}">{{e['severity']}}</span></td>

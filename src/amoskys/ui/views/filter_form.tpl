@@ -13,6 +13,7 @@
 <option{{!' selected' if filter['kind'] == k else ''}}>{{k}}</option>
 % end
 </select></label>
+<label><input type="checkbox" name="heartbeats" value="1"{{!' checked' if filter['heartbeats'] else ''}}> heartbeats</label>
 % end
 <label>severity ≥ <select name="severity"><option value="">any</option>
 % for s in model.SEVERITIES:

@@ -14,7 +14,7 @@
 <tbody>
 % for h in hosts:
 <tr class="row-{{h['state']}}">
-<td><a href="/hosts/{{quote(h['host'], safe='')}}">{{h['host']}}</a></td>
+<td><a href="{{h['host_url']}}">{{h['host']}}</a></td>
 <td><span class="badge {{h['state']}}">{{h['state']}}</span></td>
 <td>
 % for a in h['agents']:

@@ -74,5 +74,5 @@
 <section>
 <h2>Recent events</h2>
 % include('events_table.tpl', events=events)
-<p><a href="/events?{{urlencode({'host': host})}}">Search this host's events</a></p>
+<p><a href="{{events_url}}">Search this host's events</a></p>
 </section>
