@@ -94,9 +94,11 @@ class Fleet:
     hub: ThreadedHub
     agents: dict[str, AgentIdentity] = field(default_factory=dict)
 
-    def agent(self, agent_id: str) -> AgentIdentity:
+    def agent(self, agent_id: str, host: str = "") -> AgentIdentity:
+        """The identity `agent_id`, enrolled as HOST-KIND says (or for `host`, with the id's kind)."""
         if agent_id not in self.agents:
-            self.agents[agent_id] = self.hub.live.agent(agent_id)
+            kind = agent_id.rsplit("-", 1)[-1] if host else ""
+            self.agents[agent_id] = self.hub.live.agent(agent_id, host=host, kind=kind)
         return self.agents[agent_id]
 
     def publish(self, agent_id: str, events: list[events_pb2.Event]) -> None:
@@ -141,6 +143,7 @@ def seed(fleet: Fleet) -> None:
     ]
     scans = [event("gw1", "scanner", now - ago * S, device=found) for ago, found in seen]
     fleet.publish("gw1-scanner", [heartbeat("gw1", "scanner", now), *scans])
+    fleet.agent("evil-proc", host=HOSTILE_HOST)  # a host name enrolled as it is, markup and all
     fleet.publish("evil-proc", [heartbeat(HOSTILE_HOST, "proc", now)])
 
 

@@ -214,5 +214,5 @@ def test_refused_login_is_429_with_retry_after(client: HubClient) -> None:
     assert call(app, "/", basic("wrong")).status == 401
     refused = call(app, "/api/v1/fleet", basic(PASSWORD))
     assert refused.status == 429
-    assert refused.headers["Retry-After"] == "30"
+    assert 25 <= int(refused.headers["Retry-After"]) <= 30  # a whole refill, less the time scrypt took
     assert "too many failed logins" in refused.json()["error"]
