@@ -35,7 +35,9 @@ def ui_url(seeded: Fleet) -> Iterator[str]:
 def traffic(host: str, now: int, count: int) -> list[events_pb2.Event]:
     """`count` events of the kind that host's agent reports (proc on web1, the scanner on gw1)."""
     if host == "gw1":
-        device = events_pb2.DeviceEvent(action=events_pb2.DeviceEvent.CHANGED, mac="aa:bb:cc:00:00:01", ips=["10.0.0.7"])
+        device = events_pb2.DeviceEvent(
+            action=events_pb2.DeviceEvent.CHANGED, mac="aa:bb:cc:00:00:01", ips=["10.0.0.7"]
+        )
         return [event(host, "scanner", now - i, device=device) for i in range(count)]
     process = events_pb2.ProcessEvent(action=events_pb2.ProcessEvent.START, pid=77, name="cron")
     return [event(host, "proc", now - i, process=process) for i in range(count)]
