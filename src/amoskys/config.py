@@ -173,7 +173,7 @@ class AuthConfig(Section, frozen=True):
 
 class FlowConfig(Section, frozen=True):
     interfaces: list[str] = msgspec.field(default_factory=list)
-    bpf: str = "ip or ip6"
+    bpf: str = "ip or ip6 or ether proto 0x8847 or ether proto 0x8848"  # IP, and IP inside MPLS
     idle_timeout_s: Seconds = 15.0
     active_timeout_s: Seconds = 60.0
     max_flows: Positive = 60_000  # a full table keeps the agent within 70 MB (BENCHMARKS.md)

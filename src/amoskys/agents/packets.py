@@ -1,8 +1,8 @@
 """Packets for the flow agent: a fast header parser, a pcap/pcapng reader and a live capture socket.
 
 Frames are parsed from raw bytes with `struct` at offsets (no copy, no dissection): Ethernet,
-802.1Q/802.1ad tags, Linux cooked captures (SLL, SLL2), raw IP, IPv4, IPv6 (with extension
-headers), TCP, UDP, SCTP, ICMP and ICMPv6. A parsed packet is a `Parsed` tuple; a frame that
+802.1Q/802.1ad tags, MPLS label stacks, Linux cooked captures (SLL, SLL2), raw IP, IPv4, IPv6
+(with extension headers), TCP, UDP, SCTP, ICMP and ICMPv6. A parsed packet is a `Parsed` tuple; a frame that
 cannot give one yields a reason (`NON_IP`, `TRUNCATED`, `MALFORMED`, `UNSUPPORTED_LINK`) that the
 caller counts.
 
@@ -61,6 +61,8 @@ RAW_LINKTYPES = frozenset({LINKTYPE_RAW, DLT_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6})
 IP_VERSIONS = {4: ETH_IPV4, 6: ETH_IPV6}
 SUPPORTED_LINKTYPES = frozenset({LINKTYPE_ETHERNET, *COOKED_HEADERS, *RAW_LINKTYPES})
 VLAN_TPIDS = frozenset({0x8100, 0x88A8, 0x9100})
+MPLS_ETHERTYPES = frozenset({0x8847, 0x8848})  # unicast (RFC 3032), multicast (RFC 5332)
+MAX_MPLS_LABELS = 16  # deeper stacks do not occur; more means a corrupt frame
 IPV6_EXTENSIONS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options: (len + 1) * 8 bytes
 IPV6_FRAGMENT, IPV6_AH = 44, 51
 MAX_IPV6_EXTENSIONS = 8
@@ -112,7 +114,22 @@ def _ip_by_ethertype(buf: bytes, off: int, end: int, wire: int, ethertype: int, 
         return _ipv4(buf, off, end, wire, vlan)
     if ethertype == ETH_IPV6:
         return _ipv6(buf, off, end, wire, vlan)
+    if ethertype in MPLS_ETHERTYPES:
+        return _mpls(buf, off, end, wire, vlan)
     return NON_IP
+
+
+def _mpls(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
+    """A label stack (RFC 3032: 4 bytes a label; the S bit, the low bit of the third byte, marks the
+    bottom), then IPv4 or IPv6 by the payload's first nibble (RFC 4182: the stack does not say which).
+    Anything else under the stack (a pseudowire, its control word) is NON_IP."""
+    for _ in range(MAX_MPLS_LABELS):
+        if end - off < 5:  # a label and the payload's first byte
+            return TRUNCATED
+        bottom, off, wire = buf[off + 2] & 1, off + 4, wire - 4
+        if bottom:
+            return _ip_by_ethertype(buf, off, end, wire, IP_VERSIONS.get(buf[off] >> 4, 0), vlan)
+    return MALFORMED
 
 
 def _ipv4(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
