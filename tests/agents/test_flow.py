@@ -208,14 +208,46 @@ async def test_vlans_ipv6_extension_headers_fragments_and_icmp(tmp_path: Path) -
         (17, A, 1, B, 2, 42): (1, 29, 1, 29),  # 802.1Q
         (17, A, 1, B, 2, 100): (1, 29, 0, 0),  # 802.1ad outside 802.1Q: the outer tag counts (as live)
         (6, v6a, 3, v6b, 22, 0): (1, 40 + 8 + 20, 1, 40 + 20),
-        (17, v6a, 9, v6b, 10, 0): (1, 40 + 8 + 9, 0, 0),  # a first fragment has the ports
-        (17, v6a, 0, v6b, 0, 0): (1, 40 + 8 + 8, 0, 0),  # later fragments do not
+        (17, v6a, 9, v6b, 10, 0): (2, 40 + 8 + 9 + 40 + 8 + 8, 0, 0),  # the later fragment takes the first's ports
         (1, A, 77, B, 77, 0): (1, 84, 1, 84),  # echo: the identifier as both ports, one flow
         (1, B, 0, A, 3 << 8 | 3, 0): (1, 20 + 8 + 28, 0, 0),  # unreachable: type<<8|code
         (58, v6a, 5, v6b, 5, 0): (1, 48, 1, 48),
-        (17, A, 4000, B, 4001, 0): (1, len(pieces[0]), 0, 0),
-        (17, A, 0, B, 0, 0): (len(pieces) - 1, sum(len(p) for p in pieces[1:]), 0, 0),
+        (17, A, 4000, B, 4001, 0): (len(pieces), sum(len(p) for p in pieces), 0, 0),
     }  # fmt: skip
+
+
+def v4_fragments(src: str, ident: int, sport: int, size: int = 3000) -> list[Packet]:
+    whole = IP(src=src, dst=B, id=ident) / UDP(sport=sport, dport=53) / (b"f" * size)
+    return [ETHER / piece for piece in fragment(whole, fragsize=1000)]
+
+
+def v6_fragments(ident: int, size: int = 2500) -> list[Packet]:
+    from scapy.layers.inet6 import fragment6
+
+    whole = IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrFragment(id=ident) / UDP(sport=7, dport=8) / (b"g" * size)
+    return [ETHER / piece for piece in fragment6(whole, 1280)]
+
+
+async def test_fragments_count_into_their_datagrams_flow_in_any_order_and_the_lost_are_counted(
+    tmp_path: Path,
+) -> None:
+    reordered = v4_fragments(A, 100, 5000)  # the first fragment last
+    same_id_other_source = v4_fragments(C, 100, 6000)
+    first_lost = v4_fragments(A, 101, 5000)[1:]
+    six = v6_fragments(0x12345678)
+    packets = [*reordered[1:], reordered[0], *same_id_other_source, *first_lost, six[2], six[0], six[1]]
+    late = at(30, v4_fragments(A, 100, 5000)[2])  # its datagram was forgotten (5 s): its first never comes
+    agent, flows = await replay([*(at(i * 0.001, p) for i, p in enumerate(packets)), late], tmp_path)
+    got = {summary(f)[:5]: (f.packets_out, f.bytes_out) for f in flows}
+    assert got == {
+        (17, A, 5000, B, 53): (len(reordered), sum(len(p[IP]) for p in reordered)),
+        (17, C, 6000, B, 53): (len(same_id_other_source), sum(len(p[IP]) for p in same_id_other_source)),
+        (17, "fd00::1", 7, "fd00::2", 8): (3, sum(len(p[IPv6]) for p in six)),
+    }
+    assert agent.table.fragments.unattributed == len(first_lost) + 1
+    registry = CollectorRegistry()
+    agent.register_metrics(registry)
+    assert registry.get_sample_value("amoskys_agent_flow_fragments_unattributed_total") == len(first_lost) + 1
 
 
 async def test_frames_that_are_not_ip_or_are_cut_short_are_counted_not_fatal(tmp_path: Path) -> None:
@@ -811,6 +843,90 @@ def test_mpls_labelled_traffic_gives_the_flows_of_the_plain_traffic(veth6: VethL
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     assert ours(outcome[0][0], veth6) == expected
+
+
+# ---- fragments, from real traffic ----------------------------------------------------------------
+
+TSHARK_FIELDS = ["frame.number", "ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "ip.len", "ipv6.plen", "ip.fragment",
+                 "ipv6.fragment", "icmp.ident", "icmpv6.echo.identifier", "udp.srcport", "udp.dstport", "tcp.srcport",
+                 "tcp.dstport"]  # fmt: skip
+
+
+def tshark_directions(path: Path) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """(protocol, src, src port, dst, dst port) -> (frames, IP bytes), one way, as tshark reassembles the
+    datagrams: every fragment goes to the conversation of the datagram it was reassembled into."""
+    args = ["tshark", "-r", str(path), "-T", "fields", *(x for f in TSHARK_FIELDS for x in ("-e", f))]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rows = [dict(zip(TSHARK_FIELDS, line.split("\t"), strict=True)) for line in out.splitlines()]
+    owner: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        src, dst = row["ip.src"] or row["ipv6.src"], row["ip.dst"] or row["ipv6.dst"]
+        if row["icmp.ident"] or row["icmpv6.echo.identifier"]:
+            ident = int(row["icmp.ident"] or row["icmpv6.echo.identifier"], 0)
+            key: tuple[Any, ...] = (1 if row["icmp.ident"] else 58, src, ident, dst, ident)
+        elif row["udp.srcport"] or row["tcp.srcport"]:
+            transport = "udp" if row["udp.srcport"] else "tcp"
+            key = (17 if row["udp.srcport"] else 6, src, int(row[f"{transport}.srcport"]), dst,
+                   int(row[f"{transport}.dstport"]))  # fmt: skip
+        else:
+            continue
+        for number in (row["ip.fragment"] or row["ipv6.fragment"] or row["frame.number"]).split(","):
+            owner[number] = key
+    totals: dict[tuple[Any, ...], tuple[int, int]] = {}
+    for row in rows:
+        if row["frame.number"] in owner:
+            size = int(row["ip.len"]) if row["ip.len"] else 40 + int(row["ipv6.plen"])
+            frames, total = totals.get(owner[row["frame.number"]], (0, 0))
+            totals[owner[row["frame.number"]]] = (frames + 1, total + size)
+    return totals
+
+
+def directions(flows: list[events_pb2.FlowEvent], link: VethLink) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """The counts of the flows between the link's ends one way at a time, as `tshark_directions` has them."""
+    found = {}
+    addresses = {link.ip_a, link.ip_b, link.ip6_a, link.ip6_b}
+    for f in (f for f in flows if {f.src_ip, f.dst_ip} <= addresses):
+        found[(f.protocol, f.src_ip, f.src_port, f.dst_ip, f.dst_port)] = (f.packets_out, f.bytes_out)
+        if f.packets_in:
+            found[(f.protocol, f.dst_ip, f.dst_port, f.src_ip, f.src_port)] = (f.packets_in, f.bytes_in)
+    return found
+
+
+@pytest.mark.root
+@needs_libpcap
+@needs_tcpdump
+def test_fragmented_pings_and_datagrams_count_into_their_flows(veth6: VethLink, tmp_path: Path) -> None:
+    """ping -s 4000 (IPv4 and IPv6), 3000-byte UDP datagrams and a TCP exchange over a 1280-byte MTU,
+    captured live: no fragment makes a flow of its own or goes unattributed, and each direction's
+    frames and bytes are those tshark finds in tcpdump's recording (it reassembles the datagrams).
+    (The interface's counters also count the IPv6 multicast the kernel sends at any time.)"""
+    recording = tmp_path / "fragments.pcap"
+    ready, done = threading.Event(), threading.Event()
+
+    def session() -> tuple[FlowAgent, list[list[events_pb2.FlowEvent]]]:
+        agent = FlowAgent(flow_config(tmp_path, interfaces=[veth6.if_a]), tmp_path)
+        return agent, asyncio.run(capture_until([agent], tmp_path / "recorder.pcap", veth6.if_a, ready, done))
+
+    thread, outcome = in_namespace(veth6.ns_a, session)
+    try:
+        assert ready.wait(10), outcome
+        with tcpdump(veth6, recording):
+            veth6.ping(PINGS, size=4000)
+            veth6.ping(PINGS, size=4000, ipv6=True)
+            generate_traffic(veth6, tcp_bytes=1000, datagrams=5, datagram_bytes=3000)
+    finally:
+        done.set()
+        thread.join(30)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    agent, (flows,) = outcome[0]
+    assert agent.table.fragments.unattributed == 0
+    assert not [f for f in flows if f.protocol in (1, 17, 58) and f.src_port == f.dst_port == 0]
+    counted = directions(flows, veth6)
+    fragmented = [k for k, (frames, _) in counted.items() if k[0] != 6 and frames > PINGS]
+    assert len(fragmented) == 5, counted  # ping and its replies, both families; the datagrams
+    if shutil.which("tshark"):
+        assert tshark_directions(recording) == counted
 
 
 # ---- through a live hub ---------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
+    "FRAGMENT_FIRST",
+    "FRAGMENT_LATER",
     "LINKTYPE_ETHERNET",
     "MALFORMED",
     "NON_IP",
@@ -41,8 +43,11 @@ __all__ = [
     "parse_frame",
 ]
 
-# (protocol, src, src_port, dst, dst_port, tcp_flags, ip_bytes, vlan); src/dst are 4 or 16 bytes.
-Parsed = tuple[int, bytes, int, bytes, int, int, int, int]
+# (protocol, src, src_port, dst, dst_port, tcp_flags, ip_bytes, vlan, fragment); src/dst are 4 or 16
+# bytes; fragment is 0 for a whole datagram, else its IP id (IPv6: fragment id) << 10 | protocol << 2
+# | FRAGMENT_FIRST or FRAGMENT_LATER (a later fragment has no transport header: ports 0).
+Parsed = tuple[int, bytes, int, bytes, int, int, int, int, int]
+FRAGMENT_FIRST, FRAGMENT_LATER = 1, 2
 NON_IP = "non_ip"
 TRUNCATED = "truncated"
 MALFORMED = "malformed"
@@ -141,9 +146,14 @@ def _ipv4(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
         return MALFORMED
     length = _U16(buf, off + 2)[0] or wire  # 0: a segmentation-offload super-packet
     protocol, src, dst = buf[off + 9], buf[off + 12 : off + 16], buf[off + 16 : off + 20]
-    if _U16(buf, off + 6)[0] & 0x1FFF:  # a later fragment: no transport header
-        return protocol, src, 0, dst, 0, 0, length, vlan
-    return _transport(buf, off + header, end, protocol, src, dst, length, vlan)
+    fragment = 0
+    flags_offset = _U16(buf, off + 6)[0]
+    if flags_offset & 0x3FFF:  # more fragments, or an offset: a fragment (of the datagram with this id)
+        fragment = (_U16(buf, off + 4)[0] << 8 | protocol) << 2
+        if flags_offset & 0x1FFF:  # a later fragment: no transport header
+            return protocol, src, 0, dst, 0, 0, length, vlan, fragment | FRAGMENT_LATER
+        fragment |= FRAGMENT_FIRST
+    return _transport(buf, off + header, end, protocol, src, dst, length, vlan, fragment)
 
 
 def _ipv6(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
@@ -154,6 +164,7 @@ def _ipv6(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
     payload = _U16(buf, off + 4)[0]
     length = 40 + payload if payload else wire  # 0: a jumbogram or offload super-packet
     protocol, src, dst, pos = buf[off + 6], buf[off + 8 : off + 24], buf[off + 24 : off + 40], off + 40
+    fragment = 0
     for _ in range(MAX_IPV6_EXTENSIONS):
         if protocol in IPV6_EXTENSIONS or protocol == IPV6_AH:
             if end - pos < 2:
@@ -163,44 +174,50 @@ def _ipv6(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
         elif protocol == IPV6_FRAGMENT:
             if end - pos < 8:
                 return TRUNCATED
-            protocol, later_fragment, pos = buf[pos], _U16(buf, pos + 2)[0] & 0xFFF8, pos + 8
-            if later_fragment:
-                return protocol, src, 0, dst, 0, 0, length, vlan
+            protocol, offset_more = buf[pos], _U16(buf, pos + 2)[0]
+            if offset_more & 0xFFF9:  # an offset or more fragments (else an atomic fragment: RFC 6946)
+                fragment = (int.from_bytes(buf[pos + 4 : pos + 8]) << 8 | protocol) << 2
+                if offset_more & 0xFFF8:
+                    return protocol, src, 0, dst, 0, 0, length, vlan, fragment | FRAGMENT_LATER
+                fragment |= FRAGMENT_FIRST
+            pos += 8
         else:
             break
-    return _transport(buf, pos, end, protocol, src, dst, length, vlan)
+    return _transport(buf, pos, end, protocol, src, dst, length, vlan, fragment)
 
 
 def _transport(
-    buf: bytes, pos: int, end: int, protocol: int, src: bytes, dst: bytes, length: int, vlan: int
+    buf: bytes, pos: int, end: int, protocol: int, src: bytes, dst: bytes, length: int, vlan: int, fragment: int
 ) -> Parsed | str:
     """Ports, and TCP flags; ICMP has its own idea of ports (see `_icmp`)."""
     if protocol == 6:
         if end - pos < 14:
             return TRUNCATED
-        return 6, src, buf[pos] << 8 | buf[pos + 1], dst, buf[pos + 2] << 8 | buf[pos + 3], buf[pos + 13], length, vlan
+        sport, dport = buf[pos] << 8 | buf[pos + 1], buf[pos + 2] << 8 | buf[pos + 3]
+        return 6, src, sport, dst, dport, buf[pos + 13], length, vlan, fragment
     if protocol in PORT_PROTOCOLS:
         if end - pos < 4:
             return TRUNCATED
-        return protocol, src, buf[pos] << 8 | buf[pos + 1], dst, buf[pos + 2] << 8 | buf[pos + 3], 0, length, vlan
+        sport, dport = buf[pos] << 8 | buf[pos + 1], buf[pos + 2] << 8 | buf[pos + 3]
+        return protocol, src, sport, dst, dport, 0, length, vlan, fragment
     if protocol in ECHO_TYPES:
-        return _icmp(buf, pos, end, protocol, src, dst, length, vlan)
-    return protocol, src, 0, dst, 0, 0, length, vlan
+        return _icmp(buf, pos, end, protocol, src, dst, length, vlan, fragment)
+    return protocol, src, 0, dst, 0, 0, length, vlan, fragment
 
 
 def _icmp(
-    buf: bytes, pos: int, end: int, protocol: int, src: bytes, dst: bytes, length: int, vlan: int
+    buf: bytes, pos: int, end: int, protocol: int, src: bytes, dst: bytes, length: int, vlan: int, fragment: int
 ) -> Parsed | str:
     """Echo request and reply: the identifier as both ports (one flow); other messages: dst_port type<<8|code."""
     if end - pos < 4:
         return TRUNCATED
     kind = buf[pos]
     if kind not in ECHO_TYPES[protocol]:
-        return protocol, src, 0, dst, kind << 8 | buf[pos + 1], 0, length, vlan
+        return protocol, src, 0, dst, kind << 8 | buf[pos + 1], 0, length, vlan, fragment
     if end - pos < 6:
         return TRUNCATED
     ident = buf[pos + 4] << 8 | buf[pos + 5]
-    return protocol, src, ident, dst, ident, 0, length, vlan
+    return protocol, src, ident, dst, ident, 0, length, vlan, fragment
 
 
 # ---- pcap and pcapng files -----------------------------------------------------------------------
