@@ -174,6 +174,59 @@ async def test_rates_between_two_polls_follow_the_traffic(snmpd: Snmpd, tmp_path
     assert lo2.in_bps > sent * 8 / 10
 
 
+def dotted(oid: tuple[int, ...]) -> str:
+    return ".".join(map(str, oid))
+
+
+NO_IFX, MIXED = "amx-noifx-4e1b", "amx-mixed-93d0"  # communities of views without ifXTable, without lo's HC counters
+VIEWS = f"""view noifx included .1
+view noifx excluded {dotted(COLUMNS["name"][:-1])}
+view mixed included .1
+view mixed excluded {dotted(COLUMNS["in_octets"])}.1
+view mixed excluded {dotted(COLUMNS["out_octets"])}.1
+rocommunity {NO_IFX} 127.0.0.1 -V noifx
+rocommunity {MIXED} 127.0.0.1 -V mixed
+"""
+
+
+async def test_a_device_without_ifxtable_gives_speed_from_ifspeed_and_rates_from_32_bit_counters(
+    tmp_path: Path,
+) -> None:
+    """snmpd seen through views: the whole MIB, no ifXTable (older and small devices), and no 64-bit
+    counters for lo only: speeds are net-snmp's ifSpeed (or ifHighSpeed), counters chosen per interface."""
+    with run_snmpd(tmp_path / "snmpd", VIEWS) as views:
+        names = ("full", "noifx", "mixed")
+        communities = zip(names, (COMMUNITY, NO_IFX, MIXED), strict=True)
+        agent = make_agent(tmp_path, targets=[target(views, name, community=c) for name, c in communities])
+        lo_in32 = f"{dotted(COLUMNS['in_octets32'])}.1"
+        before = int((await asyncio.to_thread(views.snmpget, lo_in32))[0])
+        first = {name: (await poll(agent, i))[0] for i, name in enumerate(names)}
+        after = int((await asyncio.to_thread(views.snmpget, lo_in32))[0])
+        if_speed = await asyncio.to_thread(views.snmpwalk, dotted(COLUMNS["speed"]))
+        high_speed = await asyncio.to_thread(views.snmpwalk, dotted(COLUMNS["high_speed"]))
+        no_ifx = await asyncio.to_thread(views.snmpwalk, dotted(COLUMNS["high_speed"]), NO_IFX)
+        assert list(no_ifx.values()) == ["No Such Object available on this agent at this OID"]
+        for name in names:
+            assert {i.index for i in first[name].snmp.interfaces} == set(if_speed), name
+        bits = {name: {i: octets[2] for i, octets in p.previous.octets.items()}  # type: ignore[union-attr]
+                for name, p in zip(names, agent.pollers, strict=True)}  # fmt: skip
+        assert set(bits["full"].values()) == {64} == {bits["mixed"][i] for i in if_speed if i != 1}
+        assert set(bits["noifx"].values()) == {32} == {bits["mixed"][1]}
+        by_index = {name: {i.index: i for i in first[name].snmp.interfaces} for name in names}
+        assert {i: s.speed_mbps for i, s in by_index["noifx"].items()} == {
+            i: (int(v) + 500_000) // 1_000_000 for i, v in if_speed.items()
+        }
+        assert {i: s.speed_mbps for i, s in by_index["full"].items()} == {i: int(v) for i, v in high_speed.items()}
+        assert by_index["noifx"][1].speed_mbps == by_index["full"][1].speed_mbps == 10  # lo
+        assert before <= by_index["noifx"][1].in_octets <= after
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(16):
+                s.sendto(b"\0" * 60000, ("127.0.0.1", 9))
+        await asyncio.sleep(3.2)  # snmpd caches the interface table for about 3 s
+        second = interface((await poll(agent, 1))[0], "lo")
+    assert second.in_bps > 16 * 60000 * 8 / 10
+
+
 async def test_v3_auth_priv_sha_aes(snmpd: Snmpd, tmp_path: Path) -> None:
     agent = make_agent(tmp_path, targets=[v3_target(snmpd)])
     (event,) = await poll(agent)
@@ -321,7 +374,7 @@ def _table(**columns: dict[int, Any]) -> dict[str, dict[int, Any]]:
 
     kinds = {"descr": OctetString, "name": OctetString, "admin": Integer, "oper": Integer, "in_errors": Counter32,
              "out_errors": Counter32, "in_octets32": Counter32, "out_octets32": Counter32, "in_octets": Counter64,
-             "out_octets": Counter64, "high_speed": Gauge32}  # fmt: skip
+             "out_octets": Counter64, "high_speed": Gauge32, "speed": Gauge32}  # fmt: skip
     return {name: {i: kinds[name](v) for i, v in columns.get(name, {}).items()} for name in COLUMNS}
 
 

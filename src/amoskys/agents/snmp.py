@@ -3,9 +3,11 @@
 Every target is polled in its own task every `snmp.interval_s`, with its own timeout and retries,
 so a slow or dead device delays nobody else. A poll reads sysName, sysDescr and sysUpTime, then
 walks the interface table (ifTable + ifXTable: names, status, 64-bit octet counters, errors,
-speed) with GETBULK. Octet counters become bits per second between two polls; a 32-bit counter
-(a device without ifXTable) may wrap once, a 64-bit counter that goes back, or any counter after
-the device restarted (sysUpTime went back), was reset and gives no rate for that poll. A change
+speed) with GETBULK. Each interface takes its 64-bit counters (ifHCInOctets/ifHCOutOctets) when
+the device answers them for it, else the 32-bit ones of ifTable, and ifHighSpeed when present,
+else ifSpeed. Octet counters become bits per second between two polls; a 32-bit counter may
+wrap once, a 64-bit counter that goes back, or any counter after the device restarted
+(sysUpTime went back), was reset and gives no rate for that poll. A change
 of ifOperStatus/ifAdminStatus is an INTERFACE_CHANGE event; a failed poll is a POLL_ERROR event
 and `amoskys_agent_snmp_poll_errors_total{target,reason}`. Communities and keys never appear in
 logs, events or error messages.
@@ -69,6 +71,7 @@ SYSTEM = {
 IF_TABLE, IF_X_TABLE = (1, 3, 6, 1, 2, 1, 2, 2, 1), (1, 3, 6, 1, 2, 1, 31, 1, 1, 1)
 COLUMNS: dict[str, Oid] = {  # walked side by side in one GETBULK stream
     "descr": (*IF_TABLE, 2),
+    "speed": (*IF_TABLE, 5),
     "admin": (*IF_TABLE, 7),
     "oper": (*IF_TABLE, 8),
     "in_octets32": (*IF_TABLE, 10),
@@ -204,7 +207,7 @@ class PollResult:
 def interface_stats(table: InterfaceTable, index: int) -> tuple[events_pb2.InterfaceStats, tuple[int, int, int]]:
     """One interface from the walked columns, and its octet counters (64-bit when the device has them)."""
     column = {name: values.get(index) for name, values in table.items()}
-    bits = 64 if _number(column["in_octets"]) is not None else 32
+    bits = 64 if _number(column["in_octets"]) is not None and _number(column["out_octets"]) is not None else 32
     in_octets = _number(column["in_octets" if bits == 64 else "in_octets32"]) or 0
     out_octets = _number(column["out_octets" if bits == 64 else "out_octets32"]) or 0
     stats = events_pb2.InterfaceStats(
@@ -214,9 +217,18 @@ def interface_stats(table: InterfaceTable, index: int) -> tuple[events_pb2.Inter
         admin_status=IF_STATUS.get(_number(column["admin"]) or 0, "unknown"),
         in_octets=in_octets, out_octets=out_octets,
         in_errors=_number(column["in_errors"]) or 0, out_errors=_number(column["out_errors"]) or 0,
-        speed_mbps=_number(column["high_speed"]) or 0,
+        speed_mbps=speed_mbps(column),
     )  # fmt: skip
     return stats, (in_octets, out_octets, bits)
+
+
+def speed_mbps(column: dict[str, Any]) -> int:
+    """ifHighSpeed (Mbit/s) when the device has it, else ifSpeed (bit/s) rounded to Mbit/s as IF-MIB
+    rounds ifHighSpeed (4294 for an ifSpeed at its maximum: "at least 4.29 Gbit/s")."""
+    high = _number(column["high_speed"])
+    if high is not None:
+        return high
+    return ((_number(column["speed"]) or 0) + 500_000) // 1_000_000
 
 
 def build_result(system: dict[str, Any], table: InterfaceTable, at: float, previous: Sample | None) -> PollResult:
