@@ -227,6 +227,28 @@ async def test_a_device_without_ifxtable_gives_speed_from_ifspeed_and_rates_from
     assert second.in_bps > 16 * 60000 * 8 / 10
 
 
+PASS_IF_DESCR = """#!/bin/sh
+# snmpd's pass protocol (-g get, -n getnext) for one object: ifDescr.1 as a Windows agent sends it
+column=.1.3.6.1.2.1.2.2.1.2
+if { [ "$1" = -g ] && [ "$2" = "$column.1" ]; } || { [ "$1" = -n ] && [ "$2" = "$column" ]; }; then
+  printf '%s\\noctet\\n%s\\n' "$column.1" "$2"
+fi
+"""
+
+
+async def test_nul_bytes_in_names_are_dropped_at_the_end_and_escaped_inside(tmp_path: Path) -> None:
+    descr = b"MS TCP\x00Loopback interface\x00\x00"  # a C string with its terminator, and a NUL inside
+    script = tmp_path / "if-descr.sh"
+    script.write_text(PASS_IF_DESCR.replace('"$2"\n', f'"{" ".join(f"{b:02X}" for b in descr)}"\n'))
+    script.chmod(0o755)
+    with run_snmpd(tmp_path / "snmpd", f"{VIEWS}pass {dotted(COLUMNS['descr'])} {script}\n") as device:
+        raw = await asyncio.to_thread(device.snmpget, f"{dotted(COLUMNS['descr'])}.1", community=NO_IFX)
+        assert bytes.fromhex("".join(raw)) == descr  # net-snmp prints it in hex: not text
+        agent = make_agent(tmp_path, targets=[target(device, community=NO_IFX)])
+        (event,) = await poll(agent)
+    assert [i.name for i in event.snmp.interfaces if i.index == 1] == ["MS TCP\\x00Loopback interface"]
+
+
 async def test_v3_auth_priv_sha_aes(snmpd: Snmpd, tmp_path: Path) -> None:
     agent = make_agent(tmp_path, targets=[v3_target(snmpd)])
     (event,) = await poll(agent)

@@ -19,6 +19,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ MAX_REPETITIONS = 10
 MAX_BULK_CALLS = 1000  # 10,000 rows per column: a device answering forever is cut off
 INTERFACES_PER_EVENT = 256  # keeps a POLL event well under the hub's per-event limit
 MISSING = (NoSuchObject, NoSuchInstance, EndOfMibView)
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 # (column name -> {ifIndex -> value}) as walked
 InterfaceTable = dict[str, dict[int, Any]]
@@ -149,7 +151,12 @@ def counter_delta(previous: int, current: int, bits: int) -> int | None:
 
 
 def _text(value: Any) -> str:
-    return "" if value is None or isinstance(value, MISSING) else bytes(value).decode("utf-8", "replace")
+    """A DisplayString as text: trailing NULs (a C string sent with its terminator) dropped, other
+    control characters escaped as \\xNN (tab and line ends kept: multi-line sysDescr)."""
+    if value is None or isinstance(value, MISSING):
+        return ""
+    text = bytes(value).rstrip(b"\0").decode("utf-8", "replace")
+    return CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def _number(value: Any) -> int | None:
