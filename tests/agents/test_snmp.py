@@ -145,7 +145,7 @@ async def test_v2c_poll_matches_snmpget(snmpd: Snmpd, tmp_path: Path) -> None:
     assert before <= lo.in_octets <= after, "lo's ifHCInOctets between two snmpget readings"
     assert lo.oper_status == {"1": "up", "2": "down"}[oper] == "up"
     assert lo.admin_status == "up"
-    assert (lo.in_bps, lo.out_bps) == (0, 0), "no rate before a second poll"
+    assert not lo.HasField("in_bps") and not lo.HasField("out_bps"), "no rate before a second poll"
     assert counter(agent, "amoskys_agent_snmp_polls_total", target="dev") == 1
 
 
@@ -412,13 +412,16 @@ def test_rates_wraps_resets_restarts_and_status_changes() -> None:
                                  in_octets32={2: 1000}, out_octets32={2: 1010}), 110.0, first.sample,
     )  # fmt: skip
     wide, narrow = second.interfaces
-    assert (wide.name, wide.speed_mbps, wide.in_bps, wide.out_bps) == ("ge-0/0/1", 1000, 0.0, 800.0)  # 64-bit reset
+    assert (wide.name, wide.speed_mbps, wide.HasField("in_bps"), wide.out_bps) == ("ge-0/0/1", 1000, False, 800.0)
     assert (narrow.in_bps, narrow.out_bps) == (2000 * 8 / 10, 1000 * 8 / 10)  # 32-bit wrap
     assert [(s.name, s.oper_status, was) for s, was in second.changes] == [("ge-0/0/1", "down", ("up", "up"))]
     restarted = build_result(
         {"uptime": 5}, _table(**later, in_octets={1: 9000}, out_octets={1: 9000}), 120.0, second.sample
     )
-    assert [(i.in_bps, i.out_bps) for i in restarted.interfaces] == [(0.0, 0.0), (0.0, 0.0)]
+    assert [(i.HasField("in_bps"), i.HasField("out_bps")) for i in restarted.interfaces] == [(False, False)] * 2
+    idle = build_result({"uptime": 6}, _table(**later, in_octets={1: 9000}, out_octets={1: 9000}), 130.0,
+                        restarted.sample)  # fmt: skip
+    assert [(i.HasField("in_bps"), i.in_bps, i.out_bps) for i in idle.interfaces] == [(True, 0.0, 0.0)] * 2
 
 
 async def test_interface_change_events(tmp_path: Path) -> None:

@@ -239,7 +239,8 @@ def speed_mbps(column: dict[str, Any]) -> int:
 
 
 def build_result(system: dict[str, Any], table: InterfaceTable, at: float, previous: Sample | None) -> PollResult:
-    """Interfaces with rates against `previous` (none after a restart or reset), and status changes."""
+    """Interfaces with rates against `previous` (absent on the first poll, after a restart or reset), and
+    status changes."""
     uptime = _number(system.get("uptime")) or 0
     restarted = previous is not None and uptime < previous.uptime
     elapsed = at - previous.at if previous else 0.0
@@ -254,8 +255,10 @@ def build_result(system: dict[str, Any], table: InterfaceTable, at: float, previ
         if before is not None and before[2] == octets[2] and elapsed > 0:
             in_delta = counter_delta(before[0], octets[0], octets[2])
             out_delta = counter_delta(before[1], octets[1], octets[2])
-            stats.in_bps = in_delta * 8 / elapsed if in_delta is not None else 0.0
-            stats.out_bps = out_delta * 8 / elapsed if out_delta is not None else 0.0
+            if in_delta is not None:  # else absent: no rate (a reset), which 0 bit/s would misstate
+                stats.in_bps = in_delta * 8 / elapsed
+            if out_delta is not None:
+                stats.out_bps = out_delta * 8 / elapsed
         result.interfaces.append(stats)
         was = previous.status.get(index) if previous else None
         if was is not None and was != sample.status[index]:
