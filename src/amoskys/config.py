@@ -259,12 +259,15 @@ class SnmpTarget(Section, frozen=True):
     auth_key: str = ""
     priv_protocol: SnmpPrivProtocol = "AES"
     priv_key: str = ""
+    context: Annotated[str, msgspec.Meta(max_length=32)] = ""  # SNMPv3 contextName (VRF, instance); "": default
     timeout_s: Seconds = 2.0
     retries: NonNegative = 1
 
     def __post_init__(self) -> None:
         if self.version == "2c" and not self.community:
             raise ValueError("community: version 2c needs a community")
+        if self.version == "2c" and self.context:
+            raise ValueError("context: a context name is SNMPv3's; with 2c the community selects the context")
         if self.version == 3:
             _check_usm(self.user, self.auth_key, self.priv_key)
 

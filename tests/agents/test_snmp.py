@@ -264,6 +264,24 @@ async def test_v3_auth_priv_sha256_aes256(snmpd: Snmpd, tmp_path: Path) -> None:
     assert (event.snmp.kind, event.snmp.sys_name) == (Kind.POLL, SYS_NAME), event.snmp.error
 
 
+async def test_v3_context_selects_what_the_device_serves_in_that_context(tmp_path: Path) -> None:
+    """snmpd serves context vrf-blue by proxying it to a second snmpd (net-snmp's `proxy -Cn`), whose
+    sysDescr differs: a target with `context: vrf-blue` polls that one, one without the default."""
+    with run_snmpd(tmp_path / "inner", "sysdescr vrf-blue device\n") as inner:
+        contexts = (f"proxy -Cn vrf-blue -v 2c -c {COMMUNITY} {inner.address} .1.3\n"
+                    f"view all included .1\nrouser {V3_USER} priv -V all vrf-blue\n")  # fmt: skip
+        with run_snmpd(tmp_path / "outer", contexts) as outer:
+            targets = [v3_target(outer, "default"), v3_target(outer, "blue", context="vrf-blue"),
+                       v3_target(outer, "nosuch", context="nosuch")]  # fmt: skip
+            agent = make_agent(tmp_path, targets=targets)
+            default, blue, nosuch = [(await poll(agent, i))[0] for i in range(3)]
+    assert (default.snmp.kind, default.snmp.sys_descr) == (Kind.POLL, SYS_DESCR), default.snmp.error
+    assert (blue.snmp.kind, blue.snmp.sys_descr) == (Kind.POLL, "vrf-blue device"), blue.snmp.error
+    assert interface(blue, "lo").oper_status == "up"  # the interface walk went through the context too
+    assert nosuch.snmp.kind == Kind.POLL_ERROR  # net-snmp does not answer for a context it lacks
+    assert nosuch.snmp.error.endswith("a wrong priv_key/priv_protocol, or no context 'nosuch' there?")
+
+
 @pytest.mark.parametrize(
     ("fields", "reason", "message", "secret"),
     [
@@ -581,6 +599,8 @@ async def test_ipv6_target_and_trap_receiver(snmpd: Snmpd, tmp_path: Path) -> No
          "key 'snmp.targets[0].version': expected one of '2c', 3, got 1"),
         ("targets: [{name: sw1, address: 10.0.0.1, version: 2c}]",
          "key 'snmp.targets[0].community': version 2c needs a community"),
+        ("targets: [{name: sw1, address: 10.0.0.1, community: c, context: vrf1}]",
+         "key 'snmp.targets[0].context': a context name is SNMPv3's"),
         ("targets: [{name: sw1, address: a, community: c, auth_protocol: MD5}]",
          "key 'snmp.targets[0].auth_protocol': expected one of 'SHA', 'SHA256', 'SHA512', got 'MD5'"),
         ("targets: [{name: sw1, address: a, community: c}, {name: sw1, address: b, community: c}]",

@@ -267,6 +267,8 @@ def build_result(system: dict[str, Any], table: InterfaceTable, at: float, previ
 
 
 def _timeout_hint(target: SnmpTarget) -> str:
+    if target.version == 3 and target.context:
+        return f"device down or unreachable, a wrong priv_key/priv_protocol, or no context {target.context!r} there?"
     if target.version == 3:
         return "device down or unreachable, or a wrong priv_key/priv_protocol?"
     return "device down or unreachable, a wrong community, or this address not allowed?"
@@ -305,6 +307,7 @@ class TargetPoller:
         self.engine = engine
         self.secrets = secrets
         self.previous: Sample | None = None
+        self.context = ContextData(contextName=target.context.encode())
         if target.version == 3:
             self.auth = UsmUserData(
                 target.user, authKey=target.auth_key, privKey=target.priv_key,
@@ -347,7 +350,7 @@ class TargetPoller:
 
     async def _system(self, transport: Any) -> dict[str, Any]:
         objects = [ObjectType(ObjectIdentity(oid)) for oid in SYSTEM.values()]
-        found = await get_cmd(self.engine, self.auth, transport, ContextData(), *objects, lookupMib=False)
+        found = await get_cmd(self.engine, self.auth, transport, self.context, *objects, lookupMib=False)
         self._check(*found)
         values = {tuple(oid): value for oid, value in found[3]}
         return {name: values.get(oid) for name, oid in SYSTEM.items()}
@@ -355,7 +358,7 @@ class TargetPoller:
     async def _bulk(self, transport: Any, oids: list[Oid]) -> list[tuple[Oid, Any]]:
         objects = [ObjectType(ObjectIdentity(oid)) for oid in oids]
         found = await bulk_cmd(
-            self.engine, self.auth, transport, ContextData(), 0, MAX_REPETITIONS, *objects, lookupMib=False
+            self.engine, self.auth, transport, self.context, 0, MAX_REPETITIONS, *objects, lookupMib=False
         )
         self._check(*found)
         return [(tuple(oid), value) for oid, value in found[3]]
