@@ -567,6 +567,9 @@ async def test_v3_trap_and_inform(tmp_path: Path) -> None:
     assert events[0].snmp.varbinds["1.3.6.1.4.1.8072.2.3.2.1"] == "42"
     assert len(seen) == 2, "the trap with a wrong privacy key is refused"
     assert counter(agent, "amoskys_agent_snmp_traps_rejected_total", reason="decryption_error") == 1
+    # snmpinform first learns this receiver's engine ID (RFC 3414 4): protocol, not a rejection
+    assert counter(agent, "amoskys_agent_snmp_engine_discoveries_total") == 1
+    assert counter(agent, "amoskys_agent_snmp_traps_rejected_total", reason="unknown_engine_id") == 0
 
 
 async def test_ipv6_target_and_trap_receiver(snmpd: Snmpd, tmp_path: Path) -> None:

@@ -396,10 +396,11 @@ def engine_slots(targets: list[SnmpTarget]) -> list[int]:
 
 
 class TrapRejections(Collector):
-    """`amoskys_agent_snmp_traps_rejected_total{reason}`, read from the receiver when scraped."""
+    """`amoskys_agent_snmp_traps_rejected_total{reason}` and `_engine_discoveries_total`, read from the
+    receiver when scraped."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
-        self.counts = counts
+    def __init__(self, counts: Callable[[], dict[str, int]], discoveries: Callable[[], int]) -> None:
+        self.counts, self.discoveries = counts, discoveries
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         family = CounterMetricFamily(
@@ -408,6 +409,11 @@ class TrapRejections(Collector):
         for reason, count in sorted(self.counts().items()):
             family.add_metric([reason], count)
         yield family
+        yield CounterMetricFamily(
+            "amoskys_agent_snmp_engine_discoveries",
+            "SNMPv3 engine-ID discovery requests answered (inform senders learning this engine's ID)",
+            value=self.discoveries(),
+        )
 
 
 class SnmpAgent(Agent):
@@ -437,7 +443,7 @@ class SnmpAgent(Agent):
     def register_metrics(self, registry: CollectorRegistry) -> None:
         for collector in self.metrics.collectors():
             registry.register(collector)
-        registry.register(TrapRejections(self.trap_rejections))
+        registry.register(TrapRejections(self.trap_rejections, self.engine_discoveries))
 
     def reload(self, config: AgentConfig) -> None:
         """SIGHUP: a new interval applies at once; targets and trap settings need a restart."""
@@ -548,6 +554,9 @@ class SnmpAgent(Agent):
         labels = {"source": trap.source, "version": trap.version} | ({"user": trap.user} if trap.user else {})
         severity = events_pb2.SEVERITY_WARNING if trap.trap_oid in WARNING_TRAPS else events_pb2.SEVERITY_INFO
         return self.event(severity, snmp=body, labels=labels)
+
+    def engine_discoveries(self) -> int:
+        return self.receiver.discoveries if self.receiver is not None else 0
 
     def trap_rejections(self) -> dict[str, int]:
         """Traps refused by the receiver, by reason, plus those dropped because the agent fell behind."""
