@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -350,6 +351,38 @@ async def test_a_dead_target_does_not_delay_the_others(snmpd: Snmpd, tmp_path: P
     times = {e.snmp.target: (t, e.snmp.kind) for t, e in seen}
     assert times["live"][1] == Kind.POLL and times["live"][0] < 1.0, times
     assert times["dead"][1] == Kind.POLL_ERROR and times["dead"][0] >= 1.9, times  # 2 attempts of 1 s
+
+
+async def test_with_thirteen_targets_a_timeout_is_its_own_length_and_the_others_keep_their_schedule(
+    snmpd: Snmpd, tmp_path: Path
+) -> None:
+    """Twelve live targets polled every 2.5 s and a dead one (two attempts of 1 s): its POLL_ERROR comes
+    when its attempts are over by the clock (late only by the event loop's own latency on this busy
+    machine, measured beside it), and each live target's polls come an interval apart."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        dead = target(snmpd, "dead", port=silent.getsockname()[1], timeout_s=1.0, retries=1)
+        live = [target(snmpd, f"live{i}", timeout_s=2.0) for i in range(12)]
+        agent = make_agent(tmp_path, targets=[dead, *live], interval_s=2.5)
+        lags: list[float] = []
+
+        async def probe() -> None:  # how late the event loop runs a timer (this machine may be busy)
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                lags.append(time.monotonic() - before - 0.01)
+
+        prober = asyncio.create_task(probe())
+        async with collecting(agent) as wait:
+            seen = await wait(lambda events: sum(e.snmp.kind == Kind.POLL for e in events) >= 36, timeout=15)
+        prober.cancel()
+    late = max(lags)  # each clock deadline may run that late, never more (pysnmp's ticks added up: 4 s)
+    errors = [t for t, e in seen if e.snmp.target == "dead"]
+    assert 2.0 <= errors[0] < 2.0 + 2 * late + 0.1, (errors, late)  # 2 attempts of 1 s
+    for name in (f"live{i}" for i in range(12)):
+        polls = [t for t, e in seen if e.snmp.target == name and e.snmp.kind == Kind.POLL]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(polls)]
+        assert len(polls) >= 2 and all(abs(gap - 2.5) < 0.75 + 2 * late for gap in gaps), (name, polls, late)
 
 
 async def test_one_v3_user_name_with_two_sets_of_keys(snmpd: Snmpd, tmp_path: Path) -> None:

@@ -1,16 +1,16 @@
 """snmp: polls SNMP devices (system group, IF-MIB counters as rates, interface changes) and receives traps.
 
-Every target is polled in its own task every `snmp.interval_s`, with its own timeout and retries,
-so a slow or dead device delays nobody else. A poll reads sysName, sysDescr and sysUpTime, then
-walks the interface table (ifTable + ifXTable: names, status, 64-bit octet counters, errors,
-speed) with GETBULK. Each interface takes its 64-bit counters (ifHCInOctets/ifHCOutOctets) when
-the device answers them for it, else the 32-bit ones of ifTable, and ifHighSpeed when present,
-else ifSpeed. Octet counters become bits per second between two polls; a 32-bit counter may
-wrap once, a 64-bit counter that goes back, or any counter after the device restarted
-(sysUpTime went back), was reset and gives no rate for that poll. A change
-of ifOperStatus/ifAdminStatus is an INTERFACE_CHANGE event; a failed poll is a POLL_ERROR event
-and `amoskys_agent_snmp_poll_errors_total{target,reason}`. Communities and keys never appear in
-logs, events or error messages.
+Every target is polled in its own task every `snmp.interval_s`, with its own timeout and retries
+(kept by the clock, not by pysnmp's timer ticks), so a slow or dead device delays nobody else. A
+poll reads sysName, sysDescr and sysUpTime, then walks the interface table (ifTable + ifXTable:
+names, status, 64-bit octet counters, errors, speed) with GETBULK. Each interface takes its 64-bit
+counters (ifHCInOctets/ifHCOutOctets) when the device answers them for it, else the 32-bit ones of
+ifTable, and ifHighSpeed when present, else ifSpeed. Octet counters become bits per second between
+two polls; a 32-bit counter may wrap once, a 64-bit counter that goes back, or any counter after the
+device restarted (sysUpTime went back), was reset and gives no rate for that poll. A change of
+ifOperStatus/ifAdminStatus is an INTERFACE_CHANGE event; a failed poll is a POLL_ERROR event and
+`amoskys_agent_snmp_poll_errors_total{target,reason}`. Communities and keys never appear in logs,
+events or error messages.
 """
 
 from __future__ import annotations
@@ -317,12 +317,27 @@ class TargetPoller:
             self.auth = CommunityData(target.community, mpModel=1)  # noqa: S508 - v2c when configured so
 
     async def _transport(self) -> Any:
+        """pysnmp counts its timeouts in ticks of its event-loop timer, which fall behind on a busy loop
+        (a 2 s timeout took 4 s beside 12 busy targets): the poller keeps its own clock and retries
+        (`_request`); pysnmp's timeout, a second later, only clears what it still waits for."""
         target = self.target
         kind = Udp6TransportTarget if ":" in target.address else UdpTransportTarget
         try:
-            return await kind.create((target.address, target.port), timeout=target.timeout_s, retries=target.retries)
+            return await kind.create((target.address, target.port), timeout=target.timeout_s + 1, retries=0)
         except PySnmpError as exc:
             raise PollError("resolve", redact(f"cannot resolve {target.address!r}: {exc}", self.secrets)) from None
+
+    async def _request(self, send: Callable[[], Awaitable[Any]]) -> Any:
+        """One request, `retries` + 1 attempts of `timeout_s` each by the clock; the answer, checked."""
+        for _ in range(self.target.retries + 1):
+            try:
+                async with asyncio.timeout(self.target.timeout_s):
+                    found = await send()
+            except TimeoutError:
+                continue
+            self._check(*found)
+            return found
+        raise classify(self.target, errind.requestTimedOut, self.secrets)
 
     def _check(self, indication: Any, status: Any, index: Any, var_binds: Any) -> None:
         if indication:
@@ -350,17 +365,19 @@ class TargetPoller:
 
     async def _system(self, transport: Any) -> dict[str, Any]:
         objects = [ObjectType(ObjectIdentity(oid)) for oid in SYSTEM.values()]
-        found = await get_cmd(self.engine, self.auth, transport, self.context, *objects, lookupMib=False)
-        self._check(*found)
+        found = await self._request(
+            lambda: get_cmd(self.engine, self.auth, transport, self.context, *objects, lookupMib=False)
+        )
         values = {tuple(oid): value for oid, value in found[3]}
         return {name: values.get(oid) for name, oid in SYSTEM.items()}
 
     async def _bulk(self, transport: Any, oids: list[Oid]) -> list[tuple[Oid, Any]]:
         objects = [ObjectType(ObjectIdentity(oid)) for oid in oids]
-        found = await bulk_cmd(
-            self.engine, self.auth, transport, self.context, 0, MAX_REPETITIONS, *objects, lookupMib=False
+        found = await self._request(
+            lambda: bulk_cmd(
+                self.engine, self.auth, transport, self.context, 0, MAX_REPETITIONS, *objects, lookupMib=False
+            )
         )
-        self._check(*found)
         return [(tuple(oid), value) for oid, value in found[3]]
 
 
