@@ -202,26 +202,10 @@ class FlowTable:
             self.expire(ts)
         protocol, src, sport, dst, dport, flags, length, vlan, fragment = packet
         if fragment:
-            self._add_fragment(ts, iface, packet)
-        else:
-            self._count(ts, iface, protocol, src, sport, dst, dport, flags, length, vlan)
-
-    def _add_fragment(self, ts: int, iface: int, packet: Parsed) -> None:
-        """A fragment: the first counts with its ports (and the later ones held for it), a later one
-        with its datagram's ports once known."""
-        protocol, src, sport, dst, dport, flags, length, vlan, fragment = packet
-        key = src + dst + _fragment_tail(fragment >> 2, vlan, iface)
-        if fragment & FRAGMENT_FIRST:
-            self._count(ts, iface, protocol, src, sport, dst, dport, flags, length, vlan)
-            for held in self.fragments.first(key, ts, sport, dport):
-                self._count(ts, iface, protocol, src, sport, dst, dport, 0, held, vlan)
-            return
-        ports = self.fragments.later(key, ts, length)
-        if ports is not None:
-            self._count(ts, iface, protocol, src, ports[0], dst, ports[1], 0, length, vlan)
-
-    def _count(self, ts: int, iface: int, protocol: int, src: bytes, sport: int, dst: bytes, dport: int,
-               flags: int, length: int, vlan: int) -> None:  # fmt: skip
+            ports = self._fragment_ports(ts, iface, packet)
+            if ports is None:
+                return
+            sport, dport = ports
         low_sends = src < dst or (src == dst and sport <= dport)
         if low_sends:
             key = src + dst + _key_tail(sport, dport, protocol, vlan, iface)
@@ -244,6 +228,17 @@ class FlowTable:
             self.flags[row] |= flags << 8
         if flags & (FIN | RST) and protocol == 6:
             self._tcp_end(row, flags, low_sends, ts)
+
+    def _fragment_ports(self, ts: int, iface: int, packet: Parsed) -> tuple[int, int] | None:
+        """A fragment's ports: a first fragment's own (the later ones held for it are counted now), a
+        later one's from its datagram's first; None while that has not come (it is held)."""
+        protocol, src, sport, dst, dport, _, length, vlan, fragment = packet
+        key = src + dst + _fragment_tail(fragment >> 2, vlan, iface)
+        if fragment & FRAGMENT_FIRST:
+            for held in self.fragments.first(key, ts, sport, dport):
+                self.add(ts, iface, (protocol, src, sport, dst, dport, 0, held, vlan, 0))
+            return sport, dport
+        return self.fragments.later(key, ts, length)
 
     def _row_after_deadline(self, key: bytes, row: int | None, ts: int, low_sends: bool, syn_ack: bool) -> int:
         """The row for a packet of a new flow, or of a flow past a deadline (which may end it first)."""
