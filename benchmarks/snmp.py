@@ -5,6 +5,7 @@
     python benchmarks/snmp.py --part process      # `amoskys agent snmp` against snmpd, through a hub:
                                                   # one v2c target; then five targets and the trap receiver
     python benchmarks/snmp.py --part latency      # in-process poll latency (v2c, v3 SHA/AES)
+    python benchmarks/snmp.py --part timeouts     # a dead target's timeout beside 12 busy ones
     python benchmarks/snmp.py --part imports      # resident memory of what the agent imports
 
 Everything runs for real: Debian's snmpd on loopback (tests/snmpd.py), `amoskys eventbus` and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import sqlite3
@@ -222,6 +224,44 @@ async def poll_latency(snmpd: Snmpd, polls: int) -> dict[str, Any]:
     return result
 
 
+async def timeout_beside_busy_targets(snmpd: Snmpd, rounds: int = 5) -> dict[str, Any]:
+    """A dead target (2 attempts of 1 s) polled at once with 12 live ones, on one engine: how long its
+    timeout takes by the clock (2 s ideally), and how late the event loop ran timers meanwhile."""
+    import msgspec
+    from pysnmp.hlapi.v3arch.asyncio import SnmpEngine
+
+    from amoskys.agents.snmp import PollError, TargetPoller
+    from amoskys.config import SnmpTarget
+
+    lags: list[float] = []
+
+    async def probe() -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - before - 0.01)
+
+    async def dead_poll(poller: TargetPoller) -> float:
+        started = time.perf_counter()
+        with contextlib.suppress(PollError):
+            await poller.poll()
+        return time.perf_counter() - started
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        engine = SnmpEngine()
+        spec = targets(snmpd, silent.getsockname()[1])
+        live = [TargetPoller(msgspec.convert(spec[0] | {"name": f"t{i}"}, SnmpTarget), engine, []) for i in range(12)]
+        dead = TargetPoller(msgspec.convert(spec[-1], SnmpTarget), engine, [])
+        prober = asyncio.create_task(probe())
+        took = []
+        for _ in range(rounds):
+            took.append((await asyncio.gather(dead_poll(dead), *(p.poll() for p in live)))[0])
+        prober.cancel()
+    return {"part": "timeouts", "rounds": rounds, "dead_timeout_configured_s": 2.0,
+            "dead_timeout_took_s": [round(t, 2) for t in took], "loop_lag_max_s": round(max(lags), 3)}  # fmt: skip
+
+
 def import_cost() -> dict[str, Any]:
     """Peak RSS of a fresh interpreter after each import (what the agent process pays for them)."""
     agent = "import amoskys.agents.runtime, amoskys.agents.snmp as s"
@@ -243,7 +283,7 @@ def import_cost() -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["process", "latency", "imports", "all"], default="all")
+    parser.add_argument("--part", choices=["process", "latency", "timeouts", "imports", "all"], default="all")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the agent process is watched")
     parser.add_argument("--interval", type=float, default=5.0, help="snmp.interval_s of the agent process")
     parser.add_argument("--traps", type=int, default=100)
@@ -256,6 +296,8 @@ def main() -> int:
                 print(json.dumps(import_cost()), flush=True)
             if args.part in ("latency", "all"):
                 print(json.dumps(asyncio.run(poll_latency(snmpd, args.polls))), flush=True)
+            if args.part in ("timeouts", "all"):
+                print(json.dumps(asyncio.run(timeout_beside_busy_targets(snmpd))), flush=True)
             if args.part in ("process", "all"):
                 for scenario in ("single", "lab"):
                     print(json.dumps(process_part(work, snmpd, scenario, args)), flush=True)

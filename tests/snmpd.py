@@ -47,16 +47,24 @@ class Snmpd:
         client = str(self.root / "client")
         return {**os.environ, "SNMPCONFPATH": client, "SNMP_PERSISTENT_DIR": client, "MIBS": ""}
 
-    def snmpget(self, *oids: str, user: str = "") -> list[str]:
+    def snmpget(self, *oids: str, user: str = "", community: str = COMMUNITY) -> list[str]:
         """Values as net-snmp prints them (-Oqv), strings unquoted; v2c, or v3 authPriv as `user`."""
+        out = self._run("snmpget", "-Oqv", *oids, user=user, community=community)
+        return [line.strip().strip('"') for line in out.splitlines()]
+
+    def snmpwalk(self, oid: str, community: str = COMMUNITY) -> dict[int, str]:
+        """A table column as net-snmp walks it (v2c): {last index: value as printed, unquoted}."""
+        rows = (line.split(" ", 1) for line in self._run("snmpwalk", "-Oq", oid, community=community).splitlines())
+        return {int(name.rsplit(".", 1)[1]): value.strip().strip('"') for name, value in rows if name.startswith(".")}
+
+    def _run(self, tool: str, *args: str, user: str = "", community: str = COMMUNITY) -> str:
         if user:
             auth, auth_key, priv, priv_key = V3_USERS[user]
             security = ["-v3", "-l", "authPriv", "-u", user, "-a", auth, "-A", auth_key, "-x", priv, "-X", priv_key]
         else:
-            security = ["-v2c", "-c", COMMUNITY]
-        args = ["snmpget", *security, "-On", "-Oqv", "-t", "1", self.address, *oids]
-        out = subprocess.run(args, capture_output=True, text=True, env=self.env(), check=True).stdout
-        return [line.strip().strip('"') for line in out.splitlines()]
+            security = ["-v2c", "-c", community]
+        command = [tool, *security, "-On", "-t", "1", self.address, *args]
+        return subprocess.run(command, capture_output=True, text=True, env=self.env(), check=True).stdout
 
 
 def _config(root: Path, port: int, extra: str) -> str:

@@ -186,7 +186,7 @@ class AuthConfig(Section, frozen=True):
 
 class FlowConfig(Section, frozen=True):
     interfaces: list[str] = msgspec.field(default_factory=list)
-    bpf: str = "ip or ip6"
+    bpf: str = "ip or ip6 or ether proto 0x8847 or ether proto 0x8848"  # IP, and IP inside MPLS
     idle_timeout_s: Seconds = 15.0
     active_timeout_s: Seconds = 60.0
     max_flows: Positive = 60_000  # a full table keeps the agent within 70 MB (BENCHMARKS.md)
@@ -272,12 +272,15 @@ class SnmpTarget(Section, frozen=True):
     auth_key: str = ""
     priv_protocol: SnmpPrivProtocol = "AES"
     priv_key: str = ""
+    context: Annotated[str, msgspec.Meta(max_length=32)] = ""  # SNMPv3 contextName (VRF, instance); "": default
     timeout_s: Seconds = 2.0
     retries: NonNegative = 1
 
     def __post_init__(self) -> None:
         if self.version == "2c" and not self.community:
             raise ValueError("community: version 2c needs a community")
+        if self.version == "2c" and self.context:
+            raise ValueError("context: a context name is SNMPv3's; with 2c the community selects the context")
         if self.version == 3:
             _check_usm(self.user, self.auth_key, self.priv_key)
 

@@ -10,6 +10,7 @@ to a pcap and replayed), and on a lab uplink through the runtime into a live hub
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -34,7 +35,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, CookedLinux, Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
-from scapy.utils import PcapNgWriter, PcapWriter, RawPcapWriter, wrpcap
+from scapy.utils import PcapNgWriter, PcapWriter, RawPcapReader, RawPcapWriter, wrpcap
 
 from amoskys.agents.flow import FlowAgent
 from amoskys.agents.packets import (
@@ -207,24 +208,60 @@ async def test_vlans_ipv6_extension_headers_fragments_and_icmp(tmp_path: Path) -
         (17, A, 1, B, 2, 42): (1, 29, 1, 29),  # 802.1Q
         (17, A, 1, B, 2, 100): (1, 29, 0, 0),  # 802.1ad outside 802.1Q: the outer tag counts (as live)
         (6, v6a, 3, v6b, 22, 0): (1, 40 + 8 + 20, 1, 40 + 20),
-        (17, v6a, 9, v6b, 10, 0): (1, 40 + 8 + 9, 0, 0),  # a first fragment has the ports
-        (17, v6a, 0, v6b, 0, 0): (1, 40 + 8 + 8, 0, 0),  # later fragments do not
+        (17, v6a, 9, v6b, 10, 0): (2, 40 + 8 + 9 + 40 + 8 + 8, 0, 0),  # the later fragment takes the first's ports
         (1, A, 77, B, 77, 0): (1, 84, 1, 84),  # echo: the identifier as both ports, one flow
         (1, B, 0, A, 3 << 8 | 3, 0): (1, 20 + 8 + 28, 0, 0),  # unreachable: type<<8|code
         (58, v6a, 5, v6b, 5, 0): (1, 48, 1, 48),
-        (17, A, 4000, B, 4001, 0): (1, len(pieces[0]), 0, 0),
-        (17, A, 0, B, 0, 0): (len(pieces) - 1, sum(len(p) for p in pieces[1:]), 0, 0),
+        (17, A, 4000, B, 4001, 0): (len(pieces), sum(len(p) for p in pieces), 0, 0),
     }  # fmt: skip
+
+
+def v4_fragments(src: str, ident: int, sport: int, size: int = 3000) -> list[Packet]:
+    whole = IP(src=src, dst=B, id=ident) / UDP(sport=sport, dport=53) / (b"f" * size)
+    return [ETHER / piece for piece in fragment(whole, fragsize=1000)]
+
+
+def v6_fragments(ident: int, size: int = 2500) -> list[Packet]:
+    from scapy.layers.inet6 import fragment6
+
+    whole = IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrFragment(id=ident) / UDP(sport=7, dport=8) / (b"g" * size)
+    return [ETHER / piece for piece in fragment6(whole, 1280)]
+
+
+async def test_fragments_count_into_their_datagrams_flow_in_any_order_and_the_lost_are_counted(
+    tmp_path: Path,
+) -> None:
+    reordered = v4_fragments(A, 100, 5000)  # the first fragment last
+    same_id_other_source = v4_fragments(C, 100, 6000)
+    first_lost = v4_fragments(A, 101, 5000)[1:]
+    six = v6_fragments(0x12345678)
+    packets = [*reordered[1:], reordered[0], *same_id_other_source, *first_lost, six[2], six[0], six[1]]
+    late = at(30, v4_fragments(A, 100, 5000)[2])  # its datagram was forgotten (5 s): its first never comes
+    agent, flows = await replay([*(at(i * 0.001, p) for i, p in enumerate(packets)), late], tmp_path)
+    got = {summary(f)[:5]: (f.packets_out, f.bytes_out) for f in flows}
+    assert got == {
+        (17, A, 5000, B, 53): (len(reordered), sum(len(p[IP]) for p in reordered)),
+        (17, C, 6000, B, 53): (len(same_id_other_source), sum(len(p[IP]) for p in same_id_other_source)),
+        (17, "fd00::1", 7, "fd00::2", 8): (3, sum(len(p[IPv6]) for p in six)),
+    }
+    assert agent.table.fragments.unattributed == len(first_lost) + 1
+    registry = CollectorRegistry()
+    agent.register_metrics(registry)
+    assert registry.get_sample_value("amoskys_agent_flow_fragments_unattributed_total") == len(first_lost) + 1
 
 
 async def test_frames_that_are_not_ip_or_are_cut_short_are_counted_not_fatal(tmp_path: Path) -> None:
     whole = bytes(udp(A, B, 1, 2))
     arp = ETHER / ARP(psrc=A, pdst=B, hwsrc=ETHER.src, hwdst="00:00:00:00:00:00")
+    mpls = whole[:12] + b"\x88\x47"
+    pseudowire = mpls + mpls_stack([100]) + bytes(4) + whole  # a control word (RFC 4385), then Ethernet
     bad = {
-        NON_IP: [bytes(arp), bytes(Ether(type=0x88CC) / b"lldp")],
+        NON_IP: [bytes(arp), bytes(Ether(type=0x88CC) / b"lldp"), pseudowire],
         TRUNCATED: [whole[:10], whole[:14 + 12], whole[:14 + 20 + 2], bytes(ETHER / Dot1Q(vlan=3))[:16],
-                    bytes(ETHER / IPv6(src="fd00::1", dst="fd00::2"))[:14 + 30]],
-        MALFORMED: [whole[:14] + bytes([0x43]) + whole[15:], whole[:14] + bytes([0x65]) + whole[15:]],
+                    bytes(ETHER / IPv6(src="fd00::1", dst="fd00::2"))[:14 + 30], mpls + mpls_stack([16, 17])[:6],
+                    mpls + mpls_stack([16])],
+        MALFORMED: [whole[:14] + bytes([0x43]) + whole[15:], whole[:14] + bytes([0x65]) + whole[15:],
+                    mpls + mpls_stack([16] * 18)[:-4] + whole[14:]],  # 17 labels, none the bottom
     }  # fmt: skip
     frames = [frame for group in bad.values() for frame in group] + [whole]
     path = tmp_path / "bad-frames.pcap"
@@ -367,11 +404,16 @@ LIBC = ctypes.CDLL(None, use_errno=True)
 
 @dataclass
 class VethLink:
-    """Namespaces a and b joined by a veth pair, IPv6 off and neighbours static: only our traffic on it."""
+    """Namespaces a and b joined by a veth pair, neighbours static: only our traffic on it. IPv6 is off
+    unless `ipv6` (then fd00:88::1 and ::2, no duplicate detection); `mtu` 0 keeps the veth's 1500."""
 
     tag: str
+    ipv6: bool = False
+    mtu: int = 0
     ip_a: str = "10.88.0.1"
     ip_b: str = "10.88.0.2"
+    ip6_a: str = "fd00:88::1"
+    ip6_b: str = "fd00:88::2"
 
     @property
     def ns_a(self) -> str:
@@ -385,23 +427,32 @@ class VethLink:
     def if_a(self) -> str:
         return f"fa{self.tag}"
 
+    @property
+    def if_b(self) -> str:
+        return f"fb{self.tag}"
+
     def build(self) -> None:
-        if_b = f"fb{self.tag}"
         for namespace in (self.ns_a, self.ns_b):
             ip("netns", "add", namespace)
             sysctl = ["ip", "netns", "exec", namespace, "sysctl", "-qw"]
-            subprocess.run([*sysctl, "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"],
-                           check=True)  # fmt: skip
-        ip("link", "add", self.if_a, "netns", self.ns_a, "type", "veth", "peer", "name", if_b, "netns", self.ns_b)
+            off = int(not self.ipv6)
+            subprocess.run([*sysctl, f"net.ipv6.conf.all.disable_ipv6={off}",
+                            f"net.ipv6.conf.default.disable_ipv6={off}"], check=True)  # fmt: skip
+        ip("link", "add", self.if_a, "netns", self.ns_a, "type", "veth", "peer", "name", self.if_b, "netns", self.ns_b)
+        sides = ((self.ns_a, self.if_a, self.ip_a, self.ip6_a), (self.ns_b, self.if_b, self.ip_b, self.ip6_b))
         macs = {}
-        for namespace, interface, address in ((self.ns_a, self.if_a, self.ip_a), (self.ns_b, if_b, self.ip_b)):
+        for namespace, interface, address, address6 in sides:
             ip("addr", "add", f"{address}/30", "dev", interface, namespace=namespace)
+            if self.ipv6:
+                ip("addr", "add", f"{address6}/64", "dev", interface, "nodad", namespace=namespace)
+            if self.mtu:
+                ip("link", "set", interface, "mtu", str(self.mtu), namespace=namespace)
             ip("link", "set", interface, "up", namespace=namespace)
             macs[namespace] = json.loads(ip("-j", "link", "show", interface, namespace=namespace))[0]["address"]
-        ip("neigh", "replace", self.ip_b, "lladdr", macs[self.ns_b], "nud", "permanent", "dev", self.if_a,
-           namespace=self.ns_a)  # fmt: skip
-        ip("neigh", "replace", self.ip_a, "lladdr", macs[self.ns_a], "nud", "permanent", "dev", if_b,
-           namespace=self.ns_b)  # fmt: skip
+        for (namespace, interface, _, _), (peer, _, address, address6) in (sides, sides[::-1]):
+            for neighbour in (address, address6) if self.ipv6 else (address,):
+                ip("neigh", "replace", neighbour, "lladdr", macs[peer], "nud", "permanent", "dev", interface,
+                   namespace=namespace)  # fmt: skip
 
     def counters(self) -> tuple[int, int]:
         """(frames, bytes) through interface a, both ways, as the kernel counts them."""
@@ -411,9 +462,10 @@ class VethLink:
     def promiscuity(self) -> int:
         return int(json.loads(ip("-j", "-d", "link", "show", self.if_a, namespace=self.ns_a))[0]["promiscuity"])
 
-    def ping(self, count: int = 1) -> None:
+    def ping(self, count: int = 1, size: int = 56, ipv6: bool = False) -> None:
+        to = self.ip6_b if ipv6 else self.ip_b
         subprocess.run(["ip", "netns", "exec", self.ns_a, "ping", "-c", str(count), "-i", "0.05", "-W", "2", "-q",
-                        self.ip_b], check=True, capture_output=True)  # fmt: skip
+                        "-s", str(size), to], check=True, capture_output=True)  # fmt: skip
 
     def run(self, namespace: str, code: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", code, *args],
@@ -424,16 +476,29 @@ class VethLink:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
 
 
-@pytest.fixture
-def veth() -> Iterator[VethLink]:
+@contextlib.contextmanager
+def veth_link(**options: Any) -> Iterator[VethLink]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and iproute2")
-    link = VethLink(secrets.token_hex(3))
+    link = VethLink(secrets.token_hex(3), **options)
     try:
         link.build()
         yield link
     finally:
         link.close()
+
+
+@pytest.fixture
+def veth() -> Iterator[VethLink]:
+    with veth_link() as link:
+        yield link
+
+
+@pytest.fixture
+def veth6() -> Iterator[VethLink]:
+    """IPv4 and IPv6, MTU 1280 (IPv6's minimum): large datagrams go in fragments."""
+    with veth_link(ipv6=True, mtu=1280) as link:
+        yield link
 
 
 def in_namespace(namespace: str, work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -508,16 +573,18 @@ for _ in range(count): udp.sendto(b"u" * datagram, (host, udp_port))
 TCP_BYTES, DATAGRAMS, DATAGRAM_BYTES, PINGS = 1_000_000, 25, 300, 3
 
 
-def generate_traffic(link: VethLink) -> tuple[int, int]:
+def generate_traffic(
+    link: VethLink, tcp_bytes: int = TCP_BYTES, datagrams: int = DATAGRAMS, datagram_bytes: int = DATAGRAM_BYTES
+) -> tuple[int, int]:
     """Ping b from a, a TCP transfer and UDP datagrams a -> b; returns the server's (TCP, UDP) ports."""
-    server = link.run(link.ns_b, SERVER, link.ip_b, str(DATAGRAMS))
+    server = link.run(link.ns_b, SERVER, link.ip_b, str(datagrams))
     assert server.stdout is not None
     tcp_port, udp_port = map(int, server.stdout.readline().split())
     link.ping(PINGS)
-    client = link.run(link.ns_a, CLIENT, link.ip_b, str(tcp_port), str(udp_port), str(TCP_BYTES), str(DATAGRAMS),
-                      str(DATAGRAM_BYTES))  # fmt: skip
+    client = link.run(link.ns_a, CLIENT, link.ip_b, str(tcp_port), str(udp_port), str(tcp_bytes), str(datagrams),
+                      str(datagram_bytes))  # fmt: skip
     assert client.wait(30) == 0
-    assert server.stdout.readline().split() == [str(TCP_BYTES), str(DATAGRAMS)]
+    assert server.stdout.readline().split() == [str(tcp_bytes), str(datagrams)]
     assert server.wait(10) == 0
     return tcp_port, udp_port
 
@@ -646,6 +713,220 @@ def test_an_interface_going_down_is_counted_and_one_deleted_fails_the_capture_cl
     assert isinstance(failure, OSError) and f"capture on {veth.if_a} failed" in str(failure)
     assert not agent.captures  # closed on the way out
     assert [(f.protocol, f.packets_out, f.packets_in) for f in flows] == [(1, 1, 1), (1, 1, 1)]  # before, after
+
+
+# ---- MPLS, from real traffic ------------------------------------------------------------------------
+
+needs_tcpdump = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (apt install tcpdump)")
+
+
+@contextlib.contextmanager
+def tcpdump(link: VethLink, path: Path) -> Iterator[None]:
+    """tcpdump on interface a, writing every frame to `path` from when it listens until the block ends."""
+    command = [
+        "ip",
+        "netns",
+        "exec",
+        link.ns_a,
+        "tcpdump",
+        "-i",
+        link.if_a,
+        "-n",
+        "--immediate-mode",
+        "-U",
+        "-w",
+        str(path),
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        while "listening on" not in (line := process.stderr.readline()):
+            assert line, "tcpdump exited before listening"
+        yield
+        time.sleep(0.3)  # the last frames
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def mpls_stack(labels: list[int]) -> bytes:
+    """Label stack entries (RFC 3032): label 20 bits, traffic class 3, bottom-of-stack 1, TTL 8."""
+    return b"".join(struct.pack(">I", label << 12 | (i == len(labels) - 1) << 8 | 64) for i, label in enumerate(labels))
+
+
+def push_mpls(frame: bytes, index: int, vlan: int = 0) -> bytes:
+    """`frame` with a label stack after its Ethernet header (and a 802.1Q tag before it if `vlan`): one
+    label, two, or multicast, by `index`; IPv4 and IPv6 explicit-null labels (0, 2; RFC 4182) included."""
+    ipv6 = frame[12:14] == b"\x86\xdd"
+    stacks = [[16], [1000, 2 if ipv6 else 0], [300 + index]]
+    ethertype = 0x8848 if index % 3 == 2 else 0x8847
+    tag = struct.pack(">HH", 0x8100, vlan) if vlan else b""
+    return frame[:12] + tag + struct.pack(">H", ethertype) + mpls_stack(stacks[index % 3]) + frame[14:]
+
+
+def relabel(source: Path, target: Path, vlan: int = 0) -> list[bytes]:
+    """Every frame of `source` with a label stack pushed (`push_mpls`), written to `target` as well."""
+    frames = []
+    with RawPcapWriter(str(target), linktype=1, nano=True) as writer:
+        writer.write_header(None)
+        for index, (frame, meta) in enumerate(RawPcapReader(str(source))):
+            frames.append(push_mpls(frame, index, vlan))
+            writer.write_packet(frames[-1], sec=meta.sec, usec=meta.usec)
+    return frames
+
+
+def ours(flows: list[events_pb2.FlowEvent], link: VethLink, vlan: int = 0) -> list[tuple[Any, ...]]:
+    """The flows between the two ends (not the IPv6 multicast the kernel sends), vlan set aside."""
+    addresses = {link.ip_a, link.ip_b, link.ip6_a, link.ip6_b}
+    assert all(f.vlan == vlan for f in flows)
+    return sorted(summary(f)[:-2] + summary(f)[-1:] for f in flows if {f.src_ip, f.dst_ip} <= addresses)
+
+
+def tshark_mpls_totals(path: Path) -> tuple[int, int]:
+    """(frames, IP bytes) of the MPLS frames in `path` as Wireshark dissects them: each must have a label
+    and an IPv4 or IPv6 header under it."""
+    fields = ["-e", "mpls.label", "-e", "ip.len", "-e", "ipv6.plen"]
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", *fields], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    frames = total = 0
+    for line in out.splitlines():
+        label, ip_len, ipv6_plen = line.split("\t")
+        assert label and (ip_len or ipv6_plen), line
+        frames += 1
+        total += int(ip_len.split(",")[0]) if ip_len else 40 + int(ipv6_plen.split(",")[0])
+    return frames, total
+
+
+@pytest.mark.root
+@needs_libpcap
+@needs_tcpdump
+def test_mpls_labelled_traffic_gives_the_flows_of_the_plain_traffic(veth6: VethLink, tmp_path: Path) -> None:
+    """Real traffic (TCP, UDP, ping, ping6) recorded by tcpdump, then labelled as an MPLS router would:
+    replayed and captured live (sent into the veth from the other end), it gives the same flows.
+    (This kernel has no MPLS forwarding (CONFIG_MPLS_ROUTING) nor tc's mpls action: the label stacks
+    are pushed here, by the RFC.)"""
+    plain, labelled, tagged = tmp_path / "plain.pcap", tmp_path / "labelled.pcap", tmp_path / "tagged.pcap"
+    with tcpdump(veth6, plain):
+        generate_traffic(veth6, tcp_bytes=1000, datagrams=3)  # frames below the MTU: they can be sent again
+        veth6.ping(3, ipv6=True)
+    frames = relabel(plain, labelled)
+    relabel(plain, tagged, vlan=7)
+    expected = ours(asyncio.run(replay_file(plain, tmp_path))[1], veth6)
+    assert {flow[0] for flow in expected} == {1, 6, 17, 58}
+    agent, flows = asyncio.run(replay_file(labelled, tmp_path))
+    assert ours(flows, veth6) == expected and not agent.skipped
+    assert ours(asyncio.run(replay_file(tagged, tmp_path))[1], veth6, vlan=7) == expected
+    if shutil.which("tshark"):
+        assert tshark_mpls_totals(labelled) == (agent.packets, sum(f.bytes_out + f.bytes_in for f in flows))
+
+    ready, done = threading.Event(), threading.Event()
+
+    def session() -> list[list[events_pb2.FlowEvent]]:
+        live = FlowAgent(flow_config(tmp_path, interfaces=[veth6.if_a]), tmp_path)  # the default filter
+        return asyncio.run(capture_until([live], tmp_path / "live.pcap", veth6.if_a, ready, done))
+
+    def send() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sender:
+            sender.bind((veth6.if_b, 0))
+            for frame in frames:
+                sender.send(frame)
+
+    thread, outcome = in_namespace(veth6.ns_a, session)
+    try:
+        assert ready.wait(10), outcome
+        sender, sent = in_namespace(veth6.ns_b, send)
+        sender.join(10)
+        assert sent == [None], sent
+    finally:
+        done.set()
+        thread.join(30)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    assert ours(outcome[0][0], veth6) == expected
+
+
+# ---- fragments, from real traffic ----------------------------------------------------------------
+
+TSHARK_FIELDS = ["frame.number", "ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "ip.len", "ipv6.plen", "ip.fragment",
+                 "ipv6.fragment", "icmp.ident", "icmpv6.echo.identifier", "udp.srcport", "udp.dstport", "tcp.srcport",
+                 "tcp.dstport"]  # fmt: skip
+
+
+def tshark_directions(path: Path) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """(protocol, src, src port, dst, dst port) -> (frames, IP bytes), one way, as tshark reassembles the
+    datagrams: every fragment goes to the conversation of the datagram it was reassembled into."""
+    args = ["tshark", "-r", str(path), "-T", "fields", *(x for f in TSHARK_FIELDS for x in ("-e", f))]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rows = [dict(zip(TSHARK_FIELDS, line.split("\t"), strict=True)) for line in out.splitlines()]
+    owner: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        src, dst = row["ip.src"] or row["ipv6.src"], row["ip.dst"] or row["ipv6.dst"]
+        if row["icmp.ident"] or row["icmpv6.echo.identifier"]:
+            ident = int(row["icmp.ident"] or row["icmpv6.echo.identifier"], 0)
+            key: tuple[Any, ...] = (1 if row["icmp.ident"] else 58, src, ident, dst, ident)
+        elif row["udp.srcport"] or row["tcp.srcport"]:
+            transport = "udp" if row["udp.srcport"] else "tcp"
+            key = (17 if row["udp.srcport"] else 6, src, int(row[f"{transport}.srcport"]), dst,
+                   int(row[f"{transport}.dstport"]))  # fmt: skip
+        else:
+            continue
+        for number in (row["ip.fragment"] or row["ipv6.fragment"] or row["frame.number"]).split(","):
+            owner[number] = key
+    totals: dict[tuple[Any, ...], tuple[int, int]] = {}
+    for row in rows:
+        if row["frame.number"] in owner:
+            size = int(row["ip.len"]) if row["ip.len"] else 40 + int(row["ipv6.plen"])
+            frames, total = totals.get(owner[row["frame.number"]], (0, 0))
+            totals[owner[row["frame.number"]]] = (frames + 1, total + size)
+    return totals
+
+
+def directions(flows: list[events_pb2.FlowEvent], link: VethLink) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """The counts of the flows between the link's ends one way at a time, as `tshark_directions` has them."""
+    found = {}
+    addresses = {link.ip_a, link.ip_b, link.ip6_a, link.ip6_b}
+    for f in (f for f in flows if {f.src_ip, f.dst_ip} <= addresses):
+        found[(f.protocol, f.src_ip, f.src_port, f.dst_ip, f.dst_port)] = (f.packets_out, f.bytes_out)
+        if f.packets_in:
+            found[(f.protocol, f.dst_ip, f.dst_port, f.src_ip, f.src_port)] = (f.packets_in, f.bytes_in)
+    return found
+
+
+@pytest.mark.root
+@needs_libpcap
+@needs_tcpdump
+def test_fragmented_pings_and_datagrams_count_into_their_flows(veth6: VethLink, tmp_path: Path) -> None:
+    """ping -s 4000 (IPv4 and IPv6), 3000-byte UDP datagrams and a TCP exchange over a 1280-byte MTU,
+    captured live: no fragment makes a flow of its own or goes unattributed, and each direction's
+    frames and bytes are those tshark finds in tcpdump's recording (it reassembles the datagrams).
+    (The interface's counters also count the IPv6 multicast the kernel sends at any time.)"""
+    recording = tmp_path / "fragments.pcap"
+    ready, done = threading.Event(), threading.Event()
+
+    def session() -> tuple[FlowAgent, list[list[events_pb2.FlowEvent]]]:
+        agent = FlowAgent(flow_config(tmp_path, interfaces=[veth6.if_a]), tmp_path)
+        return agent, asyncio.run(capture_until([agent], tmp_path / "recorder.pcap", veth6.if_a, ready, done))
+
+    thread, outcome = in_namespace(veth6.ns_a, session)
+    try:
+        assert ready.wait(10), outcome
+        with tcpdump(veth6, recording):
+            veth6.ping(PINGS, size=4000)
+            veth6.ping(PINGS, size=4000, ipv6=True)
+            generate_traffic(veth6, tcp_bytes=1000, datagrams=5, datagram_bytes=3000)
+    finally:
+        done.set()
+        thread.join(30)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    agent, (flows,) = outcome[0]
+    assert agent.table.fragments.unattributed == 0
+    assert not [f for f in flows if f.protocol in (1, 17, 58) and f.src_port == f.dst_port == 0]
+    counted = directions(flows, veth6)
+    fragmented = [k for k, (frames, _) in counted.items() if k[0] != 6 and frames > PINGS]
+    assert len(fragmented) == 5, counted  # ping and its replies, both families; the datagrams
+    if shutil.which("tshark"):
+        assert tshark_directions(recording) == counted
 
 
 # ---- through a live hub ---------------------------------------------------------------------------------

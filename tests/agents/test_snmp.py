@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -145,7 +146,7 @@ async def test_v2c_poll_matches_snmpget(snmpd: Snmpd, tmp_path: Path) -> None:
     assert before <= lo.in_octets <= after, "lo's ifHCInOctets between two snmpget readings"
     assert lo.oper_status == {"1": "up", "2": "down"}[oper] == "up"
     assert lo.admin_status == "up"
-    assert (lo.in_bps, lo.out_bps) == (0, 0), "no rate before a second poll"
+    assert not lo.HasField("in_bps") and not lo.HasField("out_bps"), "no rate before a second poll"
     assert counter(agent, "amoskys_agent_snmp_polls_total", target="dev") == 1
 
 
@@ -174,6 +175,81 @@ async def test_rates_between_two_polls_follow_the_traffic(snmpd: Snmpd, tmp_path
     assert lo2.in_bps > sent * 8 / 10
 
 
+def dotted(oid: tuple[int, ...]) -> str:
+    return ".".join(map(str, oid))
+
+
+NO_IFX, MIXED = "amx-noifx-4e1b", "amx-mixed-93d0"  # communities of views without ifXTable, without lo's HC counters
+VIEWS = f"""view noifx included .1
+view noifx excluded {dotted(COLUMNS["name"][:-1])}
+view mixed included .1
+view mixed excluded {dotted(COLUMNS["in_octets"])}.1
+view mixed excluded {dotted(COLUMNS["out_octets"])}.1
+rocommunity {NO_IFX} 127.0.0.1 -V noifx
+rocommunity {MIXED} 127.0.0.1 -V mixed
+"""
+
+
+async def test_a_device_without_ifxtable_gives_speed_from_ifspeed_and_rates_from_32_bit_counters(
+    tmp_path: Path,
+) -> None:
+    """snmpd seen through views: the whole MIB, no ifXTable (older and small devices), and no 64-bit
+    counters for lo only: speeds are net-snmp's ifSpeed (or ifHighSpeed), counters chosen per interface."""
+    with run_snmpd(tmp_path / "snmpd", VIEWS) as views:
+        names = ("full", "noifx", "mixed")
+        communities = zip(names, (COMMUNITY, NO_IFX, MIXED), strict=True)
+        agent = make_agent(tmp_path, targets=[target(views, name, community=c) for name, c in communities])
+        lo_in32 = f"{dotted(COLUMNS['in_octets32'])}.1"
+        before = int((await asyncio.to_thread(views.snmpget, lo_in32))[0])
+        first = {name: (await poll(agent, i))[0] for i, name in enumerate(names)}
+        after = int((await asyncio.to_thread(views.snmpget, lo_in32))[0])
+        if_speed = await asyncio.to_thread(views.snmpwalk, dotted(COLUMNS["speed"]))
+        high_speed = await asyncio.to_thread(views.snmpwalk, dotted(COLUMNS["high_speed"]))
+        no_ifx = await asyncio.to_thread(views.snmpwalk, dotted(COLUMNS["high_speed"]), NO_IFX)
+        assert list(no_ifx.values()) == ["No Such Object available on this agent at this OID"]
+        for name in names:
+            assert {i.index for i in first[name].snmp.interfaces} == set(if_speed), name
+        bits = {name: {i: octets[2] for i, octets in p.previous.octets.items()}  # type: ignore[union-attr]
+                for name, p in zip(names, agent.pollers, strict=True)}  # fmt: skip
+        assert set(bits["full"].values()) == {64} == {bits["mixed"][i] for i in if_speed if i != 1}
+        assert set(bits["noifx"].values()) == {32} == {bits["mixed"][1]}
+        by_index = {name: {i.index: i for i in first[name].snmp.interfaces} for name in names}
+        assert {i: s.speed_mbps for i, s in by_index["noifx"].items()} == {
+            i: (int(v) + 500_000) // 1_000_000 for i, v in if_speed.items()
+        }
+        assert {i: s.speed_mbps for i, s in by_index["full"].items()} == {i: int(v) for i, v in high_speed.items()}
+        assert by_index["noifx"][1].speed_mbps == by_index["full"][1].speed_mbps == 10  # lo
+        assert before <= by_index["noifx"][1].in_octets <= after
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(16):
+                s.sendto(b"\0" * 60000, ("127.0.0.1", 9))
+        await asyncio.sleep(3.2)  # snmpd caches the interface table for about 3 s
+        second = interface((await poll(agent, 1))[0], "lo")
+    assert second.in_bps > 16 * 60000 * 8 / 10
+
+
+PASS_IF_DESCR = """#!/bin/sh
+# snmpd's pass protocol (-g get, -n getnext) for one object: ifDescr.1 as a Windows agent sends it
+column=.1.3.6.1.2.1.2.2.1.2
+if { [ "$1" = -g ] && [ "$2" = "$column.1" ]; } || { [ "$1" = -n ] && [ "$2" = "$column" ]; }; then
+  printf '%s\\noctet\\n%s\\n' "$column.1" "$2"
+fi
+"""
+
+
+async def test_nul_bytes_in_names_are_dropped_at_the_end_and_escaped_inside(tmp_path: Path) -> None:
+    descr = b"MS TCP\x00Loopback interface\x00\x00"  # a C string with its terminator, and a NUL inside
+    script = tmp_path / "if-descr.sh"
+    script.write_text(PASS_IF_DESCR.replace('"$2"\n', f'"{" ".join(f"{b:02X}" for b in descr)}"\n'))
+    script.chmod(0o755)
+    with run_snmpd(tmp_path / "snmpd", f"{VIEWS}pass {dotted(COLUMNS['descr'])} {script}\n") as device:
+        raw = await asyncio.to_thread(device.snmpget, f"{dotted(COLUMNS['descr'])}.1", community=NO_IFX)
+        assert bytes.fromhex("".join(raw)) == descr  # net-snmp prints it in hex: not text
+        agent = make_agent(tmp_path, targets=[target(device, community=NO_IFX)])
+        (event,) = await poll(agent)
+    assert [i.name for i in event.snmp.interfaces if i.index == 1] == ["MS TCP\\x00Loopback interface"]
+
+
 async def test_v3_auth_priv_sha_aes(snmpd: Snmpd, tmp_path: Path) -> None:
     agent = make_agent(tmp_path, targets=[v3_target(snmpd)])
     (event,) = await poll(agent)
@@ -187,6 +263,24 @@ async def test_v3_auth_priv_sha256_aes256(snmpd: Snmpd, tmp_path: Path) -> None:
     agent = make_agent(tmp_path, targets=[v3_target(snmpd, **fields, priv_protocol="AES256", priv_key=V3_PRIV_256)])
     (event,) = await poll(agent)
     assert (event.snmp.kind, event.snmp.sys_name) == (Kind.POLL, SYS_NAME), event.snmp.error
+
+
+async def test_v3_context_selects_what_the_device_serves_in_that_context(tmp_path: Path) -> None:
+    """snmpd serves context vrf-blue by proxying it to a second snmpd (net-snmp's `proxy -Cn`), whose
+    sysDescr differs: a target with `context: vrf-blue` polls that one, one without the default."""
+    with run_snmpd(tmp_path / "inner", "sysdescr vrf-blue device\n") as inner:
+        contexts = (f"proxy -Cn vrf-blue -v 2c -c {COMMUNITY} {inner.address} .1.3\n"
+                    f"view all included .1\nrouser {V3_USER} priv -V all vrf-blue\n")  # fmt: skip
+        with run_snmpd(tmp_path / "outer", contexts) as outer:
+            targets = [v3_target(outer, "default"), v3_target(outer, "blue", context="vrf-blue"),
+                       v3_target(outer, "nosuch", context="nosuch")]  # fmt: skip
+            agent = make_agent(tmp_path, targets=targets)
+            default, blue, nosuch = [(await poll(agent, i))[0] for i in range(3)]
+    assert (default.snmp.kind, default.snmp.sys_descr) == (Kind.POLL, SYS_DESCR), default.snmp.error
+    assert (blue.snmp.kind, blue.snmp.sys_descr) == (Kind.POLL, "vrf-blue device"), blue.snmp.error
+    assert interface(blue, "lo").oper_status == "up"  # the interface walk went through the context too
+    assert nosuch.snmp.kind == Kind.POLL_ERROR  # net-snmp does not answer for a context it lacks
+    assert nosuch.snmp.error.endswith("a wrong priv_key/priv_protocol, or no context 'nosuch' there?")
 
 
 @pytest.mark.parametrize(
@@ -259,6 +353,38 @@ async def test_a_dead_target_does_not_delay_the_others(snmpd: Snmpd, tmp_path: P
     assert times["dead"][1] == Kind.POLL_ERROR and times["dead"][0] >= 1.9, times  # 2 attempts of 1 s
 
 
+async def test_with_thirteen_targets_a_timeout_is_its_own_length_and_the_others_keep_their_schedule(
+    snmpd: Snmpd, tmp_path: Path
+) -> None:
+    """Twelve live targets polled every 2.5 s and a dead one (two attempts of 1 s): its POLL_ERROR comes
+    when its attempts are over by the clock (late only by the event loop's own latency on this busy
+    machine, measured beside it), and each live target's polls come an interval apart."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        dead = target(snmpd, "dead", port=silent.getsockname()[1], timeout_s=1.0, retries=1)
+        live = [target(snmpd, f"live{i}", timeout_s=2.0) for i in range(12)]
+        agent = make_agent(tmp_path, targets=[dead, *live], interval_s=2.5)
+        lags: list[float] = []
+
+        async def probe() -> None:  # how late the event loop runs a timer (this machine may be busy)
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                lags.append(time.monotonic() - before - 0.01)
+
+        prober = asyncio.create_task(probe())
+        async with collecting(agent) as wait:
+            seen = await wait(lambda events: sum(e.snmp.kind == Kind.POLL for e in events) >= 36, timeout=15)
+        prober.cancel()
+    late = max(lags)  # each clock deadline may run that late, never more (pysnmp's ticks added up: 4 s)
+    errors = [t for t, e in seen if e.snmp.target == "dead"]
+    assert 2.0 <= errors[0] < 2.0 + 2 * late + 0.1, (errors, late)  # 2 attempts of 1 s
+    for name in (f"live{i}" for i in range(12)):
+        polls = [t for t, e in seen if e.snmp.target == name and e.snmp.kind == Kind.POLL]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(polls)]
+        assert len(polls) >= 2 and all(abs(gap - 2.5) < 0.75 + 2 * late for gap in gaps), (name, polls, late)
+
+
 async def test_one_v3_user_name_with_two_sets_of_keys(snmpd: Snmpd, tmp_path: Path) -> None:
     good, bad = v3_target(snmpd, "good"), v3_target(snmpd, "bad", auth_key="other-key-4444")
     agent = make_agent(tmp_path, targets=[target(snmpd, "v2"), good, bad, v3_target(snmpd, "good-too")])
@@ -321,7 +447,7 @@ def _table(**columns: dict[int, Any]) -> dict[str, dict[int, Any]]:
 
     kinds = {"descr": OctetString, "name": OctetString, "admin": Integer, "oper": Integer, "in_errors": Counter32,
              "out_errors": Counter32, "in_octets32": Counter32, "out_octets32": Counter32, "in_octets": Counter64,
-             "out_octets": Counter64, "high_speed": Gauge32}  # fmt: skip
+             "out_octets": Counter64, "high_speed": Gauge32, "speed": Gauge32}  # fmt: skip
     return {name: {i: kinds[name](v) for i, v in columns.get(name, {}).items()} for name in COLUMNS}
 
 
@@ -337,13 +463,16 @@ def test_rates_wraps_resets_restarts_and_status_changes() -> None:
                                  in_octets32={2: 1000}, out_octets32={2: 1010}), 110.0, first.sample,
     )  # fmt: skip
     wide, narrow = second.interfaces
-    assert (wide.name, wide.speed_mbps, wide.in_bps, wide.out_bps) == ("ge-0/0/1", 1000, 0.0, 800.0)  # 64-bit reset
+    assert (wide.name, wide.speed_mbps, wide.HasField("in_bps"), wide.out_bps) == ("ge-0/0/1", 1000, False, 800.0)
     assert (narrow.in_bps, narrow.out_bps) == (2000 * 8 / 10, 1000 * 8 / 10)  # 32-bit wrap
     assert [(s.name, s.oper_status, was) for s, was in second.changes] == [("ge-0/0/1", "down", ("up", "up"))]
     restarted = build_result(
         {"uptime": 5}, _table(**later, in_octets={1: 9000}, out_octets={1: 9000}), 120.0, second.sample
     )
-    assert [(i.in_bps, i.out_bps) for i in restarted.interfaces] == [(0.0, 0.0), (0.0, 0.0)]
+    assert [(i.HasField("in_bps"), i.HasField("out_bps")) for i in restarted.interfaces] == [(False, False)] * 2
+    idle = build_result({"uptime": 6}, _table(**later, in_octets={1: 9000}, out_octets={1: 9000}), 130.0,
+                        restarted.sample)  # fmt: skip
+    assert [(i.HasField("in_bps"), i.in_bps, i.out_bps) for i in idle.interfaces] == [(True, 0.0, 0.0)] * 2
 
 
 async def test_interface_change_events(tmp_path: Path) -> None:
@@ -471,6 +600,9 @@ async def test_v3_trap_and_inform(tmp_path: Path) -> None:
     assert events[0].snmp.varbinds["1.3.6.1.4.1.8072.2.3.2.1"] == "42"
     assert len(seen) == 2, "the trap with a wrong privacy key is refused"
     assert counter(agent, "amoskys_agent_snmp_traps_rejected_total", reason="decryption_error") == 1
+    # snmpinform first learns this receiver's engine ID (RFC 3414 4): protocol, not a rejection
+    assert counter(agent, "amoskys_agent_snmp_engine_discoveries_total") == 1
+    assert counter(agent, "amoskys_agent_snmp_traps_rejected_total", reason="unknown_engine_id") == 0
 
 
 async def test_ipv6_target_and_trap_receiver(snmpd: Snmpd, tmp_path: Path) -> None:
@@ -503,6 +635,8 @@ async def test_ipv6_target_and_trap_receiver(snmpd: Snmpd, tmp_path: Path) -> No
          "key 'snmp.targets[0].version': expected one of '2c', 3, got 1"),
         ("targets: [{name: sw1, address: 10.0.0.1, version: 2c}]",
          "key 'snmp.targets[0].community': version 2c needs a community"),
+        ("targets: [{name: sw1, address: 10.0.0.1, community: c, context: vrf1}]",
+         "key 'snmp.targets[0].context': a context name is SNMPv3's"),
         ("targets: [{name: sw1, address: a, community: c, auth_protocol: MD5}]",
          "key 'snmp.targets[0].auth_protocol': expected one of 'SHA', 'SHA256', 'SHA512', got 'MD5'"),
         ("targets: [{name: sw1, address: a, community: c}, {name: sw1, address: b, community: c}]",

@@ -16,6 +16,13 @@ receiver the initiator). It counts packets, IP bytes and TCP flags each way and 
 Time is the packets' own: kernel timestamps live, file timestamps in a replay, so a replay gives
 the same flows every time.
 
+A fragmented datagram counts into its flow whole: the first fragment carries the ports, and the
+later ones (no transport header) are attributed by `Fragments`, a bounded cache keyed by source,
+destination, protocol and IP id (IPv6: fragment id) that forgets a datagram `FRAGMENT_TTL_NS`
+after its first fragment seen. A later fragment that arrives before its first is held until then;
+one whose first never comes is counted in `amoskys_agent_flow_fragments_unattributed_total`,
+never made a flow of its own.
+
 Live, one AF_PACKET socket per interface (CAP_NET_RAW; the BPF filter compiled by libpcap) is
 read by a thread of its own, so the event loop's outbox writes never stall the capture; frames
 the kernel still drops are counted (`amoskys_agent_flow_kernel_drops_total`). A replay
@@ -38,10 +45,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from amoskys.agents.base import Agent
 from amoskys.agents.packets import (
+    FRAGMENT_FIRST,
     SUPPORTED_LINKTYPES,
     BpfError,
     Capture,
@@ -60,7 +68,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["FlowAgent", "FlowTable"]
+__all__ = ["FlowAgent", "FlowTable", "Fragments"]
 
 log = logging.getLogger(__name__)
 EndReason = events_pb2.FlowEvent.EndReason
@@ -83,9 +91,72 @@ KEY_TAIL = struct.Struct(">HHBHH")
 KEY_V4 = struct.Struct(">4s4sHHBHH")
 KEY_V6 = struct.Struct(">16s16sHHBHH")
 _key_tail = KEY_TAIL.pack
+_fragment_tail = struct.Struct(">QHH").pack  # id << 8 | protocol, vlan, interface (after src + dst)
+FRAGMENT_TTL_NS = 5 * SEC  # a datagram's fragments arrive within ms; the kernel gives reassembly 30 s
+MAX_DATAGRAMS = 10_000  # fragmented datagrams remembered at once (about 200 bytes each)
+MAX_HELD = 64  # later fragments held for one datagram whose first fragment has not come yet
 
 # A reported flow: key, state bits, first_ns, last_ns, packets and bytes out and in, flags, end reason
 Ended = tuple[bytes, int, int, int, int, int, int, int, int, int]
+
+
+class Fragments:
+    """Which ports the later fragments of a datagram take: its first fragment's (bounded, time-limited).
+
+    Datagrams are remembered in arrival order with a deadline, so expiry and eviction take the oldest.
+    """
+
+    def __init__(self) -> None:
+        # datagram key -> [deadline, src_port, dst_port, lengths of the later fragments held]
+        # (ports -1: the first fragment has not come yet)
+        self.datagrams: dict[bytes, list[Any]] = {}
+        self.unattributed = 0  # later fragments whose first never came (or that did not fit)
+
+    def first(self, key: bytes, ts: int, sport: int, dport: int) -> list[int]:
+        """Remember the ports of datagram `key`; the lengths of its later fragments held until now."""
+        entry = self.datagrams.get(key)
+        if entry is None:
+            self._make_room()
+            self.datagrams[key] = [ts + FRAGMENT_TTL_NS, sport, dport, []]
+            return []
+        held = entry[3]
+        entry[1:] = [sport, dport, []]
+        return held  # type: ignore[no-any-return]
+
+    def later(self, key: bytes, ts: int, length: int) -> tuple[int, int] | None:
+        """The ports of datagram `key`, or None: this fragment is held until its first (or counted lost)."""
+        entry = self.datagrams.get(key)
+        if entry is None:
+            self._make_room()
+            self.datagrams[key] = [ts + FRAGMENT_TTL_NS, -1, -1, [length]]
+            return None
+        if entry[1] >= 0:
+            return entry[1], entry[2]
+        if len(entry[3]) < MAX_HELD:
+            entry[3].append(length)
+        else:
+            self.unattributed += 1
+        return None
+
+    def _make_room(self) -> None:
+        if len(self.datagrams) >= MAX_DATAGRAMS:
+            self._forget(next(iter(self.datagrams)))
+
+    def _forget(self, key: bytes) -> None:
+        self.unattributed += len(self.datagrams.pop(key)[3])
+
+    def expire(self, now: int) -> None:
+        """Forget the datagrams past their deadline (the oldest first); what they held is unattributed."""
+        datagrams = self.datagrams
+        while datagrams:
+            key = next(iter(datagrams))
+            if datagrams[key][0] > now:
+                return
+            self._forget(key)
+
+    def clear(self) -> None:
+        while self.datagrams:
+            self._forget(next(iter(self.datagrams)))
 
 
 class FlowTable:
@@ -114,6 +185,7 @@ class FlowTable:
         self.evicted = 0
         self.reported: collections.Counter[int] = collections.Counter()
         self.next_tick = 0
+        self.fragments = Fragments()
         self.configure(settings)
 
     def configure(self, settings: FlowConfig) -> None:
@@ -128,7 +200,12 @@ class FlowTable:
         """Count one packet (`ts` in ns) into its flow, creating, ending or slicing flows as due."""
         if ts >= self.next_tick:
             self.expire(ts)
-        protocol, src, sport, dst, dport, flags, length, vlan = packet
+        protocol, src, sport, dst, dport, flags, length, vlan, fragment = packet
+        if fragment:
+            ports = self._fragment_ports(ts, iface, packet)
+            if ports is None:
+                return
+            sport, dport = ports
         low_sends = src < dst or (src == dst and sport <= dport)
         if low_sends:
             key = src + dst + _key_tail(sport, dport, protocol, vlan, iface)
@@ -151,6 +228,17 @@ class FlowTable:
             self.flags[row] |= flags << 8
         if flags & (FIN | RST) and protocol == 6:
             self._tcp_end(row, flags, low_sends, ts)
+
+    def _fragment_ports(self, ts: int, iface: int, packet: Parsed) -> tuple[int, int] | None:
+        """A fragment's ports: a first fragment's own (the later ones held for it are counted now), a
+        later one's from its datagram's first; None while that has not come (it is held)."""
+        protocol, src, sport, dst, dport, _, length, vlan, fragment = packet
+        key = src + dst + _fragment_tail(fragment >> 2, vlan, iface)
+        if fragment & FRAGMENT_FIRST:
+            for held in self.fragments.first(key, ts, sport, dport):
+                self.add(ts, iface, (protocol, src, sport, dst, dport, 0, held, vlan, 0))
+            return sport, dport
+        return self.fragments.later(key, ts, length)
 
     def _row_after_deadline(self, key: bytes, row: int | None, ts: int, low_sends: bool, syn_ack: bool) -> int:
         """The row for a packet of a new flow, or of a flow past a deadline (which may end it first)."""
@@ -239,14 +327,17 @@ class FlowTable:
     def expire(self, now: int) -> None:
         """End or slice every flow whose deadline is at or before `now` (ns)."""
         self.next_tick = now + TICK_NS
+        self.fragments.expire(now)
         last, due, idle = self.last, self.due, self.idle
         for row, key in enumerate(self.keys):
             if key and (now - last[row] >= idle or 0 < due[row] <= now):
                 self._deadline(row, now)
 
     def end_all(self) -> None:
-        """End every open flow (SHUTDOWN, or FIN/RST if it was closing) as `take` hands them out."""
+        """End every open flow (SHUTDOWN, or FIN/RST if it was closing) as `take` hands them out;
+        fragments still waiting for their first are unattributed."""
         self.ending_all = True
+        self.fragments.clear()
 
     def take(self) -> Iterator[events_pb2.FlowEvent]:
         """The flows that ended, as events built one at a time (ending a capture can end 100,000)."""
@@ -517,7 +608,9 @@ class _FlowMetrics:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         agent, table = self.agent, self.agent.table
-        yield CounterMetricFamily("amoskys_agent_flow_packets", "Packets counted into flows", value=agent.packets)
+        yield CounterMetricFamily(
+            "amoskys_agent_flow_packets", "IP packets read (counted into flows, or fragments held)", value=agent.packets
+        )
         skipped = CounterMetricFamily(
             "amoskys_agent_flow_frames_skipped",
             "Frames not counted, by reason (non_ip, truncated, ...)",
@@ -539,6 +632,11 @@ class _FlowMetrics:
                 agent.interface_downs,
             ),
             ("file_problems", "Pcap files cut short or corrupt", agent.file_problems),
+            (
+                "fragments_unattributed",
+                "Later IP fragments whose datagram's first fragment never came (not counted into a flow)",
+                table.fragments.unattributed,
+            ),
         ):
             yield CounterMetricFamily(f"amoskys_agent_flow_{name}", text, value=value)
         yield GaugeMetricFamily("amoskys_agent_flow_open", "Flows in the table", value=len(table))

@@ -1,8 +1,8 @@
 """Packets for the flow agent: a fast header parser, a pcap/pcapng reader and a live capture socket.
 
 Frames are parsed from raw bytes with `struct` at offsets (no copy, no dissection): Ethernet,
-802.1Q/802.1ad tags, Linux cooked captures (SLL, SLL2), raw IP, IPv4, IPv6 (with extension
-headers), TCP, UDP, SCTP, ICMP and ICMPv6. A parsed packet is a `Parsed` tuple; a frame that
+802.1Q/802.1ad tags, MPLS label stacks, Linux cooked captures (SLL, SLL2), raw IP, IPv4, IPv6
+(with extension headers), TCP, UDP, SCTP, ICMP and ICMPv6. A parsed packet is a `Parsed` tuple; a frame that
 cannot give one yields a reason (`NON_IP`, `TRUNCATED`, `MALFORMED`, `UNSUPPORTED_LINK`) that the
 caller counts.
 
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
+    "FRAGMENT_FIRST",
+    "FRAGMENT_LATER",
     "LINKTYPE_ETHERNET",
     "MALFORMED",
     "NON_IP",
@@ -41,8 +43,11 @@ __all__ = [
     "parse_frame",
 ]
 
-# (protocol, src, src_port, dst, dst_port, tcp_flags, ip_bytes, vlan); src/dst are 4 or 16 bytes.
-Parsed = tuple[int, bytes, int, bytes, int, int, int, int]
+# (protocol, src, src_port, dst, dst_port, tcp_flags, ip_bytes, vlan, fragment); src/dst are 4 or 16
+# bytes; fragment is 0 for a whole datagram, else its IP id (IPv6: fragment id) << 10 | protocol << 2
+# | FRAGMENT_FIRST or FRAGMENT_LATER (a later fragment has no transport header: ports 0).
+Parsed = tuple[int, bytes, int, bytes, int, int, int, int, int]
+FRAGMENT_FIRST, FRAGMENT_LATER = 1, 2
 NON_IP = "non_ip"
 TRUNCATED = "truncated"
 MALFORMED = "malformed"
@@ -61,6 +66,8 @@ RAW_LINKTYPES = frozenset({LINKTYPE_RAW, DLT_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6})
 IP_VERSIONS = {4: ETH_IPV4, 6: ETH_IPV6}
 SUPPORTED_LINKTYPES = frozenset({LINKTYPE_ETHERNET, *COOKED_HEADERS, *RAW_LINKTYPES})
 VLAN_TPIDS = frozenset({0x8100, 0x88A8, 0x9100})
+MPLS_ETHERTYPES = frozenset({0x8847, 0x8848})  # unicast (RFC 3032), multicast (RFC 5332)
+MAX_MPLS_LABELS = 16  # deeper stacks do not occur; more means a corrupt frame
 IPV6_EXTENSIONS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options: (len + 1) * 8 bytes
 IPV6_FRAGMENT, IPV6_AH = 44, 51
 MAX_IPV6_EXTENSIONS = 8
@@ -112,7 +119,22 @@ def _ip_by_ethertype(buf: bytes, off: int, end: int, wire: int, ethertype: int, 
         return _ipv4(buf, off, end, wire, vlan)
     if ethertype == ETH_IPV6:
         return _ipv6(buf, off, end, wire, vlan)
+    if ethertype in MPLS_ETHERTYPES:
+        return _mpls(buf, off, end, wire, vlan)
     return NON_IP
+
+
+def _mpls(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
+    """A label stack (RFC 3032: 4 bytes a label; the S bit, the low bit of the third byte, marks the
+    bottom), then IPv4 or IPv6 by the payload's first nibble (RFC 4182: the stack does not say which).
+    Anything else under the stack (a pseudowire, its control word) is NON_IP."""
+    for _ in range(MAX_MPLS_LABELS):
+        if end - off < 5:  # a label and the payload's first byte
+            return TRUNCATED
+        bottom, off, wire = buf[off + 2] & 1, off + 4, wire - 4
+        if bottom:
+            return _ip_by_ethertype(buf, off, end, wire, IP_VERSIONS.get(buf[off] >> 4, 0), vlan)
+    return MALFORMED
 
 
 def _ipv4(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
@@ -124,9 +146,14 @@ def _ipv4(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
         return MALFORMED
     length = _U16(buf, off + 2)[0] or wire  # 0: a segmentation-offload super-packet
     protocol, src, dst = buf[off + 9], buf[off + 12 : off + 16], buf[off + 16 : off + 20]
-    if _U16(buf, off + 6)[0] & 0x1FFF:  # a later fragment: no transport header
-        return protocol, src, 0, dst, 0, 0, length, vlan
-    return _transport(buf, off + header, end, protocol, src, dst, length, vlan)
+    fragment = 0
+    flags_offset = _U16(buf, off + 6)[0]
+    if flags_offset & 0x3FFF:  # more fragments, or an offset: a fragment (of the datagram with this id)
+        fragment = (_U16(buf, off + 4)[0] << 8 | protocol) << 2
+        if flags_offset & 0x1FFF:  # a later fragment: no transport header
+            return protocol, src, 0, dst, 0, 0, length, vlan, fragment | FRAGMENT_LATER
+        fragment |= FRAGMENT_FIRST
+    return _transport(buf, off + header, end, protocol, src, dst, length, vlan, fragment)
 
 
 def _ipv6(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
@@ -137,6 +164,7 @@ def _ipv6(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
     payload = _U16(buf, off + 4)[0]
     length = 40 + payload if payload else wire  # 0: a jumbogram or offload super-packet
     protocol, src, dst, pos = buf[off + 6], buf[off + 8 : off + 24], buf[off + 24 : off + 40], off + 40
+    fragment = 0
     for _ in range(MAX_IPV6_EXTENSIONS):
         if protocol in IPV6_EXTENSIONS or protocol == IPV6_AH:
             if end - pos < 2:
@@ -146,44 +174,50 @@ def _ipv6(buf: bytes, off: int, end: int, wire: int, vlan: int) -> Parsed | str:
         elif protocol == IPV6_FRAGMENT:
             if end - pos < 8:
                 return TRUNCATED
-            protocol, later_fragment, pos = buf[pos], _U16(buf, pos + 2)[0] & 0xFFF8, pos + 8
-            if later_fragment:
-                return protocol, src, 0, dst, 0, 0, length, vlan
+            protocol, offset_more = buf[pos], _U16(buf, pos + 2)[0]
+            if offset_more & 0xFFF9:  # an offset or more fragments (else an atomic fragment: RFC 6946)
+                fragment = (int.from_bytes(buf[pos + 4 : pos + 8]) << 8 | protocol) << 2
+                if offset_more & 0xFFF8:
+                    return protocol, src, 0, dst, 0, 0, length, vlan, fragment | FRAGMENT_LATER
+                fragment |= FRAGMENT_FIRST
+            pos += 8
         else:
             break
-    return _transport(buf, pos, end, protocol, src, dst, length, vlan)
+    return _transport(buf, pos, end, protocol, src, dst, length, vlan, fragment)
 
 
 def _transport(
-    buf: bytes, pos: int, end: int, protocol: int, src: bytes, dst: bytes, length: int, vlan: int
+    buf: bytes, pos: int, end: int, protocol: int, src: bytes, dst: bytes, length: int, vlan: int, fragment: int
 ) -> Parsed | str:
     """Ports, and TCP flags; ICMP has its own idea of ports (see `_icmp`)."""
     if protocol == 6:
         if end - pos < 14:
             return TRUNCATED
-        return 6, src, buf[pos] << 8 | buf[pos + 1], dst, buf[pos + 2] << 8 | buf[pos + 3], buf[pos + 13], length, vlan
+        sport, dport = buf[pos] << 8 | buf[pos + 1], buf[pos + 2] << 8 | buf[pos + 3]
+        return 6, src, sport, dst, dport, buf[pos + 13], length, vlan, fragment
     if protocol in PORT_PROTOCOLS:
         if end - pos < 4:
             return TRUNCATED
-        return protocol, src, buf[pos] << 8 | buf[pos + 1], dst, buf[pos + 2] << 8 | buf[pos + 3], 0, length, vlan
+        sport, dport = buf[pos] << 8 | buf[pos + 1], buf[pos + 2] << 8 | buf[pos + 3]
+        return protocol, src, sport, dst, dport, 0, length, vlan, fragment
     if protocol in ECHO_TYPES:
-        return _icmp(buf, pos, end, protocol, src, dst, length, vlan)
-    return protocol, src, 0, dst, 0, 0, length, vlan
+        return _icmp(buf, pos, end, protocol, src, dst, length, vlan, fragment)
+    return protocol, src, 0, dst, 0, 0, length, vlan, fragment
 
 
 def _icmp(
-    buf: bytes, pos: int, end: int, protocol: int, src: bytes, dst: bytes, length: int, vlan: int
+    buf: bytes, pos: int, end: int, protocol: int, src: bytes, dst: bytes, length: int, vlan: int, fragment: int
 ) -> Parsed | str:
     """Echo request and reply: the identifier as both ports (one flow); other messages: dst_port type<<8|code."""
     if end - pos < 4:
         return TRUNCATED
     kind = buf[pos]
     if kind not in ECHO_TYPES[protocol]:
-        return protocol, src, 0, dst, kind << 8 | buf[pos + 1], 0, length, vlan
+        return protocol, src, 0, dst, kind << 8 | buf[pos + 1], 0, length, vlan, fragment
     if end - pos < 6:
         return TRUNCATED
     ident = buf[pos + 4] << 8 | buf[pos + 5]
-    return protocol, src, ident, dst, ident, 0, length, vlan
+    return protocol, src, ident, dst, ident, 0, length, vlan, fragment
 
 
 # ---- pcap and pcapng files -----------------------------------------------------------------------

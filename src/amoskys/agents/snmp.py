@@ -1,14 +1,16 @@
 """snmp: polls SNMP devices (system group, IF-MIB counters as rates, interface changes) and receives traps.
 
-Every target is polled in its own task every `snmp.interval_s`, with its own timeout and retries,
-so a slow or dead device delays nobody else. A poll reads sysName, sysDescr and sysUpTime, then
-walks the interface table (ifTable + ifXTable: names, status, 64-bit octet counters, errors,
-speed) with GETBULK. Octet counters become bits per second between two polls; a 32-bit counter
-(a device without ifXTable) may wrap once, a 64-bit counter that goes back, or any counter after
-the device restarted (sysUpTime went back), was reset and gives no rate for that poll. A change
-of ifOperStatus/ifAdminStatus is an INTERFACE_CHANGE event; a failed poll is a POLL_ERROR event
-and `amoskys_agent_snmp_poll_errors_total{target,reason}`. Communities and keys never appear in
-logs, events or error messages.
+Every target is polled in its own task every `snmp.interval_s`, with its own timeout and retries
+(kept by the clock, not by pysnmp's timer ticks), so a slow or dead device delays nobody else. A
+poll reads sysName, sysDescr and sysUpTime, then walks the interface table (ifTable + ifXTable:
+names, status, 64-bit octet counters, errors, speed) with GETBULK. Each interface takes its 64-bit
+counters (ifHCInOctets/ifHCOutOctets) when the device answers them for it, else the 32-bit ones of
+ifTable, and ifHighSpeed when present, else ifSpeed. Octet counters become bits per second between
+two polls; a 32-bit counter may wrap once, a 64-bit counter that goes back, or any counter after the
+device restarted (sysUpTime went back), was reset and gives no rate for that poll. A change of
+ifOperStatus/ifAdminStatus is an INTERFACE_CHANGE event; a failed poll is a POLL_ERROR event and
+`amoskys_agent_snmp_poll_errors_total{target,reason}`. Communities and keys never appear in logs,
+events or error messages.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -69,6 +72,7 @@ SYSTEM = {
 IF_TABLE, IF_X_TABLE = (1, 3, 6, 1, 2, 1, 2, 2, 1), (1, 3, 6, 1, 2, 1, 31, 1, 1, 1)
 COLUMNS: dict[str, Oid] = {  # walked side by side in one GETBULK stream
     "descr": (*IF_TABLE, 2),
+    "speed": (*IF_TABLE, 5),
     "admin": (*IF_TABLE, 7),
     "oper": (*IF_TABLE, 8),
     "in_octets32": (*IF_TABLE, 10),
@@ -86,6 +90,7 @@ MAX_REPETITIONS = 10
 MAX_BULK_CALLS = 1000  # 10,000 rows per column: a device answering forever is cut off
 INTERFACES_PER_EVENT = 256  # keeps a POLL event well under the hub's per-event limit
 MISSING = (NoSuchObject, NoSuchInstance, EndOfMibView)
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 # (column name -> {ifIndex -> value}) as walked
 InterfaceTable = dict[str, dict[int, Any]]
@@ -146,7 +151,12 @@ def counter_delta(previous: int, current: int, bits: int) -> int | None:
 
 
 def _text(value: Any) -> str:
-    return "" if value is None or isinstance(value, MISSING) else bytes(value).decode("utf-8", "replace")
+    """A DisplayString as text: trailing NULs (a C string sent with its terminator) dropped, other
+    control characters escaped as \\xNN (tab and line ends kept: multi-line sysDescr)."""
+    if value is None or isinstance(value, MISSING):
+        return ""
+    text = bytes(value).rstrip(b"\0").decode("utf-8", "replace")
+    return CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def _number(value: Any) -> int | None:
@@ -204,7 +214,7 @@ class PollResult:
 def interface_stats(table: InterfaceTable, index: int) -> tuple[events_pb2.InterfaceStats, tuple[int, int, int]]:
     """One interface from the walked columns, and its octet counters (64-bit when the device has them)."""
     column = {name: values.get(index) for name, values in table.items()}
-    bits = 64 if _number(column["in_octets"]) is not None else 32
+    bits = 64 if _number(column["in_octets"]) is not None and _number(column["out_octets"]) is not None else 32
     in_octets = _number(column["in_octets" if bits == 64 else "in_octets32"]) or 0
     out_octets = _number(column["out_octets" if bits == 64 else "out_octets32"]) or 0
     stats = events_pb2.InterfaceStats(
@@ -214,13 +224,23 @@ def interface_stats(table: InterfaceTable, index: int) -> tuple[events_pb2.Inter
         admin_status=IF_STATUS.get(_number(column["admin"]) or 0, "unknown"),
         in_octets=in_octets, out_octets=out_octets,
         in_errors=_number(column["in_errors"]) or 0, out_errors=_number(column["out_errors"]) or 0,
-        speed_mbps=_number(column["high_speed"]) or 0,
+        speed_mbps=speed_mbps(column),
     )  # fmt: skip
     return stats, (in_octets, out_octets, bits)
 
 
+def speed_mbps(column: dict[str, Any]) -> int:
+    """ifHighSpeed (Mbit/s) when the device has it, else ifSpeed (bit/s) rounded to Mbit/s as IF-MIB
+    rounds ifHighSpeed (4294 for an ifSpeed at its maximum: "at least 4.29 Gbit/s")."""
+    high = _number(column["high_speed"])
+    if high is not None:
+        return high
+    return ((_number(column["speed"]) or 0) + 500_000) // 1_000_000
+
+
 def build_result(system: dict[str, Any], table: InterfaceTable, at: float, previous: Sample | None) -> PollResult:
-    """Interfaces with rates against `previous` (none after a restart or reset), and status changes."""
+    """Interfaces with rates against `previous` (absent on the first poll, after a restart or reset), and
+    status changes."""
     uptime = _number(system.get("uptime")) or 0
     restarted = previous is not None and uptime < previous.uptime
     elapsed = at - previous.at if previous else 0.0
@@ -235,8 +255,10 @@ def build_result(system: dict[str, Any], table: InterfaceTable, at: float, previ
         if before is not None and before[2] == octets[2] and elapsed > 0:
             in_delta = counter_delta(before[0], octets[0], octets[2])
             out_delta = counter_delta(before[1], octets[1], octets[2])
-            stats.in_bps = in_delta * 8 / elapsed if in_delta is not None else 0.0
-            stats.out_bps = out_delta * 8 / elapsed if out_delta is not None else 0.0
+            if in_delta is not None:  # else absent: no rate (a reset), which 0 bit/s would misstate
+                stats.in_bps = in_delta * 8 / elapsed
+            if out_delta is not None:
+                stats.out_bps = out_delta * 8 / elapsed
         result.interfaces.append(stats)
         was = previous.status.get(index) if previous else None
         if was is not None and was != sample.status[index]:
@@ -245,6 +267,8 @@ def build_result(system: dict[str, Any], table: InterfaceTable, at: float, previ
 
 
 def _timeout_hint(target: SnmpTarget) -> str:
+    if target.version == 3 and target.context:
+        return f"device down or unreachable, a wrong priv_key/priv_protocol, or no context {target.context!r} there?"
     if target.version == 3:
         return "device down or unreachable, or a wrong priv_key/priv_protocol?"
     return "device down or unreachable, a wrong community, or this address not allowed?"
@@ -283,6 +307,7 @@ class TargetPoller:
         self.engine = engine
         self.secrets = secrets
         self.previous: Sample | None = None
+        self.context = ContextData(contextName=target.context.encode())
         if target.version == 3:
             self.auth = UsmUserData(
                 target.user, authKey=target.auth_key, privKey=target.priv_key,
@@ -292,12 +317,27 @@ class TargetPoller:
             self.auth = CommunityData(target.community, mpModel=1)  # noqa: S508 - v2c when configured so
 
     async def _transport(self) -> Any:
+        """pysnmp counts its timeouts in ticks of its event-loop timer, which fall behind on a busy loop
+        (a 2 s timeout took 4 s beside 12 busy targets): the poller keeps its own clock and retries
+        (`_request`); pysnmp's timeout, a second later, only clears what it still waits for."""
         target = self.target
         kind = Udp6TransportTarget if ":" in target.address else UdpTransportTarget
         try:
-            return await kind.create((target.address, target.port), timeout=target.timeout_s, retries=target.retries)
+            return await kind.create((target.address, target.port), timeout=target.timeout_s + 1, retries=0)
         except PySnmpError as exc:
             raise PollError("resolve", redact(f"cannot resolve {target.address!r}: {exc}", self.secrets)) from None
+
+    async def _request(self, send: Callable[[], Awaitable[Any]]) -> Any:
+        """One request, `retries` + 1 attempts of `timeout_s` each by the clock; the answer, checked."""
+        for _ in range(self.target.retries + 1):
+            try:
+                async with asyncio.timeout(self.target.timeout_s):
+                    found = await send()
+            except TimeoutError:
+                continue
+            self._check(*found)
+            return found
+        raise classify(self.target, errind.requestTimedOut, self.secrets)
 
     def _check(self, indication: Any, status: Any, index: Any, var_binds: Any) -> None:
         if indication:
@@ -325,17 +365,19 @@ class TargetPoller:
 
     async def _system(self, transport: Any) -> dict[str, Any]:
         objects = [ObjectType(ObjectIdentity(oid)) for oid in SYSTEM.values()]
-        found = await get_cmd(self.engine, self.auth, transport, ContextData(), *objects, lookupMib=False)
-        self._check(*found)
+        found = await self._request(
+            lambda: get_cmd(self.engine, self.auth, transport, self.context, *objects, lookupMib=False)
+        )
         values = {tuple(oid): value for oid, value in found[3]}
         return {name: values.get(oid) for name, oid in SYSTEM.items()}
 
     async def _bulk(self, transport: Any, oids: list[Oid]) -> list[tuple[Oid, Any]]:
         objects = [ObjectType(ObjectIdentity(oid)) for oid in oids]
-        found = await bulk_cmd(
-            self.engine, self.auth, transport, ContextData(), 0, MAX_REPETITIONS, *objects, lookupMib=False
+        found = await self._request(
+            lambda: bulk_cmd(
+                self.engine, self.auth, transport, self.context, 0, MAX_REPETITIONS, *objects, lookupMib=False
+            )
         )
-        self._check(*found)
         return [(tuple(oid), value) for oid, value in found[3]]
 
 
@@ -371,10 +413,11 @@ def engine_slots(targets: list[SnmpTarget]) -> list[int]:
 
 
 class TrapRejections(Collector):
-    """`amoskys_agent_snmp_traps_rejected_total{reason}`, read from the receiver when scraped."""
+    """`amoskys_agent_snmp_traps_rejected_total{reason}` and `_engine_discoveries_total`, read from the
+    receiver when scraped."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
-        self.counts = counts
+    def __init__(self, counts: Callable[[], dict[str, int]], discoveries: Callable[[], int]) -> None:
+        self.counts, self.discoveries = counts, discoveries
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         family = CounterMetricFamily(
@@ -383,6 +426,11 @@ class TrapRejections(Collector):
         for reason, count in sorted(self.counts().items()):
             family.add_metric([reason], count)
         yield family
+        yield CounterMetricFamily(
+            "amoskys_agent_snmp_engine_discoveries",
+            "SNMPv3 engine-ID discovery requests answered (inform senders learning this engine's ID)",
+            value=self.discoveries(),
+        )
 
 
 class SnmpAgent(Agent):
@@ -412,7 +460,7 @@ class SnmpAgent(Agent):
     def register_metrics(self, registry: CollectorRegistry) -> None:
         for collector in self.metrics.collectors():
             registry.register(collector)
-        registry.register(TrapRejections(self.trap_rejections))
+        registry.register(TrapRejections(self.trap_rejections, self.engine_discoveries))
 
     def reload(self, config: AgentConfig) -> None:
         """SIGHUP: a new interval applies at once; targets and trap settings need a restart."""
@@ -523,6 +571,9 @@ class SnmpAgent(Agent):
         labels = {"source": trap.source, "version": trap.version} | ({"user": trap.user} if trap.user else {})
         severity = events_pb2.SEVERITY_WARNING if trap.trap_oid in WARNING_TRAPS else events_pb2.SEVERITY_INFO
         return self.event(severity, snmp=body, labels=labels)
+
+    def engine_discoveries(self) -> int:
+        return self.receiver.discoveries if self.receiver is not None else 0
 
     def trap_rejections(self) -> dict[str, int]:
         """Traps refused by the receiver, by reason, plus those dropped because the agent fell behind."""

@@ -5,6 +5,8 @@ from `snmp.trap_users` (authPriv). A v3 *trap* is authenticated with keys locali
 sender's engine, so its user needs the sender's `engine_id`; an *inform* is answered by this
 receiver's own engine and needs none. Rejected messages (bad community, unknown user, wrong
 digest, ...) are counted from the engine's own statistics, never logged with their credentials.
+An inform sender's engine-ID discovery (RFC 3414 4: a noAuthNoPriv message without an engine ID,
+answered with a report) is part of the protocol, not a rejection: it is counted on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pysnmp.carrier.asyncio.dgram import udp, udp6  # type: ignore[import-untype
 from pysnmp.entity import config as engine_config  # type: ignore[import-untyped]
 from pysnmp.entity import engine as snmp_engine
 from pysnmp.entity.rfc3413 import ntfrcv  # type: ignore[import-untyped]
+from pysnmp.proto import errind  # type: ignore[import-untyped]
 from pysnmp.proto.api import v2c  # type: ignore[import-untyped]
 
 from amoskys.config import SnmpConfig, parse_address
@@ -41,6 +44,7 @@ PRIV_PROTOCOLS = {
 SYS_UPTIME, TRAP_OID = "1.3.6.1.2.1.1.3.0", "1.3.6.1.6.3.1.1.4.1.0"
 TRAP_COMMUNITY = "1.3.6.1.6.3.18.1.4.0"  # snmpTrapCommunity: a v1 trap's community, never reported
 VERSIONS = {0: "1", 1: "2c", 3: "3"}
+NO_AUTH_NO_PRIV = 1  # msgFlags security level
 MAX_VARBINDS, MAX_VALUE_CHARS = 64, 1024
 # The engine's statistics of refused messages, as (MIB, symbol) -> reason label.
 REJECTION_COUNTERS = {
@@ -140,6 +144,14 @@ class TrapReceiver:
                     securityEngineId=engine_id,
                 )  # fmt: skip
         ntfrcv.NotificationReceiver(self.engine, self._received)
+        self.discoveries = 0
+        self.engine.observer.register_observer(self._security_failure, "rfc3412.prepareDataElements:sm-failure")
+
+    def _security_failure(self, _engine: Any, _point: str, variables: dict[str, Any], _ctx: Any) -> None:
+        """The USM refused a message: an unknown engine ID at noAuthNoPriv is a discovery request."""
+        unknown_engine = isinstance(variables["statusInformation"].get("errorIndication"), errind.UnknownEngineID)
+        if unknown_engine and variables["securityLevel"] == NO_AUTH_NO_PRIV:
+            self.discoveries += 1
 
     def _received(self, engine: Any, state: Any, _ctx_engine: Any, _ctx_name: Any, var_binds: Any, _cb: Any) -> None:
         _domain, address = engine.message_dispatcher.get_transport_info(state)
@@ -161,6 +173,7 @@ class TrapReceiver:
         for (mib, symbol), reason in REJECTION_COUNTERS.items():
             (counter,) = builder.import_symbols(mib, symbol)
             counts[reason] = counts.get(reason, 0) + int(counter.syntax)
+        counts["unknown_engine_id"] -= self.discoveries  # the USM counts discovery requests there too
         return counts
 
     def close(self) -> None:
