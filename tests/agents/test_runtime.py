@@ -13,7 +13,7 @@ from amoskys.agents import AGENTS
 from amoskys.agents.runtime import AgentRuntime
 from amoskys.errors import IdentityError
 from amoskys.eventbus.server import create_server
-from amoskys.v1 import bus_pb2
+from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
 from tests.agents.conftest import agent_config
 from tests.conftest import small_tmpfs
 from tests.hubfixture import LiveHub
@@ -87,6 +87,63 @@ async def test_outage_then_every_collected_event_stored_exactly_once(
     assert len(auth) == 20
     alerts = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-auth"], kinds=["alert"]))
     assert [a.event.alert.rule for a in alerts] == ["auth.brute_force"] * 4
+
+
+def held_markers(runtime: AgentRuntime) -> list[int]:
+    """The `m` labels of the events the outbox holds, oldest first (sealed, then unsealed)."""
+    bodies = [body for (body,) in runtime.outbox.db.execute("SELECT body FROM events ORDER BY id")]
+    sealed = [
+        e.SerializeToString()
+        for envelope in runtime.outbox.unacked(limit=10_000)
+        for e in events_pb2.EventBatch.FromString(envelope_pb2.Envelope.FromString(envelope.raw).payload).events
+    ]
+    events = [events_pb2.Event.FromString(body) for body in sealed + bodies]
+    return [int(e.labels["m"]) for e in events if "m" in e.labels]
+
+
+async def test_outage_into_a_full_outbox_seals_nothing_and_keeps_the_newest(live_hub: LiveHub, tmp_path: Path) -> None:
+    """Hub down, outbox full: no envelope is sealed while no stream is open, the oldest events go, the
+    newest reach the hub once it is back, and every missing event was counted as dropped."""
+    quiet = {"interval_s": 3600.0, "ports_interval_s": 3600.0}
+    config = agent_config(live_hub, tmp_path, "host", outbox={"max_bytes": 30_000}, host_metrics=quiet)
+    runtime = AgentRuntime("host", None, config)
+    task = await start(runtime)
+    try:
+        await wait_until_drained([runtime])
+        outage_task = asyncio.create_task(outage(live_hub, 6.0))
+        while runtime.publisher.streaming:
+            await asyncio.sleep(0.05)
+        sealed_at_start = runtime.outbox.sealed_count()
+        for chunk in range(40):  # 2,000 events over 2 s: 20 lingers of 100 ms
+            runtime.buffer += [
+                runtime.agent.event(labels={"m": str(chunk * 50 + i)}).SerializeToString() for i in range(50)
+            ]
+            runtime.flush()
+            await asyncio.sleep(0.05)
+        assert not outage_task.done(), "the outage ended too early for this test"
+        assert runtime.outbox.sealed_count() <= sealed_at_start
+        held = held_markers(runtime)
+        assert held == list(range(held[0], 2000)), "the newest events, none missing"
+        assert held[0] > 0
+        assert runtime.outbox.used_bytes <= 30_000
+        await outage_task
+        reported = dropped = -1
+        for _ in range(300):  # the agent.dropped alerts go out once the hub acks again
+            await wait_until_drained([runtime], timeout=60)
+            dropped = runtime.metrics.events_dropped.labels("outbox_full")._value.get()
+            stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+            alerts = [s.event.alert for s in stored if s.event.WhichOneof("body") == "alert"]
+            reported = sum(int(a.details["dropped"]) for a in alerts if a.rule == "agent.dropped")
+            if reported == dropped:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await stop(runtime, task)
+    assert reported == dropped > 0
+    stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+    markers = sorted(int(s.event.labels["m"]) for s in stored if "m" in s.event.labels)
+    assert markers == list(range(markers[0], 2000)), "the newest events, none missing, none twice"
+    assert held[0] <= markers[0] <= dropped
 
 
 async def test_refuses_to_start_without_a_valid_identity(live_hub: LiveHub, tmp_path: Path) -> None:

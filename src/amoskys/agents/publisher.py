@@ -130,6 +130,11 @@ class Publisher:
         """A stream is open and nothing is in flight: an envelope sealed now would go out at once."""
         return self._inflight is not None and not self._inflight
 
+    @property
+    def streaming(self) -> bool:
+        """A stream to the hub is open: what is sealed now can be sent."""
+        return self._inflight is not None
+
     async def run(self) -> None:
         """Publish forever: one stream per session, reconnecting as needed."""
         while True:
@@ -196,9 +201,12 @@ class Publisher:
 
     def _on_ack(self, sent: SealedEnvelope, ack: envelope_pb2.PublishAck, latency: float) -> float | None:
         """Apply one ack; None to go on, else the pause before a new stream."""
+        if sent.chain_id != self.outbox.chain.chain_id:  # the outbox restarted the chain (drop, dead letter)
+            log.warning("the outbox re-sealed its envelopes; resending them", extra={"seq": sent.seq})
+            return 0.0
         if ack.status == Status.OK:
             self.backoff.reset()
-            self.metrics.events_acked.inc(self.outbox.ack(sent.seq))
+            self.metrics.events_acked.inc(self.outbox.ack(sent.seq, sent.chain_id))
             self.metrics.ack_latency.observe(latency)
             if self.on_acked is not None:
                 self.on_acked()
