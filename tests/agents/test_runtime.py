@@ -146,6 +146,36 @@ async def test_outage_into_a_full_outbox_seals_nothing_and_keeps_the_newest(live
     assert held[0] <= markers[0] <= dropped
 
 
+async def test_a_full_outbox_while_connected_keeps_sending_the_newest(live_hub: LiveHub, tmp_path: Path) -> None:
+    """Bursts into a small outbox while the stream is open: the bound drops sealed envelopes too (the
+    chain is re-sealed under the publisher), nothing stalls, and what is missing was counted."""
+    quiet = {"interval_s": 3600.0, "ports_interval_s": 3600.0}
+    config = agent_config(
+        live_hub, tmp_path, "host", outbox={"max_bytes": 20_000}, host_metrics=quiet,
+        batch={"max_events": 50, "max_linger_ms": 10, "max_inflight": 2},
+    )  # fmt: skip
+    runtime = AgentRuntime("host", None, config)
+    task = await start(runtime)
+    try:
+        await wait_until_drained([runtime])
+        first_chain = runtime.outbox.chain.chain_id
+        for chunk in range(100):
+            runtime.buffer += [
+                runtime.agent.event(labels={"m": str(chunk * 100 + i)}).SerializeToString() for i in range(100)
+            ]
+            runtime.flush()
+            await asyncio.sleep(0.01)
+        await wait_until_drained([runtime], timeout=60)
+        assert runtime.outbox.chain.chain_id != first_chain, "no sealed envelope was dropped"
+    finally:
+        await stop(runtime, task)
+    stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+    markers = sorted({int(s.event.labels["m"]) for s in stored if "m" in s.event.labels})
+    assert markers[-1] == 9999
+    dropped = runtime.metrics.events_dropped.labels("outbox_full")._value.get()
+    assert 10_000 - len(markers) <= dropped
+
+
 async def test_refuses_to_start_without_a_valid_identity(live_hub: LiveHub, tmp_path: Path) -> None:
     config = agent_config(live_hub, tmp_path, "host")
     Path(config.tls.key).chmod(0o644)

@@ -124,6 +124,7 @@ class Publisher:
         self.backoff = Backoff()
         self.connected = False
         self._inflight: Inflight | None = None  # the open stream's window; None between streams
+        self._stream_chain = b""  # the chain of what this stream has sent
 
     @property
     def idle(self) -> bool:
@@ -193,7 +194,11 @@ class Publisher:
         room = self.config.batch.max_inflight - len(inflight)
         if room <= 0:
             return last
-        for envelope in self.outbox.unacked(after_seq=last, limit=room):
+        envelopes = self.outbox.unacked(after_seq=last, limit=room)  # re-sealed first if the bound dropped some
+        if last and self.outbox.chain.chain_id != self._stream_chain:
+            raise EndSession(0.0)  # a new chain: everything unacked goes again from its seq 1
+        self._stream_chain = self.outbox.chain.chain_id
+        for envelope in envelopes:
             await stream.send_message(envelope.raw)
             inflight.append((envelope, time.perf_counter()))
             last = envelope.seq
