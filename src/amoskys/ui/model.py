@@ -12,6 +12,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from amoskys.semantics import LATE_FACTOR, STATES, liveness
 from amoskys.ui import svg
 from amoskys.v1 import bus_pb2, events_pb2
 
@@ -28,9 +29,7 @@ __all__ = [
     "parse_filter",
 ]
 
-LATE_FACTOR = 2.5  # missed heartbeat intervals before an agent is late; twice that: down
-DEFAULT_INTERVAL_S = 30
-STATE_RANK = {"up": 0, "late": 1, "down": 2}
+STATE_RANK = {state: rank for rank, state in enumerate(STATES)}
 SEVERITIES = [n.removeprefix("SEVERITY_").lower() for n in events_pb2.Severity.keys()][1:]  # noqa: SIM118
 KINDS = ["process", "flow", "snmp", "device", "host_metrics", "auth", "port", "heartbeat", "alert"]
 AGENT_KINDS = ["proc", "host", "auth", "flow", "scanner", "snmp", "eventbus"]
@@ -60,15 +59,6 @@ def ago(seconds: float) -> str:
 
 
 # ---- fleet -----------------------------------------------------------------------------------
-
-
-def liveness(agent: bus_pb2.AgentInfo, now_ns: int) -> str:
-    """up / late / down from the agent's last heartbeat (its last envelope if it never sent one)."""
-    interval = agent.heartbeat_interval_s or DEFAULT_INTERVAL_S
-    age_s = (now_ns - (agent.last_heartbeat_ns or agent.last_seen_ns)) / 1e9
-    if age_s <= interval * LATE_FACTOR:
-        return "up"
-    return "late" if age_s <= interval * 2 * LATE_FACTOR else "down"
 
 
 def agent_view(agent: bus_pb2.AgentInfo, now_ns: int) -> dict[str, Any]:
@@ -134,7 +124,7 @@ class RateHistory:
 def fleet(agents: Sequence[bus_pb2.AgentInfo], rates: RateHistory, now_ns: int) -> dict[str, Any]:
     """Every host with its agents; problems (down, then late) first, then by name."""
     hosts = []
-    counts = {"up": 0, "late": 0, "down": 0}
+    counts = dict.fromkeys(STATES, 0)
     for host, members in by_host(agents).items():
         views = [agent_view(a, now_ns) for a in members]
         for view in views:
