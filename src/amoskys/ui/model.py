@@ -12,12 +12,13 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from amoskys.semantics import LATE_FACTOR, STATES, liveness
+from amoskys.semantics import LATE_FACTOR, SEVERITIES, STATES, liveness, parse_time, severity_name, severity_value
 from amoskys.ui import svg
 from amoskys.v1 import bus_pb2, events_pb2
 
 __all__ = [
     "LATE_FACTOR",
+    "SEVERITIES",
     "RateHistory",
     "agent_view",
     "certificates",
@@ -30,10 +31,8 @@ __all__ = [
 ]
 
 STATE_RANK = {state: rank for rank, state in enumerate(STATES)}
-SEVERITIES = [n.removeprefix("SEVERITY_").lower() for n in events_pb2.Severity.keys()][1:]  # noqa: SIM118
 KINDS = ["process", "flow", "snmp", "device", "host_metrics", "auth", "port", "heartbeat", "alert"]
 AGENT_KINDS = ["proc", "host", "auth", "flow", "scanner", "snmp", "eventbus"]
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SUMMARY_MAX = 300
 # C0/C1 controls, DEL, and the bidi controls that can reorder what an operator reads
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -209,7 +208,7 @@ def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
         "time": fmt_time(event.ts_ns),
         "host": event.host,
         "agent": event.agent,
-        "severity": events_pb2.Severity.Name(event.severity).removeprefix("SEVERITY_").lower(),
+        "severity": severity_name(event.severity),
         "kind": kind,
         "summary": clean(_summary(event, kind)),
         "labels": dict(event.labels),
@@ -270,20 +269,6 @@ def devices(events: Iterable[bus_pb2.StoredEvent]) -> list[dict[str, Any]]:
 # ---- filters ---------------------------------------------------------------------------------
 
 
-def parse_time(text: str, now_ns: int, key: str = "time") -> int:
-    """'' (unbounded), a duration back from now (15m, 2h, 7d), or a UTC time (2026-11-22T18:00[:00])."""
-    text = text.strip()
-    if not text:
-        return 0
-    if match := re.fullmatch(r"(\d+)\s*([smhd])", text):
-        return now_ns - int(match.group(1)) * UNITS[match.group(2)] * 1_000_000_000
-    try:
-        moment = dt.datetime.fromisoformat(text.removesuffix("Z"))
-    except ValueError:
-        raise ValueError(f"{key} {text!r}: expected 15m, 2h, 7d or YYYY-MM-DDTHH:MM") from None
-    return int(moment.replace(tzinfo=moment.tzinfo or dt.UTC).timestamp() * 1e9)
-
-
 def _values(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -293,9 +278,7 @@ def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple
     form = {key: params.get(key, "") for key in ("until", "host", "agent_id", "agent", "kind", "severity", "text")}
     form["since"] = params.get("since", default_since)
     now_ns = time.time_ns()
-    severity = form["severity"].lower()
-    if severity and severity not in SEVERITIES:
-        raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
+    severity = severity_value(form["severity"]) if form["severity"] else 0
     kinds = _values(form["kind"])
     if unknown := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"kind {unknown[0]!r}: expected one of {', '.join(KINDS)}")
@@ -306,7 +289,7 @@ def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple
         agent_ids=_values(form["agent_id"]),
         agents=_values(form["agent"]),
         kinds=kinds,
-        min_severity=events_pb2.Severity.Value(f"SEVERITY_{severity.upper()}") if severity else 0,  # type: ignore[arg-type]
+        min_severity=severity,  # type: ignore[arg-type]
         text=form["text"][:200],
     )
     return flt, form
