@@ -241,6 +241,22 @@ def test_dead_letter_keeps_the_envelope_and_restarts_the_chain(tmp_path: Path) -
     assert box.used_bytes == sum(size for _, size in before)  # the dead letter counts too
 
 
+def test_a_corrupt_sealed_envelope_is_a_clear_error_and_changes_nothing(tmp_path: Path) -> None:
+    box = open_outbox(tmp_path)
+    box.add(bodies(6))
+    for _ in range(3):
+        box.seal(2)
+    box.db.execute("UPDATE envelopes SET raw = x'ffff' WHERE seq = 3")
+    box.close()
+    box = open_outbox(tmp_path)
+    used, chain = box.used_bytes, box.chain
+    with pytest.raises(OutboxError, match="sealed envelope 3 is corrupt"):
+        box.dead_letter(1, "INVALID: test")
+    assert [e.seq for e in box.unacked()] == [1, 2, 3]
+    assert (box.used_bytes, box.chain, box.dead_letter_count()) == (used, chain, 0)
+    assert box.add(bodies(1, start=9)).stored == 1  # still writable: the transaction was rolled back
+
+
 @pytest.mark.root
 def test_full_disk_is_a_clear_error_and_loses_nothing_already_stored(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "small", "1m") as mount:

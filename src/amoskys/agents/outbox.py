@@ -9,8 +9,9 @@ The bounds cover everything stored: `used_bytes` is the sum of the event bodies,
 envelopes and the dead letters (each payload is stored once, inside its signed envelope). When
 full (`outbox.max_bytes`) or for data older than `outbox.max_age_days`, the policy is explicit:
 `drop_oldest` (default: recent telemetry matters most) deletes the oldest data first (dead
-letters, then sealed envelopes, then unsealed events; dropping sealed envelopes restarts the chain
-for the rest, as a dead letter does), `drop_newest` refuses new events. Every dropped event is
+letters, then sealed envelopes, then unsealed events; after dropping sealed envelopes the rest are
+re-sealed on a new chain, as after a dead letter, once, before the next envelope is sealed or
+sent), `drop_newest` refuses new events and drops from the newest end. Every dropped event is
 counted (`dropped` here, a metric, and an `agent.dropped` alert once the hub is reachable).
 Nothing is dropped silently.
 """
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from google.protobuf.message import DecodeError
 
 from amoskys.config import OutboxConfig
 from amoskys.envelope import ChainState, Signer, seal
@@ -134,15 +137,19 @@ class Outbox:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; whatever fails inside it (also a stored envelope that no longer
+        parses) rolls it back, and an SQLite error becomes an OutboxError."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             yield self.db
             self.db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
                 self._reload()
-            raise OutboxError(f"{self.path}: {exc}") from exc
+            if isinstance(exc, sqlite3.Error):
+                raise OutboxError(f"{self.path}: {exc}") from exc
+            raise
 
     def _reload(self) -> None:
         """After a rollback: the chain and the byte count as stored, not as the failed write left them."""
@@ -388,13 +395,19 @@ class Outbox:
         self.chain = self._new_chain()
         for old_seq in seqs:
             raw, count = db.execute("SELECT raw, events FROM envelopes WHERE seq = ?", (old_seq,)).fetchone()
-            new_raw, chain = self._sign(envelope_pb2.Envelope.FromString(raw).payload, int(count))
+            new_raw, chain = self._sign(self._stored_payload(old_seq, raw), int(count))
             db.execute(
                 "UPDATE envelopes SET seq = ?, chain_id = ?, raw = ? WHERE seq = ?",
                 (chain.last_seq, chain.chain_id, new_raw, old_seq),
             )
             self._advance(db, chain)
         self.used_bytes = self._scan_bytes()
+
+    def _stored_payload(self, seq: int, raw: bytes) -> bytes:
+        try:
+            return envelope_pb2.Envelope.FromString(raw).payload
+        except DecodeError as exc:
+            raise OutboxError(f"{self.path}: sealed envelope {seq} is corrupt ({exc}); nothing was changed") from exc
 
     def sizes(self) -> tuple[int, int]:
         """(events waiting: unsealed + sealed-unacked, bytes used)."""
