@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,40 @@ async def test_a_full_outbox_while_connected_keeps_sending_the_newest(live_hub: 
     assert markers[-1] == 9999
     dropped = runtime.metrics.events_dropped.labels("outbox_full")._value.get()
     assert 10_000 - len(markers) <= dropped
+
+
+async def test_an_outbox_locked_by_someone_else_delays_acks_and_loses_nothing(
+    live_hub: LiveHub, tmp_path: Path
+) -> None:
+    """An operator's sqlite3 shell holds the outbox's write lock while the hub acks: the publisher
+    and the drop reports keep running, and once the lock is gone every event is stored once."""
+    config = agent_config(live_hub, tmp_path, "host", host_metrics={"interval_s": 3600.0, "ports_interval_s": 3600.0})
+    runtime = AgentRuntime("host", None, config)
+    runtime.outbox.db.execute("PRAGMA busy_timeout = 50")  # fail fast instead of waiting 30 s
+    task = await start(runtime)
+    shell = sqlite3.connect(runtime.outbox.path, isolation_level=None)
+    try:
+        await wait_until_drained([runtime])
+        runtime.buffer += [runtime.agent.event(labels={"m": str(i)}).SerializeToString() for i in range(50)]
+        runtime.flush()
+        _, envelope_dropped = runtime.outbox.seal(100)
+        shell.execute("BEGIN IMMEDIATE")  # as `sqlite3 outbox.db` then `BEGIN IMMEDIATE;`, before the ack
+        runtime.sealed.set()
+        for _ in range(100):
+            if runtime.metrics.publish_errors.labels("OUTBOX")._value.get():
+                break
+            await asyncio.sleep(0.1)
+        assert runtime.metrics.publish_errors.labels("OUTBOX")._value.get() > 0
+        shell.execute("COMMIT")
+        running = {getattr(t.get_coro(), "__qualname__", "") for t in asyncio.all_tasks()}
+        assert {"Publisher.run", "AgentRuntime._drop_reports"} <= running
+        await wait_until_drained([runtime], timeout=60)
+    finally:
+        shell.close()
+        await stop(runtime, task)
+    stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+    assert sorted(int(s.event.labels["m"]) for s in stored if "m" in s.event.labels) == list(range(50))
+    assert envelope_dropped == 0
 
 
 async def test_refuses_to_start_without_a_valid_identity(live_hub: LiveHub, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from amoskys.agents.identity import client_tls_context
 from amoskys.agents.metrics import AgentMetrics
-from amoskys.agents.outbox import Outbox, SealedEnvelope
+from amoskys.agents.outbox import Outbox, OutboxError, SealedEnvelope
 from amoskys.config import AgentConfig, TlsConfig, parse_address
 from amoskys.v1 import envelope_pb2
 
@@ -152,6 +152,10 @@ class Publisher:
                 self.metrics.publish_errors.labels(code).inc()
                 pause = self.backoff.next()
                 log.warning("hub unreachable; retrying", extra={"code": code, "retry_in_s": round(pause, 2)})
+            except OutboxError as exc:  # e.g. an ack not recorded: what is unacked is sent again
+                self.metrics.publish_errors.labels("OUTBOX").inc()
+                pause = self.backoff.next()
+                log.error("outbox unwritable; retrying", extra={"error": str(exc), "retry_in_s": round(pause, 2)})
             await asyncio.sleep(pause)
 
     def _set_connected(self, value: bool) -> None:

@@ -196,8 +196,12 @@ class AgentRuntime:
             await asyncio.sleep(DROP_REPORT_INTERVAL_S if not self._drops_due else 1.0)
             if not (self._drops_due and self.publisher.connected):
                 continue
+            try:
+                dropped = self.outbox.take_counter("dropped")
+            except OutboxError as exc:
+                log.error("cannot read the drop count; retrying", extra={"error": str(exc)})
+                continue
             self._drops_due = False
-            dropped = self.outbox.take_counter("dropped")
             if dropped:
                 policy = self.config.outbox.when_full
                 summary = f"{dropped} events dropped by the outbox ({policy})"
