@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from amoskys.agents import AGENTS
 from amoskys.agents.runtime import AgentRuntime
 from amoskys.errors import IdentityError
 from amoskys.eventbus.server import create_server
-from amoskys.v1 import bus_pb2, events_pb2
+from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
 from tests.agents.conftest import agent_config
 from tests.conftest import small_tmpfs
 from tests.hubfixture import LiveHub
@@ -89,6 +90,136 @@ async def test_outage_then_every_collected_event_stored_exactly_once(
     assert [a.event.alert.rule for a in alerts] == ["auth.brute_force"] * 4
 
 
+def held_markers(runtime: AgentRuntime) -> list[int]:
+    """The `m` labels of the events the outbox holds, oldest first (sealed, then unsealed)."""
+    bodies = [body for (body,) in runtime.outbox.db.execute("SELECT body FROM events ORDER BY id")]
+    sealed = [
+        e.SerializeToString()
+        for envelope in runtime.outbox.unacked(limit=10_000)
+        for e in events_pb2.EventBatch.FromString(envelope_pb2.Envelope.FromString(envelope.raw).payload).events
+    ]
+    events = [events_pb2.Event.FromString(body) for body in sealed + bodies]
+    return [int(e.labels["m"]) for e in events if "m" in e.labels]
+
+
+async def test_outage_into_a_full_outbox_seals_nothing_and_keeps_the_newest(live_hub: LiveHub, tmp_path: Path) -> None:
+    """Hub down, outbox full: no envelope is sealed while no stream is open, the oldest events go, the
+    newest reach the hub once it is back, and every missing event was counted as dropped."""
+    quiet = {"interval_s": 3600.0, "ports_interval_s": 3600.0}
+    config = agent_config(live_hub, tmp_path, "host", outbox={"max_bytes": 30_000}, host_metrics=quiet)
+    runtime = AgentRuntime("host", None, config)
+    task = await start(runtime)
+    try:
+        await wait_until_drained([runtime])
+        outage_task = asyncio.create_task(outage(live_hub, 6.0))
+        while runtime.publisher.streaming:
+            await asyncio.sleep(0.05)
+        sealed_at_start = runtime.outbox.sealed_count()
+        for chunk in range(40):  # 2,000 events over 2 s: 20 lingers of 100 ms
+            runtime.buffer += [
+                runtime.agent.event(
+                    host_metrics=events_pb2.HostMetrics(), labels={"m": str(chunk * 50 + i)}
+                ).SerializeToString()
+                for i in range(50)
+            ]
+            runtime.flush()
+            await asyncio.sleep(0.05)
+        assert not outage_task.done(), "the outage ended too early for this test"
+        assert runtime.outbox.sealed_count() <= sealed_at_start
+        held = held_markers(runtime)
+        assert held == list(range(held[0], 2000)), "the newest events, none missing"
+        assert held[0] > 0
+        assert runtime.outbox.used_bytes <= 30_000
+        await outage_task
+        reported = dropped = -1
+        for _ in range(300):  # the agent.dropped alerts go out once the hub acks again
+            await wait_until_drained([runtime], timeout=60)
+            dropped = runtime.metrics.events_dropped.labels("outbox_full")._value.get()
+            stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+            alerts = [s.event.alert for s in stored if s.event.WhichOneof("body") == "alert"]
+            reported = sum(int(a.details["dropped"]) for a in alerts if a.rule == "agent.dropped")
+            if reported == dropped:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await stop(runtime, task)
+    assert reported == dropped > 0
+    stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+    markers = sorted(int(s.event.labels["m"]) for s in stored if "m" in s.event.labels)
+    assert markers == list(range(markers[0], 2000)), "the newest events, none missing, none twice"
+    assert held[0] <= markers[0] <= dropped
+
+
+async def test_a_full_outbox_while_connected_keeps_sending_the_newest(live_hub: LiveHub, tmp_path: Path) -> None:
+    """Bursts into a small outbox while the stream is open: the bound drops sealed envelopes too (the
+    chain is re-sealed under the publisher), nothing stalls, and what is missing was counted."""
+    quiet = {"interval_s": 3600.0, "ports_interval_s": 3600.0}
+    config = agent_config(
+        live_hub, tmp_path, "host", outbox={"max_bytes": 20_000}, host_metrics=quiet,
+        batch={"max_events": 50, "max_linger_ms": 10, "max_inflight": 2},
+    )  # fmt: skip
+    runtime = AgentRuntime("host", None, config)
+    task = await start(runtime)
+    try:
+        await wait_until_drained([runtime])
+        first_chain = runtime.outbox.chain.chain_id
+        for chunk in range(100):
+            runtime.buffer += [
+                runtime.agent.event(
+                    host_metrics=events_pb2.HostMetrics(), labels={"m": str(chunk * 100 + i)}
+                ).SerializeToString()
+                for i in range(100)
+            ]
+            runtime.flush()
+            await asyncio.sleep(0.01)
+        await wait_until_drained([runtime], timeout=60)
+        assert runtime.outbox.chain.chain_id != first_chain, "no sealed envelope was dropped"
+    finally:
+        await stop(runtime, task)
+    stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+    markers = sorted({int(s.event.labels["m"]) for s in stored if "m" in s.event.labels})
+    assert markers[-1] == 9999
+    dropped = runtime.metrics.events_dropped.labels("outbox_full")._value.get()
+    assert 10_000 - len(markers) <= dropped
+
+
+async def test_an_outbox_locked_by_someone_else_delays_acks_and_loses_nothing(
+    live_hub: LiveHub, tmp_path: Path
+) -> None:
+    """An operator's sqlite3 shell holds the outbox's write lock while the hub acks: the publisher
+    and the drop reports keep running, and once the lock is gone every event is stored once."""
+    config = agent_config(live_hub, tmp_path, "host", host_metrics={"interval_s": 3600.0, "ports_interval_s": 3600.0})
+    runtime = AgentRuntime("host", None, config)
+    runtime.outbox.db.execute("PRAGMA busy_timeout = 50")  # fail fast instead of waiting 30 s
+    task = await start(runtime)
+    shell = sqlite3.connect(runtime.outbox.path, isolation_level=None)
+    try:
+        await wait_until_drained([runtime])
+        runtime.buffer += [
+            runtime.agent.event(host_metrics=events_pb2.HostMetrics(), labels={"m": str(i)}).SerializeToString()
+            for i in range(50)
+        ]
+        runtime.flush()
+        _, envelope_dropped = runtime.outbox.seal(100)
+        shell.execute("BEGIN IMMEDIATE")  # as `sqlite3 outbox.db` then `BEGIN IMMEDIATE;`, before the ack
+        runtime.sealed.set()
+        for _ in range(100):
+            if runtime.metrics.publish_errors.labels("OUTBOX")._value.get():
+                break
+            await asyncio.sleep(0.1)
+        assert runtime.metrics.publish_errors.labels("OUTBOX")._value.get() > 0
+        shell.execute("COMMIT")
+        running = {getattr(t.get_coro(), "__qualname__", "") for t in asyncio.all_tasks()}
+        assert {"Publisher.run", "AgentRuntime._drop_reports"} <= running
+        await wait_until_drained([runtime], timeout=60)
+    finally:
+        shell.close()
+        await stop(runtime, task)
+    stored = await live_hub.query(bus_pb2.EventFilter(agent_ids=["test-host"]))
+    assert sorted(int(s.event.labels["m"]) for s in stored if "m" in s.event.labels) == list(range(50))
+    assert envelope_dropped == 0
+
+
 async def test_refuses_to_start_without_a_valid_identity(live_hub: LiveHub, tmp_path: Path) -> None:
     config = agent_config(live_hub, tmp_path, "host")
     Path(config.tls.key).chmod(0o644)
@@ -112,7 +243,10 @@ async def test_outbox_on_a_full_disk_holds_events_then_stores_them(live_hub: Liv
                     handle.flush()
                 except OSError:
                     break
-        events = [runtime.agent.event(labels={"n": str(i)}).SerializeToString() for i in range(2000)]
+        events = [
+            runtime.agent.event(host_metrics=events_pb2.HostMetrics(), labels={"n": str(i)}).SerializeToString()
+            for i in range(2000)
+        ]
         runtime.buffer = list(events)
         runtime.flush()
         assert len(runtime.buffer) == 2000, "the events must be held, not lost"
@@ -177,7 +311,10 @@ async def test_process_metrics_reload_and_clean_stop(live_hub: LiveHub, tmp_path
 async def test_dropped_events_are_reported_to_the_hub(live_hub: LiveHub, tmp_path: Path) -> None:
     config = agent_config(live_hub, tmp_path, "host", outbox={"max_bytes": 20_000, "when_full": "drop_oldest"})
     runtime = AgentRuntime("host", None, config)
-    runtime.buffer = [runtime.agent.event(labels={"n": str(i)}).SerializeToString() for i in range(1000)]
+    runtime.buffer = [
+        runtime.agent.event(host_metrics=events_pb2.HostMetrics(), labels={"n": str(i)}).SerializeToString()
+        for i in range(1000)
+    ]
     runtime.flush()
     assert runtime.outbox.counter("dropped") > 0
     dropped = runtime.outbox.counter("dropped")

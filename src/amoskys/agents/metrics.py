@@ -18,7 +18,10 @@ class AgentMetrics:
         self.dead_letters = Counter("amoskys_agent_dead_letters", "Envelopes the hub refused for good", registry=r)
         self.retries = Counter("amoskys_agent_retries", "RETRY answers from the hub, by reason", ["reason"], registry=r)
         self.publish_errors = Counter(
-            "amoskys_agent_publish_errors", "Failed publish attempts, by gRPC code", ["code"], registry=r
+            "amoskys_agent_publish_errors",
+            "Failed publish attempts, by gRPC code (OUTBOX: the outbox could not be written)",
+            ["code"],
+            registry=r,
         )
         self.collect_errors = Counter(
             "amoskys_agent_collect_errors", "Errors raised by the collector (it is restarted)", registry=r

@@ -28,7 +28,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from amoskys.agents.identity import client_tls_context
 from amoskys.agents.metrics import AgentMetrics
-from amoskys.agents.outbox import Outbox, SealedEnvelope
+from amoskys.agents.outbox import Outbox, OutboxError, SealedEnvelope
 from amoskys.config import AgentConfig, TlsConfig, parse_address
 from amoskys.v1 import envelope_pb2
 
@@ -124,11 +124,17 @@ class Publisher:
         self.backoff = Backoff()
         self.connected = False
         self._inflight: Inflight | None = None  # the open stream's window; None between streams
+        self._stream_chain = b""  # the chain of what this stream has sent
 
     @property
     def idle(self) -> bool:
         """A stream is open and nothing is in flight: an envelope sealed now would go out at once."""
         return self._inflight is not None and not self._inflight
+
+    @property
+    def streaming(self) -> bool:
+        """A stream to the hub is open: what is sealed now can be sent."""
+        return self._inflight is not None
 
     async def run(self) -> None:
         """Publish forever: one stream per session, reconnecting as needed."""
@@ -146,6 +152,10 @@ class Publisher:
                 self.metrics.publish_errors.labels(code).inc()
                 pause = self.backoff.next()
                 log.warning("hub unreachable; retrying", extra={"code": code, "retry_in_s": round(pause, 2)})
+            except OutboxError as exc:  # e.g. an ack not recorded: what is unacked is sent again
+                self.metrics.publish_errors.labels("OUTBOX").inc()
+                pause = self.backoff.next()
+                log.error("outbox unwritable; retrying", extra={"error": str(exc), "retry_in_s": round(pause, 2)})
             await asyncio.sleep(pause)
 
     def _set_connected(self, value: bool) -> None:
@@ -188,7 +198,11 @@ class Publisher:
         room = self.config.batch.max_inflight - len(inflight)
         if room <= 0:
             return last
-        for envelope in self.outbox.unacked(after_seq=last, limit=room):
+        envelopes = self.outbox.unacked(after_seq=last, limit=room)  # re-sealed first if the bound dropped some
+        if last and self.outbox.chain.chain_id != self._stream_chain:
+            raise EndSession(0.0)  # a new chain: everything unacked goes again from its seq 1
+        self._stream_chain = self.outbox.chain.chain_id
+        for envelope in envelopes:
             await stream.send_message(envelope.raw)
             inflight.append((envelope, time.perf_counter()))
             last = envelope.seq
@@ -196,9 +210,12 @@ class Publisher:
 
     def _on_ack(self, sent: SealedEnvelope, ack: envelope_pb2.PublishAck, latency: float) -> float | None:
         """Apply one ack; None to go on, else the pause before a new stream."""
+        if sent.chain_id != self.outbox.chain.chain_id:  # the outbox restarted the chain (drop, dead letter)
+            log.warning("the outbox re-sealed its envelopes; resending them", extra={"seq": sent.seq})
+            return 0.0
         if ack.status == Status.OK:
             self.backoff.reset()
-            self.metrics.events_acked.inc(self.outbox.ack(sent.seq))
+            self.metrics.events_acked.inc(self.outbox.ack(sent.seq, sent.chain_id))
             self.metrics.ack_latency.observe(latency)
             if self.on_acked is not None:
                 self.on_acked()

@@ -35,6 +35,7 @@ FLUSH_EVENTS = 500
 DROP_REPORT_INTERVAL_S = 60.0
 STOP_FLUSH_S = 5.0
 MAX_MEMORY_EVENTS = 100_000  # held while the outbox cannot be written; beyond that the oldest are dropped
+SEAL_AHEAD_WINDOWS = 2  # sealed, unacked envelopes kept ready: this many publisher windows (batch.max_inflight)
 
 
 class AgentRuntime:
@@ -56,7 +57,7 @@ class AgentRuntime:
         self.flushed = asyncio.Event()
         self.sealed = asyncio.Event()
         self.publisher = Publisher(
-            self.outbox, self.config, self.metrics, self.sealed, self._report_drops_soon, self.flushed.set
+            self.outbox, self.config, self.metrics, self.sealed, self._on_acked, self.flushed.set
         )  # an idle publisher wakes the batcher: what waits in the outbox can go now
         self.metrics_port = 0
         self._drops_due = True
@@ -89,7 +90,7 @@ class AgentRuntime:
         """Move buffered events and the agent's position into the outbox in one transaction."""
         bodies, self.buffer = self.buffer, []
         try:
-            dropped = self.outbox.add(bodies, self.agent.checkpoint())
+            stored, dropped = self.outbox.add(bodies, self.agent.checkpoint())
         except OutboxError as exc:
             self._keep_in_memory(bodies, str(exc))
             return
@@ -97,12 +98,9 @@ class AgentRuntime:
             with contextlib.suppress(OutboxError):
                 self.outbox.bump("dropped", self._memory_drops)
                 self._memory_drops = 0
-        self.metrics.events_collected.inc(len(bodies) - dropped)
+        self.metrics.events_collected.inc(stored)
         if dropped:
-            self.metrics.events_dropped.labels("outbox_full").inc(dropped)
-            log.warning(
-                "outbox full: events dropped", extra={"dropped": dropped, "policy": self.config.outbox.when_full}
-            )
+            self._count_drops(dropped)
         self.flushed.set()
 
     def _keep_in_memory(self, bodies: list[bytes], error: str) -> None:
@@ -125,25 +123,41 @@ class AgentRuntime:
         """Seal when a batch is full, its oldest event has lingered long enough, or the publisher is idle.
 
         Like Nagle's algorithm: with nothing in flight an envelope goes out at once (low latency at
-        low rates); while envelopes are in flight, events gather into fuller batches.
+        low rates); while envelopes are in flight, events gather into fuller batches. Only while a
+        stream is open and at most SEAL_AHEAD_WINDOWS windows ahead of the acks: during an outage
+        events wait unsealed, so the bounds drop them (oldest first) without re-sealing the chain.
         """
         batch = self.config.batch
         while True:
             count, oldest_ns = self.outbox.pending_events(batch.max_events)
             waited_ms = (time.time_ns() - oldest_ns) / 1e6 if count else 0
-            if count and (count >= batch.max_events or waited_ms >= batch.max_linger_ms or self.publisher.idle):
+            due = count >= batch.max_events or waited_ms >= batch.max_linger_ms or self.publisher.idle
+            if count and due and self._may_seal():
                 self._seal(batch.max_events)
+                await asyncio.sleep(0)  # a backlog is sealed envelope by envelope, not in one long step
                 continue
             self.flushed.clear()
-            timeout = max(batch.max_linger_ms - waited_ms, 1) / 1000 if count else 1.0
+            timeout = max(batch.max_linger_ms - waited_ms, 1) / 1000 if count and not due else 1.0
             await wait_event(self.flushed, timeout)
+
+    def _may_seal(self) -> bool:
+        ahead = SEAL_AHEAD_WINDOWS * self.config.batch.max_inflight
+        return self.publisher.streaming and self.outbox.sealed_count() < ahead
 
     def _seal(self, max_events: int) -> None:
         try:
-            if self.outbox.seal(max_events) is not None:
-                self.sealed.set()
+            envelope, dropped = self.outbox.seal(max_events)
         except OutboxError as exc:
             log.error("cannot seal an envelope", extra={"error": str(exc)})
+            return
+        if dropped:
+            self._count_drops(dropped)
+        if envelope is not None:
+            self.sealed.set()
+
+    def _count_drops(self, dropped: int) -> None:
+        self.metrics.events_dropped.labels("outbox_full").inc(dropped)
+        log.warning("outbox full: events dropped", extra={"dropped": dropped, "policy": self.config.outbox.when_full})
 
     # ---- heartbeat, drops, gauges ------------------------------------------------------------------
 
@@ -171,8 +185,10 @@ class AgentRuntime:
             self.metrics.outbox_bytes.set(used)
             await asyncio.sleep(self.config.heartbeat_s)
 
-    def _report_drops_soon(self) -> None:
+    def _on_acked(self) -> None:
+        """The hub took an envelope: drops can be reported, and the batcher may seal ahead again."""
         self._drops_due = True
+        self.flushed.set()
 
     async def _drop_reports(self) -> None:
         """Once the hub is reachable, report drops since the last report as an alert event."""
@@ -180,8 +196,12 @@ class AgentRuntime:
             await asyncio.sleep(DROP_REPORT_INTERVAL_S if not self._drops_due else 1.0)
             if not (self._drops_due and self.publisher.connected):
                 continue
+            try:
+                dropped = self.outbox.take_counter("dropped")
+            except OutboxError as exc:
+                log.error("cannot read the drop count; retrying", extra={"error": str(exc)})
+                continue
             self._drops_due = False
-            dropped = self.outbox.take_counter("dropped")
             if dropped:
                 policy = self.config.outbox.when_full
                 summary = f"{dropped} events dropped by the outbox ({policy})"
@@ -238,15 +258,14 @@ class AgentRuntime:
         await self.stop(tasks)
 
     async def stop(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Flush collected events into the outbox, seal them, give the publisher a moment, exit."""
+        """Flush collected events into the outbox, give the batcher and publisher a moment, exit."""
         systemd.notify("STOPPING=1")
         tasks[0].cancel()  # the collector: nothing new from here on
         await asyncio.gather(tasks[0], return_exceptions=True)
         self.buffer += [event.SerializeToString() for event in self.agent.shutdown_events()]
         self.flush()
-        self._seal_all()
         deadline = time.monotonic() + STOP_FLUSH_S
-        while self.outbox.unacked(limit=1) and self.publisher.connected and time.monotonic() < deadline:
+        while self._waiting() and self.publisher.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for task in tasks:
             task.cancel()
@@ -255,6 +274,6 @@ class AgentRuntime:
         self.outbox.close()
         log.info("agent stopped", extra={"agent_id": self.agent_id})
 
-    def _seal_all(self) -> None:
-        while self.outbox.pending_events(1)[0]:
-            self._seal(self.config.batch.max_events)
+    def _waiting(self) -> bool:
+        """Events in the outbox not yet acked (sealed or not)."""
+        return bool(self.outbox.sealed_count() or self.outbox.pending_events(1)[0])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -13,41 +12,39 @@ from google.protobuf.json_format import MessageToDict
 from amoskys.commands import Subparsers
 from amoskys.commands.hubclient import add_hub_arguments, call_hub
 from amoskys.errors import AmoskysError
-from amoskys.v1 import bus_pb2, events_pb2
+from amoskys.semantics import SEVERITIES, TIME_FORMS, parse_time, severity_name, severity_value
+from amoskys.v1 import bus_pb2
 
 if TYPE_CHECKING:
     from amoskys.v1 import bus_pb2_grpc
-
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("query", help="search stored events on the hub")
     add_hub_arguments(parser)
-    parser.add_argument("--since", default="1h", help="how far back: 30s, 15m, 2h, 7d (default 1h)")
+    parser.add_argument("--since", default="1h", help=f"from when: {TIME_FORMS} (default 1h)")
+    parser.add_argument("--until", default="", help="up to when (exclusive), the same forms (default: now)")
     parser.add_argument("--host", action="append", default=[], help="repeatable")
     parser.add_argument("--agent-id", action="append", default=[], help="repeatable")
     parser.add_argument("--agent", action="append", default=[], help="agent kind (proc, auth, ...); repeatable")
     parser.add_argument("--kind", action="append", default=[], help="event kind (process, auth, alert...)")
-    names = [n.removeprefix("SEVERITY_").lower() for n in events_pb2.Severity.keys()]  # noqa: SIM118 - enum wrapper
-    parser.add_argument("--severity", choices=names[1:], help="minimum severity")
+    parser.add_argument("--severity", type=str.lower, choices=SEVERITIES, help="minimum severity")
     parser.add_argument("--text", default="", help="case-insensitive substring")
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.set_defaults(func=run)
 
 
-def parse_since(text: str) -> int:
-    match = re.fullmatch(r"(\d+)([smhd])", text)
-    if not match:
-        raise AmoskysError(f"--since: expected a number and a unit (s, m, h, d), got {text!r}")
-    return time.time_ns() - int(match.group(1)) * UNITS[match.group(2)] * 1_000_000_000
-
-
-def run(args: argparse.Namespace) -> int:
-    severity = events_pb2.Severity.Value(f"SEVERITY_{args.severity.upper()}") if args.severity else 0
-    flt = bus_pb2.EventFilter(
-        since_ns=parse_since(args.since),
+def event_filter(args: argparse.Namespace, now_ns: int) -> bus_pb2.EventFilter:
+    """The filter the options describe; AmoskysError for a time or severity that means nothing."""
+    try:
+        since_ns, until_ns = parse_time(args.since, now_ns, "--since"), parse_time(args.until, now_ns, "--until")
+        severity = severity_value(args.severity, "--severity") if args.severity else 0
+    except ValueError as exc:
+        raise AmoskysError(str(exc)) from None
+    return bus_pb2.EventFilter(
+        since_ns=since_ns,
+        until_ns=until_ns,
         hosts=args.host,
         agent_ids=args.agent_id,
         agents=args.agent,
@@ -55,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         min_severity=severity,  # type: ignore[arg-type]
         text=args.text,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    flt = event_filter(args, time.time_ns())
 
     async def fetch(stub: bus_pb2_grpc.EventBusAsyncStub) -> bus_pb2.QueryResponse:
         return await stub.Query(bus_pb2.QueryRequest(filter=flt, page_size=args.limit))
@@ -66,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
             event = stored.event
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.ts_ns / 1e9))
             body = event.WhichOneof("body") or "-"
-            severity_name = events_pb2.Severity.Name(event.severity).removeprefix("SEVERITY_").lower()
-            print(f"{when} {event.host:<20} {stored.agent_id:<24} {body:<12} {severity_name:<8} {stored.cursor}")
+            severity = severity_name(event.severity)
+            print(f"{when} {event.host:<20} {stored.agent_id:<24} {body:<12} {severity:<8} {stored.cursor}")
     return 0

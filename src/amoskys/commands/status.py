@@ -11,12 +11,11 @@ from google.protobuf.json_format import MessageToDict
 
 from amoskys.commands import Subparsers
 from amoskys.commands.hubclient import add_hub_arguments, call_hub
+from amoskys.semantics import liveness
 from amoskys.v1 import bus_pb2
 
 if TYPE_CHECKING:
     from amoskys.v1 import bus_pb2_grpc
-
-LATE_FACTOR = 2.5  # missed heartbeats before an agent is late; 5x: down
 
 
 def register(subparsers: Subparsers) -> None:
@@ -26,14 +25,9 @@ def register(subparsers: Subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def liveness(agent: bus_pb2.AgentInfo, now_ns: int) -> str:
-    """up / late / down from the last heartbeat (or last envelope) against the heartbeat interval."""
-    interval = agent.heartbeat_interval_s or 30
-    seen = max(agent.last_heartbeat_ns, agent.last_seen_ns)
-    age = (now_ns - seen) / 1e9
-    if age <= interval * LATE_FACTOR:
-        return "up"
-    return "late" if age <= interval * 2 * LATE_FACTOR else "down"
+def agent_document(agent: bus_pb2.AgentInfo, now_ns: int) -> dict[str, object]:
+    """An agent as `--json` prints it: the hub's fields and its liveness."""
+    return {**MessageToDict(agent, preserving_proto_field_name=True), "liveness": liveness(agent, now_ns)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,10 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         document = {
             "hub": MessageToDict(status, preserving_proto_field_name=True),
-            "agents": [
-                {**MessageToDict(a, preserving_proto_field_name=True), "liveness": liveness(a, now)}
-                for a in agents.agents
-            ],
+            "agents": [agent_document(a, now) for a in agents.agents],
         }
         print(json.dumps(document, indent=2))
         return 0

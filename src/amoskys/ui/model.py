@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import re
 import threading
 import time
 from collections import deque
@@ -15,12 +14,14 @@ from urllib.parse import quote
 
 from google.protobuf.json_format import MessageToDict
 
+from amoskys.semantics import LATE_FACTOR, SEVERITIES, STATES, liveness, parse_time, severity_name, severity_value
 from amoskys.ui import svg
 from amoskys.v1 import bus_pb2, events_pb2
 
 __all__ = [
     "LATE_FACTOR",
     "MAX_FILTER_VALUES",
+    "SEVERITIES",
     "SHOWN_KINDS",
     "RateHistory",
     "agent_view",
@@ -36,14 +37,10 @@ __all__ = [
     "to_json",
 ]
 
-LATE_FACTOR = 2.5  # missed heartbeat intervals before an agent is late; twice that: down
-DEFAULT_INTERVAL_S = 30
-STATE_RANK = {"up": 0, "late": 1, "down": 2}
-SEVERITIES = [n.removeprefix("SEVERITY_").lower() for n in events_pb2.Severity.keys()][1:]  # noqa: SIM118
+STATE_RANK = {state: rank for rank, state in enumerate(STATES)}
 KINDS = ["process", "flow", "snmp", "device", "host_metrics", "auth", "port", "heartbeat", "alert"]
 SHOWN_KINDS = [k for k in KINDS if k != "heartbeat"]  # event lists, unless asked for heartbeats or a kind
 AGENT_KINDS = ["proc", "host", "auth", "flow", "scanner", "snmp", "eventbus"]
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SUMMARY_MAX = 300
 MAX_FILTER_VALUES = 100  # per list filter (host, agent_id, agent, kind)
 
@@ -108,15 +105,6 @@ def ago(seconds: float) -> str:
 
 
 # ---- fleet -----------------------------------------------------------------------------------
-
-
-def liveness(agent: bus_pb2.AgentInfo, now_ns: int) -> str:
-    """up / late / down from the agent's last heartbeat (its last envelope if it never sent one)."""
-    interval = agent.heartbeat_interval_s or DEFAULT_INTERVAL_S
-    age_s = (now_ns - (agent.last_heartbeat_ns or agent.last_seen_ns)) / 1e9
-    if age_s <= interval * LATE_FACTOR:
-        return "up"
-    return "late" if age_s <= interval * 2 * LATE_FACTOR else "down"
 
 
 def agent_view(agent: bus_pb2.AgentInfo, now_ns: int) -> dict[str, Any]:
@@ -184,7 +172,7 @@ class RateHistory:
 def fleet(agents: Sequence[bus_pb2.AgentInfo], rates: RateHistory, now_ns: int) -> dict[str, Any]:
     """Every host with its agents; problems (down, then late) first, then by name."""
     hosts = []
-    counts = {"up": 0, "late": 0, "down": 0}
+    counts = dict.fromkeys(STATES, 0)
     for host, members in by_host(agents).items():
         views = [agent_view(a, now_ns) for a in members]
         for view in views:
@@ -272,7 +260,7 @@ def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
         "host": clean(event.host),
         "host_url": host_url(event.host),
         "agent": clean(event.agent),
-        "severity": events_pb2.Severity.Name(event.severity).removeprefix("SEVERITY_").lower(),
+        "severity": severity_name(event.severity),
         "kind": kind,
         "summary": clean(_summary(event, kind), SUMMARY_MAX),
         "labels": clean_tree(dict(event.labels)),
@@ -338,20 +326,6 @@ def devices(events: Iterable[bus_pb2.StoredEvent]) -> list[dict[str, Any]]:
 # ---- filters ---------------------------------------------------------------------------------
 
 
-def parse_time(text: str, now_ns: int, key: str = "time") -> int:
-    """'' (unbounded), a duration back from now (15m, 2h, 7d), or a UTC time (2026-11-22T18:00[:00])."""
-    text = text.strip()
-    if not text:
-        return 0
-    if match := re.fullmatch(r"(\d+)\s*([smhd])", text):
-        return now_ns - int(match.group(1)) * UNITS[match.group(2)] * 1_000_000_000
-    try:
-        moment = dt.datetime.fromisoformat(text.removesuffix("Z"))
-    except ValueError:
-        raise ValueError(f"{key} {text!r}: expected 15m, 2h, 7d or YYYY-MM-DDTHH:MM") from None
-    return int(moment.replace(tzinfo=moment.tzinfo or dt.UTC).timestamp() * 1e9)
-
-
 def _values(text: str, key: str) -> list[str]:
     """A comma-separated filter list; ValueError beyond MAX_FILTER_VALUES."""
     values = [v.strip() for v in text.split(",") if v.strip()]
@@ -369,9 +343,7 @@ def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple
     form = {key: params.get(key, "") for key in keys}
     form["since"] = params.get("since", default_since)
     now_ns = time.time_ns()
-    severity = form["severity"].lower()
-    if severity and severity not in SEVERITIES:
-        raise ValueError(f"severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
+    severity = severity_value(form["severity"]) if form["severity"] else 0
     kinds = _values(form["kind"], "kind")
     if unknown := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"kind {unknown[0]!r}: expected one of {', '.join(KINDS)}")
@@ -382,7 +354,7 @@ def parse_filter(params: Mapping[str, str], default_since: str = "24h") -> tuple
         agent_ids=_values(form["agent_id"], "agent_id"),
         agents=_values(form["agent"], "agent"),
         kinds=kinds or ([] if form["heartbeats"] else SHOWN_KINDS),
-        min_severity=events_pb2.Severity.Value(f"SEVERITY_{severity.upper()}") if severity else 0,  # type: ignore[arg-type]
+        min_severity=severity,  # type: ignore[arg-type]
         text=form["text"][:200],
     )
     return flt, form
