@@ -8,62 +8,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import msgspec
 import pytest
 
-from amoskys.agents.proc import ProcAgent, capture
-from amoskys.agents.proc_connector import ConnectorUnavailable, Exec, Exit, ProcConnector
-from amoskys.config import AgentConfig
+from amoskys.agents.proc import capture
+from amoskys.agents.proc_connector import Exec, Exit, ProcConnector
 from amoskys.v1 import events_pb2
+from tests.agents.proc_running import Running, new_agent, running_agent
 
 Action = events_pb2.ProcessEvent.Action
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-def new_agent(tmp_path: Path, **proc: object) -> ProcAgent:
-    return ProcAgent(msgspec.convert({"host": "testhost", "proc": proc}, AgentConfig), tmp_path)
-
-
-@dataclass
-class Running:
-    agent: ProcAgent
-    events: list[events_pb2.Event]
-
-    def processes(self, pid: int, action: int | None = None) -> list[events_pb2.ProcessEvent]:
-        return [
-            e.process for e in self.events
-            if e.WhichOneof("body") == "process" and e.process.pid == pid and action in (None, e.process.action)
-        ]  # fmt: skip
-
-    async def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, "timed out"
-            await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[Running]:
-    try:
-        ProcConnector().close()
-    except ConnectorUnavailable as exc:
-        pytest.skip(f"no process connector here: {exc}")
-    state = Running(new_agent(tmp_path), [])
-
-    async def consume() -> None:
-        async for event in state.agent.collect():
-            state.events.append(event)
-
-    task = asyncio.create_task(consume())
-    await state.wait_for(lambda: any(e.process.action == Action.SNAPSHOT for e in state.events))
-    assert state.agent.mode == "connector"
-    yield state
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running_agent(tmp_path) as state:
+        yield state
 
 
 def run_each(argv: list[str], count: int) -> list[int]:

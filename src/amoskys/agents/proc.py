@@ -43,6 +43,7 @@ from amoskys.agents.proc_connector import (
     ProcConnector,
     monotonic_to_wall_ns,
 )
+from amoskys.agents.proc_rules import Subject, evaluate
 from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
 
@@ -54,7 +55,6 @@ __all__ = ["ProcAgent", "mask_cmdline"]
 
 log = logging.getLogger(__name__)
 Action = events_pb2.ProcessEvent.Action
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "ash", "busybox"})
 SECRET_FLAG = re.compile(r"^--?(password|passwd|pass|pwd|secret|token|api[-_]?key|access[-_]?key|auth)(=.*)?$", re.I)
 SECRET_ASSIGN = re.compile(
     r"^([A-Za-z0-9_.-]*(password|passwd|secret|token|api[-_]?key|access[-_]?key)[A-Za-z0-9_]*)=.+$", re.I
@@ -63,6 +63,7 @@ URL_CREDENTIALS = re.compile(r"(://[^/:@\s]+:)[^@\s]+@")
 CONTAINER_ID = re.compile(r"([0-9a-f]{64})")
 MASK = "***"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+RECENT_EXITS = 256  # exited processes the rules may still ask about (the other end of a pipe)
 DRAIN_MAX = 2000  # datagrams read (and their processes captured) before the batch is enriched and yielded
 READ_TIMEOUT_S = 0.5  # how often the connector thread looks whether it should stop
 Deliver = Callable[[list[events_pb2.Event]], object]
@@ -147,6 +148,7 @@ class Captured:
     info: events_pb2.ProcessEvent
     start_ticks: int
     stdin: str  # where fd 0 points, e.g. "socket:[1234]" or "/dev/pts/0"
+    stdout: str
     observed_ns: int  # CLOCK_MONOTONIC when read (a kernel event older than this is already included)
 
 
@@ -161,7 +163,7 @@ def capture(pid: int) -> Captured | None:
     if stat is None:
         return None
     name, ppid, start_ticks = stat
-    stdin = _readlink(f"/proc/{pid}/fd/0")
+    stdin, stdout = _readlink(f"/proc/{pid}/fd/0"), _readlink(f"/proc/{pid}/fd/1")
     uid, euid, gid, egid = _ids(_read(f"/proc/{pid}/status"))
     info = events_pb2.ProcessEvent(
         pid=pid, ppid=ppid, name=name, exe=link.removesuffix(" (deleted)"), exe_deleted=link.endswith(" (deleted)"),
@@ -169,7 +171,7 @@ def capture(pid: int) -> Captured | None:
         cwd=_readlink(f"/proc/{pid}/cwd"), uid=uid, euid=euid, gid=gid, egid=egid,
     )  # fmt: skip
     info.cgroup, info.container_id = _cgroup(pid)
-    return Captured(info, start_ticks, stdin, time.monotonic_ns())
+    return Captured(info, start_ticks, stdin, stdout, time.monotonic_ns())
 
 
 # ---- the agent ------------------------------------------------------------------------------------
@@ -187,6 +189,7 @@ class ProcAgent(Agent):
         self.boot_ns = _boot_time_ns()
         self.mode = "starting"
         self.counts: collections.Counter[str] = collections.Counter()
+        self.exited: collections.deque[Captured] = collections.deque(maxlen=RECENT_EXITS)
 
     # ---- enriching a captured process -----------------------------------------------------------
 
@@ -234,9 +237,11 @@ class ProcAgent(Agent):
             info.exe_sha256 = self._hash(info.pid, info.exe)
         return info
 
-    def _report(self, info: events_pb2.ProcessEvent, ts_ns: int | None = None) -> list[events_pb2.Event]:
-        """The process event and the alerts its rules raise; `ts_ns` is the kernel's time, if any."""
-        alerts = self.rules(info) if info.action in (Action.SNAPSHOT, Action.START) else []
+    def _report(
+        self, info: events_pb2.ProcessEvent, ts_ns: int | None = None, started: Captured | None = None
+    ) -> list[events_pb2.Event]:
+        """The process event, and the rules' alerts for a process that `started`; `ts_ns`: the kernel's time."""
+        alerts = self.alerts(started) if started is not None else []
         severity = events_pb2.SEVERITY_WARNING if alerts else events_pb2.SEVERITY_INFO
         event = self.event(severity, process=info)
         if ts_ns is not None:
@@ -268,12 +273,13 @@ class ProcAgent(Agent):
             captured.info.action = action  # type: ignore[assignment]
             captured.info.start_time_ns = self.boot_ns + captured.start_ticks * 10**9 // CLOCK_TICKS
             self.seen[pid] = captured
-            events += self._report(self.enrich(captured))
+            events += self._report(self.enrich(captured), started=captured)
         for pid in [pid for pid in self.seen if pid not in current]:
             events.append(self._exit(self.seen.pop(pid)))
         return events
 
     def _exit(self, known: Captured, ts_ns: int | None = None) -> events_pb2.Event:
+        self.exited.append(known)
         info = events_pb2.ProcessEvent()
         info.CopyFrom(known.info)
         info.action = Action.EXIT
@@ -310,13 +316,13 @@ class ProcAgent(Agent):
         captured.info.action = Action.START
         captured.info.start_time_ns = monotonic_to_wall_ns(kernel.ts_ns)
         self.seen[kernel.pid] = captured
-        return events + self._report(self.enrich(captured), captured.info.start_time_ns)
+        return events + self._report(self.enrich(captured), captured.info.start_time_ns, captured)
 
     def _gone(self, kernel: Exec, partial: Captured | None) -> Captured:
         """A process that exited before /proc could be read: what the kernel (and a partial read) gave."""
         if partial is None:
             info = events_pb2.ProcessEvent(pid=kernel.pid, ppid=self.forked.get(kernel.pid, 0), uid=-1)
-            partial = Captured(info, 0, "", time.monotonic_ns())
+            partial = Captured(info, 0, "", "", time.monotonic_ns())
         partial.info.gone = True
         return partial
 
@@ -355,7 +361,11 @@ class ProcAgent(Agent):
 
     def follow(self, connector: ProcConnector, deliver: Deliver, stop: threading.Event) -> None:
         """The connector thread: kernel events until `stop`; a loss (ENOBUFS) is counted and rescanned."""
+        recheck_at = time.monotonic() + self.config.proc.recheck_s
         while not stop.is_set():
+            if time.monotonic() >= recheck_at:
+                recheck_at = time.monotonic() + self.config.proc.recheck_s
+                deliver(self.recheck())
             try:
                 batch = self._drain(connector)
             except EventsLost:
@@ -392,7 +402,7 @@ class ProcAgent(Agent):
     async def _poll(self) -> AsyncIterator[events_pb2.Event]:
         while True:
             await asyncio.sleep(self.config.proc.interval_s)
-            for event in await asyncio.to_thread(self.scan, Action.START):
+            for event in await asyncio.to_thread(lambda: self.scan(Action.START) + self.recheck()):
                 yield event
 
     async def _follow_in_thread(self, connector: ProcConnector) -> AsyncIterator[events_pb2.Event]:
@@ -426,18 +436,38 @@ class ProcAgent(Agent):
     def register_metrics(self, registry: CollectorRegistry) -> None:
         registry.register(_ProcMetrics(self))
 
-    def rules(self, info: events_pb2.ProcessEvent) -> list[events_pb2.Event]:
+    def alerts(self, started: Captured, only: frozenset[str] | None = None) -> list[events_pb2.Event]:
+        """Alerts of the rules (proc_rules) for a process that started (or of the `only` ones)."""
+        subject = Subject(started.info, started.stdin, started.stdout, self)
+        return [
+            self.alert(found.rule, found.summary, found.details, found.severity)
+            for found in evaluate(self.config.proc.rules, subject, only)
+        ]
+
+    def recheck(self) -> list[events_pb2.Event]:
+        """Executables deleted since their process started (a dropper deleting its payload): alert once."""
         alerts = []
-        where = {"pid": str(info.pid), "exe": info.exe, "user": info.user}
-        if info.exe_deleted:
-            alerts.append(self.alert("proc.exe_deleted", f"{info.name} ({info.pid}) runs a deleted executable", where))
-        if any(info.exe == d or info.exe.startswith(d.rstrip("/") + "/") for d in self.config.proc.suspicious_dirs):
-            alerts.append(self.alert("proc.exe_in_tmp", f"{info.name} ({info.pid}) runs from {info.exe}", where))
-        if info.name in SHELLS and info.parent_name in self.config.proc.network_daemons:
-            summary = f"shell {info.name} ({info.pid}) started by {info.parent_name}"
-            details = {**where, "parent": info.parent_name, "ppid": str(info.ppid)}
-            alerts.append(self.alert("proc.shell_from_daemon", summary, details, events_pb2.SEVERITY_ERROR))
+        for pid, known in list(self.seen.items()):
+            if known.info.exe_deleted or not known.info.exe:
+                continue
+            if _readlink(f"/proc/{pid}/exe").endswith(" (deleted)"):
+                known.info.exe_deleted = True
+                alerts += self.alerts(known, only=frozenset({"exe_deleted"}))
         return alerts
+
+    # ---- what the rules may ask about other processes (proc_rules.ProcessTable) ---------------------
+
+    def ppid_of(self, pid: int) -> int:
+        known = self.seen.get(pid)
+        if known is not None:
+            return known.info.ppid
+        stat = read_stat(pid) if pid > 0 else None
+        return stat[1] if stat else 0
+
+    def pipe_peers(self, pipe: str, stdout: bool) -> Iterator[events_pb2.ProcessEvent]:
+        for known in (*self.seen.values(), *self.exited):
+            if (known.stdout if stdout else known.stdin) == pipe:
+                yield known.info
 
 
 class _ProcMetrics:
