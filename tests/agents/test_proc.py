@@ -63,12 +63,17 @@ def test_snapshot_then_start_and_exit(agent: ProcAgent) -> None:
 
 
 def test_exec_is_reported_as_a_new_program(agent: ProcAgent) -> None:
-    child = subprocess.Popen(["sh", "-c", "sleep 0.3; exec sleep 30"])
+    child = subprocess.Popen(["sh", "-c", "read line; exec sleep 30"], stdin=subprocess.PIPE)
+    assert child.stdin is not None
     try:
-        time.sleep(0.1)
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "sh":  # until the fork has exec'd sh
+            time.sleep(0.01)
         (first,) = process_events(agent.scan(Action.START), child.pid)
         assert first.process.name == "sh"
-        time.sleep(0.5)
+        child.stdin.write(b"go\n")
+        child.stdin.close()
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "sleep":
+            time.sleep(0.01)
         names = [(e.process.action, e.process.name) for e in process_events(agent.scan(Action.START), child.pid)]
         assert names == [(Action.EXIT, "sh"), (Action.START, "sleep")]
     finally:

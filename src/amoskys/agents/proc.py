@@ -23,11 +23,13 @@ import logging
 import os
 import pwd
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
 from amoskys.agents.base import Agent
@@ -64,7 +66,11 @@ CONTAINER_ID = re.compile(r"([0-9a-f]{64})")
 MASK = "***"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RECENT_EXITS = 256  # exited processes the rules may still ask about (the other end of a pipe)
+READ_MAX = 65536  # of a /proc file: a longer command line is cut there
 DRAIN_MAX = 2000  # datagrams read (and their processes captured) before the batch is enriched and yielded
+# The reader needs the GIL within a millisecond of an exec (a short process is gone after that); by
+# default a waiting thread gets it only after 5 ms of another thread's Python (publishing, say).
+GIL_SWITCH_S = 0.0002
 READ_TIMEOUT_S = 0.5  # how often the connector thread looks whether it should stop
 Deliver = Callable[[list[events_pb2.Event]], object]
 
@@ -92,11 +98,17 @@ def mask_cmdline(argv: list[str]) -> list[str]:
 
 
 def _read(path: str) -> bytes | None:
+    """A small /proc file in one read (os.read: a third of the cost of open().read())."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        return os.read(fd, READ_MAX)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _readlink(path: str) -> str:
@@ -152,17 +164,26 @@ class Captured:
     observed_ns: int  # CLOCK_MONOTONIC when read (a kernel event older than this is already included)
 
 
-def capture(pid: int) -> Captured | None:
-    """Read a process from /proc, fast (no hashing, no name lookups); None if it is gone.
+First = tuple[bytes, str, tuple[str, int, int] | None]  # command line, exe link, stat
+Received = tuple[KernelEvent, First | None] | Exception  # what the reader thread queues
 
-    What a process loses first when it exits comes first: its command line and executable.
+
+def capture_first(pid: int) -> First:
+    """What a process loses first when it exits, read on each exec at once: its command line and
+    executable, then its stat (name, ppid, start), which stays until its parent reaps it."""
+    return _read(f"/proc/{pid}/cmdline") or b"", _readlink(f"/proc/{pid}/exe"), read_stat(pid)
+
+
+def capture(pid: int, first: First | None = None) -> Captured | None:
+    """Read a process from /proc (no hashing, no name lookups); None if it is gone.
+
+    `first` is what `capture_first` read right after the exec.
     """
-    cmdline = _read(f"/proc/{pid}/cmdline") or b""
-    link = _readlink(f"/proc/{pid}/exe")
-    stat = read_stat(pid)
-    if stat is None:
+    cmdline, link, stat = first or capture_first(pid)
+    if stat is None and not link:
         return None
-    name, ppid, start_ticks = stat
+    # Reaped before its stat was read: the executed file's name is its comm (but for a symlink's).
+    name, ppid, start_ticks = stat or (os.path.basename(link.removesuffix(" (deleted)"))[:15], 0, 0)
     stdin, stdout = _readlink(f"/proc/{pid}/fd/0"), _readlink(f"/proc/{pid}/fd/1")
     uid, euid, gid, egid = _ids(_read(f"/proc/{pid}/status"))
     info = events_pb2.ProcessEvent(
@@ -313,6 +334,8 @@ class ProcAgent(Agent):
         if captured is None or not captured.info.exe:
             self.counts["gone"] += 1
             captured = self._gone(kernel, captured)
+        if not captured.info.ppid:  # read too late for its stat: the kernel's fork event says it
+            captured.info.ppid = self.forked.get(kernel.pid, 0)
         captured.info.action = Action.START
         captured.info.start_time_ns = monotonic_to_wall_ns(kernel.ts_ns)
         self.seen[kernel.pid] = captured
@@ -341,40 +364,74 @@ class ProcAgent(Agent):
         change.action = Action.SETID
         return self._report(change, monotonic_to_wall_ns(kernel.ts_ns))
 
-    def _drain(self, connector: ProcConnector) -> list[tuple[KernelEvent, Captured | None]]:
-        """Wait for kernel events, then take all that are queued, reading /proc on each exec at once."""
-        batch: list[tuple[KernelEvent, Captured | None]] = []
-        timeout: float | None = READ_TIMEOUT_S
-        for _ in range(DRAIN_MAX):
-            try:
-                kernel_events = connector.read(timeout)
-            except MalformedMessage as exc:
-                self.counts["rejected"] += 1
-                log.warning("proc: kernel message rejected", extra={"error": str(exc)})
-                continue
-            if not kernel_events:
-                break
-            timeout = None
-            for kernel in kernel_events:
-                batch.append((kernel, capture(kernel.pid) if isinstance(kernel, Exec) else None))
-        return batch
+    def _read_kernel(self, connector: ProcConnector, queue: SimpleQueue[Received], stop: threading.Event) -> None:
+        """The reader thread: kernel events, and each exec's command line, executable and stat read at
+        once (a short process is gone a millisecond later). Everything else happens in `follow`."""
+        try:
+            while not stop.is_set():
+                try:
+                    kernel_events = connector.read(READ_TIMEOUT_S)
+                except (EventsLost, MalformedMessage) as exc:
+                    queue.put(exc)
+                    continue
+                for kernel in kernel_events:
+                    queue.put((kernel, capture_first(kernel.pid) if isinstance(kernel, Exec) else None))
+        except Exception as exc:  # handed to follow, which raises it
+            queue.put(exc)
 
     def follow(self, connector: ProcConnector, deliver: Deliver, stop: threading.Event) -> None:
-        """The connector thread: kernel events until `stop`; a loss (ENOBUFS) is counted and rescanned."""
+        """Kernel events until `stop`: the rest of /proc, rules and events for what the reader thread
+        queues; a loss (ENOBUFS) is counted and rescanned; deleted executables rechecked."""
+        queue: SimpleQueue[Received] = SimpleQueue()
+        reader = threading.Thread(
+            target=self._read_kernel, args=(connector, queue, stop), name="proc-kernel-events", daemon=True
+        )
+        reader.start()
         recheck_at = time.monotonic() + self.config.proc.recheck_s
-        while not stop.is_set():
-            if time.monotonic() >= recheck_at:
-                recheck_at = time.monotonic() + self.config.proc.recheck_s
-                deliver(self.recheck())
+        try:
+            while not stop.is_set():
+                if time.monotonic() >= recheck_at:
+                    recheck_at = time.monotonic() + self.config.proc.recheck_s
+                    deliver(self.recheck())
+                self._handle(self._take(queue), deliver)
+        finally:
+            stop.set()
+            reader.join()
+
+    @staticmethod
+    def _take(queue: SimpleQueue[Received]) -> list[Received]:
+        """What the reader queued: wait a moment for the first item, then take what is there."""
+        try:
+            items = [queue.get(timeout=READ_TIMEOUT_S)]
+        except Empty:
+            return []
+        while len(items) < DRAIN_MAX:
             try:
-                batch = self._drain(connector)
-            except EventsLost:
+                items.append(queue.get_nowait())
+            except Empty:
+                break
+        return items
+
+    def _handle(self, items: list[Received], deliver: Deliver) -> None:
+        batch: list[tuple[KernelEvent, Captured | None]] = []
+        for item in items:
+            if isinstance(item, tuple):
+                kernel, first = item
+                batch.append((kernel, capture(kernel.pid, first) if isinstance(kernel, Exec) and first else None))
+                continue
+            deliver(self.on_kernel_events(batch))
+            batch = []
+            if isinstance(item, EventsLost):
                 self.counts["lost"] += 1
                 log.warning("proc: the kernel dropped process events (socket overflow); rescanning /proc")
                 deliver(self.scan(Action.START))
-                continue
-            if batch:
-                deliver(self.on_kernel_events(batch))
+            elif isinstance(item, MalformedMessage):
+                self.counts["rejected"] += 1
+                log.warning("proc: kernel message rejected", extra={"error": str(item)})
+            else:
+                raise item
+        if batch:
+            deliver(self.on_kernel_events(batch))
 
     # ---- the collect loop ----------------------------------------------------------------------------
 
@@ -418,6 +475,7 @@ class ProcAgent(Agent):
             finally:
                 connector.close()
 
+        sys.setswitchinterval(GIL_SWITCH_S)
         thread = threading.Thread(target=run, name="proc-connector", daemon=True)
         thread.start()
         try:
