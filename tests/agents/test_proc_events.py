@@ -80,6 +80,18 @@ async def test_exec_in_place_ends_one_program_and_starts_the_next(running: Runni
         child.wait()
 
 
+async def test_two_execs_in_quick_succession_are_two_starts(running: Running) -> None:
+    child = subprocess.Popen(["sh", "-c", "exec sleep 30"])
+    try:
+        await running.wait_for(lambda: len(running.processes(child.pid, Action.START)) >= 2)
+        *_, last = running.processes(child.pid, Action.START)
+        assert (last.name, last.cmdline) == ("sleep", ["sleep", "30"])
+        assert len(running.processes(child.pid, Action.START)) == 2
+    finally:
+        child.kill()
+        child.wait()
+
+
 async def test_a_uid_change_is_reported(running: Running) -> None:
     code = "import os, time; time.sleep(0.2); os.setgid(65534); os.setuid(65534); time.sleep(0.2)"
     child = subprocess.Popen([sys.executable, "-c", code])

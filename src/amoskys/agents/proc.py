@@ -66,6 +66,7 @@ CONTAINER_ID = re.compile(r"([0-9a-f]{64})")
 MASK = "***"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RECENT_EXITS = 256  # exited processes the rules may still ask about (the other end of a pipe)
+HASH_CACHE_MAX = 4096  # executables' digests kept (about 0.5 MB); then the cache starts over
 READ_MAX = 65536  # of a /proc file: a longer command line is cut there
 DRAIN_MAX = 2000  # datagrams read (and their processes captured) before the batch is enriched and yielded
 # The reader needs the GIL within a millisecond of an exec (a short process is gone after that); by
@@ -227,6 +228,8 @@ class ProcAgent(Agent):
                 if key not in self.hashes:
                     if st.st_size > self.config.proc.hash_max_bytes:
                         return ""
+                    if len(self.hashes) >= HASH_CACHE_MAX:
+                        self.hashes.clear()
                     try:
                         self.hashes[key] = hashlib.file_digest(handle, "sha256").hexdigest()
                     except OSError:
@@ -297,6 +300,7 @@ class ProcAgent(Agent):
             events += self._report(self.enrich(captured), started=captured)
         for pid in [pid for pid in self.seen if pid not in current]:
             events.append(self._exit(self.seen.pop(pid)))
+        self.forked = {pid: ppid for pid, ppid in self.forked.items() if pid in current}  # exits may have been lost
         return events
 
     def _exit(self, known: Captured, ts_ns: int | None = None) -> events_pb2.Event:
@@ -338,6 +342,7 @@ class ProcAgent(Agent):
             captured.info.ppid = self.forked.get(kernel.pid, 0)
         captured.info.action = Action.START
         captured.info.start_time_ns = monotonic_to_wall_ns(kernel.ts_ns)
+        captured.observed_ns = kernel.ts_ns  # a later exec of this pid is newer than this one, however late read
         self.seen[kernel.pid] = captured
         return events + self._report(self.enrich(captured), captured.info.start_time_ns, captured)
 
