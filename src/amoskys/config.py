@@ -196,14 +196,17 @@ class DownloadToShellRule(ProcRule, frozen=True):
     )
 
 
+RUNC_MEMFD = "/memfd:runc_cloned*"  # runc before 1.2 runs a copy of itself from a memfd for every container
+
+
 class ProcRules(Section, frozen=True):
     shell_from_web_daemon: DaemonShellRule = DaemonShellRule()
     child_of_daemon_shell: ProcRule = ProcRule()
     reverse_shell: InterpreterRule = InterpreterRule()
     download_piped_to_shell: DownloadToShellRule = DownloadToShellRule()
-    exe_deleted: ProcRule = ProcRule()
+    exe_deleted: ProcRule = ProcRule(ignore_exes=[RUNC_MEMFD])
     exe_in_writable_dir: WritableDirRule = WritableDirRule()
-    new_binary: NewBinaryRule = NewBinaryRule()
+    new_binary: NewBinaryRule = NewBinaryRule(ignore_exes=[RUNC_MEMFD])
 
 
 class ProcConfig(Section, frozen=True):

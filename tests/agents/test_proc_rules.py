@@ -8,6 +8,7 @@ import http.server
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -171,6 +172,27 @@ async def test_a_deleted_executable_raises_one_alert(running: Running, private_b
         await running.wait_for(lambda: bool(running.alerts(child.pid)))
         (alert,) = running.alerts(child.pid)
         assert alert.rule == "proc.exe_deleted"
+    finally:
+        stop(child)
+
+
+MEMFD_EXEC = (
+    "import os, sys; fd = os.memfd_create(sys.argv[1], 0); os.write(fd, open(sys.argv[2], 'rb').read()); "
+    "os.execv(f'/proc/self/fd/{fd}', ['payload', '30'])"
+)
+
+
+@pytest.mark.parametrize(
+    ("memfd", "expected"),
+    [("payload", ["proc.exe_deleted", "proc.new_binary"]), ("runc_cloned:/proc/self/exe", [])],
+    ids=["fileless", "runc"],
+)
+async def test_a_program_run_from_memory_raises_its_alerts(running: Running, memfd: str, expected: list[str]) -> None:
+    child = subprocess.Popen([sys.executable, "-c", MEMFD_EXEC, memfd, shutil.which("sleep") or "/bin/sleep"])
+    try:
+        await running.wait_for(lambda: any(p.exe.startswith("/memfd:") for p in running.processes(child.pid)))
+        await running.wait_for(lambda: len(running.alerts(child.pid)) >= len(expected), timeout=5)
+        assert rules_of(running.alerts(child.pid)) == expected
     finally:
         stop(child)
 
