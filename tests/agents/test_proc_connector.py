@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -123,6 +124,23 @@ def test_unavailable_outside_the_initial_namespaces() -> None:
     if result.returncode and "unshare failed" in result.stderr:
         pytest.skip("cannot create a PID namespace here")
     assert "unavailable: [Errno 110] the process connector did not answer" in result.stdout, result
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_the_units_capability_is_enough_to_listen_with_the_full_buffer() -> None:
+    """As the unit runs proc: an unprivileged user with CAP_NET_ADMIN (ambient) listens, and its
+    socket buffer is the 8 MiB asked for (the kernel doubles it), past net.core.rmem_max."""
+    probe = (
+        "import socket\nfrom amoskys.agents.proc_connector import ProcConnector\n"
+        "c = ProcConnector()\nprint(c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))\nc.close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    user = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    capable = [*user, "--inh-caps", "+net_admin", "--ambient-caps", "+net_admin"]
+    result = subprocess.run(
+        [*capable, sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    assert int(result.stdout) == 2 * (8 << 20)
 
 
 def test_parse_reads_each_event_kind() -> None:
