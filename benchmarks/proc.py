@@ -10,7 +10,8 @@ starts the execs at a steady rate (posix_spawn, each reaped at once: /bin/true l
 millisecond) and writes their pids; the hub's store then says which were reported, with what.
 Figures: the share of execs reported (a START event for the pid), with their name, and with exe
 and command line (read from /proc before the process exited); the agent's `gone`/`lost` counters;
-idle CPU with the connector running; RSS; the load average (`uptime`).
+idle CPU with the connector running; RSS; the seconds from a suspicious act (a program run from
+/tmp, a running program's file deleted) to its alert stored at the hub; the load (`uptime`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -63,6 +65,45 @@ def started_in_store(work: Path, agent_id: str) -> dict[int, events_pb2.ProcessE
             if process.action == Action.START:
                 starts[process.pid] = process
     return starts
+
+
+def alert_stored(work: Path, pid: int, timeout: float = 30.0) -> tuple[str, int] | None:
+    """(rule, received_ns) of the first alert about `pid` the hub stored, waiting up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(f"file:{work / 'store' / 'events.db'}?mode=ro", uri=True, timeout=30) as conn:
+            rows = conn.execute("SELECT body, received_ns FROM events WHERE kind = 'alert' ORDER BY id").fetchall()
+        for body, received_ns in rows:
+            alert = events_pb2.Event.FromString(body).alert
+            if alert.details.get("pid") == str(pid):
+                return alert.rule, received_ns
+        time.sleep(0.05)
+    return None
+
+
+def alert_latencies(work: Path) -> dict[str, Any]:
+    """Seconds from a suspicious act to its alert stored at the hub: a program run from /tmp, and a
+    running program's executable deleted (found by the recheck)."""
+    results: dict[str, Any] = {}
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    for case, directory in (("exe_in_writable_dir", "/tmp"), ("exe_deleted", str(Path.home()))):
+        folder = Path(tempfile.mkdtemp(prefix="amoskys-bench-", dir=directory))
+        program = folder / "payload"
+        shutil.copy2(sleep, program)  # its mtime kept: not a new binary
+        child = subprocess.Popen([str(program), "60"])
+        try:
+            acted_ns = time.time_ns()
+            if case == "exe_deleted":
+                time.sleep(0.5)  # started, then its file deleted (a dropper cleaning up)
+                program.unlink()
+                acted_ns = time.time_ns()
+            found = alert_stored(work, child.pid)
+            results[case] = {"rule": found[0], "seconds": round((found[1] - acted_ns) / 1e9, 3)} if found else None
+        finally:
+            child.kill()
+            child.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+    return results
 
 
 def agent_metrics(port: int) -> dict[str, float]:
@@ -121,6 +162,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             starts = started_in_store(work, "bench-proc")
         after = proc_stats(agent.pid)
         metrics = agent_metrics(metrics_port)
+        latencies = alert_latencies(work)
     finally:
         agent.terminate()
         agent.wait(30)
@@ -145,6 +187,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "rss_mb_idle": round(idle["rss_mb"], 1),
         "rss_mb_after_load": round(after["rss_mb"], 1),
         "peak_rss_mb": round(after["peak_rss_mb"], 1),
+        "alert_stored_after": latencies,
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip(),
     }
 
