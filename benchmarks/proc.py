@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""proc on kernel process events: short-lived execs reported, idle CPU, RSS.
+
+    python benchmarks/proc.py                           # 10,000 execs of /bin/true at 500/s
+    python benchmarks/proc.py --execs 2000 --rate 200 --idle-seconds 10
+
+Everything runs for real and as root (as the unit does: CAP_NET_ADMIN, nice -10): `amoskys
+eventbus` and `amoskys agent proc` as separate processes over loopback mTLS. A spawner process
+starts the execs at a steady rate (posix_spawn, each reaped at once: /bin/true lives about a
+millisecond) and writes their pids; the hub's store then says which were reported, with what.
+Figures: the share of execs reported (a START event for the pid), with their name, and with exe
+and command line (read from /proc before the process exited); the agent's `gone`/`lost` counters;
+idle CPU with the connector running; RSS; the seconds from a suspicious act (a program run from
+/tmp, a running program's file deleted) to its alert stored at the hub; the load (`uptime`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from amoskys import pki
+from amoskys.v1 import events_pb2
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub import proc_stats, start_hub
+
+from agents import write_agent_config
+
+Action = events_pb2.ProcessEvent.Action
+SPAWNER = """
+import os, sys, time
+count, rate, program = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+pids, start = [], time.monotonic()
+for i in range(count):
+    delay = start + i / rate - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    pid = os.posix_spawn(program, [program], {})
+    os.waitpid(pid, 0)
+    pids.append(pid)
+print(" ".join(map(str, pids)))
+"""
+
+
+def started_in_store(work: Path, agent_id: str) -> dict[int, events_pb2.ProcessEvent]:
+    """pid -> the START event the hub stored for it (the last one, should a pid repeat)."""
+    starts: dict[int, events_pb2.ProcessEvent] = {}
+    with sqlite3.connect(f"file:{work / 'store' / 'events.db'}?mode=ro", uri=True, timeout=30) as conn:
+        rows = conn.execute("SELECT body FROM events WHERE agent_id = ? AND kind = 'process'", (agent_id,))
+        for (body,) in rows:
+            process = events_pb2.Event.FromString(body).process
+            if process.action == Action.START:
+                starts[process.pid] = process
+    return starts
+
+
+def alert_stored(work: Path, pid: int, timeout: float = 30.0) -> tuple[str, int] | None:
+    """(rule, received_ns) of the first alert about `pid` the hub stored, waiting up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(f"file:{work / 'store' / 'events.db'}?mode=ro", uri=True, timeout=30) as conn:
+            rows = conn.execute("SELECT body, received_ns FROM events WHERE kind = 'alert' ORDER BY id").fetchall()
+        for body, received_ns in rows:
+            alert = events_pb2.Event.FromString(body).alert
+            if alert.details.get("pid") == str(pid):
+                return alert.rule, received_ns
+        time.sleep(0.05)
+    return None
+
+
+def alert_latencies(work: Path) -> dict[str, Any]:
+    """Seconds from a suspicious act to its alert stored at the hub: a program run from /tmp, and a
+    running program's executable deleted (found by the recheck)."""
+    results: dict[str, Any] = {}
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    for case, directory in (("exe_in_writable_dir", "/tmp"), ("exe_deleted", str(Path.home()))):
+        folder = Path(tempfile.mkdtemp(prefix="amoskys-bench-", dir=directory))
+        program = folder / "payload"
+        shutil.copy2(sleep, program)  # its mtime kept: not a new binary
+        child = subprocess.Popen([str(program), "60"])
+        try:
+            acted_ns = time.time_ns()
+            if case == "exe_deleted":
+                time.sleep(0.5)  # started, then its file deleted (a dropper cleaning up)
+                program.unlink()
+                acted_ns = time.time_ns()
+            found = alert_stored(work, child.pid)
+            results[case] = {"rule": found[0], "seconds": round((found[1] - acted_ns) / 1e9, 3)} if found else None
+        finally:
+            child.kill()
+            child.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def agent_metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.findall(r'^(amoskys_agent_proc_\w+?)(?:_total)?(\{mode="connector"\})? ([0-9.e+]+)$', text, re.M)
+    return {name + ("_connector" if label else ""): float(value) for name, label, value in found}
+
+
+def start_agent(work: Path, hub: subprocess.Popen[bytes], hub_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    config = write_agent_config(work, "proc", hub_port, metrics={"listen": "127.0.0.1:0"})
+    hub.send_signal(signal.SIGHUP)  # the hub learns the agent's key
+    time.sleep(0.5)
+    log_path = work / "agent-proc.log"
+    agent = subprocess.Popen(
+        ["nice", "-n", "-10", sys.executable, "-m", "amoskys", "agent", "proc", "--config", str(config)],
+        stderr=log_path.open("wb"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for line in log_path.read_text().splitlines():
+            if '"agent running"' in line:
+                return agent, int(json.loads(line)["metrics_port"])
+        time.sleep(0.1)
+    agent.kill()
+    raise SystemExit(f"agent did not start: {log_path.read_text()}")
+
+
+def run_execs(count: int, rate: float, program: str, workers: int) -> tuple[list[int], float]:
+    """`count` execs at `rate` per second in total, from `workers` spawner processes side by side."""
+    started = time.monotonic()
+    spawners = [
+        subprocess.Popen(
+            [sys.executable, "-c", SPAWNER, str(count // workers), str(rate / workers), program],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(workers)
+    ]  # fmt: skip
+    pids = [int(pid) for spawner in spawners for pid in spawner.communicate()[0].split()]
+    return pids, len(pids) / (time.monotonic() - started)
+
+
+def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    hub, hub_port, _ = start_hub(work, work / "ids")
+    agent, metrics_port = start_agent(work, hub, hub_port)
+    try:
+        time.sleep(5)  # the snapshot and its publishing settle
+        before, execs_before = proc_stats(agent.pid), agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
+        time.sleep(args.idle_seconds)  # "idle": no load of ours; the machine's own execs go on
+        idle, execs_idle = proc_stats(agent.pid), agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
+        pids, achieved_rate = run_execs(args.execs, args.rate, args.program, args.workers)
+        deadline = time.monotonic() + 120
+        starts = started_in_store(work, "bench-proc")
+        while time.monotonic() < deadline and not all(pid in starts for pid in pids):
+            time.sleep(1)
+            starts = started_in_store(work, "bench-proc")
+        after = proc_stats(agent.pid)
+        metrics = agent_metrics(metrics_port)
+        latencies = alert_latencies(work)
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        hub.terminate()
+        hub.wait(30)
+    reported = [starts[pid] for pid in pids if pid in starts]
+    share = lambda n: round(100 * n / len(pids), 2)  # noqa: E731
+    return {
+        "execs": len(pids),
+        "program": args.program,
+        "target_rate_per_s": args.rate,
+        "achieved_rate_per_s": round(achieved_rate, 1),
+        "reported_percent": share(len(reported)),
+        "with_pid_ppid_percent": share(sum(bool(p.pid and p.ppid) for p in reported)),
+        "with_name_percent": share(sum(bool(p.name) for p in reported)),
+        "with_exe_and_cmdline_percent": share(sum(bool(p.exe and p.cmdline) for p in reported)),
+        "gone_counter": metrics.get("amoskys_agent_proc_gone"),
+        "lost_counter": metrics.get("amoskys_agent_proc_lost"),
+        "mode_connector": metrics.get("amoskys_agent_proc_mode_connector"),
+        "idle_cpu_percent_of_one_core": round(100 * (idle["cpu_s"] - before["cpu_s"]) / args.idle_seconds, 2),
+        "other_execs_per_s_while_idle": round((execs_idle - execs_before) / args.idle_seconds, 1),
+        "rss_mb_idle": round(idle["rss_mb"], 1),
+        "rss_mb_after_load": round(after["rss_mb"], 1),
+        "peak_rss_mb": round(after["peak_rss_mb"], 1),
+        "alert_stored_after": latencies,
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--execs", type=int, default=10_000)
+    parser.add_argument("--rate", type=float, default=500.0, help="execs per second")
+    parser.add_argument("--program", default="/bin/true", help="what each exec runs (no arguments)")
+    parser.add_argument("--workers", type=int, default=4, help="spawner processes sharing the rate")
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the agent gets CAP_NET_ADMIN and nice -10 as its unit gives it")
+    with tempfile.TemporaryDirectory(prefix="amoskys-proc-bench-") as tmp:
+        work = Path(tmp)
+        pki.init_ca(work / "ca")
+        (work / "ids" / "trust").mkdir(parents=True)
+        print(json.dumps(measure(work, args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
