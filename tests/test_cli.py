@@ -75,3 +75,16 @@ def test_fresh_venv_install_runs_pki(tmp_path: Path) -> None:
     )
     assert generated.stdout.strip() == "ok"
     assert sys.executable  # the outer interpreter is untouched
+
+
+def test_agent_list_is_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from amoskys.catalog import AGENT_KINDS
+
+    assert main(["agent", "--list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [k["name"] for k in listed] == sorted(AGENT_KINDS)
+    assert {"process", "heartbeat", "alert"} == set(next(k for k in listed if k["name"] == "proc")["bodies"])
+    assert main(["agent"]) == 2
+    assert "--list" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from amoskys.agents import AGENTS
+from amoskys.catalog import AGENT_KINDS, COMMON_BODIES
 from amoskys.commands import Subparsers
 from amoskys.config import AgentConfig, load_config
 from amoskys.errors import ConfigError
@@ -24,7 +26,9 @@ DELIVERY_POLL_S = 0.2
 
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("agent", help="run an agent: " + ", ".join(sorted(AGENTS)))
-    parser.add_argument("name", choices=sorted(AGENTS), help="which agent")
+    parser.add_argument("name", nargs="?", choices=sorted(AGENTS), help="which agent")
+    parser.add_argument("--list", action="store_true", help="list the agent kinds (and the events each reports)")
+    parser.add_argument("--json", action="store_true", help="with --list: as JSON")
     parser.add_argument("--config", type=Path, help="YAML config (default /etc/amoskys/agent-NAME.yml)")
     parser.add_argument(
         "--pcap", type=Path, help="flow only: replay this pcap/pcapng file instead of capturing, deliver, exit"
@@ -33,6 +37,10 @@ def register(subparsers: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list(as_json=args.json)
+    if args.name is None:
+        raise ConfigError(f"name an agent ({', '.join(sorted(AGENTS))}) or use --list")
     if args.pcap is not None and args.name != "flow":
         raise ConfigError(f"--pcap is an option of the flow agent, not of {args.name}")
     path = args.config or Path(f"/etc/amoskys/agent-{args.name}.yml")
@@ -41,6 +49,20 @@ def run(args: argparse.Namespace) -> int:
         config = msgspec.structs.replace(config, flow=msgspec.structs.replace(config.flow, pcap=str(args.pcap)))
     setup_logging(config.logging)
     asyncio.run(_main(args.name, path, config))
+    return 0
+
+
+def _list(*, as_json: bool) -> int:
+    """The agent kinds from the one registry (amoskys.catalog), for people and for the roles."""
+    kinds = [
+        {"name": kind.name, "bodies": sorted(kind.bodies | COMMON_BODIES)}
+        for kind in sorted(AGENT_KINDS.values(), key=lambda k: k.name)
+    ]
+    if as_json:
+        print(json.dumps(kinds))
+    else:
+        for kind in kinds:
+            print(f"{kind['name']:<8} {', '.join(kind['bodies'])}")
     return 0
 
 

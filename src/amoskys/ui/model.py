@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from google.protobuf.json_format import MessageToDict
 
+from amoskys import catalog
 from amoskys.semantics import LATE_FACTOR, SEVERITIES, STATES, liveness, parse_time, severity_name, severity_value
 from amoskys.ui import svg
 from amoskys.v1 import bus_pb2, events_pb2
@@ -38,9 +39,9 @@ __all__ = [
 ]
 
 STATE_RANK = {state: rank for rank, state in enumerate(STATES)}
-KINDS = ["process", "flow", "snmp", "device", "host_metrics", "auth", "port", "heartbeat", "alert"]
+KINDS = [field.name for field in events_pb2.Event.DESCRIPTOR.oneofs_by_name["body"].fields]  # the proto's bodies
 SHOWN_KINDS = [k for k in KINDS if k != "heartbeat"]  # event lists, unless asked for heartbeats or a kind
-AGENT_KINDS = ["proc", "host", "auth", "flow", "scanner", "snmp", "eventbus"]
+AGENT_KINDS = [*sorted(catalog.AGENT_KINDS), catalog.HUB_AGENT]
 SUMMARY_MAX = 300
 MAX_FILTER_VALUES = 100  # per list filter (host, agent_id, agent, kind)
 
