@@ -14,25 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
 from amoskys import __version__, systemd
 from amoskys.config import EventBusConfig, parse_address
-from amoskys.envelope import PROTOCOL_VERSION, envelope_digest, verify_signature
-from amoskys.errors import AmoskysError, VerificationError
+from amoskys.errors import AmoskysError
+from amoskys.eventbus.admission import Admission
 from amoskys.eventbus.auth import Peer, TrustState, peer_of
 from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
-from amoskys.eventbus.edge import MAX_HEADER_BYTES, event_refusal, filter_refusal, header_refusal, observed_ns
+from amoskys.eventbus.edge import filter_refusal
 from amoskys.eventbus.ingest import Ack, Ingest
 from amoskys.eventbus.metrics import BusMetrics, CertificateExpiry
-from amoskys.eventbus.rows import EventRow, to_row
-from amoskys.eventbus.store import AgentUpdate, SqliteStore
+from amoskys.eventbus.store import SqliteStore
 from amoskys.eventbus.streams import OpenStreams, StreamHandle
-from amoskys.keys import Enrolment
-from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
+from amoskys.v1 import bus_pb2, envelope_pb2
 
 __all__ = ["SERVICE_NAME", "Hub", "create_server"]
 
@@ -42,11 +39,6 @@ SERVICE_NAME = "amoskys.v1.EventBus"
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_PAGE = 1000
 REPLAY_PAGE = 1000
-DRAINING_BACKOFF_MS = 1000  # a restart takes about a second; come back then
-
-
-def _invalid(reason: str) -> Ack:
-    return Ack(Status.INVALID, reason)
 
 
 class Hub:
@@ -61,7 +53,6 @@ class Hub:
         self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish, self._fatal)
         self.health = health_aio.HealthServicer()
         self.started_ns = time.time_ns()
-        self.draining = False
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -71,7 +62,7 @@ class Hub:
         self._rate_window: list[tuple[float, float]] = []
         self._stop_requested = asyncio.Event()
         self.streams = OpenStreams(config.limits.max_streams_per_identity)
-        self._retry_until: dict[str, float] = {}  # identity -> end of the backoff it was told to wait
+        self.admission = Admission(config, self.trust, self.ingest, self.metrics)
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -82,29 +73,10 @@ class Hub:
     def _begin(self, raw: bytes, peer: Peer | None) -> Ack | asyncio.Future[Ack]:
         """The synchronous part: an immediate ack, or the future of the envelope's commit."""
         self.metrics.envelopes_received.inc()
-        early = self._still_backing_off(peer)
-        if early is not None:
-            return early
-        checked = self._precheck(raw, peer)
+        checked = self.admission.check(raw, peer)
         if isinstance(checked, Ack):
-            if checked.status == Status.RETRY and peer is not None and checked.backoff_ms:
-                # A compliant agent waits at least half the backoff (its jitter is +-50 %).
-                self._retry_until[peer.cn] = time.monotonic() + checked.backoff_ms / 2000
             return checked
-        header, rows, update, digest = checked
-        return self.ingest.submit(header, digest, rows, update)
-
-    def _still_backing_off(self, peer: Peer | None) -> Ack | None:
-        """RETRY, unread, for an identity that sends again before the backoff it was given: ignoring
-        RETRY costs the hub nothing and gains the sender nothing."""
-        if peer is None or peer.cn not in self._retry_until:
-            return None
-        remaining = self._retry_until[peer.cn] - time.monotonic()
-        if remaining <= 0:
-            del self._retry_until[peer.cn]
-            return None
-        self.metrics.retries.labels("backing_off").inc()
-        return Ack(Status.RETRY, "backing_off: wait the backoff you were given", max(int(remaining * 2000), 1))
+        return self.ingest.submit(checked.header, checked.digest, checked.rows, checked.agent)
 
     async def _finish(self, started: float, outcome: Ack | asyncio.Future[Ack]) -> Ack:
         ack = outcome if isinstance(outcome, Ack) else await outcome
@@ -118,102 +90,6 @@ class Hub:
             self.metrics.rejected.labels(ack.reason.split(":")[0]).inc()
         elif ack.status == Status.RETRY and ack.reason.split(":")[0] in ("draining", "overloaded"):
             self.metrics.retries.labels(ack.reason.split(":")[0]).inc()
-
-    def _precheck(
-        self, raw: bytes, peer: Peer | None
-    ) -> Ack | tuple[envelope_pb2.EnvelopeHeader, list[EventRow], AgentUpdate, bytes]:
-        parsed = self._parse(raw)
-        if isinstance(parsed, Ack):
-            return parsed
-        envelope, header = parsed
-        refusal = self._identity_refusal(header, peer) or self._admission(header) or self._signature(envelope, header)
-        return refusal or self._unpack(envelope, header, peer)
-
-    def _parse(self, raw: bytes) -> Ack | tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHeader]:
-        """Size, structure and version: the checks that cost nothing."""
-        if self.draining:
-            return Ack(Status.RETRY, "draining: hub is shutting down", DRAINING_BACKOFF_MS)
-        if not raw:
-            return _invalid("empty: no envelope bytes")
-        if len(raw) > self.config.limits.max_envelope_bytes:
-            return _invalid(f"too_large: {len(raw)} bytes > {self.config.limits.max_envelope_bytes}")
-        try:
-            envelope = envelope_pb2.Envelope.FromString(raw)
-            if not envelope.header or not envelope.sig:
-                return _invalid("incomplete: header and sig are required")
-            if len(envelope.header) > MAX_HEADER_BYTES:
-                return _invalid(f"header_too_large: {len(envelope.header)} bytes > {MAX_HEADER_BYTES}")
-            header = envelope_pb2.EnvelopeHeader.FromString(envelope.header)
-        except DecodeError:
-            return _invalid("malformed: not an Envelope with an EnvelopeHeader")
-        if header.version != PROTOCOL_VERSION:
-            return _invalid(f"unsupported_version: {header.version} (this hub speaks {PROTOCOL_VERSION})")
-        refusal = header_refusal(header)
-        return _invalid(refusal) if refusal else (envelope, header)
-
-    def _admission(self, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
-        limit = self.config.limits.max_events_per_batch
-        if header.event_count > limit:
-            return _invalid(f"too_many_events: {header.event_count} > {limit}")
-        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count)
-        if backoff is not None:
-            return Ack(Status.RETRY, "overloaded: backlog above high-water mark", backoff)
-        return None
-
-    def _signature(self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
-        try:
-            verify_signature(envelope, self.trust.agents[header.agent_id].key)
-        except VerificationError:
-            return _invalid("bad_signature: signature does not verify with the agent's key")
-        return None
-
-    def _identity_refusal(self, header: envelope_pb2.EnvelopeHeader, peer: Peer | None) -> Ack | None:
-        reason = self.trust.refusal(peer, time.time_ns())
-        if reason is not None:
-            return Ack(Status.UNAUTHORIZED, f"peer: {reason}")
-        assert peer is not None
-        if header.agent_id != peer.cn:
-            return Ack(Status.UNAUTHORIZED, f"cn_mismatch: certificate CN {peer.cn!r} != agent_id {header.agent_id!r}")
-        if header.agent_id not in self.trust.agents:
-            return Ack(Status.UNAUTHORIZED, f"unknown_agent: {header.agent_id!r} is not in the trust map")
-        return None
-
-    def _unpack(
-        self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader, peer: Peer | None
-    ) -> Ack | tuple[envelope_pb2.EnvelopeHeader, list[EventRow], AgentUpdate, bytes]:
-        try:
-            batch = events_pb2.EventBatch.FromString(envelope.payload)
-        except DecodeError:
-            return _invalid("malformed_payload: not an EventBatch")
-        if len(batch.events) != header.event_count:
-            count = len(batch.events)
-            return _invalid(f"event_count_mismatch: header says {header.event_count}, payload has {count}")
-        if len(batch.events) > self.config.limits.max_events_per_batch:
-            return _invalid(f"too_many_events: {len(batch.events)} > {self.config.limits.max_events_per_batch}")
-        enrolment = self.trust.agents[header.agent_id]
-        refusal = next(filter(None, (event_refusal(e, i, enrolment) for i, e in enumerate(batch.events))), None)
-        if refusal is not None:
-            return _invalid(refusal)
-        rows = [to_row(event) for event in batch.events]
-        too_big = next((r for r in rows if len(r.body) > self.config.limits.max_event_bytes), None)
-        if too_big is not None:
-            return _invalid(f"event_too_large: {len(too_big.body)} bytes > {self.config.limits.max_event_bytes}")
-        self.metrics.events_received.inc(len(rows))
-        rows = self._file_times(rows)
-        update = _agent_update(batch, rows, enrolment, peer)
-        return header, rows, update, envelope_digest(envelope.header, envelope.payload)
-
-    def _file_times(self, rows: list[EventRow]) -> list[EventRow]:
-        """Events that claim the future are filed at the hub's time plus the allowed skew (counted)."""
-        now_ns = time.time_ns()
-        skew_ns = int(self.config.limits.max_clock_skew_s * 1e9)
-        future = [i for i, row in enumerate(rows) if row.ts_ns > now_ns + skew_ns]
-        if not future:
-            return rows
-        self.metrics.future_events.inc(len(future))
-        for i in future:
-            rows[i] = rows[i]._replace(ts_ns=observed_ns(rows[i].ts_ns, now_ns, skew_ns))
-        return rows
 
     async def publish(self, raw: bytes, context: Context) -> envelope_pb2.PublishAck:
         return (await self.handle_envelope(raw, peer_of(context))).message()
@@ -493,7 +369,7 @@ class Hub:
 
     def _fatal(self, error: BaseException) -> None:
         """A thread the hub depends on died: stop answering SERVING and feeding the watchdog, then exit non-zero."""
-        self.draining = True
+        self.admission.draining = True
         for task in self._tasks:
             if task.get_name() == "watchdog":
                 task.cancel()
@@ -508,7 +384,7 @@ class Hub:
     async def stop(self) -> None:
         """Drain: refuse new envelopes, finish in-flight ones, commit, close."""
         systemd.notify("STOPPING=1")
-        self.draining = True
+        self.admission.draining = True
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
@@ -564,24 +440,6 @@ async def _idle_limited(requests: AsyncIterator[bytes], idle_s: float) -> AsyncI
         except StopAsyncIteration:
             return
         yield raw
-
-
-def _agent_update(
-    batch: events_pb2.EventBatch, rows: list[EventRow], enrolment: Enrolment, peer: Peer | None
-) -> AgentUpdate:
-    """Registry facts from one batch: host and kind from the enrolment; heartbeat times as filed."""
-    update = AgentUpdate(
-        host=enrolment.host, kind=enrolment.kind, events=len(rows), cert_not_after_ns=peer.not_after_ns if peer else 0
-    )
-    for index, row in enumerate(rows):
-        if row.kind == "alert":
-            update.alerts += 1
-        elif row.kind == "heartbeat":
-            event = batch.events[index]
-            update.heartbeat_ns = max(update.heartbeat_ns, row.ts_ns)
-            update.version = event.heartbeat.version
-            update.interval_s = event.heartbeat.interval_s
-    return update
 
 
 def create_server(config: EventBusConfig) -> Hub:
