@@ -26,6 +26,7 @@ __all__ = [
     "fleet",
     "host_metrics_view",
     "parse_filter",
+    "summary",
 ]
 
 LATE_FACTOR = 2.5  # missed heartbeat intervals before an agent is late; twice that: down
@@ -205,6 +206,11 @@ def _summary(event: events_pb2.Event, kind: str) -> str:  # noqa: PLR0911 - one 
     return kind
 
 
+def summary(event: events_pb2.Event) -> str:
+    """What happened, in one line safe to show (the UI's Summary column, `amoskys query`'s last column)."""
+    return clean(_summary(event, event.WhichOneof("body") or "none"))
+
+
 def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
     """One stored event for a table row and the JSON API (body as protobuf JSON)."""
     event = stored.event
@@ -221,7 +227,7 @@ def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
         "agent": event.agent,
         "severity": events_pb2.Severity.Name(event.severity).removeprefix("SEVERITY_").lower(),
         "kind": kind,
-        "summary": clean(_summary(event, kind)),
+        "summary": summary(event),
         "labels": dict(event.labels),
         "body": body,
     }
