@@ -10,10 +10,20 @@ DEPLOY_PATH := PATH=$(abspath $(DEPLOY_VENV))/bin:$$PATH
 
 # The host's Debian packages come from scripts/setup-host.sh (root: through sudo when not root).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+STAGES := lint typecheck unit ansible-lint molecule
 
 .PHONY: test lint typecheck unit proto bench clean molecule lab lab-down ansible-lint host-test host-lab
 
-test: host-test lint typecheck unit ansible-lint molecule
+# Every stage runs even when one fails; a summary at the end; the run fails if any stage did.
+test: host-test
+	@results=""; failed=0; \
+	for stage in $(STAGES); do \
+	  start=$$(date +%s); \
+	  if $(MAKE) --no-print-directory $$stage; then verdict=pass; else verdict=FAIL; failed=1; fi; \
+	  results="$$results$$(printf '  %-13s %s  (%s s)' $$stage $$verdict $$(( $$(date +%s) - start )))\n"; \
+	done; \
+	printf '\nmake test, by stage:\n%b' "$$results"; \
+	exit $$failed
 
 host-test:
 	$(SUDO) scripts/setup-host.sh --for test
