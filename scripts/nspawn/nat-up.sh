@@ -16,5 +16,6 @@ table ip amoskys_nat {
   chain postrouting { type nat hook postrouting priority srcnat; }
 }
 NFT
-nft list chain ip amoskys_nat postrouting | grep -qF "ip saddr $subnet " ||
+rules=$(nft list chain ip amoskys_nat postrouting)   # (not grep -q on a pipe: SIGPIPE under pipefail)
+grep -qF "ip saddr $subnet " <<<"$rules" ||
   nft add rule ip amoskys_nat postrouting ip saddr "$subnet" ip daddr != "$subnet" masquerade comment "\"$subnet\""
