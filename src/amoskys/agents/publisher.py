@@ -98,7 +98,8 @@ def limit_unacked_time(address: str, seconds: int) -> int:
         except (OSError, ValueError):
             continue  # closed meanwhile, or not an inet socket
         try:
-            peer = sock.getpeername() if sock.type == socket.SOCK_STREAM else None
+            inet = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+            peer = sock.getpeername() if inet else None  # (not unix sockets: journald's stdout is one)
             if peer and (plain_ip(peer[0]), peer[1]) in peers:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, seconds * 1000)
                 count += 1
