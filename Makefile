@@ -8,9 +8,28 @@ DEPLOY_VENV ?= .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed-stamp
 DEPLOY_PATH := PATH=$(abspath $(DEPLOY_VENV))/bin:$$PATH
 
-.PHONY: test lint typecheck unit proto bench clean molecule lab lab-down ansible-lint
+# The host's Debian packages come from scripts/setup-host.sh (root: through sudo when not root).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+STAGES := lint typecheck unit ansible-lint molecule
 
-test: lint typecheck unit ansible-lint molecule
+.PHONY: test lint typecheck unit proto bench clean molecule lab lab-down ansible-lint host-test host-lab
+
+# Every stage runs even when one fails; a summary at the end; the run fails if any stage did.
+test: host-test
+	@results=""; failed=0; \
+	for stage in $(STAGES); do \
+	  start=$$(date +%s); \
+	  if $(MAKE) --no-print-directory $$stage; then verdict=pass; else verdict=FAIL; failed=1; fi; \
+	  results="$$results$$(printf '  %-13s %s  (%s s)' $$stage $$verdict $$(( $$(date +%s) - start )))\n"; \
+	done; \
+	printf '\nmake test, by stage:\n%b' "$$results"; \
+	exit $$failed
+
+host-test:
+	$(SUDO) scripts/setup-host.sh --for test
+
+host-lab:
+	$(SUDO) scripts/setup-host.sh --for lab
 
 $(STAMP): pyproject.toml hatch_build.py $(PROTOS)
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +49,7 @@ molecule: $(DEPLOY_STAMP) proto
 	$(DEPLOY_PATH) molecule test -s fleet
 
 # The lab fleet (hub, web1, db1 on br-amx-lab) with site.yml; `make lab-down` removes it.
-lab: $(DEPLOY_STAMP) proto
+lab: host-lab $(DEPLOY_STAMP) proto
 	$(DEPLOY_PATH) scripts/lab.sh up
 
 lab-down:

@@ -2,8 +2,9 @@
 # Usage: scripts/lab.sh up|down   (make lab / make lab-down)
 # up: boot the lab fleet (hub, web1, db1: systemd-nspawn machines on br-amx-lab 10.231.12.0/24), run
 # `ansible-playbook -i inventories/lab site.yml`, print how to reach it. Running it again keeps the
-# machines and re-runs the playbook. down: power the machines off (their overlays are discarded) and
-# remove the bridge; .lab/ (SSH key) stays. Needs root (namespaces, bridge), ansible-playbook on PATH.
+# machines and re-runs the playbook. down: power the machines off (their overlays are discarded),
+# remove the bridge and the NAT rule and restore net.ipv4.ip_forward; what a next `up` reuses stays:
+# .lab/ (SSH key, lab CA and its key) and the cached rootfs. Needs root, ansible-playbook on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nspawn=scripts/nspawn

@@ -11,8 +11,8 @@ build="$dest.$stamp"
 if [ -f "$build/.complete" ] && [ "$(readlink "$dest" 2>/dev/null)" = "$build" ]; then echo "rootfs cached: $dest -> $build"; exit 0; fi
 mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 mirror=${mirror:-http://deb.debian.org/debian}
-command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null || {
-  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap systemd-container; }
+command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null ||
+  "$(dirname "$0")/../setup-host.sh" --for lab   # installs them without upgrading the host's systemd
 # python3-venv: the amoskys venv under /opt/amoskys; prometheus: the "existing Prometheus" the prometheus
 # role integrates with; snmpd: a real SNMP device (127.0.0.1) for the snmp agent; ieee-data: the scanner's
 # MAC vendor names; libpcap0.8: the flow agent's BPF compiler; procps/iproute2: ps, ss.

@@ -128,7 +128,8 @@ class BackpressureConfig(Section, frozen=True):
 
 
 class MetricsConfig(Section, frozen=True):
-    listen: str = "127.0.0.1:9100"
+    # 9124: allocated to a FreeBSD-only exporter, so free on Linux (9100 is node_exporter's); README, Operations.
+    listen: str = "127.0.0.1:9124"
 
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen", allow_empty=True)
@@ -143,7 +144,7 @@ class EventBusConfig(Section, frozen=True):
     store: StoreConfig = StoreConfig()
     limits: LimitsConfig = LimitsConfig()
     backpressure: BackpressureConfig = BackpressureConfig()
-    metrics: MetricsConfig = MetricsConfig(listen="127.0.0.1:9100")
+    metrics: MetricsConfig = MetricsConfig()
     drain_timeout_s: Seconds = 20.0
     logging: LoggingConfig = LoggingConfig()
 

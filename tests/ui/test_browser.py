@@ -16,7 +16,7 @@ from tests.ui.conftest import NEEDLE, Fleet, event, heartbeat, running
 from tests.ui.devtools import DevTools, chromium, chromium_binary
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-pytestmark = pytest.mark.skipif(chromium_binary() is None, reason="needs Debian's chromium (see .ci/run)")
+pytestmark = pytest.mark.skipif(chromium_binary() is None, reason="needs Debian's chromium (scripts/setup-host.sh)")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,12 @@ unacknowledged envelope on a new stream; INVALID dead-letters that envelope and 
 chain; a broken connection reconnects with jittered exponential backoff and resends whatever
 is unacknowledged (the hub acks exact resends without storing them twice).
 
+A hub that stops answering (a silent partition) is noticed within 30 s: HTTP/2 pings every
+KEEPALIVE_S while the connection lives, and TCP_USER_TIMEOUT on its socket, so the kernel gives up
+on a ping left unacknowledged for TCP_USER_TIMEOUT_S; the stream then fails, `connected` turns 0
+and the publisher reconnects. (grpclib's own ping timeout only starts a TLS shutdown, which waits
+30 s more for the silent peer.)
+
 Agents speak gRPC through grpclib (pure Python, on the standard `ssl` module) rather than grpcio:
 an agent needs one client stream, and grpcio's core costs ~23 MB of resident memory in every
 agent process. The hub, the UI and the CLI keep grpcio.
@@ -14,8 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
+import os
 import random
+import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +49,11 @@ Status = envelope_pb2.PublishAck.Status
 METHOD = "/amoskys.v1.EventBus/PublishStream"
 PublishStream = Stream[bytes, envelope_pb2.PublishAck]
 Inflight = collections.deque[tuple[SealedEnvelope, float]]
+Acks = asyncio.Future[envelope_pb2.PublishAck | None]
+# The hub admits pings 10 s apart (grpc.http2.min_ping_interval_without_data_ms): a little more here.
+KEEPALIVE_S = 12.0
+KEEPALIVE_TIMEOUT_S = 5.0
+TCP_USER_TIMEOUT_S = 10
 
 
 class SealedCodec(CodecBase):
@@ -56,12 +71,50 @@ class SealedCodec(CodecBase):
 def agent_channel(address: str, tls: TlsConfig, server_name: str = "") -> Channel:
     """A channel to the hub; `server_name` overrides the name checked against the hub's certificate."""
     host, port = parse_address(address)
-    # Keepalive as in the grpcio clients: a hub that stops answering is noticed within 40 s.
+    # grpclib has keepalive settings only as these underscored fields. Without the minimum interval
+    # (default 300 s) it would ping once and then stay silent for five minutes.
     config = Configuration(
-        _keepalive_time=30.0, _keepalive_timeout=10.0, _keepalive_permit_without_calls=True,
-        _http2_max_pings_without_data=0, ssl_target_name_override=server_name or None,
+        _keepalive_time=KEEPALIVE_S, _keepalive_timeout=KEEPALIVE_TIMEOUT_S, _keepalive_permit_without_calls=True,
+        _http2_max_pings_without_data=0, _http2_min_sent_ping_interval_without_data=KEEPALIVE_S - 1,
+        ssl_target_name_override=server_name or None,
     )  # fmt: skip
     return Channel(host, port, ssl=client_tls_context(tls), codec=SealedCodec(), config=config)
+
+
+def limit_unacked_time(address: str, seconds: int) -> int:
+    """Set TCP_USER_TIMEOUT on this process's TCP sockets connected to `address`; how many were set.
+
+    grpclib opens its socket inside asyncio and offers no hook, so the socket is found among the
+    process's file descriptors by its peer address."""
+    host, port = parse_address(address)
+    peers = {(plain_ip(str(info[4][0])), port) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    count = 0
+    for entry in os.scandir("/proc/self/fd"):
+        try:
+            fd = int(entry.name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except (OSError, ValueError):
+            continue  # closed meanwhile, or not an inet socket
+        try:
+            inet = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+            peer = sock.getpeername() if inet else None  # (not unix sockets: journald's stdout is one)
+            if peer and (plain_ip(peer[0]), peer[1]) in peers:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, seconds * 1000)
+                count += 1
+        except OSError:
+            pass  # not connected, or not TCP
+        finally:
+            sock.detach()  # the descriptor stays open: it belongs to the channel
+    return count
+
+
+def plain_ip(text: str) -> str:
+    """An address as written by its own family (::ffff:10.0.0.1, a dual-stack socket's view, is 10.0.0.1)."""
+    address = ipaddress.ip_address(text)
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -71,6 +124,14 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait({waiter}, timeout=timeout)
     finally:
         waiter.cancel()
+
+
+def discard(future: asyncio.Future[Any]) -> None:
+    """Cancel `future` if pending, else take its exception (so asyncio does not log it as never retrieved)."""
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
 
 
 class Backoff:
@@ -167,28 +228,48 @@ class Publisher:
         inflight: Inflight = collections.deque()
         last_sent = 0
         await stream.send_request()
+        limit_unacked_time(self.config.hub, TCP_USER_TIMEOUT_S)
         self._inflight = inflight
         self._became_idle()
+        acks: Acks = asyncio.ensure_future(stream.recv_message())  # always pending: a broken stream fails it
         try:
             while True:
                 last_sent = await self._fill(stream, inflight, last_sent)
                 if not inflight:
-                    self.wake.clear()
-                    await wait_event(self.wake, 1.0)
-                    continue
-                ack = await stream.recv_message()
+                    await self._idle(acks)
+                    if not acks.done():
+                        continue
+                ack = await acks
                 if ack is None:  # the hub ended the stream: its status says why
                     await stream.recv_trailing_metadata()
                     raise EndSession(self.backoff.next())
-                self._set_connected(True)
-                sent, started = inflight.popleft()
-                pause = self._on_ack(sent, ack, time.perf_counter() - started)
-                if pause is not None:
-                    raise EndSession(pause)
-                if not inflight:
-                    self._became_idle()
+                acks = asyncio.ensure_future(stream.recv_message())
+                self._on_ack_received(inflight, ack)
         finally:
             self._inflight = None
+            discard(acks)
+
+    async def _idle(self, acks: Acks) -> None:
+        """Nothing in flight: wait (1 s at most) for an envelope to send, or for the stream to end or break."""
+        self.wake.clear()
+        woken = asyncio.ensure_future(self.wake.wait())
+        pending: set[asyncio.Future[Any]] = {acks, woken}
+        try:
+            await asyncio.wait(pending, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+
+    def _on_ack_received(self, inflight: Inflight, ack: envelope_pb2.PublishAck) -> None:
+        """Apply the ack to the oldest envelope in flight (raises EndSession when a new stream is needed)."""
+        if not inflight:
+            raise EndSession(self.backoff.next())  # an ack for nothing sent: start over on a new stream
+        self._set_connected(True)
+        sent, started = inflight.popleft()
+        pause = self._on_ack(sent, ack, time.perf_counter() - started)
+        if pause is not None:
+            raise EndSession(pause)
+        if not inflight:
+            self._became_idle()
 
     def _became_idle(self) -> None:
         if self.on_idle is not None:

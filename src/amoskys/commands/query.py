@@ -13,6 +13,7 @@ from amoskys.commands import Subparsers
 from amoskys.commands.hubclient import add_hub_arguments, call_hub
 from amoskys.errors import AmoskysError
 from amoskys.semantics import SEVERITIES, TIME_FORMS, parse_time, severity_name, severity_value
+from amoskys.ui.model import summary
 from amoskys.v1 import bus_pb2
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument("--severity", type=str.lower, choices=SEVERITIES, help="minimum severity")
     parser.add_argument("--text", default="", help="case-insensitive substring")
     parser.add_argument("--limit", type=int, default=50)
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
     parser.set_defaults(func=run)
 
 
@@ -61,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
         return await stub.Query(bus_pb2.QueryRequest(filter=flt, page_size=args.limit))
 
     for stored in call_hub(args, fetch).events:
-        if args.json:
-            print(json.dumps(MessageToDict(stored, preserving_proto_field_name=True)))
-        else:
-            event = stored.event
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.ts_ns / 1e9))
-            body = event.WhichOneof("body") or "-"
-            severity = severity_name(event.severity)
-            print(f"{when} {event.host:<20} {stored.agent_id:<24} {body:<12} {severity:<8} {stored.cursor}")
+        print(json.dumps(MessageToDict(stored, preserving_proto_field_name=True)) if args.json else table_row(stored))
     return 0
+
+
+def table_row(stored: bus_pb2.StoredEvent) -> str:
+    """Time, host, agent id, kind, severity, cursor, then what happened (the UI's summary)."""
+    event = stored.event
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.ts_ns / 1e9))
+    body = event.WhichOneof("body") or "-"
+    severity = severity_name(event.severity)
+    return f"{when} {event.host:<20} {stored.agent_id:<24} {body:<12} {severity:<8} {stored.cursor:<8} {summary(event)}"

@@ -35,6 +35,7 @@ __all__ = [
     "host_metrics_view",
     "host_url",
     "parse_filter",
+    "summary",
     "to_json",
 ]
 
@@ -246,6 +247,11 @@ def _summary(event: events_pb2.Event, kind: str) -> str:  # noqa: PLR0911 - one 
     return kind
 
 
+def summary(event: events_pb2.Event) -> str:
+    """What happened, in one line safe to show (the UI's Summary column, `amoskys query`'s last column)."""
+    return clean(_summary(event, event.WhichOneof("body") or "none"), SUMMARY_MAX)
+
+
 def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
     """One stored event for a table row and the JSON API (body as protobuf JSON), its text `clean`."""
     event = stored.event
@@ -263,7 +269,7 @@ def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
         "agent": clean(event.agent),
         "severity": severity_name(event.severity),
         "kind": kind,
-        "summary": clean(_summary(event, kind), SUMMARY_MAX),
+        "summary": summary(event),
         "labels": clean_tree(dict(event.labels)),
         "body": clean_tree(body),
     }
