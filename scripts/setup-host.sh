@@ -29,7 +29,7 @@ logrotate          | test | logrotate                             | auth tests r
 ieee-data          | test | /usr/share/ieee-data/oui.txt          | MAC vendor names for the scanner
 libpcap0.8         | test | libpcap.so.0.8                        | the flow agent compiles BPF filters with libpcap
 iproute2           | both | ip                                    | network namespaces (tests); the lab bridge
-procps             | both | pgrep pkill sysctl                    | test peers; nspawn machines; ip_forward
+procps             | both | pgrep pkill sysctl uptime             | test peers; nspawn machines; ip_forward
 util-linux         | both | nsenter setsid                        | entering and starting nspawn machines
 debootstrap        | both | debootstrap                           | the rootfs of Molecule and lab machines
 systemd-container  | both | systemd-nspawn                        | ...booted with real systemd

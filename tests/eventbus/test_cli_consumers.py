@@ -65,8 +65,8 @@ async def test_query_finds_a_planted_event(live_hub: LiveHub, capsys: pytest.Cap
     assert json.loads(line)["event"]["event_id"] == "db1-auth-3"
     assert await asyncio.to_thread(main, ["query", *args, "--since", "10m", "--text", "NEEDLE"]) == 0
     (row,) = capsys.readouterr().out.splitlines()
-    assert row.split()[2:6] == ["db1", "db1-auth", "process", "info"]
-    assert "needle-in-haystack pid" in row  # the summary column says what happened
+    assert row.split()[2:6] == ["db1", "db1-auth", "auth", "info"]
+    assert "ssh_failed needle-in-haystack 192.0.2.9" in row  # the summary column says what happened
 
 
 async def test_consumer_errors_are_clear(live_hub: LiveHub, capsys: pytest.CaptureFixture[str]) -> None:
