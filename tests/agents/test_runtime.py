@@ -377,3 +377,16 @@ def test_agents_do_not_load_grpcio_or_cryptography(kind: str) -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert set(result.stdout.split()) <= HEAVY_ALLOWED.get(kind, set())
+
+
+async def test_a_runtime_task_that_dies_stops_the_agent(live_hub: LiveHub, tmp_path: Path) -> None:
+    """The publisher dying (as it once did on a journald socket) must end the agent, not leave it collecting."""
+    config = agent_config(live_hub, tmp_path, "host")
+    runtime = AgentRuntime("host", None, config)
+
+    async def broken_publisher() -> None:
+        raise OSError("the publisher's own bug")
+
+    runtime.publisher.run = broken_publisher  # type: ignore[method-assign]
+    await asyncio.wait_for(runtime.run(), 30)
+    assert isinstance(runtime.failure, OSError)

@@ -63,6 +63,7 @@ class AgentRuntime:
         self._drops_due = True
         self._memory_drops = 0
         self._stopping = asyncio.Event()
+        self.failure: BaseException | None = None  # why a runtime task died, if one did
 
     def _check_identity(self) -> None:
         """Refuse to start on missing, unreadable, unsafe, mismatched or expired identity files."""
@@ -244,6 +245,8 @@ class AgentRuntime:
                 self._drop_reports(), systemd.watchdog_loop(),
             )
         ]  # fmt: skip
+        for task in tasks[1:-1]:  # the collector may finish (a replay); the watchdog returns when not watched
+            task.add_done_callback(self._on_task_done)
         systemd.notify("READY=1", f"STATUS=agent {self.agent_id} collecting")
         log.info(
             "agent running",
@@ -256,6 +259,15 @@ class AgentRuntime:
         )
         await self._stopping.wait()
         await self.stop(tasks)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """A runtime task that ends by itself is a bug: stop the agent so that it exits non-zero and systemd
+        restarts it, instead of collecting forever with nothing sent (or nothing sealed)."""
+        if task.cancelled() or self._stopping.is_set():
+            return
+        self.failure = task.exception() or RuntimeError(f"runtime task {task.get_coro()!r} ended")
+        log.critical("agent runtime task died; stopping", exc_info=self.failure)
+        self._stopping.set()
 
     async def stop(self, tasks: list[asyncio.Task[None]]) -> None:
         """Flush collected events into the outbox, give the batcher and publisher a moment, exit."""

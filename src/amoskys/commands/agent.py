@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pcap is not None:
         config = msgspec.structs.replace(config, flow=msgspec.structs.replace(config.flow, pcap=str(args.pcap)))
     setup_logging(config.logging)
-    asyncio.run(_main(args.name, path, config))
-    return 0
+    return asyncio.run(_main(args.name, path, config))
 
 
 def _list(*, as_json: bool) -> int:
@@ -66,16 +65,18 @@ def _list(*, as_json: bool) -> int:
     return 0
 
 
-async def _main(name: str, path: Path, config: AgentConfig) -> None:
+async def _main(name: str, path: Path, config: AgentConfig) -> int:
+    """Run the agent; exit status 1 when a runtime task died (systemd restarts the agent)."""
     from amoskys.agents.runtime import AgentRuntime
 
     runtime = AgentRuntime(name, path, config)
     if name != "flow" or not config.flow.pcap:
         await runtime.run()
-        return
-    running = asyncio.create_task(runtime.run())
-    await _stop_once_delivered(runtime, running)
-    await running
+    else:
+        running = asyncio.create_task(runtime.run())
+        await _stop_once_delivered(runtime, running)
+        await running
+    return 1 if runtime.failure is not None else 0
 
 
 async def _stop_once_delivered(runtime: AgentRuntime, running: asyncio.Task[None]) -> None:
