@@ -16,7 +16,6 @@ from fleet import (
     HUB,
     HUB_METRICS_PORT,
     HUB_PORT,
-    SERVICE_USER,
     UI,
     UI_PORT,
     address,
@@ -28,8 +27,10 @@ from fleet import (
     listeners,
     machine,
     main_pid,
+    service_user,
     unit_kind,
     unit_property,
+    units_on,
 )
 
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104 (a value read from configs, never bound here)
@@ -50,16 +51,17 @@ def test_unit_active_enabled_as_service_user(name: str, unit: str) -> None:
     host = machine(name)
     assert host.run(f"systemctl is-active {unit}").stdout.strip() == "active"
     assert host.run(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
-    assert unit_property(name, unit, "User") == SERVICE_USER
+    user = service_user(unit)
+    assert unit_property(name, unit, "User") == user
     pid = main_pid(name, unit)
     assert pid > 0
-    assert host.check_output(f"ps -o user= -p {pid}").strip() == SERVICE_USER
+    assert host.check_output(f"ps -o user= -p {pid}").strip() == user
     # every process of the unit, not only the main one
     cgroup = unit_property(name, unit, "ControlGroup")
     procs = host.check_output("cat " + shlex.quote(f"/sys/fs/cgroup/systemd{cgroup}/cgroup.procs")).split()
     assert str(pid) in procs
     owners = host.check_output(f"ps -o user= -p {','.join(procs)}")
-    assert set(owners.split()) == {SERVICE_USER}
+    assert set(owners.split()) == {user}
 
 
 @pytest.mark.parametrize(("name", "unit"), HOST_UNITS, ids=ids(HOST_UNITS))
@@ -130,7 +132,7 @@ def test_private_keys_0600_owned_by_service_user(name: str, unit: str) -> None:
         key = host.file(path)
         assert key.exists, path
         assert key.mode == 0o600, f"{path}: {oct(key.mode)}"
-        assert key.user == SERVICE_USER, f"{path}: owner {key.user}"
+        assert (key.user, key.group) == (service_user(unit),) * 2, f"{path}: owner {key.user}:{key.group}"
 
 
 @pytest.mark.parametrize("name", ALL_HOSTS)
@@ -140,7 +142,7 @@ def test_every_private_key_is_0600_and_no_ca_key_on_hosts(name: str) -> None:
     for path in found.split():
         key = host.file(path)
         assert key.mode == 0o600, f"{path}: {oct(key.mode)}"
-        assert key.user in (SERVICE_USER, "root"), f"{path}: owner {key.user}"
+        assert key.user in {service_user(unit) for unit in units_on(name)} | {"root"}, f"{path}: owner {key.user}"
     assert host.check_output("find / -xdev -name ca.key -not -path '/proc/*' 2>/dev/null || true") == ""
 
 
