@@ -74,3 +74,13 @@ def test_every_unit_is_measured() -> None:
     dropins = {p.name.removesuffix(".d") for p in SYSTEMD.glob("*.service.d")}
     assert units - {"amoskys-agent@.service"} <= set(THRESHOLDS)
     assert dropins <= set(THRESHOLDS)
+
+
+def test_hub_descriptors_fit_10000_agents() -> None:
+    """One descriptor per agent stream and per connection in its handshake: room for 10,000 of each."""
+    text = (SYSTEMD / "amoskys-eventbus.service").read_text()
+    limits = re.findall(r"^LimitNOFILE=(\d+)(?::(\d+))?$", text, re.M)
+    assert len(limits) == 1, limits
+    soft, hard = int(limits[0][0]), int(limits[0][1] or limits[0][0])
+    assert soft >= 2 * 10_000
+    assert hard >= soft

@@ -150,3 +150,11 @@ def test_ca_key_only_on_controller() -> None:
     ca_dir = host_vars(ALL_HOSTS[0])["amoskys_pki_ca_dir"]
     ca_key = os.path.join(ca_dir, "ca.key")
     assert stat.S_IMODE(os.stat(ca_key).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("name", [HUB])
+def test_hub_descriptor_limit(name: str) -> None:
+    """LimitNOFILE reached the running hub (the default 1,024 is exhausted by idle TCP connections)."""
+    limits = machine(name).check_output(f"cat /proc/{main_pid(name, EVENTBUS)}/limits")
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert line.split()[3:5] == ["65536", "65536"], line
