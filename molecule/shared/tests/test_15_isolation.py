@@ -20,6 +20,7 @@ from fleet import (
     service_user,
     unit_config_path,
     unit_kind,
+    unit_property,
     units_on,
 )
 
@@ -112,3 +113,15 @@ def test_single_user_of_earlier_releases_is_gone(name: str) -> None:
     assert host.run(f"getent passwd {LEGACY_USER}").rc == 2
     dirs = [d for d in ("/etc/amoskys", "/var/lib/amoskys", "/var/log/amoskys") if host.file(d).exists]
     assert host.check_output(f"find {' '.join(dirs)} -nouser -o -nogroup") == ""
+
+
+PTRACE_UNITS = [(n, u) for n, u in HOST_UNITS if unit_kind(u) in {"proc", "host"}]  # CAP_SYS_PTRACE drop-ins
+
+
+@pytest.mark.parametrize(("name", "unit"), PTRACE_UNITS, ids=ids(PTRACE_UNITS))
+def test_ptrace_capability_does_not_reach_other_processes_memory(name: str, unit: str) -> None:
+    """proc and host read every /proc entry (CAP_SYS_PTRACE), but not the hub's memory via process_vm_readv."""
+    allowed = unit_property(name, unit, "SystemCallFilter").split()
+    assert "cap_sys_ptrace" in unit_property(name, unit, "AmbientCapabilities")
+    assert "read" in allowed, allowed[:20]  # an allow list, as systemd resolved it
+    assert not {"process_vm_readv", "process_vm_writev"} & set(allowed)
