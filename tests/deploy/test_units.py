@@ -74,3 +74,22 @@ def test_every_unit_is_measured() -> None:
     dropins = {p.name.removesuffix(".d") for p in SYSTEMD.glob("*.service.d")}
     assert units - {"amoskys-agent@.service"} <= set(THRESHOLDS)
     assert dropins <= set(THRESHOLDS)
+
+
+def test_hub_descriptors_fit_10000_agents() -> None:
+    """One descriptor per agent stream and per connection in its handshake: room for 10,000 of each."""
+    text = (SYSTEMD / "amoskys-eventbus.service").read_text()
+    limits = re.findall(r"^LimitNOFILE=(\d+)(?::(\d+))?$", text, re.M)
+    assert len(limits) == 1, limits
+    soft, hard = int(limits[0][0]), int(limits[0][1] or limits[0][0])
+    assert soft >= 2 * 10_000
+    assert hard >= soft
+
+
+def test_ptrace_capability_cannot_read_other_processes_memory() -> None:
+    """Units granted CAP_SYS_PTRACE (to read /proc) must not reach another process's memory through a syscall."""
+    for dropins in SYSTEMD.glob("*.service.d"):
+        text = "".join(p.read_text() for p in dropins.glob("*.conf"))
+        if "CAP_SYS_PTRACE" in text:
+            denied = set(" ".join(re.findall(r"^SystemCallFilter=~(.*)$", text, re.M)).split())
+            assert {"process_vm_readv", "process_vm_writev"} <= denied, dropins.name

@@ -26,7 +26,10 @@ INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 
 AMOSKYS = "/opt/amoskys/venv/bin/amoskys"
-SERVICE_USER = "amoskys"
+# One user per service (systemd/*.service User=), each also in the shared group that reaches /etc/amoskys.
+HUB_USER, UI_USER, AGENT_USER_PREFIX = "amoskys-hub", "amoskys-ui", "amoskys-agent-"
+SHARED_GROUP = "amoskys"
+LEGACY_USER = "amoskys"  # the one user of earlier releases, retired by site.yml
 DEFAULT_AGENTS = ["proc", "host", "auth"]  # the agents role's default amoskys_agents_enabled
 AGENT_METRICS_PORT = {"proc": 9248, "host": 9452, "auth": 9572, "flow": 9767, "scanner": 9898, "snmp": 9969}
 HUB_PORT, HUB_METRICS_PORT, UI_PORT = 50051, 9124, 8080
@@ -52,6 +55,11 @@ def unit_kind(unit: str) -> str:
     """'amoskys-agent@flow.service' -> 'flow'; hub and UI -> 'eventbus' / 'ui'."""
     name = unit.removesuffix(".service")
     return name.split("@", 1)[1] if "@" in name else name.removeprefix("amoskys-")
+
+
+def service_user(unit: str) -> str:
+    """The user (and group) the unit runs as: amoskys-hub, amoskys-ui, amoskys-agent-KIND."""
+    return {EVENTBUS: HUB_USER, UI: UI_USER}.get(unit) or AGENT_USER_PREFIX + unit_kind(unit)
 
 
 def exposure_limit(unit: str) -> float:

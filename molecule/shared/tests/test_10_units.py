@@ -16,7 +16,6 @@ from fleet import (
     HUB,
     HUB_METRICS_PORT,
     HUB_PORT,
-    SERVICE_USER,
     UI,
     UI_PORT,
     address,
@@ -28,8 +27,10 @@ from fleet import (
     listeners,
     machine,
     main_pid,
+    service_user,
     unit_kind,
     unit_property,
+    units_on,
 )
 
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104 (a value read from configs, never bound here)
@@ -50,16 +51,17 @@ def test_unit_active_enabled_as_service_user(name: str, unit: str) -> None:
     host = machine(name)
     assert host.run(f"systemctl is-active {unit}").stdout.strip() == "active"
     assert host.run(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
-    assert unit_property(name, unit, "User") == SERVICE_USER
+    user = service_user(unit)
+    assert unit_property(name, unit, "User") == user
     pid = main_pid(name, unit)
     assert pid > 0
-    assert host.check_output(f"ps -o user= -p {pid}").strip() == SERVICE_USER
+    assert host.check_output(f"ps -o user= -p {pid}").strip() == user
     # every process of the unit, not only the main one
     cgroup = unit_property(name, unit, "ControlGroup")
     procs = host.check_output("cat " + shlex.quote(f"/sys/fs/cgroup/systemd{cgroup}/cgroup.procs")).split()
     assert str(pid) in procs
     owners = host.check_output(f"ps -o user= -p {','.join(procs)}")
-    assert set(owners.split()) == {SERVICE_USER}
+    assert set(owners.split()) == {user}
 
 
 @pytest.mark.parametrize(("name", "unit"), HOST_UNITS, ids=ids(HOST_UNITS))
@@ -130,7 +132,7 @@ def test_private_keys_0600_owned_by_service_user(name: str, unit: str) -> None:
         key = host.file(path)
         assert key.exists, path
         assert key.mode == 0o600, f"{path}: {oct(key.mode)}"
-        assert key.user == SERVICE_USER, f"{path}: owner {key.user}"
+        assert (key.user, key.group) == (service_user(unit),) * 2, f"{path}: owner {key.user}:{key.group}"
 
 
 @pytest.mark.parametrize("name", ALL_HOSTS)
@@ -140,7 +142,7 @@ def test_every_private_key_is_0600_and_no_ca_key_on_hosts(name: str) -> None:
     for path in found.split():
         key = host.file(path)
         assert key.mode == 0o600, f"{path}: {oct(key.mode)}"
-        assert key.user in (SERVICE_USER, "root"), f"{path}: owner {key.user}"
+        assert key.user in {service_user(unit) for unit in units_on(name)} | {"root"}, f"{path}: owner {key.user}"
     assert host.check_output("find / -xdev -name ca.key -not -path '/proc/*' 2>/dev/null || true") == ""
 
 
@@ -148,3 +150,19 @@ def test_ca_key_only_on_controller() -> None:
     ca_dir = host_vars(ALL_HOSTS[0])["amoskys_pki_ca_dir"]
     ca_key = os.path.join(ca_dir, "ca.key")
     assert stat.S_IMODE(os.stat(ca_key).st_mode) == 0o600
+
+
+def open_files_limit(name: str, pid: int) -> list[int]:
+    """[soft, hard] 'Max open files' of a process in the machine."""
+    limits = machine(name).check_output(f"cat /proc/{pid}/limits")
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    return [int(value) for value in line.split()[3:5]]
+
+
+@pytest.mark.parametrize("name", [HUB])
+def test_hub_descriptor_limit(name: str) -> None:
+    """LimitNOFILE=65536 reached the running hub, or as much of it as the machine's systemd may grant."""
+    assert unit_property(name, EVENTBUS, "LimitNOFILE") == "65536"
+    ceiling = open_files_limit(name, 1)[1]  # PID 1 cannot raise its own hard limit without CAP_SYS_RESOURCE
+    print(f"{name}: PID 1 may grant up to {ceiling} descriptors")
+    assert open_files_limit(name, main_pid(name, EVENTBUS)) == [min(65536, ceiling)] * 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 from collections import Counter
 
 import pytest
@@ -16,12 +17,14 @@ from fleet import (
     HUB,
     HUB_METRICS_PORT,
     PROC_HOSTS,
+    address,
     agents_on,
     every_agent_up,
     failed_ssh_login_reaches_hub,
     http_get,
     hub_query,
     ids,
+    listeners,
     machine,
     new_process_reaches_hub,
     tcp_exchange,
@@ -29,6 +32,7 @@ from fleet import (
 )
 
 PROMETHEUS = "http://127.0.0.1:9090"
+PROMETHEUS_PORT = 9090
 
 
 @pytest.mark.parametrize("agent_host", AUTH_HOSTS)
@@ -106,3 +110,19 @@ def test_promtool_checks_config_and_shipped_rules() -> None:
     rules = host.run("promtool check rules " + " ".join(map(shlex.quote, rule_files)))
     assert rules.rc == 0, rules.stdout + rules.stderr
     print(rules.stdout)
+
+
+def test_prometheus_listens_only_where_the_inventory_says() -> None:
+    """amoskys_prometheus_listen (loopback by default): not on the hub's address, so no agent host reaches it."""
+    listen = {(a, p) for a, p, _ in listeners(HUB) if p == PROMETHEUS_PORT}
+    assert listen == {("127.0.0.1", PROMETHEUS_PORT)}, listen
+    for name in AGENT_HOSTS:
+        if name != HUB:
+            status, body = http_get(name, f"http://{address(HUB)}:{PROMETHEUS_PORT}/-/ready", timeout=3)
+            assert (status, "Connection refused" in body) == (0, True), f"from {name}: {status} {body}"
+    try:
+        socket.create_connection((address(HUB), PROMETHEUS_PORT), timeout=3).close()
+    except ConnectionRefusedError:
+        pass
+    else:
+        pytest.fail(f"the controller reached Prometheus on {address(HUB)}:{PROMETHEUS_PORT}")
