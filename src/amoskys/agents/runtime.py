@@ -165,8 +165,8 @@ class AgentRuntime:
     def heartbeat(self) -> events_pb2.Event:
         waiting, used = self.outbox.sizes()
         counters = {
-            "collected": int(self.metrics.events_collected._value.get()),
-            "acked": int(self.metrics.events_acked._value.get()),
+            "collected": int(self.metrics.registry.get_sample_value("amoskys_agent_events_collected_total") or 0),
+            "acked": int(self.metrics.registry.get_sample_value("amoskys_agent_events_acked_total") or 0),
             "dead_letters": self.outbox.dead_letter_count(),
             "outbox_events": waiting,
             "outbox_bytes": used,
