@@ -26,6 +26,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +86,24 @@ def _hub_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _counters(port: int) -> dict[str, int]:
+    """The hub's Prometheus counters (subscribers cut, retries by reason), by sample name with labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        lines = answer.read().decode().splitlines()
+    return {
+        name: int(float(value))
+        for name, _, value in (line.rpartition(" ") for line in lines if line and not line.startswith("#"))
+        if "_total" in name
+    }
+
+
 def _stored(db: Path) -> dict[str, int]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return dict(conn.execute("SELECT agent_id, count(*) FROM events GROUP BY agent_id").fetchall())
 
 
 async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    hub = HubProcess(root, new_pki(root / "pki"), consumers=["ui", *STALLED])
+    hub = HubProcess(root, new_pki(root / "pki"), consumers=["ui", *STALLED], metrics={"listen": "127.0.0.1:0"})
     flooders = [hub.enrol(f"flood{n}-proc", f"flood{n}", "proc") for n in (1, 2)] if not args.baseline else []
     stalled = STALLED if not args.baseline else []
     good = hub.enrol("good1-proc", "good1", "proc")
@@ -104,7 +116,7 @@ async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             result = await well_behaved(good, hub.address, args.duration, args.rate, args.batch)
             cpu = (_hub_cpu_s(hub.proc.pid) - cpu0) / (time.monotonic() - t0)
             floods = dict(pressure.answers)
-            cut = pressure.stalls_cut
+            counters = _counters(hub.metrics_port)
     finally:
         hub.stop()
     stored = _stored(root / "store" / "events.db")
@@ -116,7 +128,8 @@ async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             "identities": len(flooders), "in_flight_each": args.senders, "answers": floods,
             "events_stored": flood_stored, "stored_eps": round(flood_stored / (args.duration + args.warmup)),
         },
-        "stalled_consumers": {"count": len(stalled), "streams_ended": cut},
+        "stalled_consumers": {"count": len(stalled), "cut": counters.get("amoskys_bus_subscribers_cut_total", 0)},
+        "hub_retries": {k.split('"')[1]: v for k, v in counters.items() if k.startswith("amoskys_bus_retries_total{")},
         "hub_cpu_cores": round(cpu, 2),
         "load": Path("/proc/loadavg").read_text().split()[:3],
     }  # fmt: skip

@@ -68,6 +68,7 @@ class HubProcess:
         self.config.write_text(yaml.safe_dump(document))
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.metrics_port = 0  # when `metrics: {listen: 127.0.0.1:0}` is among the overrides
 
     @property
     def address(self) -> str:
@@ -80,7 +81,8 @@ class HubProcess:
                 stderr=err,
                 preexec_fn=_raise_nofile,  # noqa: PLW1509 - before exec, nothing else runs in the child
             )
-        self.port = int(self._wait_for("eventbus serving", 0)["port"])
+        serving = self._wait_for("eventbus serving", 0)
+        self.port, self.metrics_port = int(serving["port"]), int(serving.get("metrics_port") or 0)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not drain in time; always reaped."""
