@@ -52,10 +52,9 @@ async def test_future_timestamps_pin_neither_liveness_nor_order(live_hub: LiveHu
     assert (await live_hub.publish(agent, agent.seal(events))).status == Ack.OK
     later = live_hub.agent("db1-proc")
     await live_hub.publish(later, later.seal(make_events(1, host="db1")))
-    skew_ns = int(live_hub.config.limits.max_clock_skew_s * 1e9)
     async with live_hub.channel(live_hub.consumer_tls()) as channel:
         agents = {a.agent_id: a for a in (await hub_stub(channel).ListAgents(bus_pb2.ListAgentsRequest())).agents}
-    assert before <= agents["web1-proc"].last_heartbeat_ns <= time.time_ns() + skew_ns
+    assert before <= agents["web1-proc"].last_heartbeat_ns <= time.time_ns()  # filed when it came
     stored = await live_hub.query()
     future = next(s for s in stored if s.event.event_id == "web1-proc-0")
     assert future.event.ts_ns == far_future, "the agent's own claim is kept in the event"

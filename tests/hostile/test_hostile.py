@@ -472,11 +472,6 @@ async def test_a_heartbeat_at_int64_max_does_not_pin_liveness(bed: Bed) -> None:
     assert before <= stored.received_ns <= time.time_ns()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FAILS: Query orders by the filed time, and a future event is filed at hub time + max_clock_skew_s "
-    "(300 s): for those 5 minutes it sorts before every event that really came later",
-)
 async def test_a_heartbeat_at_int64_max_does_not_sort_first(bed: Bed) -> None:
     await _future_heartbeat(bed)
     good = bed.agents["good1-proc"]

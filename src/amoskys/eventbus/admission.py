@@ -158,7 +158,7 @@ class Admission:
         return Checked(header, rows, update, envelope_digest(envelope.header, envelope.payload))
 
     def _file_times(self, rows: list[EventRow]) -> list[EventRow]:
-        """Events that claim the future are filed at the hub's time plus the allowed skew (counted)."""
+        """Events that claim to be further ahead than the allowed skew are filed at the hub's time (counted)."""
         now_ns = time.time_ns()
         skew_ns = int(self.config.limits.max_clock_skew_s * 1e9)
         future = [i for i, row in enumerate(rows) if row.ts_ns > now_ns + skew_ns]

@@ -115,8 +115,9 @@ def filter_refusal(flt: bus_pb2.EventFilter) -> str | None:
 
 
 def observed_ns(ts_ns: int, received_ns: int, max_skew_ns: int) -> int:
-    """The time the hub files an event under: the agent's, but never beyond `max_skew_ns` into the future."""
-    return min(ts_ns, received_ns + max_skew_ns)
+    """The time the hub files an event under: the agent's, unless it claims to be more than `max_skew_ns`
+    ahead of the hub; then the hub's own (it sorts, and counts as a heartbeat, as if it came now)."""
+    return ts_ns if ts_ns <= received_ns + max_skew_ns else received_ns
 
 
 def _shown(text: str) -> str:
