@@ -32,7 +32,7 @@ from amoskys.agents.publisher import limit_unacked_time
 from amoskys.agents.runtime import AgentRuntime
 from amoskys.client import hub_channel, hub_stub
 from amoskys.config import AgentConfig, TlsConfig
-from amoskys.v1 import bus_pb2, bus_pb2_grpc
+from amoskys.v1 import bus_pb2, bus_pb2_grpc, events_pb2
 from tests.conftest import TestPki
 from tests.netlab import free_subnets, ip
 from tests.processes import stop_process
@@ -49,7 +49,7 @@ DROP_ALL = """table inet amoskys_partition {
 }"""
 
 
-AGENT_ID = "part-host"
+AGENT_ID = "parthost-host"  # enrolled (HOST-KIND) for host parthost, kind host
 
 
 @dataclass
@@ -195,7 +195,9 @@ async def test_silent_partition_is_noticed_in_seconds_and_loses_nothing(
             if detected_after is None and connected_gauge(runtime) == 0.0:
                 detected_after = time.monotonic() - start
             if busy or detected_after is not None:
-                marker = runtime.agent.event(labels={"partition": str(len(made_during))})
+                marker = runtime.agent.event(
+                    host_metrics=events_pb2.HostMetrics(), labels={"partition": str(len(made_during))}
+                )
                 runtime.buffer.append(marker.SerializeToString())
                 made_during.append(marker.event_id)
             await asyncio.sleep(1.0)
