@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz_envelope.py"
 
 def test_fuzzed_envelopes_raise_nothing_store_no_forgery_and_leave_the_writer_alive() -> None:
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--inputs", "20000", "--seed", "11"],
+        [sys.executable, "-X", "faulthandler", str(SCRIPT), "--inputs", "20000", "--seed", "11"],
         capture_output=True,
         timeout=540,
         check=False,

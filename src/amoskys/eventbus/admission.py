@@ -7,6 +7,7 @@ naming what failed; what passes is handed to the writer as `Checked`.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import NamedTuple
 
@@ -24,10 +25,13 @@ from amoskys.eventbus.store import AgentUpdate
 from amoskys.keys import Enrolment
 from amoskys.v1 import envelope_pb2, events_pb2
 
-__all__ = ["DRAINING_BACKOFF_MS", "Admission", "Checked"]
+__all__ = ["DRAINING_BACKOFF_MS", "Admission", "Checked", "LoopShare"]
 
 Status = envelope_pb2.PublishAck.Status
 DRAINING_BACKOFF_MS = 1000  # a restart takes about a second; come back then
+SHARE_MIN_BYTES = 1 << 20  # bytes a second below which an identity is never over its share (~10k events/s)
+SHARE_BACKOFF_MS = 200  # an identity over its share of a saturated event loop comes back after this
+MAX_HOLD_S = 1.0  # the longest an answer to an identity ignoring its backoff is held
 
 
 class Checked(NamedTuple):
@@ -37,6 +41,40 @@ class Checked(NamedTuple):
     rows: list[EventRow]
     agent: AgentUpdate
     digest: bytes
+
+
+class LoopShare:
+    """Bytes each identity sent the hub, decaying over about a second."""
+
+    def __init__(self, tau_s: float = 1.0) -> None:
+        self.tau_s = tau_s
+        self.rates: dict[str, tuple[float, float]] = {}  # identity -> (decayed bytes, when)
+        self.total, self.total_at = 0.0, time.monotonic()
+
+    def _decayed(self, value: float, since: float, now: float) -> float:
+        return value * math.exp(-(now - since) / self.tau_s)
+
+    def add(self, identity: str, size: int) -> None:
+        now = time.monotonic()
+        value, since = self.rates.get(identity, (0.0, now))
+        self.rates[identity] = (self._decayed(value, since, now) + size, now)
+        self.total, self.total_at = self._decayed(self.total, self.total_at, now) + size, now
+
+    def over(self, identity: str) -> bool:
+        """More than twice an even share of what all identities heard from lately sent, and a lot
+        (SHARE_MIN_BYTES a second): an ordinary agent is never held back, a flood is."""
+        if identity not in self.rates or len(self.rates) < 2:
+            return False
+        now = time.monotonic()
+        value, since = self.rates[identity]
+        mine = self._decayed(value, since, now)
+        even = self._decayed(self.total, self.total_at, now) / len(self.rates)
+        return mine > max(2 * even, SHARE_MIN_BYTES * self.tau_s)
+
+    def forget_quiet(self) -> None:
+        """Drop identities not heard from for a while (called about once a second)."""
+        now = time.monotonic()
+        self.rates = {k: (v, t) for k, (v, t) in self.rates.items() if now - t < 5 * self.tau_s}
 
 
 def _invalid(reason: str) -> Ack:
@@ -50,18 +88,31 @@ class Admission:
         self.ingest = ingest
         self.metrics = metrics
         self.draining = False
+        self.loop_busy = False  # set by the hub's loop watcher
+        self.share = LoopShare()
         self._retry_until: dict[str, float] = {}  # identity -> end of the backoff it was told to wait
 
     def check(self, raw: bytes, peer: Peer | None) -> Ack | Checked:
         """An immediate answer, or the checked envelope."""
-        early = self._still_backing_off(peer)
+        if peer is not None:
+            self.share.add(peer.cn, len(raw))  # what it asks of the hub, answered or not
+        early = self._still_backing_off(peer) or self._over_share(peer)
         if early is not None:
             return early
         checked = self._precheck(raw, peer)
-        if isinstance(checked, Ack) and checked.status == Status.RETRY and peer is not None and checked.backoff_ms:
+        if peer is not None and isinstance(checked, Ack) and checked.status == Status.RETRY and checked.backoff_ms:
             # A compliant agent waits at least half the backoff (its jitter is +-50 %).
             self._retry_until[peer.cn] = time.monotonic() + checked.backoff_ms / 2000
         return checked
+
+    def _over_share(self, peer: Peer | None) -> Ack | None:
+        """While the event loop is saturated, an identity that sends more than its share (bytes offered
+        over the last second or so) is answered RETRY unread, so others' envelopes get through."""
+        if peer is None or not self.loop_busy or not self.share.over(peer.cn):
+            return None
+        self.metrics.retries.labels("over_share").inc()
+        self._retry_until[peer.cn] = time.monotonic() + SHARE_BACKOFF_MS / 2000
+        return Ack(Status.RETRY, "over_share: the hub is busy; others first", SHARE_BACKOFF_MS)
 
     def _still_backing_off(self, peer: Peer | None) -> Ack | None:
         """RETRY, unread, for an identity that sends again before the backoff it was given: ignoring
@@ -73,7 +124,10 @@ class Admission:
             del self._retry_until[peer.cn]
             return None
         self.metrics.retries.labels("backing_off").inc()
-        return Ack(Status.RETRY, "backing_off: wait the backoff you were given", max(int(remaining * 2000), 1))
+        hold = min(remaining, MAX_HOLD_S)
+        return Ack(
+            Status.RETRY, "backing_off: wait the backoff you were given", max(int(remaining * 2000), 1), hold_s=hold
+        )
 
     def _precheck(self, raw: bytes, peer: Peer | None) -> Ack | Checked:
         parsed = self._parse(raw)

@@ -49,6 +49,7 @@ class Ack:
     backoff_ms: int = 0
     acked_seq: int = 0
     chain_id: bytes = b""
+    hold_s: float = 0.0  # answer only after this long (a sender that ignores its backoff is held, not served)
 
     def message(self) -> envelope_pb2.PublishAck:
         return envelope_pb2.PublishAck(

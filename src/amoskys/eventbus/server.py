@@ -38,6 +38,7 @@ Status = envelope_pb2.PublishAck.Status
 SERVICE_NAME = "amoskys.v1.EventBus"
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_PAGE = 1000
+LOOP_WATCH_S = 0.05
 REPLAY_PAGE = 1000
 
 
@@ -80,6 +81,8 @@ class Hub:
 
     async def _finish(self, started: float, outcome: Ack | asyncio.Future[Ack]) -> Ack:
         ack = outcome if isinstance(outcome, Ack) else await outcome
+        if ack.hold_s:
+            await asyncio.sleep(ack.hold_s)
         self._count(ack)
         if not isinstance(outcome, Ack):
             self.metrics.ack_latency.observe(time.perf_counter() - started)
@@ -300,6 +303,7 @@ class Hub:
             asyncio.create_task(self._maintain(), name="maintenance"),
             asyncio.create_task(self._checkpoints(), name="checkpoints"),
             asyncio.create_task(systemd.watchdog_loop(), name="watchdog"),
+            asyncio.create_task(self._watch_loop(), name="loop-watch"),
         ]
         systemd.notify("READY=1", f"STATUS=serving on port {self.port}")
         log.info(
@@ -338,6 +342,23 @@ class Hub:
             except Exception:
                 log.exception("retention pass failed")
             await asyncio.sleep(store_config.prune_interval_s)
+
+    async def _watch_loop(self) -> None:
+        """Is the event loop saturated? A timer that fires more than `loop_lag_ms` late says so; admission
+        then shares the loop among identities (README, fair admission) for the next second."""
+        period, busy_until = LOOP_WATCH_S, 0.0
+        limit = self.config.backpressure.loop_lag_ms / 1000
+        ticks = 0
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if now - started - period > limit:
+                busy_until = now + 1.0
+            self.admission.loop_busy = now < busy_until
+            ticks += 1
+            if ticks % int(1 / period) == 0:
+                self.admission.share.forget_quiet()
 
     async def _checkpoints(self) -> None:
         """Keep the WAL short without making any commit (and its acks) wait for a checkpoint."""
