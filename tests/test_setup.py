@@ -134,8 +134,9 @@ def shell_tools(text: str) -> set[str]:
 
 def yaml_command_tools(text: str) -> set[str]:
     """Molecule's create/destroy run host commands through ansible.builtin.command."""
-    commands = re.findall(r"ansible\.builtin\.(?:command|shell):\s*(?:>-?\s*)?\"?([^\n\"]+)", text)
-    return {c.split()[0] for c in commands if c.split() and not c.startswith("{{")}
+    commands = re.findall(r"ansible\.builtin\.(?:command|shell):[ \t]*(?:>-?\s*)?\"?([^\n\"]+)", text)
+    argvs = re.findall(r"^\s*argv:\s*\[\s*\"?([^\",\]]+)", text, re.MULTILINE)  # the argv: [cmd, ...] form
+    return {c.split()[0] for c in commands + argvs if c.split() and not c.startswith("{{")}
 
 
 def tools_in_repository() -> dict[str, set[str]]:
@@ -249,6 +250,10 @@ case "$st" in running|degraded) sleep 1;; esac
 """
     assert shell_tools(script) == {"conntrack", "grep", "arping", "cat", "socat", "ethtool", "dirname", "sleep"}
     assert yaml_command_tools('ansible.builtin.command: "{{ s }}/x.sh"\nansible.builtin.command: "mtr -r"') == {"mtr"}
+    argv_form = (
+        'ansible.builtin.command:\n  argv: ["{{ amoskys }}", pki]\nansible.builtin.command:\n  argv: [ethtool, -k]'
+    )
+    assert yaml_command_tools(argv_form) == {"ethtool"}
 
 
 def test_setup_host_refuses_an_unknown_target() -> None:
