@@ -61,15 +61,15 @@ class LoopShare:
         self.total, self.total_at = self._decayed(self.total, self.total_at, now) + size, now
 
     def over(self, identity: str) -> bool:
-        """More than twice an even share of what all identities heard from lately sent, and a lot
-        (SHARE_MIN_BYTES a second): an ordinary agent is never held back, a flood is."""
+        """More than an even share of what all identities heard from lately sent, and a lot (over
+        SHARE_MIN_BYTES a second): an ordinary agent is never held back, a flood is."""
         if identity not in self.rates or len(self.rates) < 2:
             return False
         now = time.monotonic()
         value, since = self.rates[identity]
         mine = self._decayed(value, since, now)
         even = self._decayed(self.total, self.total_at, now) / len(self.rates)
-        return mine > max(2 * even, SHARE_MIN_BYTES * self.tau_s)
+        return mine > max(even, SHARE_MIN_BYTES * self.tau_s)
 
     def forget_quiet(self) -> None:
         """Drop identities not heard from for a while (called about once a second)."""
@@ -94,8 +94,8 @@ class Admission:
 
     def check(self, raw: bytes, peer: Peer | None) -> Ack | Checked:
         """An immediate answer, or the checked envelope."""
-        if peer is not None:
-            self.share.add(peer.cn, len(raw))  # what it asks of the hub, answered or not
+        if peer is not None and len(raw) <= self.config.limits.max_envelope_bytes:
+            self.share.add(peer.cn, len(raw))  # what it asks the hub to read, answered or not (oversize is never read)
         early = self._still_backing_off(peer) or self._over_share(peer)
         if early is not None:
             return early
