@@ -7,14 +7,16 @@ which WAL lets run beside the writer. Another sink (e.g. NATS JetStream) impleme
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from amoskys.eventbus.rows import EventRow
 from amoskys.v1 import bus_pb2, events_pb2
@@ -27,7 +29,12 @@ __all__ = [
     "Store",
     "StoreFullError",
     "StoreUnavailableError",
+    "TextIndex",
 ]
+
+log = logging.getLogger(__name__)
+
+TextIndex = Literal["trigram", "none"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -79,6 +86,36 @@ CREATE TABLE IF NOT EXISTS agents (
     cert_not_after_ns INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 """
+
+# Text search index: every 3-character sequence of `events.text` (already lower-cased, so case_sensitive 1),
+# without positions (detail=none: half the size and twice the insert rate of detail=full); a needle
+# becomes the AND of its trigrams, and `instr` keeps the exact substring meaning on the rows found.
+# External content: the index keeps no copy of the text; the triggers keep it in each write's transaction.
+# FTS5 reads a text only up to a NUL, which is why `searchable_text` writes none.
+BUILD_TEXT_INDEX = """
+BEGIN IMMEDIATE;
+CREATE VIRTUAL TABLE events_fts USING fts5(
+    text, content='events', content_rowid='id', tokenize='trigram case_sensitive 1', detail=none, columnsize=0
+);
+CREATE TRIGGER events_fts_insert AFTER INSERT ON events WHEN new.text != '' BEGIN
+    INSERT INTO events_fts (rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER events_fts_delete AFTER DELETE ON events WHEN old.text != '' BEGIN
+    INSERT INTO events_fts (events_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+INSERT INTO events_fts (events_fts) VALUES ('rebuild');
+COMMIT;
+"""
+DROP_TEXT_INDEX = """
+BEGIN IMMEDIATE;
+DROP TRIGGER events_fts_insert;
+DROP TRIGGER events_fts_delete;
+DROP TABLE events_fts;
+COMMIT;
+"""
+TRIGRAM = 3
+MAX_NEEDLE_TRIGRAMS = 16  # a longer needle is narrowed by its first 16 distinct trigrams, then `instr`
+INDEX_PROBE = 5000  # more candidates than this: scan newest-first with `instr` (a common word fills a page fast)
 
 INSERT_EVENT = (
     "INSERT INTO events (ts_ns, received_ns, host, agent_id, agent, kind, severity, event_id, text, body) "
@@ -195,7 +232,7 @@ def _decode_token(token: str) -> tuple[int, int]:
 
 
 def _where(flt: bus_pb2.EventFilter) -> tuple[list[str], list[object]]:
-    """SQL conditions for a filter (all conjunctive)."""
+    """SQL conditions for a filter (all conjunctive); the text condition is a plain substring scan."""
     clauses: list[str] = []
     params: list[object] = []
     if flt.since_ns:
@@ -224,6 +261,14 @@ def _where(flt: bus_pb2.EventFilter) -> tuple[list[str], list[object]]:
     return clauses, params
 
 
+def _trigram_query(needle: str) -> str | None:
+    """An FTS5 query for rows holding every trigram of `needle` (None when the index cannot narrow it)."""
+    if len(needle) < TRIGRAM or "\0" in needle:  # FTS5 reads its query string up to the first NUL
+        return None
+    grams = dict.fromkeys(needle[i : i + TRIGRAM] for i in range(len(needle) - TRIGRAM + 1))
+    return " AND ".join('"' + gram.replace('"', '""') + '"' for gram in list(grams)[:MAX_NEEDLE_TRIGRAMS])
+
+
 def _stored(row: tuple[int, str, int, bytes]) -> bus_pb2.StoredEvent:
     return bus_pb2.StoredEvent(
         cursor=row[0], agent_id=row[1], received_ns=row[2], event=events_pb2.Event.FromString(row[3])
@@ -233,9 +278,10 @@ def _stored(row: tuple[int, str, int, bytes]) -> bus_pb2.StoredEvent:
 class SqliteStore:
     """The embedded store: one SQLite database in WAL mode."""
 
-    def __init__(self, path: Path, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, synchronous: str = "full", text_index: TextIndex = "trigram") -> None:
         self.path = path
         self.synchronous = synchronous
+        self.text_index = text_index
         path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect()
         self._writer.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run beside, not inside, commits
@@ -245,6 +291,22 @@ class SqliteStore:
         self._lock = threading.Lock()
         with self._writer:
             self._writer.executescript(SCHEMA)
+        self._apply_text_index()
+
+    def _apply_text_index(self) -> None:
+        """Build the text index once when it is wanted and missing (a store from before it); drop it when not."""
+        conn = self._writer
+        exists = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'events_fts'").fetchone() is not None
+        if exists == (self.text_index == "trigram"):
+            return
+        if exists:
+            conn.executescript(DROP_TEXT_INDEX)
+            log.info("text index dropped (store.text_index: none)", extra={"path": str(self.path)})
+            return
+        started = time.monotonic()
+        log.info("building the text index", extra={"path": str(self.path), "events": self.count_events()})
+        conn.executescript(BUILD_TEXT_INDEX)  # from the rows already stored (none in a new store)
+        log.info("text index built", extra={"path": str(self.path), "seconds": round(time.monotonic() - started, 1)})
 
     def _connect(self) -> sqlite3.Connection:
         fresh = not self.path.exists()
@@ -332,24 +394,40 @@ class SqliteStore:
 
     def query(self, flt: bus_pb2.EventFilter, page_size: int, page_token: str) -> tuple[list[bus_pb2.StoredEvent], str]:
         """Newest first, keyset-paged on (ts_ns, id)."""
-        clauses, params = _where(flt)
+        conn = self._reader()
+        clauses, params = self._filter(conn, flt)
         if page_token:
             ts_ns, cursor = _decode_token(page_token)
             clauses.append("(ts_ns < ? OR (ts_ns = ? AND id < ?))")
             params += [ts_ns, ts_ns, cursor]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT {EVENT_COLUMNS}, ts_ns FROM events {where} ORDER BY ts_ns DESC, id DESC LIMIT ?"  # noqa: S608
-        rows = self._reader().execute(sql, [*params, page_size + 1]).fetchall()
+        rows = conn.execute(sql, [*params, page_size + 1]).fetchall()
         events = [_stored(row[:4]) for row in rows[:page_size]]
         token = _encode_token(rows[page_size - 1][4], rows[page_size - 1][0]) if len(rows) > page_size else ""
         return events, token
 
     def after_cursor(self, cursor: int, flt: bus_pb2.EventFilter, limit: int) -> list[bus_pb2.StoredEvent]:
         """Stored events after `cursor` in store order (for Subscribe replay)."""
-        clauses, params = _where(flt)
+        conn = self._reader()
+        clauses, params = self._filter(conn, flt, after=cursor)
         clauses.append("id > ?")
         sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
-        return [_stored(row) for row in self._reader().execute(sql, [*params, cursor, limit])]
+        return [_stored(row) for row in conn.execute(sql, [*params, cursor, limit])]
+
+    def _filter(
+        self, conn: sqlite3.Connection, flt: bus_pb2.EventFilter, after: int = 0
+    ) -> tuple[list[str], list[object]]:
+        """`_where`, narrowed to the text index's candidates when the needle is rare enough for that to pay."""
+        clauses, params = _where(flt)
+        match = _trigram_query(flt.text.lower()) if flt.text and self.text_index == "trigram" else None
+        if match is None:
+            return clauses, params
+        probe = "SELECT count(*) FROM (SELECT rowid FROM events_fts WHERE events_fts MATCH ? AND rowid > ? LIMIT ?)"
+        if conn.execute(probe, (match, after, INDEX_PROBE)).fetchone()[0] >= INDEX_PROBE:
+            return clauses, params  # common: scanning in the query's order finds a page sooner
+        clauses.append("id IN (SELECT rowid FROM events_fts WHERE events_fts MATCH ? AND rowid > ?)")
+        return clauses, [*params, match, after]
 
     def first_cursor_since(self, since_ns: int) -> int:
         """The cursor just before the first event received at or after `since_ns`."""
