@@ -90,29 +90,22 @@ CREATE TABLE IF NOT EXISTS agents (
 # Text search index: every 3-character sequence of `events.text` (already lower-cased, so case_sensitive 1),
 # without positions (detail=none: half the size and twice the insert rate of detail=full); a needle
 # becomes the AND of its trigrams, and `instr` keeps the exact substring meaning on the rows found.
-# External content: the index keeps no copy of the text; the triggers keep it in each write's transaction.
+# External content: the index keeps no copy of the text. `commit` and `prune` update it with one
+# statement each in their own transaction (triggers would cost 6x: FTS5 writes its pending terms out
+# at every statement, and a trigger is one statement per row).
 # FTS5 reads a text only up to a NUL, which is why `searchable_text` writes none.
 BUILD_TEXT_INDEX = """
 BEGIN IMMEDIATE;
 CREATE VIRTUAL TABLE events_fts USING fts5(
     text, content='events', content_rowid='id', tokenize='trigram case_sensitive 1', detail=none, columnsize=0
 );
-CREATE TRIGGER events_fts_insert AFTER INSERT ON events WHEN new.text != '' BEGIN
-    INSERT INTO events_fts (rowid, text) VALUES (new.id, new.text);
-END;
-CREATE TRIGGER events_fts_delete AFTER DELETE ON events WHEN old.text != '' BEGIN
-    INSERT INTO events_fts (events_fts, rowid, text) VALUES ('delete', old.id, old.text);
-END;
 INSERT INTO events_fts (events_fts) VALUES ('rebuild');
 COMMIT;
 """
-DROP_TEXT_INDEX = """
-BEGIN IMMEDIATE;
-DROP TRIGGER events_fts_insert;
-DROP TRIGGER events_fts_delete;
-DROP TABLE events_fts;
-COMMIT;
-"""
+DROP_TEXT_INDEX = "DROP TABLE events_fts"
+INDEX_NEW_EVENTS = "INSERT INTO events_fts (rowid, text) SELECT id, text FROM events WHERE id > ? AND text != ''"
+PRUNE_OLD = "SELECT id FROM events WHERE received_ns < ? ORDER BY id LIMIT ?"
+PRUNE_OLDEST = "SELECT id FROM events ORDER BY id LIMIT ?"
 TRIGRAM = 3
 MAX_NEEDLE_TRIGRAMS = 16  # a longer needle is narrowed by its first 16 distinct trigrams, then `instr`
 INDEX_PROBE = 5000  # more candidates than this: scan newest-first with `instr` (a common word fills a page fast)
@@ -300,7 +293,7 @@ class SqliteStore:
         if exists == (self.text_index == "trigram"):
             return
         if exists:
-            conn.executescript(DROP_TEXT_INDEX)
+            conn.execute(DROP_TEXT_INDEX)
             log.info("text index dropped (store.text_index: none)", extra={"path": str(self.path)})
             return
         started = time.monotonic()
@@ -357,6 +350,7 @@ class SqliteStore:
     def commit(self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int) -> None:
         """Write envelopes, their events, chain heads and registry rows in one transaction."""
         with self._transaction() as conn:
+            last_before = self._last_id(conn)
             for item in accepted:
                 conn.executemany(INSERT_EVENT, _insert_params(item, now_ns))
                 item.first_cursor = self._first_cursor(conn, len(item.rows))
@@ -372,6 +366,19 @@ class SqliteStore:
                 "last_seq = excluded.last_seq, last_hash = excluded.last_hash",
                 [(agent, c.chain_id, c.last_seq, c.last_hash) for agent, c in chains.items()],
             )
+            if self.text_index == "trigram":
+                conn.execute(INDEX_NEW_EVENTS, (last_before,))
+
+    @staticmethod
+    def _last_id(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+
+    def _delete(self, conn: sqlite3.Connection, selection: str, params: tuple[int, ...]) -> int:
+        """Delete the events whose ids `selection` selects, first from the text index; return the count."""
+        if self.text_index == "trigram":
+            unindex = f"INSERT INTO events_fts (events_fts, rowid, text) SELECT 'delete', id, text FROM events WHERE id IN ({selection}) AND text != ''"  # noqa: E501, S608
+            conn.execute(unindex, params)
+        return conn.execute(f"DELETE FROM events WHERE id IN ({selection})", params).rowcount  # noqa: S608
 
     @staticmethod
     def _first_cursor(conn: sqlite3.Connection, count: int) -> int:
@@ -461,22 +468,15 @@ class SqliteStore:
         deleted = 0
         while True:
             with self._transaction() as conn:
-                cursor = conn.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE received_ns < ? ORDER BY id LIMIT ?)",
-                    (older_than_ns, PRUNE_CHUNK),
-                )
+                count = self._delete(conn, PRUNE_OLD, (older_than_ns, PRUNE_CHUNK))
                 conn.execute("DELETE FROM envelopes WHERE received_ns < ?", (older_than_ns,))
-            deleted += cursor.rowcount
-            if cursor.rowcount < PRUNE_CHUNK:
+            deleted += count
+            if count < PRUNE_CHUNK:
                 break
         while (used := self.size_bytes()) > max_bytes and (count := self.count_events()) > 0:
             excess_events = math.ceil((used - max_bytes) / max(used / count, 1)) + 1  # the oldest, about the excess
             with self._transaction() as conn:
-                cursor = conn.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)",
-                    (min(excess_events, PRUNE_CHUNK),),
-                )
-            deleted += cursor.rowcount
+                deleted += self._delete(conn, PRUNE_OLDEST, (min(excess_events, PRUNE_CHUNK),))
             self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if deleted:
             self._writer.execute("PRAGMA incremental_vacuum")
