@@ -109,7 +109,10 @@ def test_retention_keeps_the_text_index_right(tmp_path: Path) -> None:
     store.commit([AcceptedEnvelope("a", b"", 0, b"", old)], {}, now - 10 * 86400 * 10**9)
     store.commit([AcceptedEnvelope("a", b"", 0, b"", auth_rows(SSHD_LINES, now))], {}, now)
     fill(store, 4, 500, now)
-    assert store.prune(now - 86400 * 10**9, max_bytes=10**12) == 4
+    metrics = [to_row(e) for e in make_events(100, agent="host")]  # no searchable text: not in the index
+    assert {row.text for row in metrics} == {""}
+    store.commit([AcceptedEnvelope("h", b"", 0, b"", metrics)], {}, now - 10 * 86400 * 10**9)
+    assert store.prune(now - 86400 * 10**9, max_bytes=10**12) == 104
     check_text_index(store)
     assert texts(store, "ssh2 old") == []
     assert texts(store, "ailed pass") == sorted(SSHD_LINES[:2])
