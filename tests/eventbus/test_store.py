@@ -153,3 +153,17 @@ def test_text_index_none_drops_it_and_search_still_works(tmp_path: Path) -> None
     store = SqliteStore(path)  # and back: built from the rows stored meanwhile
     check_text_index(store)
     assert texts(store, "ailed pass") == sorted(SSHD_LINES[:2])
+
+
+def test_a_rare_needle_is_looked_up_by_id_whatever_the_other_filters(tmp_path: Path) -> None:
+    """With host and kind filters SQLite would rather scan their (column, time) index: the store forbids it."""
+    store = SqliteStore(tmp_path / "events.db")
+    store.commit([AcceptedEnvelope("a", b"", 0, b"", auth_rows(SSHD_LINES, time.time_ns()))], {}, time.time_ns())
+    flt = bus_pb2.EventFilter(since_ns=1, hosts=["web1"], kinds=["auth", "process"], text="ailed pass")
+    conn = sqlite3.connect(store.path)
+    source, clauses, params = store._filter(conn, flt)
+    sql = f"EXPLAIN QUERY PLAN SELECT id FROM {source} WHERE {' AND '.join(clauses)} ORDER BY ts_ns DESC"
+    plan = [row[3] for row in conn.execute(sql, params)]
+    assert plan[0] == "SEARCH events USING INTEGER PRIMARY KEY (rowid=?)", plan
+    assert texts(store, "ailed pass") == sorted(SSHD_LINES[:2])
+    conn.close()

@@ -402,13 +402,13 @@ class SqliteStore:
     def query(self, flt: bus_pb2.EventFilter, page_size: int, page_token: str) -> tuple[list[bus_pb2.StoredEvent], str]:
         """Newest first, keyset-paged on (ts_ns, id)."""
         conn = self._reader()
-        clauses, params = self._filter(conn, flt)
+        source, clauses, params = self._filter(conn, flt)
         if page_token:
             ts_ns, cursor = _decode_token(page_token)
             clauses.append("(ts_ns < ? OR (ts_ns = ? AND id < ?))")
             params += [ts_ns, ts_ns, cursor]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT {EVENT_COLUMNS}, ts_ns FROM events {where} ORDER BY ts_ns DESC, id DESC LIMIT ?"  # noqa: S608
+        sql = f"SELECT {EVENT_COLUMNS}, ts_ns FROM {source} {where} ORDER BY ts_ns DESC, id DESC LIMIT ?"  # noqa: S608
         rows = conn.execute(sql, [*params, page_size + 1]).fetchall()
         events = [_stored(row[:4]) for row in rows[:page_size]]
         token = _encode_token(rows[page_size - 1][4], rows[page_size - 1][0]) if len(rows) > page_size else ""
@@ -417,24 +417,28 @@ class SqliteStore:
     def after_cursor(self, cursor: int, flt: bus_pb2.EventFilter, limit: int) -> list[bus_pb2.StoredEvent]:
         """Stored events after `cursor` in store order (for Subscribe replay)."""
         conn = self._reader()
-        clauses, params = self._filter(conn, flt, after=cursor)
+        source, clauses, params = self._filter(conn, flt, after=cursor)
         clauses.append("id > ?")
-        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
+        sql = f"SELECT {EVENT_COLUMNS} FROM {source} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
         return [_stored(row) for row in conn.execute(sql, [*params, cursor, limit])]
 
     def _filter(
         self, conn: sqlite3.Connection, flt: bus_pb2.EventFilter, after: int = 0
-    ) -> tuple[list[str], list[object]]:
-        """`_where`, narrowed to the text index's candidates when the needle is rare enough for that to pay."""
+    ) -> tuple[str, list[str], list[object]]:
+        """The table and `_where`, narrowed to the text index's candidates when the needle is rare enough to pay.
+
+        Narrowed, the table is `events NOT INDEXED`: the candidates are looked up by id, never one of
+        the (kind, time) or (host, time) indexes scanned with the candidates as a mere check.
+        """
         clauses, params = _where(flt)
         match = _trigram_query(flt.text.lower()) if flt.text and self.text_index == "trigram" else None
         if match is None:
-            return clauses, params
+            return "events", clauses, params
         probe = "SELECT count(*) FROM (SELECT rowid FROM events_fts WHERE events_fts MATCH ? AND rowid > ? LIMIT ?)"
         if conn.execute(probe, (match, after, INDEX_PROBE)).fetchone()[0] >= INDEX_PROBE:
-            return clauses, params  # common: scanning in the query's order finds a page sooner
+            return "events", clauses, params  # common: scanning in the query's order finds a page sooner
         clauses.append("id IN (SELECT rowid FROM events_fts WHERE events_fts MATCH ? AND rowid > ?)")
-        return clauses, [*params, match, after]
+        return "events NOT INDEXED", clauses, [*params, match, after]
 
     def first_cursor_since(self, since_ns: int) -> int:
         """The cursor just before the first event received at or after `since_ns`."""
