@@ -233,7 +233,7 @@ def pages(hosts: int, requests: int) -> dict[str, list[str]]:
         "events_alerts": ["/events?kind=alert"] * requests,
         "api_fleet": ["/api/v1/fleet"] * requests,
         "events_text_1h": [f"/events?since=1h&text={NEEDLE}"] * max(requests // 10, 3),
-        "events_text_24h": [f"/events?since=24h&text={NEEDLE}"] * 2,
+        "events_text_24h": [f"/events?since=24h&text={NEEDLE}"] * max(requests // 10, 3),
     }
 
 

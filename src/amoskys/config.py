@@ -99,6 +99,7 @@ class StoreConfig(Section, frozen=True):
     prune_interval_s: Seconds = 60.0
     synchronous: Literal["full", "normal"] = "full"  # full: an acked event survives power loss too
     checkpoint_interval_s: Seconds = 1.0
+    text_index: Literal["trigram", "none"] = "trigram"  # none: text search scans, ingest is faster (BENCHMARKS.md)
 
 
 class LimitsConfig(Section, frozen=True):

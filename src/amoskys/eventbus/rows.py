@@ -76,7 +76,7 @@ def searchable_text(event: events_pb2.Event, kind: str) -> str:
     base = render(event) if render else ""
     if event.labels:
         base += " " + " ".join(f"{k}={v}" for k, v in event.labels.items())
-    return base.lower()
+    return base.lower().replace("\0", " ")  # the store's text index (FTS5) would stop reading at a NUL
 
 
 def to_row(event: events_pb2.Event) -> EventRow:

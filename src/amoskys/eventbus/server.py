@@ -49,7 +49,7 @@ class Hub:
         self.config = config
         self.metrics = BusMetrics()
         self.trust = TrustState(config)
-        self.store = SqliteStore(Path(config.store.path), config.store.synchronous)
+        self.store = SqliteStore(Path(config.store.path), config.store.synchronous, config.store.text_index)
         self.broker = Broker()
         self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish, self._fatal)
         self.health = health_aio.HealthServicer()

@@ -7,14 +7,16 @@ which WAL lets run beside the writer. Another sink (e.g. NATS JetStream) impleme
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from amoskys.eventbus.rows import EventRow
 from amoskys.v1 import bus_pb2, events_pb2
@@ -27,7 +29,12 @@ __all__ = [
     "Store",
     "StoreFullError",
     "StoreUnavailableError",
+    "TextIndex",
 ]
+
+log = logging.getLogger(__name__)
+
+TextIndex = Literal["trigram", "none"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -79,6 +86,29 @@ CREATE TABLE IF NOT EXISTS agents (
     cert_not_after_ns INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 """
+
+# Text search index: every 3-character sequence of `events.text` (already lower-cased, so case_sensitive 1),
+# without positions (detail=none: half the size and twice the insert rate of detail=full); a needle
+# becomes the AND of its trigrams, and `instr` keeps the exact substring meaning on the rows found.
+# External content: the index keeps no copy of the text. `commit` and `prune` update it with one
+# statement each in their own transaction (triggers would cost 6x: FTS5 writes its pending terms out
+# at every statement, and a trigger is one statement per row).
+# FTS5 reads a text only up to a NUL, which is why `searchable_text` writes none.
+BUILD_TEXT_INDEX = """
+BEGIN IMMEDIATE;
+CREATE VIRTUAL TABLE events_fts USING fts5(
+    text, content='events', content_rowid='id', tokenize='trigram case_sensitive 1', detail=none, columnsize=0
+);
+INSERT INTO events_fts (events_fts) VALUES ('rebuild');
+COMMIT;
+"""
+DROP_TEXT_INDEX = "DROP TABLE events_fts"
+INDEX_NEW_EVENTS = "INSERT INTO events_fts (rowid, text) SELECT id, text FROM events WHERE id > ? AND text != ''"
+PRUNE_OLD = "SELECT id FROM events WHERE received_ns < ? ORDER BY id LIMIT ?"
+PRUNE_OLDEST = "SELECT id FROM events ORDER BY id LIMIT ?"
+TRIGRAM = 3
+MAX_NEEDLE_TRIGRAMS = 16  # a longer needle is narrowed by its first 16 distinct trigrams, then `instr`
+INDEX_PROBE = 5000  # more candidates than this: scan newest-first with `instr` (a common word fills a page fast)
 
 INSERT_EVENT = (
     "INSERT INTO events (ts_ns, received_ns, host, agent_id, agent, kind, severity, event_id, text, body) "
@@ -195,7 +225,7 @@ def _decode_token(token: str) -> tuple[int, int]:
 
 
 def _where(flt: bus_pb2.EventFilter) -> tuple[list[str], list[object]]:
-    """SQL conditions for a filter (all conjunctive)."""
+    """SQL conditions for a filter (all conjunctive); the text condition is a plain substring scan."""
     clauses: list[str] = []
     params: list[object] = []
     if flt.since_ns:
@@ -224,6 +254,14 @@ def _where(flt: bus_pb2.EventFilter) -> tuple[list[str], list[object]]:
     return clauses, params
 
 
+def _trigram_query(needle: str) -> str | None:
+    """An FTS5 query for rows holding every trigram of `needle` (None when the index cannot narrow it)."""
+    if len(needle) < TRIGRAM or "\0" in needle:  # FTS5 reads its query string up to the first NUL
+        return None
+    grams = dict.fromkeys(needle[i : i + TRIGRAM] for i in range(len(needle) - TRIGRAM + 1))
+    return " AND ".join('"' + gram.replace('"', '""') + '"' for gram in list(grams)[:MAX_NEEDLE_TRIGRAMS])
+
+
 def _stored(row: tuple[int, str, int, bytes]) -> bus_pb2.StoredEvent:
     return bus_pb2.StoredEvent(
         cursor=row[0], agent_id=row[1], received_ns=row[2], event=events_pb2.Event.FromString(row[3])
@@ -233,9 +271,10 @@ def _stored(row: tuple[int, str, int, bytes]) -> bus_pb2.StoredEvent:
 class SqliteStore:
     """The embedded store: one SQLite database in WAL mode."""
 
-    def __init__(self, path: Path, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, synchronous: str = "full", text_index: TextIndex = "trigram") -> None:
         self.path = path
         self.synchronous = synchronous
+        self.text_index = text_index
         path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect()
         self._writer.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run beside, not inside, commits
@@ -245,6 +284,22 @@ class SqliteStore:
         self._lock = threading.Lock()
         with self._writer:
             self._writer.executescript(SCHEMA)
+        self._apply_text_index()
+
+    def _apply_text_index(self) -> None:
+        """Build the text index once when it is wanted and missing (a store from before it); drop it when not."""
+        conn = self._writer
+        exists = conn.execute("SELECT 1 FROM sqlite_schema WHERE name = 'events_fts'").fetchone() is not None
+        if exists == (self.text_index == "trigram"):
+            return
+        if exists:
+            conn.execute(DROP_TEXT_INDEX)
+            log.info("text index dropped (store.text_index: none)", extra={"path": str(self.path)})
+            return
+        started = time.monotonic()
+        log.info("building the text index", extra={"path": str(self.path), "events": self.count_events()})
+        conn.executescript(BUILD_TEXT_INDEX)  # from the rows already stored (none in a new store)
+        log.info("text index built", extra={"path": str(self.path), "seconds": round(time.monotonic() - started, 1)})
 
     def _connect(self) -> sqlite3.Connection:
         fresh = not self.path.exists()
@@ -295,6 +350,7 @@ class SqliteStore:
     def commit(self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int) -> None:
         """Write envelopes, their events, chain heads and registry rows in one transaction."""
         with self._transaction() as conn:
+            last_before = self._last_id(conn)
             for item in accepted:
                 conn.executemany(INSERT_EVENT, _insert_params(item, now_ns))
                 item.first_cursor = self._first_cursor(conn, len(item.rows))
@@ -310,6 +366,19 @@ class SqliteStore:
                 "last_seq = excluded.last_seq, last_hash = excluded.last_hash",
                 [(agent, c.chain_id, c.last_seq, c.last_hash) for agent, c in chains.items()],
             )
+            if self.text_index == "trigram":
+                conn.execute(INDEX_NEW_EVENTS, (last_before,))
+
+    @staticmethod
+    def _last_id(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+
+    def _delete(self, conn: sqlite3.Connection, selection: str, params: tuple[int, ...]) -> int:
+        """Delete the events whose ids `selection` selects, first from the text index; return the count."""
+        if self.text_index == "trigram":
+            unindex = f"INSERT INTO events_fts (events_fts, rowid, text) SELECT 'delete', id, text FROM events WHERE id IN ({selection}) AND text != ''"  # noqa: E501, S608
+            conn.execute(unindex, params)
+        return conn.execute(f"DELETE FROM events WHERE id IN ({selection})", params).rowcount  # noqa: S608
 
     @staticmethod
     def _first_cursor(conn: sqlite3.Connection, count: int) -> int:
@@ -332,24 +401,44 @@ class SqliteStore:
 
     def query(self, flt: bus_pb2.EventFilter, page_size: int, page_token: str) -> tuple[list[bus_pb2.StoredEvent], str]:
         """Newest first, keyset-paged on (ts_ns, id)."""
-        clauses, params = _where(flt)
+        conn = self._reader()
+        source, clauses, params = self._filter(conn, flt)
         if page_token:
             ts_ns, cursor = _decode_token(page_token)
             clauses.append("(ts_ns < ? OR (ts_ns = ? AND id < ?))")
             params += [ts_ns, ts_ns, cursor]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT {EVENT_COLUMNS}, ts_ns FROM events {where} ORDER BY ts_ns DESC, id DESC LIMIT ?"  # noqa: S608
-        rows = self._reader().execute(sql, [*params, page_size + 1]).fetchall()
+        sql = f"SELECT {EVENT_COLUMNS}, ts_ns FROM {source} {where} ORDER BY ts_ns DESC, id DESC LIMIT ?"  # noqa: S608
+        rows = conn.execute(sql, [*params, page_size + 1]).fetchall()
         events = [_stored(row[:4]) for row in rows[:page_size]]
         token = _encode_token(rows[page_size - 1][4], rows[page_size - 1][0]) if len(rows) > page_size else ""
         return events, token
 
     def after_cursor(self, cursor: int, flt: bus_pb2.EventFilter, limit: int) -> list[bus_pb2.StoredEvent]:
         """Stored events after `cursor` in store order (for Subscribe replay)."""
-        clauses, params = _where(flt)
+        conn = self._reader()
+        source, clauses, params = self._filter(conn, flt, after=cursor)
         clauses.append("id > ?")
-        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
-        return [_stored(row) for row in self._reader().execute(sql, [*params, cursor, limit])]
+        sql = f"SELECT {EVENT_COLUMNS} FROM {source} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
+        return [_stored(row) for row in conn.execute(sql, [*params, cursor, limit])]
+
+    def _filter(
+        self, conn: sqlite3.Connection, flt: bus_pb2.EventFilter, after: int = 0
+    ) -> tuple[str, list[str], list[object]]:
+        """The table and `_where`, narrowed to the text index's candidates when the needle is rare enough to pay.
+
+        Narrowed, the table is `events NOT INDEXED`: the candidates are looked up by id, never one of
+        the (kind, time) or (host, time) indexes scanned with the candidates as a mere check.
+        """
+        clauses, params = _where(flt)
+        match = _trigram_query(flt.text.lower()) if flt.text and self.text_index == "trigram" else None
+        if match is None:
+            return "events", clauses, params
+        probe = "SELECT count(*) FROM (SELECT rowid FROM events_fts WHERE events_fts MATCH ? AND rowid > ? LIMIT ?)"
+        if conn.execute(probe, (match, after, INDEX_PROBE)).fetchone()[0] >= INDEX_PROBE:
+            return "events", clauses, params  # common: scanning in the query's order finds a page sooner
+        clauses.append("id IN (SELECT rowid FROM events_fts WHERE events_fts MATCH ? AND rowid > ?)")
+        return "events NOT INDEXED", clauses, [*params, match, after]
 
     def first_cursor_since(self, since_ns: int) -> int:
         """The cursor just before the first event received at or after `since_ns`."""
@@ -383,22 +472,15 @@ class SqliteStore:
         deleted = 0
         while True:
             with self._transaction() as conn:
-                cursor = conn.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE received_ns < ? ORDER BY id LIMIT ?)",
-                    (older_than_ns, PRUNE_CHUNK),
-                )
+                count = self._delete(conn, PRUNE_OLD, (older_than_ns, PRUNE_CHUNK))
                 conn.execute("DELETE FROM envelopes WHERE received_ns < ?", (older_than_ns,))
-            deleted += cursor.rowcount
-            if cursor.rowcount < PRUNE_CHUNK:
+            deleted += count
+            if count < PRUNE_CHUNK:
                 break
         while (used := self.size_bytes()) > max_bytes and (count := self.count_events()) > 0:
             excess_events = math.ceil((used - max_bytes) / max(used / count, 1)) + 1  # the oldest, about the excess
             with self._transaction() as conn:
-                cursor = conn.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)",
-                    (min(excess_events, PRUNE_CHUNK),),
-                )
-            deleted += cursor.rowcount
+                deleted += self._delete(conn, PRUNE_OLDEST, (min(excess_events, PRUNE_CHUNK),))
             self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if deleted:
             self._writer.execute("PRAGMA incremental_vacuum")
