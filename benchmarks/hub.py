@@ -31,14 +31,13 @@ from amoskys import pki
 from amoskys.loadgen import ensure_identities
 
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "throughput": {"agents": 8, "batch": 500, "rate": 0, "duration": 60, "mode": "stream", "inflight": 8},
-    "latency": {"agents": 8, "batch": 10, "rate": 1000, "duration": 60, "mode": "stream", "inflight": 1},
+    "throughput": {"agents": 8, "batch": 500, "rate": 0, "duration": 60, "inflight": 8},
+    "latency": {"agents": 8, "batch": 10, "rate": 1000, "duration": 60, "inflight": 1},
     "connections": {
         "agents": 5000,
         "batch": 5,  # 1 event/s per agent, sent every 5 s (the agent runtime's linger)
         "rate": 5000,
         "duration": 60,
-        "mode": "stream",
         "inflight": 4,
         "processes": 2,
     },
