@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Hub benchmarks: throughput, ack latency, many connections. Prints one JSON object per scenario.
+"""Hub benchmarks: throughput, ack latency, many connections. One JSON object per run, then the medians.
 
     python benchmarks/hub.py --scenario throughput   # 8 agents, batches of 500, 60 s, streaming
-    python benchmarks/hub.py --scenario latency      # 1,000 events/s, unary, one event per envelope
+    python benchmarks/hub.py --scenario latency      # 1,000 events/s in batches of 10, one in flight
     python benchmarks/hub.py --scenario connections  # 5,000 agents at 1 event/s each
+    python benchmarks/hub.py --scenario throughput --runs 3 --duration 30 --processes 2
 
 The hub runs as its own process (`amoskys eventbus`) and the load generator as another
-(`amoskys loadgen`), both on this machine over loopback mTLS. Every figure is measured: events
-acked per second by the load generator, ack latency percentiles, hub CPU seconds and peak RSS
-from /proc, and the count of events in the store after the run.
+(`amoskys loadgen`: the agents' own publisher), both on this machine over loopback mTLS, a fresh
+hub and store for every run. Every figure is measured: events acked per second by the load
+generator, ack latency percentiles, hub CPU seconds and peak RSS from /proc, the count of events
+in the store after the run, and the machine's load average before and after (the figures depend
+on it: the hub and the load generator share the machine's cores with whatever else runs).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,14 +36,13 @@ from amoskys import pki
 from amoskys.loadgen import ensure_identities
 
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "throughput": {"agents": 8, "batch": 500, "rate": 0, "duration": 60, "mode": "stream", "inflight": 8},
-    "latency": {"agents": 8, "batch": 10, "rate": 1000, "duration": 60, "mode": "stream", "inflight": 1},
+    "throughput": {"agents": 8, "batch": 500, "rate": 0, "duration": 60, "inflight": 8},
+    "latency": {"agents": 8, "batch": 10, "rate": 1000, "duration": 60, "inflight": 1},
     "connections": {
         "agents": 5000,
         "batch": 5,  # 1 event/s per agent, sent every 5 s (the agent runtime's linger)
         "rate": 5000,
         "duration": 60,
-        "mode": "stream",
         "inflight": 4,
         "processes": 2,
     },
@@ -95,21 +99,26 @@ def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], in
     raise SystemExit(f"hub did not start: {(work / 'hub.log').read_text()}")
 
 
-def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:
+LOADGEN = [sys.executable, "-m", "amoskys", "loadgen"]
+
+
+def run_scenario(name: str, params: dict[str, Any], loadgen_command: list[str] = LOADGEN) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="amoskys-bench-") as tmp:
         work = Path(tmp)
         pki.init_ca(work / "ca")
         identities = work / "ids"
         ensure_identities(work / "ca", identities, params["agents"])
         hub, port, metrics_port = start_hub(work, identities)
+        load_before = os.getloadavg()
         try:
             before = proc_stats(hub.pid)
             started = time.monotonic()
             command = [
-                sys.executable, "-m", "amoskys", "loadgen", "--hub", f"127.0.0.1:{port}", "--server-name", "localhost",
+                *loadgen_command, "--hub", f"127.0.0.1:{port}", "--server-name", "localhost",
                 "--ca", str(work / "ca" / "ca.crt"), "--identities", str(identities),
                 *(f"--{key}={value}" for key, value in params.items()),
             ]  # fmt: skip
+            children_cpu = _children_cpu_s()
             loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
             peak_streams = 0
             while loadgen.poll() is None:
@@ -120,6 +129,7 @@ def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:
                 raise SystemExit(f"loadgen failed: {loadgen.returncode}")
             elapsed = time.monotonic() - started
             after = proc_stats(hub.pid)
+            loadgen_cpu = _children_cpu_s() - children_cpu
         finally:
             hub.terminate()
             hub.wait(60)
@@ -135,8 +145,38 @@ def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:
         "hub_peak_open_streams": peak_streams,
         "hub_cpu_percent_of_one_core": round(100 * (after["cpu_s"] - before["cpu_s"]) / elapsed, 1),
         "hub_peak_rss_mb": round(after["peak_rss_mb"], 1),
+        "loadgen_cpu_percent_of_one_core": round(100 * loadgen_cpu / elapsed, 1),
         "hub_rss_mb_at_end": round(after["rss_mb"], 1),
         "hub_exit_code": hub.returncode,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the children waited for so far (the hub is waited for only after the load generator)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each headline figure over the runs."""
+
+    def median(pick: Any) -> float:
+        return round(float(statistics.median(pick(run) for run in runs)), 3)
+
+    return {
+        "scenario": runs[0]["scenario"],
+        "runs": len(runs),
+        "median_events_per_s": median(lambda r: r["loadgen"]["events_per_s"]),
+        "median_ack_latency_ms": {
+            q: median(lambda r, q=q: r["loadgen"]["ack_latency_ms"][q]) for q in ("p50", "p95", "p99")
+        },
+        "median_hub_cpu_percent_of_one_core": median(lambda r: r["hub_cpu_percent_of_one_core"]),
+        "median_hub_peak_rss_mb": median(lambda r: r["hub_peak_rss_mb"]),
+        "median_loadgen_cpu_percent_of_one_core": median(lambda r: r["loadgen_cpu_percent_of_one_core"]),
+        "lost_acked_events": sum(r["lost_acked_events"] for r in runs),
+        "load_average_1min": [r["load_average_after"][0] for r in runs],
     }
 
 
@@ -144,13 +184,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     parser.add_argument("--duration", type=float, help="override every scenario's duration (s)")
+    parser.add_argument("--processes", type=int, help="override every scenario's load-generator processes")
+    parser.add_argument("--runs", type=int, default=3, help="runs per scenario (the medians follow them)")
     args = parser.parse_args()
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     for name in names:
         params = dict(SCENARIOS[name])
         if args.duration:
             params["duration"] = args.duration
-        print(json.dumps(run_scenario(name, params), indent=2), flush=True)
+        if args.processes:
+            params["processes"] = args.processes
+        runs = []
+        for _ in range(args.runs):
+            runs.append(run_scenario(name, params))
+            print(json.dumps(runs[-1], indent=2), flush=True)
+        print(json.dumps(medians(runs), indent=2), flush=True)
     return 0
 
 

@@ -1,8 +1,14 @@
 """Load generator and synthetic telemetry: N simulated agents publishing signed batches to a hub.
 
-Each simulated agent has its own client certificate, Ed25519 key and hash chain, exactly like a
-real agent, and honours RETRY the way the agent runtime does (wait backoff_ms, resend from the
-first unacknowledged envelope). The summary is one JSON object.
+Every simulated agent publishes through the agents' own `Publisher` (grpclib, one PublishStream,
+the runtime's handling of RETRY, INVALID and broken connections), with its own client
+certificate, Ed25519 signer (the agent's loader) and hash chain; many run on one event loop.
+What it publishes comes from `MemoryOutbox`, the publishing side of the agent's outbox kept in
+memory: sealing through the SQLite outbox (add, seal, ack) costs about eight times the CPU per
+envelope, which on a machine shared with the hub would measure the load generator instead of
+the hub (see BENCHMARKS.md). Envelopes are sealed as the runtime's batcher seals them: only while
+a stream is open and at most SEAL_AHEAD_WINDOWS windows ahead of the acks. The summary is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -19,17 +25,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import grpc
+from prometheus_client import Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from amoskys import keys, pki
-from amoskys.client import hub_channel, hub_stub
-from amoskys.config import TlsConfig
+from amoskys.agents.identity import Ed25519Signer, load_signer
+from amoskys.agents.metrics import AgentMetrics
+from amoskys.agents.outbox import SealedEnvelope
+from amoskys.agents.publisher import Publisher, wait_event
+from amoskys.agents.runtime import SEAL_AHEAD_WINDOWS
+from amoskys.config import AgentConfig, BatchConfig, TlsConfig
 from amoskys.envelope import ChainState, seal
 from amoskys.v1 import envelope_pb2, events_pb2
 
-__all__ = ["LoadOptions", "ensure_identities", "run_load"]
+__all__ = ["LoadOptions", "MemoryOutbox", "ensure_identities", "run_load"]
 
 Status = envelope_pb2.PublishAck.Status
+STATUS_NAMES = frozenset(Status.keys())
 HOSTS = ("web", "db", "cache", "edge", "build")
 COMMANDS = ("/usr/bin/bash", "/usr/sbin/sshd", "/usr/bin/python3", "/usr/bin/curl", "/usr/lib/systemd/systemd")
 
@@ -44,8 +56,7 @@ class LoadOptions:
     rate: float = 0.0  # total events/s; 0 = as fast as acks allow
     batch: int = 500
     duration: float = 10.0
-    mode: str = "stream"
-    inflight: int = 8
+    inflight: int = 8  # envelopes in flight per stream (the agent's batch.max_inflight)
     ack_log: Path | None = None
     drain_s: float = 30.0  # after the duration, how long to wait for outstanding acks
     processes: int = 1  # worker processes sharing the agents (one Python process tops out near one core)
@@ -53,10 +64,11 @@ class LoadOptions:
 
 @dataclass
 class Stats:
-    sent_envelopes: int = 0
-    sent_events: int = 0
+    """One process's totals, sent back to the parent (picklable)."""
+
+    sent_envelopes: int = 0  # handed to the stream, resends included
+    sent_events: int = 0  # sealed into new envelopes
     acked_events: int = 0
-    acked_envelopes: int = 0
     retried: int = 0
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -66,11 +78,42 @@ class Stats:
         self.sent_envelopes += other.sent_envelopes
         self.sent_events += other.sent_events
         self.acked_events += other.acked_events
-        self.acked_envelopes += other.acked_envelopes
         self.retried += other.retried
         self.rejected.update(other.rejected)
         self.errors.update(other.errors)
         self.latencies += other.latencies
+
+
+class RecordingHistogram(Histogram):
+    """The publisher's ack-latency histogram, also keeping every observation (for exact percentiles)."""
+
+    def __init__(self, sink: list[float]) -> None:
+        super().__init__("amoskys_loadgen_ack_latency_seconds", "From envelope sent to ack", registry=None)
+        self.sink = sink
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        self.sink.append(amount)
+        super().observe(amount, exemplar)
+
+
+class LoadMetrics(AgentMetrics):
+    """The agent metrics, one set shared by a process's simulated agents: its counters are the totals."""
+
+    def __init__(self) -> None:
+        super().__init__("proc")
+        self.latencies: list[float] = []
+        self.ack_latency = RecordingHistogram(self.latencies)
+
+
+def counts(metric: MetricWrapperBase) -> dict[str, int]:
+    """A counter's totals by its (single) label value; "" for an unlabelled counter."""
+    totals: dict[str, int] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                label = next(iter(sample.labels.values()), "")
+                totals[label] = totals.get(label, 0) + int(sample.value)
+    return totals
 
 
 def simulated_host(index: int) -> str:
@@ -124,166 +167,124 @@ def restamp(batch: events_pb2.EventBatch, prefix: str, start: int) -> events_pb2
     return batch
 
 
-class SimulatedAgent:
-    def __init__(self, index: int, options: LoadOptions, stats: Stats, ack_log: TextIO | None) -> None:
-        self.agent_id = agent_name(index)
-        self.host = simulated_host(index)
-        self.options = options
-        self.stats = stats
+class MemoryOutbox:
+    """The publishing side of the agent's outbox, in memory: sealed envelopes in chain order until acked.
+
+    It offers the publisher what `Outbox` does (`SealedQueue`): the chain, the envelopes after a
+    seq, acks, a chain restart (everything held re-sealed as seq 1, 2, ...) and dead letters.
+    """
+
+    def __init__(self, agent_id: str, signer: Ed25519Signer, ack_log: TextIO | None) -> None:
+        self.agent_id = agent_id
+        self.signer = signer
         self.ack_log = ack_log
-        directory = options.identities
-        self.tls = TlsConfig(
-            ca=str(options.ca),
-            cert=str(directory / f"{self.agent_id}.crt"),
-            key=str(directory / f"{self.agent_id}.key"),
-        )
-        self.signing_key = keys.load_signing_key(directory / f"{self.agent_id}.sign")
         self.chain = ChainState.fresh()
-        self.produced = 0
-        self.unacked: collections.deque[tuple[int, envelope_pb2.Envelope, int]] = collections.deque()
-        self.event_prefix = f"{self.agent_id}:{self.chain.chain_id.hex()[:12]}"  # unique per run
-        self.template = synthetic_events(self.event_prefix, self.host, 0, options.batch)
+        self.event_prefix = f"{agent_id}:{self.chain.chain_id.hex()[:12]}"  # event ids unique per run
+        self.held: collections.deque[tuple[SealedEnvelope, int]] = collections.deque()  # with its first event
+        self.sent_envelopes = 0
+        self.dead_letters = 0
 
-    def next_envelope(self) -> tuple[int, envelope_pb2.Envelope, int]:
-        count = self.options.batch
-        batch = restamp(self.template, self.event_prefix, self.produced)
-        first = self.produced
-        self.produced += count
-        envelope = seal(self.agent_id, batch, self.chain, self.signing_key, count)
-        item = (self.chain.last_seq, envelope, first)
-        self.unacked.append(item)
-        return item
+    def seal(self, batch: events_pb2.EventBatch | bytes, count: int, first: int) -> None:
+        """Seal the chain's next envelope: `count` events numbered from `first`."""
+        raw = seal(self.agent_id, batch, self.chain, self.signer, count).SerializeToString()
+        self.held.append((SealedEnvelope(self.chain.last_seq, self.chain.chain_id, raw, count), first))
 
-    def on_ok(self, seq: int) -> None:
-        while self.unacked and self.unacked[0][0] <= seq:
-            done_seq, _, first = self.unacked.popleft()
-            self.stats.acked_events += self.options.batch
-            self.stats.acked_envelopes += 1
+    def unacked(self, after_seq: int = 0, limit: int = 64) -> list[SealedEnvelope]:
+        envelopes = [envelope for envelope, _ in self.held if envelope.seq > after_seq][:limit]
+        self.sent_envelopes += len(envelopes)  # the publisher sends what it asks for
+        return envelopes
+
+    def ack(self, seq: int, chain_id: bytes) -> int:
+        if chain_id != self.chain.chain_id:
+            return 0
+        events = 0
+        while self.held and self.held[0][0].seq <= seq:
+            envelope, first = self.held.popleft()
+            events += envelope.events
             if self.ack_log is not None:
-                self.ack_log.write(f"{self.event_prefix} {done_seq} {first} {self.options.batch}\n")
+                self.ack_log.write(f"{self.event_prefix} {envelope.seq} {first} {envelope.events}\n")
+        return events
+
+    def restart_chain(self) -> None:
+        held, self.held = list(self.held), collections.deque()
+        self.chain = ChainState.fresh()
+        for envelope, first in held:
+            self.seal(envelope_pb2.Envelope.FromString(envelope.raw).payload, envelope.events, first)
+
+    def dead_letter(self, seq: int, reason: str) -> None:
+        self.held = collections.deque(item for item in self.held if item[0].seq != seq)
+        self.dead_letters += 1
+        self.restart_chain()
+
+
+class SimulatedAgent:
+    """One agent: events collected at its share of the rate (or as fast as acks allow), sealed into
+    the MemoryOutbox as the runtime's batcher would, published by its own `Publisher`."""
+
+    def __init__(self, index: int, options: LoadOptions, metrics: AgentMetrics, ack_log: TextIO | None) -> None:
+        self.options = options
+        self.agent_id = agent_name(index)
+        directory = options.identities
+        tls = TlsConfig(
+            ca=str(options.ca), cert=str(directory / f"{self.agent_id}.crt"),
+            key=str(directory / f"{self.agent_id}.key"),
+        )  # fmt: skip
+        config = AgentConfig(
+            agent_id=self.agent_id, host=simulated_host(index), hub=options.hub, hub_server_name=options.server_name,
+            tls=tls, batch=BatchConfig(max_events=options.batch, max_inflight=options.inflight),
+        )  # fmt: skip
+        self.outbox = MemoryOutbox(self.agent_id, load_signer(directory / f"{self.agent_id}.sign"), ack_log)
+        self.template = synthetic_events(self.outbox.event_prefix, simulated_host(index), 0, options.batch)
+        self.ready = asyncio.Event()  # an ack or an idle stream: the batcher may seal again
+        self.wake = asyncio.Event()  # set on sealing: the publisher sends at once
+        self.publisher = Publisher(self.outbox, config, metrics, self.wake, self.ready.set, self.ready.set)
+        self.collected = 0  # events produced (by the rate) so far
+        self.sealed_events = 0
 
     async def run(self, deadline: float) -> None:
-        interval = self.options.batch * self.options.agents / self.options.rate if self.options.rate else 0.0
+        """Publish until the deadline, then until everything sealed is acked or drain_s has passed."""
+        options = self.options
+        interval = options.batch * options.agents / options.rate if options.rate else 0.0
         await asyncio.sleep(random.random() * interval)  # noqa: S311 - spread the agents' phases
+        publisher = asyncio.create_task(self.publisher.run())
         try:
-            async with hub_channel(self.options.hub, self.tls, self.options.server_name) as channel:
-                stub = hub_stub(channel)
-                if self.options.mode == "unary":
-                    await self._unary(stub, deadline, interval)
-                else:
-                    await self._stream(stub, deadline, interval)
-        except grpc.aio.AioRpcError as exc:
-            self.stats.errors[f"{exc.code().name}: {exc.details()}"[:120]] += 1
-
-    async def _unary(self, stub: Any, deadline: float, interval: float) -> None:
-        next_at = time.monotonic()
-        while time.monotonic() < deadline:
-            seq, envelope, _ = self.unacked[0] if self.unacked else self.next_envelope()
-            sent = time.perf_counter()
-            self.stats.sent_envelopes += 1
-            self.stats.sent_events += self.options.batch
-            ack = await stub.Publish(envelope, timeout=30)
-            if not await self._handle(ack, seq, sent):
-                continue
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-
-    async def _handle(self, ack: envelope_pb2.PublishAck, seq: int, sent: float) -> bool:
-        """True when the envelope is done with (acked or rejected for good)."""
-        if ack.status == Status.OK:
-            self.stats.latencies.append(time.perf_counter() - sent)
-            self.on_ok(seq)
-            return True
-        if ack.status == Status.RETRY:
-            self.stats.retried += 1
-            await asyncio.sleep(ack.backoff_ms / 1000 * (0.5 + random.random()))  # noqa: S311 - jitter
-            return False
-        self.stats.rejected[envelope_pb2.PublishAck.Status.Name(ack.status)] += 1
-        self.unacked.popleft()
-        return True
-
-    async def _stream(self, stub: Any, deadline: float, interval: float) -> None:
-        await _StreamSession(self, self.options.inflight).run(stub, deadline, interval)
-
-
-class _StreamSession:
-    """One PublishStream: a window of envelopes in flight, acks in order, rewind on RETRY."""
-
-    def __init__(self, agent: SimulatedAgent, inflight: int) -> None:
-        self.agent = agent
-        self.outbox: asyncio.Queue[envelope_pb2.Envelope | None] = asyncio.Queue()
-        self.window = asyncio.Semaphore(inflight)
-        self.sent: collections.deque[tuple[int, float, int]] = collections.deque()  # seq, time, epoch
-        self.epoch = 0
-        self.resend = asyncio.Event()
-
-    async def _requests(self) -> Any:
-        while (envelope := await self.outbox.get()) is not None:
-            yield envelope
-
-    async def _send(self, seq: int, envelope: envelope_pb2.Envelope) -> None:
-        self.sent.append((seq, time.perf_counter(), self.epoch))
-        self.agent.stats.sent_envelopes += 1
-        await self.outbox.put(envelope)
-
-    async def _produce(self, deadline: float, interval: float) -> None:
-        """New envelopes until the deadline, then only resends until all are acked (or drain_s passes)."""
-        next_at = time.monotonic()
-        give_up = deadline + self.agent.options.drain_s
-        while time.monotonic() < give_up and (time.monotonic() < deadline or self.agent.unacked):
-            await self.window.acquire()
-            if self.resend.is_set():
-                await self._resend_unacked()
-            elif time.monotonic() < deadline:
-                seq, envelope, _ = self.agent.next_envelope()
-                self.agent.stats.sent_events += self.agent.options.batch
-                await self._send(seq, envelope)
-                if interval:
-                    next_at += interval
-                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            else:
-                self.window.release()
-                await asyncio.sleep(0.01)
-        await self.outbox.put(None)
-
-    async def _resend_unacked(self) -> None:
-        """Resend every unacked envelope in order; the caller holds one window slot."""
-        self.resend.clear()
-        pending = list(self.agent.unacked)
-        for index, (seq, envelope, _) in enumerate(pending):
-            if index:
-                await self.window.acquire()
-            await self._send(seq, envelope)
-        if not pending:
-            self.window.release()
-
-    async def _on_ack(self, ack: envelope_pb2.PublishAck) -> None:
-        stats = self.agent.stats
-        seq, started, sent_epoch = self.sent.popleft()
-        self.window.release()
-        if ack.status == Status.OK:
-            stats.latencies.append(time.perf_counter() - started)
-            self.agent.on_ok(seq)
-        elif ack.status == Status.RETRY:
-            stats.retried += 1
-            if sent_epoch == self.epoch:  # the first RETRY of this wave rewinds; the rest follow it
-                self.epoch += 1
-                delay = ack.backoff_ms / 1000 * (0.5 + random.random())  # noqa: S311 - jitter
-                asyncio.get_running_loop().call_later(delay, self.resend.set)
-        else:
-            stats.rejected[Status.Name(ack.status)] += 1
-            if self.agent.unacked and self.agent.unacked[0][0] == seq:
-                self.agent.unacked.popleft()
-
-    async def run(self, stub: Any, deadline: float, interval: float) -> None:
-        call = stub.PublishStream(self._requests())
-        producer = asyncio.create_task(self._produce(deadline, interval))
-        try:
-            async for ack in call:
-                await self._on_ack(ack)
+            await self._collect(deadline, interval)
+            give_up = deadline + options.drain_s
+            while (self.collected > self.sealed_events or self.outbox.held) and time.monotonic() < give_up:
+                await self._seal_then_wait(min(1.0, give_up - time.monotonic()))
         finally:
-            producer.cancel()
-            self.outbox.put_nowait(None)  # let gRPC's request consumer finish instead of being destroyed
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+
+    async def _collect(self, deadline: float, interval: float) -> None:
+        next_at = time.monotonic()
+        while (now := time.monotonic()) < deadline:
+            if not interval:  # as fast as acks allow: a full batch is always waiting
+                self.collected = self.sealed_events + self.options.batch
+            while interval and now >= next_at:
+                self.collected += self.options.batch
+                next_at += interval
+            await self._seal_then_wait(min(next_at, deadline) - now if interval else deadline - now)
+        if not interval:
+            self.collected = self.sealed_events
+
+    async def _seal_then_wait(self, timeout: float) -> None:
+        self.ready.clear()
+        self._seal_what_may()
+        await wait_event(self.ready, max(0.0, timeout))
+
+    def _seal_what_may(self) -> None:
+        """Seal full batches while the runtime's batcher would (see `_may_seal`)."""
+        batch = self.options.batch
+        while self.collected - self.sealed_events >= batch and self._may_seal():
+            events = restamp(self.template, self.outbox.event_prefix, self.sealed_events)
+            self.outbox.seal(events, batch, self.sealed_events)
+            self.sealed_events += batch
+            self.wake.set()
+
+    def _may_seal(self) -> bool:
+        """A stream is open and fewer than SEAL_AHEAD_WINDOWS windows of envelopes wait for acks."""
+        return self.publisher.streaming and len(self.outbox.held) < SEAL_AHEAD_WINDOWS * self.options.inflight
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -295,16 +296,32 @@ def _percentile(values: list[float], q: float) -> float:
 
 async def run_agents(options: LoadOptions, indices: range) -> tuple[Stats, float]:
     """Run the simulated agents `indices` until the duration (plus drain) is over."""
-    stats = Stats()
+    metrics = LoadMetrics()
     ack_log = options.ack_log.open("a", buffering=1) if options.ack_log else None
     try:
-        agents = [SimulatedAgent(i, options, stats, ack_log) for i in indices]
+        agents = [SimulatedAgent(i, options, metrics, ack_log) for i in indices]
         started = time.monotonic()
         await asyncio.gather(*(agent.run(started + options.duration) for agent in agents))
-        return stats, time.monotonic() - started
+        return _stats(agents, metrics), time.monotonic() - started
     finally:
         if ack_log:
             ack_log.close()
+
+
+def _stats(agents: list[SimulatedAgent], metrics: LoadMetrics) -> Stats:
+    """Totals from the agents' metrics: errors by gRPC code; refusals (INVALID, UNAUTHORIZED) by status."""
+    failures = counts(metrics.publish_errors)
+    refused = {name: failures.pop(name) for name in list(failures) if name in STATUS_NAMES}
+    dead_letters = sum(agent.outbox.dead_letters for agent in agents)
+    return Stats(
+        sent_envelopes=sum(agent.outbox.sent_envelopes for agent in agents),
+        sent_events=sum(agent.sealed_events for agent in agents),
+        acked_events=sum(counts(metrics.events_acked).values()),
+        retried=sum(counts(metrics.retries).values()),
+        rejected=collections.Counter(refused, **({"INVALID": dead_letters} if dead_letters else {})),
+        errors=collections.Counter(failures),
+        latencies=metrics.latencies,
+    )
 
 
 def _shard(options: LoadOptions, shard: int) -> tuple[Stats, float]:
@@ -334,7 +351,6 @@ def _summary(options: LoadOptions, stats: Stats, elapsed: float) -> dict[str, An
     return {
         "agents": options.agents,
         "processes": options.processes,
-        "mode": options.mode,
         "batch": options.batch,
         "duration_s": round(elapsed, 2),
         "sent_envelopes": stats.sent_envelopes,

@@ -28,7 +28,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from grpclib.client import Channel, Stream
 from grpclib.config import Configuration
@@ -38,11 +38,12 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from amoskys.agents.identity import client_tls_context
 from amoskys.agents.metrics import AgentMetrics
-from amoskys.agents.outbox import Outbox, OutboxError, SealedEnvelope
+from amoskys.agents.outbox import OutboxError, SealedEnvelope
 from amoskys.config import AgentConfig, TlsConfig, parse_address
+from amoskys.envelope import ChainState
 from amoskys.v1 import envelope_pb2
 
-__all__ = ["Backoff", "Publisher", "agent_channel", "wait_event"]
+__all__ = ["Backoff", "Publisher", "SealedQueue", "agent_channel", "wait_event"]
 
 log = logging.getLogger(__name__)
 Status = envelope_pb2.PublishAck.Status
@@ -171,9 +172,20 @@ def failure_code(exc: BaseException) -> str:
     return "UNAVAILABLE"
 
 
+class SealedQueue(Protocol):
+    """What the publisher needs of an outbox: the agent's `Outbox`, or the load generator's in-memory one."""
+
+    chain: ChainState
+
+    def unacked(self, after_seq: int = 0, limit: int = 64) -> list[SealedEnvelope]: ...
+    def ack(self, seq: int, chain_id: bytes) -> int: ...
+    def restart_chain(self) -> None: ...
+    def dead_letter(self, seq: int, reason: str) -> None: ...
+
+
 class Publisher:
     def __init__(
-        self, outbox: Outbox, config: AgentConfig, metrics: AgentMetrics, wake: asyncio.Event,
+        self, outbox: SealedQueue, config: AgentConfig, metrics: AgentMetrics, wake: asyncio.Event,
         on_acked: Callable[[], None] | None = None, on_idle: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self.outbox = outbox

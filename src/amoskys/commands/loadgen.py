@@ -24,8 +24,7 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="total events/s (0: as fast as acks allow)")
     parser.add_argument("--batch", type=int, default=500, help="events per envelope")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
-    parser.add_argument("--mode", choices=["stream", "unary"], default="stream")
-    parser.add_argument("--inflight", type=int, default=8, help="envelopes in flight per stream")
+    parser.add_argument("--inflight", type=int, default=8, help="envelopes in flight per stream (batch.max_inflight)")
     parser.add_argument("--processes", type=int, default=1, help="worker processes sharing the agents")
     parser.add_argument("--ack-log", type=Path, help="append 'agent:chain seq first count' per acked envelope")
     parser.set_defaults(func=run)
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     options = LoadOptions(
         hub=args.hub, server_name=args.server_name, ca=args.ca, identities=args.identities, agents=args.agents,
-        rate=args.rate, batch=args.batch, duration=args.duration, mode=args.mode, inflight=args.inflight,
+        rate=args.rate, batch=args.batch, duration=args.duration, inflight=args.inflight,
         ack_log=args.ack_log, processes=args.processes,
     )  # fmt: skip
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
