@@ -47,6 +47,7 @@ def write_agent_config(work: Path, kind: str, hub_port: int, **extra: Any) -> Pa
     (work / "ids" / "trust" / f"{agent_id}.pub").write_text(pub + "\n")
     config = {
         "agent_id": agent_id,
+        "host": "bench",  # the host `bench-KIND` is enrolled for (the hub refuses events of any other)
         "hub": f"127.0.0.1:{hub_port}",
         "hub_server_name": "localhost",
         "tls": {"ca": str(work / "ca" / "ca.crt"), "cert": str(cert), "key": str(key)},
