@@ -112,7 +112,8 @@ class Hub:
                 async for raw in _idle_limited(requests, self.config.limits.stream_idle_s):
                     await pending.put((time.perf_counter(), self._begin(raw, peer)))
             except TimeoutError:
-                handle.end(f"idle: no envelope for {self.config.limits.stream_idle_s:g} s")
+                reason = f"idle: no envelope for {self.config.limits.stream_idle_s:g} s"
+                handle.end(reason, grpc.StatusCode.UNAVAILABLE)
             finally:
                 await pending.put(None)
 
@@ -124,7 +125,7 @@ class Hub:
                 yield (await self._finish(*item)).message().SerializeToString()
             await asyncio.gather(reader, return_exceptions=True)
             if handle.reason:
-                await context.abort(_ending_code(handle.reason), handle.reason)
+                await context.abort(handle.code, handle.reason)
         finally:
             self.metrics.streams.dec()
             self.streams.close(handle)
@@ -179,7 +180,7 @@ class Hub:
             while True:
                 stored = await sub.queue.get()
                 if handle.reason:
-                    await context.abort(_ending_code(handle.reason), handle.reason)
+                    await context.abort(handle.code, handle.reason)
                 if stored is OVERFLOW:
                     await self._cut(context, sent)
                 if stored.cursor > sent.cursor:
@@ -192,7 +193,7 @@ class Hub:
     async def _send(self, context: Context, stored: bus_pb2.StoredEvent, sent: _Sent, handle: StreamHandle) -> None:
         """One write, within `write_timeout_s`: a consumer that stops reading is cut, never waited for."""
         if handle.reason:
-            await context.abort(_ending_code(handle.reason), handle.reason)
+            await context.abort(handle.code, handle.reason)
         try:
             await asyncio.wait_for(context.write(stored), self.config.limits.write_timeout_s)
         except TimeoutError:
@@ -446,10 +447,6 @@ def _wake(sub: Subscriber) -> None:
     """Get a subscriber's handler to look at its stream's handle (it is waiting on its queue)."""
     if not sub.queue.full():
         sub.queue.put_nowait(OVERFLOW)
-
-
-def _ending_code(reason: str) -> grpc.StatusCode:
-    return grpc.StatusCode.UNAUTHENTICATED if reason.startswith("peer:") else grpc.StatusCode.UNAVAILABLE
 
 
 async def _idle_limited(requests: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import grpc
+
 from amoskys.eventbus.auth import Peer
 
 __all__ = ["OpenStreams", "StreamHandle"]
@@ -17,10 +19,11 @@ class StreamHandle:
     peer: Peer
     wake: Callable[[], object] = field(default=lambda: None)
     reason: str = ""
+    code: grpc.StatusCode = grpc.StatusCode.OK  # the status the handler ends the stream with
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, code: grpc.StatusCode) -> None:
         if not self.reason:
-            self.reason = reason
+            self.reason, self.code = reason, code
             self.wake()
 
 
@@ -52,6 +55,6 @@ class OpenStreams:
             for handle in list(handles):
                 reason = refusal(handle.peer)
                 if reason is not None:
-                    handle.end(reason)
+                    handle.end(reason, grpc.StatusCode.UNAUTHENTICATED)
                     ended += 1
         return ended
