@@ -27,7 +27,11 @@ MiB = 1 << 20
 FILLER = b"a" * MiB
 ABUSE_BYTES = 32 * MiB  # what the issue sent: the UI grew from 72 MB to 204-280 MB and kept it
 RSS_GROWTH_LIMIT = 30 * MiB
-LOGGED_IN_P95_S = 2.0  # generous for a shared 2-core machine (0.17-1.1 s measured at load 8-13; main: 12 s)
+# Main made every logged-in page wait ~12 s behind the guessers' scrypt. With cheroot's listen backlog of 5 the
+# guessers' connections also made the kernel drop a user's SYN (p95 1.06 s quiet, 2.03 s once in CI); with 1024:
+# median 0.07-0.12 s, p95 0.12-0.36 s. The bounds leave room for a loaded 2-core machine.
+LOGGED_IN_MEDIAN_S = 1.0
+LOGGED_IN_P95_S = 5.0
 OVERSIZED = {
     "request line": (b"GET /events?text=", 414),
     "one header": (b"GET / HTTP/1.1\r\nHost: ui\r\nX-Filler: ", 413),
@@ -157,10 +161,10 @@ def test_password_guessing_is_limited_per_address_and_spares_logged_in_users(ui:
         other_guess = status_after_busy(ui.port, "wrong", "127.0.0.3")
         answers = flood.get(seconds + 60)
     elapsed = time.monotonic() - started
-    p95 = statistics.quantiles(latencies, n=20)[-1]
-    print(f"logged-in p95 {p95:.3f} s over {len(latencies)} pages; guessers {dict(answers)}")
-    assert p95 < LOGGED_IN_P95_S, (
-        f"logged-in p95 {p95:.3f} s of {len(latencies)} during the flood; {answers} in {elapsed:.1f} s"
+    median, p95 = statistics.median(latencies), statistics.quantiles(latencies, n=20)[-1]
+    print(f"logged-in median {median:.3f} s, p95 {p95:.3f} s over {len(latencies)} pages; guessers {dict(answers)}")
+    assert median < LOGGED_IN_MEDIAN_S and p95 < LOGGED_IN_P95_S, (
+        f"logged-in median {median:.3f} s, p95 {p95:.3f} s of {len(latencies)} during the flood; {answers} in {elapsed:.1f} s"
     )
     assert (other_address, other_guess) == (200, 401)  # the limit is per address
     assert answers[429] > 100, answers

@@ -93,11 +93,18 @@ def _tls_adapter(config: UiConfig) -> BuiltinSSLAdapter:
     return adapter
 
 
+# cheroot's default listen backlog is 5: a burst of connections (a password guesser's) filled it, the kernel
+# dropped the next SYNs and a logged-in user's page waited for the 1 s SYN retransmission.
+LISTEN_BACKLOG = 1024
+
+
 def build_server(config: UiConfig, app: Any) -> wsgi.Server:
     """A cheroot server for `app` on config.listen (port 0 picks a free port: see bound_port)."""
     check_exposure(config)
     host, port = parse_address(config.listen)
-    server = wsgi.Server((host, port), app, numthreads=config.threads, server_name="amoskys-ui")
+    server = wsgi.Server(
+        (host, port), app, numthreads=config.threads, server_name="amoskys-ui", request_queue_size=LISTEN_BACKLOG
+    )
     server.max_request_header_size = MAX_HEADER_BYTES
     server.max_request_body_size = MAX_BODY_BYTES
     if config.server_tls:
