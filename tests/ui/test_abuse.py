@@ -164,7 +164,8 @@ def test_password_guessing_is_limited_per_address_and_spares_logged_in_users(ui:
     median, p95 = statistics.median(latencies), statistics.quantiles(latencies, n=20)[-1]
     print(f"logged-in median {median:.3f} s, p95 {p95:.3f} s over {len(latencies)} pages; guessers {dict(answers)}")
     assert median < LOGGED_IN_MEDIAN_S and p95 < LOGGED_IN_P95_S, (
-        f"logged-in median {median:.3f} s, p95 {p95:.3f} s of {len(latencies)} during the flood; {answers} in {elapsed:.1f} s"
+        f"logged-in median {median:.3f} s, p95 {p95:.3f} s of {len(latencies)} during the flood; "
+        f"{answers} in {elapsed:.1f} s"
     )
     assert (other_address, other_guess) == (200, 401)  # the limit is per address
     assert answers[429] > 100, answers
