@@ -43,8 +43,8 @@ def smaps_rollup(pid: int) -> dict[str, float]:
 
 
 def child(stack: str, hub: str, identities: Path, agent_id: str, state: Path) -> None:
-    from amoskys.agents.identity import load_signer
-    from amoskys.agents.outbox import Outbox
+    from amoskys.agents.runtime.identity import load_signer
+    from amoskys.agents.runtime.outbox import Outbox
     from amoskys.config import OutboxConfig
 
     outbox = Outbox(state / "outbox.db", OutboxConfig(), agent_id, load_signer(identities / f"{agent_id}.sign"))
@@ -77,8 +77,8 @@ def announce(outbox: Any) -> bool:
 
 
 async def grpclib_child(outbox: Any, hub: str, files: dict[str, Path], host: str) -> None:
-    from amoskys.agents.metrics import AgentMetrics
-    from amoskys.agents.publisher import Publisher
+    from amoskys.agents.runtime.metrics import AgentMetrics
+    from amoskys.agents.runtime.publisher import Publisher
     from amoskys.config import AgentConfig, TlsConfig
 
     tls = TlsConfig(ca=str(files["ca"]), cert=str(files["crt"]), key=str(files["key"]))

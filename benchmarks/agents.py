@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from amoskys import keys, pki
-from amoskys.agents.outbox import Outbox
+from amoskys.agents.runtime.outbox import Outbox
 from amoskys.config import OutboxConfig
 from amoskys.loadgen import restamp, synthetic_events
 

@@ -40,8 +40,8 @@ from typing import Any
 import msgspec
 
 from amoskys import pki
-from amoskys.agents.flow import FlowAgent
-from amoskys.agents.packets import PcapReader, parse_frame
+from amoskys.agents.flow.agent import FlowAgent
+from amoskys.agents.flow.packets import PcapReader, parse_frame
 from amoskys.config import AgentConfig, FlowConfig
 
 sys.path.insert(0, str(Path(__file__).parent))

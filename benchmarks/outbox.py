@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from amoskys import keys
-from amoskys.agents.outbox import Outbox
+from amoskys.agents.runtime.outbox import Outbox
 from amoskys.config import OutboxConfig
 from amoskys.v1 import events_pb2
 

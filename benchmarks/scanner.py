@@ -33,10 +33,10 @@ from amoskys import pki
 from amoskys.v1 import events_pb2
 
 IMPORTS = {
-    "agent (runtime + scanner)": "import amoskys.agents.runtime, amoskys.agents.scanner",
-    "agent + scapy l2/inet/sendrecv": "import amoskys.agents.runtime, scapy.layers.l2, scapy.layers.inet, "
+    "agent (runtime + scanner)": "import amoskys.agents.runtime.runner, amoskys.agents.scanner.agent",
+    "agent + scapy l2/inet/sendrecv": "import amoskys.agents.runtime.runner, scapy.layers.l2, scapy.layers.inet, "
     "scapy.sendrecv",
-    "agent + scapy.all": "import amoskys.agents.runtime, scapy.all",
+    "agent + scapy.all": "import amoskys.agents.runtime.runner, scapy.all",
 }
 
 

@@ -192,7 +192,7 @@ async def poll_latency(snmpd: Snmpd, polls: int) -> dict[str, Any]:
     import msgspec
     from pysnmp.hlapi.v3arch.asyncio import SnmpEngine
 
-    from amoskys.agents.snmp import TargetPoller
+    from amoskys.agents.snmp.agent import TargetPoller
     from amoskys.config import SnmpTarget
 
     result: dict[str, Any] = {"part": "latency", "polls": polls}
@@ -230,7 +230,7 @@ async def timeout_beside_busy_targets(snmpd: Snmpd, rounds: int = 5) -> dict[str
     import msgspec
     from pysnmp.hlapi.v3arch.asyncio import SnmpEngine
 
-    from amoskys.agents.snmp import PollError, TargetPoller
+    from amoskys.agents.snmp.agent import PollError, TargetPoller
     from amoskys.config import SnmpTarget
 
     lags: list[float] = []
@@ -264,12 +264,12 @@ async def timeout_beside_busy_targets(snmpd: Snmpd, rounds: int = 5) -> dict[str
 
 def import_cost() -> dict[str, Any]:
     """Peak RSS of a fresh interpreter after each import (what the agent process pays for them)."""
-    agent = "import amoskys.agents.runtime, amoskys.agents.snmp as s"
+    agent = "import amoskys.agents.runtime.runner, amoskys.agents.snmp.agent as s"
     probes = {
         "python": "pass",
-        "runtime": "import amoskys.agents.runtime",
+        "runtime": "import amoskys.agents.runtime.runner",
         "pysnmp_hlapi": "import pysnmp.hlapi.v3arch.asyncio",
-        "runtime_and_snmp_agent": "import amoskys.agents.runtime, amoskys.agents.snmp",
+        "runtime_and_snmp_agent": "import amoskys.agents.runtime.runner, amoskys.agents.snmp.agent",
         "plus_one_snmp_engine": f"{agent}; s.SnmpEngine()",
         "plus_two_snmp_engines": f"{agent}; s.SnmpEngine(), s.SnmpEngine()",
     }

@@ -7,7 +7,7 @@ import io
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from amoskys import keys
-from amoskys.agents.identity import load_signer
+from amoskys.agents.runtime.identity import load_signer
 from amoskys.envelope import GENESIS_HASH, decode_header, envelope_digest, verify_signature
 from amoskys.loadgen import MemoryOutbox, synthetic_events
 from amoskys.v1 import envelope_pb2, events_pb2

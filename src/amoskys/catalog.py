@@ -36,12 +36,12 @@ def _kind(name: str, entry: str, *bodies: str) -> tuple[str, AgentKind]:
 # An agent is listed here only once it really works.
 AGENT_KINDS: dict[str, AgentKind] = dict(
     [
-        _kind("auth", "amoskys.agents.auth:AuthAgent", "auth"),
-        _kind("flow", "amoskys.agents.flow:FlowAgent", "flow"),
+        _kind("auth", "amoskys.agents.auth.agent:AuthAgent", "auth"),
+        _kind("flow", "amoskys.agents.flow.agent:FlowAgent", "flow"),
         _kind("host", "amoskys.agents.host:HostAgent", "host_metrics", "port"),
-        _kind("proc", "amoskys.agents.proc:ProcAgent", "process"),
-        _kind("snmp", "amoskys.agents.snmp:SnmpAgent", "snmp"),
-        _kind("scanner", "amoskys.agents.scanner:ScannerAgent", "device"),
+        _kind("proc", "amoskys.agents.proc.agent:ProcAgent", "process"),
+        _kind("snmp", "amoskys.agents.snmp.agent:SnmpAgent", "snmp"),
+        _kind("scanner", "amoskys.agents.scanner.agent:ScannerAgent", "device"),
     ]
 )
 

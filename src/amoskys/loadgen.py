@@ -29,11 +29,11 @@ from prometheus_client import Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from amoskys import keys, pki
-from amoskys.agents.identity import Ed25519Signer, load_signer
-from amoskys.agents.metrics import AgentMetrics
-from amoskys.agents.outbox import SealedEnvelope
-from amoskys.agents.publisher import Publisher, wait_event
-from amoskys.agents.runtime import SEAL_AHEAD_WINDOWS
+from amoskys.agents.runtime.identity import Ed25519Signer, load_signer
+from amoskys.agents.runtime.metrics import AgentMetrics
+from amoskys.agents.runtime.outbox import SealedEnvelope
+from amoskys.agents.runtime.publisher import Publisher, wait_event
+from amoskys.agents.runtime.runner import SEAL_AHEAD_WINDOWS
 from amoskys.config import AgentConfig, BatchConfig, TlsConfig
 from amoskys.envelope import ChainState, seal
 from amoskys.v1 import envelope_pb2, events_pb2

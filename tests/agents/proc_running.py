@@ -13,8 +13,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from amoskys.agents.proc import ProcAgent
-from amoskys.agents.proc_connector import ConnectorUnavailable, ProcConnector
+from amoskys.agents.proc.agent import ProcAgent
+from amoskys.agents.proc.connector import ConnectorUnavailable, ProcConnector
 from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
 

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from amoskys import keys
-from amoskys.agents.auth import READ_CHUNK, AuthAgent, JournalError, LogFollower, Position, journal_entry
-from amoskys.agents.authlog import parse_line
-from amoskys.agents.outbox import Outbox
+from amoskys.agents.auth.agent import READ_CHUNK, AuthAgent, JournalError, LogFollower, Position, journal_entry
+from amoskys.agents.auth.lines import parse_line
+from amoskys.agents.runtime.outbox import Outbox
 from amoskys.config import AgentConfig, OutboxConfig
 from amoskys.errors import ConfigError
 from amoskys.v1 import bus_pb2, events_pb2

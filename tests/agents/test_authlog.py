@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from amoskys.agents.authlog import Failures, bsd_time_ns, parse_line
+from amoskys.agents.auth.lines import Failures, bsd_time_ns, parse_line
 from amoskys.v1 import events_pb2
 
 Kind = events_pb2.AuthEvent.Kind

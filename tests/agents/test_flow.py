@@ -37,8 +37,8 @@ from scapy.layers.l2 import ARP, CookedLinux, Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 from scapy.utils import PcapNgWriter, PcapWriter, RawPcapReader, RawPcapWriter, wrpcap
 
-from amoskys.agents.flow import FlowAgent
-from amoskys.agents.packets import (
+from amoskys.agents.flow.agent import FlowAgent
+from amoskys.agents.flow.packets import (
     LINKTYPE_ETHERNET,
     LINKTYPE_RAW,
     MALFORMED,
@@ -48,7 +48,7 @@ from amoskys.agents.packets import (
     compile_bpf,
     parse_frame,
 )
-from amoskys.agents.runtime import AgentRuntime
+from amoskys.agents.runtime.runner import AgentRuntime
 from amoskys.cli import main
 from amoskys.config import AgentConfig
 from amoskys.errors import ConfigError

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from amoskys import envelope, keys, pki
-from amoskys.agents.identity import check_tls_identity, load_signer
+from amoskys.agents.runtime.identity import check_tls_identity, load_signer
 from amoskys.config import TlsConfig
 from amoskys.errors import IdentityError
 from amoskys.v1 import events_pb2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from amoskys import keys
-from amoskys.agents.outbox import Outbox, OutboxError
+from amoskys.agents.runtime.outbox import Outbox, OutboxError
 from amoskys.config import OutboxConfig
 from amoskys.envelope import decode_header, envelope_digest, verify_signature
 from amoskys.v1 import envelope_pb2, events_pb2

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from amoskys import keys
-from amoskys.agents.publisher import limit_unacked_time
-from amoskys.agents.runtime import AgentRuntime
+from amoskys.agents.runtime.publisher import limit_unacked_time
+from amoskys.agents.runtime.runner import AgentRuntime
 from amoskys.client import hub_channel, hub_stub
 from amoskys.config import AgentConfig, TlsConfig
 from amoskys.v1 import bus_pb2, bus_pb2_grpc, events_pb2

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from amoskys.agents.proc import ProcAgent, mask_cmdline
+from amoskys.agents.proc.agent import ProcAgent, mask_cmdline
 from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from amoskys.agents.proc_connector import (
+from amoskys.agents.proc.connector import (
     CN_MSG,
     NETLINK_CONNECTOR,
     NLMSG_DONE,
@@ -113,7 +113,7 @@ def test_a_message_not_from_the_kernel_is_refused(connector: ProcConnector) -> N
 
 def test_unavailable_outside_the_initial_namespaces() -> None:
     probe = (
-        "from amoskys.agents.proc_connector import ProcConnector, ConnectorUnavailable\n"
+        "from amoskys.agents.proc.connector import ProcConnector, ConnectorUnavailable\n"
         "try:\n    ProcConnector()\nexcept ConnectorUnavailable as exc:\n    print('unavailable:', exc)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC)}
@@ -131,7 +131,7 @@ def test_the_units_capability_is_enough_to_listen_with_the_full_buffer() -> None
     """As the unit runs proc: an unprivileged user with CAP_NET_ADMIN (ambient) listens, and its
     socket buffer is the 8 MiB asked for (the kernel doubles it), past net.core.rmem_max."""
     probe = (
-        "import socket\nfrom amoskys.agents.proc_connector import ProcConnector\n"
+        "import socket\nfrom amoskys.agents.proc.connector import ProcConnector\n"
         "c = ProcConnector()\nprint(c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))\nc.close()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC)}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from amoskys.agents.proc import capture
-from amoskys.agents.proc_connector import Exec, Exit, ProcConnector
+from amoskys.agents.proc.agent import capture
+from amoskys.agents.proc.connector import Exec, Exit, ProcConnector
 from amoskys.v1 import events_pb2
 from tests.agents.proc_running import Running, new_agent, running_agent
 
@@ -155,7 +155,7 @@ def test_without_the_connector_it_polls_and_says_so_once(tmp_path: Path) -> None
 import asyncio, logging, msgspec
 from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
-from amoskys.agents.proc import ProcAgent
+from amoskys.agents.proc.agent import ProcAgent
 from amoskys.config import AgentConfig
 logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
 agent = ProcAgent(msgspec.convert({{"proc": {{"interval_s": 0.1}}}}, AgentConfig), Path({str(tmp_path)!r}))

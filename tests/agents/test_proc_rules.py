@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from amoskys.agents.proc_rules import RULES, _address
+from amoskys.agents.proc.rules import RULES, _address
 from amoskys.config import AgentConfig, ConfigError, ProcConfig, load_config
 from amoskys.v1 import events_pb2
 from tests.agents.proc_running import Running, running_agent

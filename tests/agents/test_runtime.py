@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from amoskys.agents import AGENTS
-from amoskys.agents.runtime import AgentRuntime
+from amoskys.agents.runtime.runner import AgentRuntime
 from amoskys.errors import IdentityError
 from amoskys.eventbus.server import create_server
 from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
@@ -370,7 +370,7 @@ def test_agents_do_not_load_grpcio_or_cryptography(kind: str) -> None:
         "import sys\n"
         "from amoskys.cli import build_parser\n"
         "from amoskys.agents import load_agent_class\n"
-        "import amoskys.agents.runtime\n"
+        "import amoskys.agents.runtime.runner\n"
         "build_parser('agent')\n"
         f"load_agent_class({kind!r})\n"
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'cryptography'})))\n"

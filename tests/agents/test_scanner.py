@@ -25,9 +25,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from amoskys.agents.oui import OuiRegistry
-from amoskys.agents.runtime import AgentRuntime
-from amoskys.agents.scanner import (
+from amoskys.agents.runtime.runner import AgentRuntime
+from amoskys.agents.scanner.agent import (
     Inventory,
     ScannerAgent,
     Sweep,
@@ -36,6 +35,7 @@ from amoskys.agents.scanner import (
     parse_arp_reply,
     sweep_addresses,
 )
+from amoskys.agents.scanner.oui import OuiRegistry
 from amoskys.config import AgentConfig, load_config
 from amoskys.errors import ConfigError
 from amoskys.v1 import bus_pb2, events_pb2
@@ -518,7 +518,7 @@ def test_icmp_sweep_of_a_routed_subnet(tmp_path: Path, lab: NetLab) -> None:
 SWEEP_SNIPPET = """
 import json, sys
 from pathlib import Path
-from amoskys.agents.scanner import ScannerAgent
+from amoskys.agents.scanner.agent import ScannerAgent
 import msgspec
 from amoskys.config import AgentConfig
 config = msgspec.convert(json.loads(sys.argv[1]), AgentConfig)

@@ -20,8 +20,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry, generate_latest
 
-from amoskys.agents.runtime import AgentRuntime
-from amoskys.agents.snmp import (
+from amoskys.agents.runtime.runner import AgentRuntime
+from amoskys.agents.snmp.agent import (
     COLUMNS,
     SYSTEM,
     PollError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from amoskys.agents.base import Agent
+from amoskys.agents.runtime.base import Agent
 from amoskys.catalog import AGENT_KINDS
 
 __all__ = ["AGENTS", "Agent", "load_agent_class"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from amoskys.agents.base import Agent
+from amoskys.agents.runtime.base import Agent
 from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
 

@@ -19,7 +19,7 @@ from amoskys.errors import ConfigError
 from amoskys.logs import setup_logging
 
 if TYPE_CHECKING:
-    from amoskys.agents.runtime import AgentRuntime
+    from amoskys.agents.runtime.runner import AgentRuntime
 
 DELIVERY_POLL_S = 0.2
 
@@ -67,7 +67,7 @@ def _list(*, as_json: bool) -> int:
 
 async def _main(name: str, path: Path, config: AgentConfig) -> int:
     """Run the agent; exit status 1 when a runtime task died (systemd restarts the agent)."""
-    from amoskys.agents.runtime import AgentRuntime
+    from amoskys.agents.runtime.runner import AgentRuntime
 
     runtime = AgentRuntime(name, path, config)
     if name != "flow" or not config.flow.pcap:
@@ -81,7 +81,7 @@ async def _main(name: str, path: Path, config: AgentConfig) -> int:
 
 async def _stop_once_delivered(runtime: AgentRuntime, running: asyncio.Task[None]) -> None:
     """A replay: once the file is read and the hub has acknowledged every flow, stop as on SIGTERM."""
-    from amoskys.agents.flow import FlowAgent
+    from amoskys.agents.flow.agent import FlowAgent
 
     assert isinstance(runtime.agent, FlowAgent)
     replayed = asyncio.create_task(runtime.agent.replayed.wait())

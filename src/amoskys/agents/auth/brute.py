@@ -14,7 +14,7 @@ import bisect
 import json
 from dataclasses import dataclass
 
-from amoskys.agents.authlog import Failures
+from amoskys.agents.auth.lines import Failures
 
 __all__ = ["BruteForce", "Burst"]
 

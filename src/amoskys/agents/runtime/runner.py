@@ -17,11 +17,11 @@ from prometheus_client import start_http_server
 
 from amoskys import __version__, systemd
 from amoskys.agents import load_agent_class
-from amoskys.agents.base import Agent
-from amoskys.agents.identity import check_tls_identity, load_signer
-from amoskys.agents.metrics import AgentMetrics
-from amoskys.agents.outbox import Outbox, OutboxError
-from amoskys.agents.publisher import Publisher, wait_event
+from amoskys.agents.runtime.base import Agent
+from amoskys.agents.runtime.identity import check_tls_identity, load_signer
+from amoskys.agents.runtime.metrics import AgentMetrics
+from amoskys.agents.runtime.outbox import Outbox, OutboxError
+from amoskys.agents.runtime.publisher import Publisher, wait_event
 from amoskys.config import AgentConfig, load_config, parse_address
 from amoskys.errors import ConfigError
 from amoskys.logs import setup_logging

@@ -45,8 +45,8 @@ from pysnmp.hlapi.v3arch.asyncio import (  # type: ignore[import-untyped]
 from pysnmp.proto import errind  # type: ignore[import-untyped]
 from pysnmp.proto.rfc1905 import EndOfMibView, NoSuchInstance, NoSuchObject  # type: ignore[import-untyped]
 
-from amoskys.agents.base import Agent
-from amoskys.agents.snmptrap import Trap, TrapReceiver, auth_protocol, bind_trap_socket, priv_protocol
+from amoskys.agents.runtime.base import Agent
+from amoskys.agents.snmp.traps import Trap, TrapReceiver, auth_protocol, bind_trap_socket, priv_protocol
 from amoskys.config import AgentConfig, SnmpTarget
 from amoskys.v1 import events_pb2
 

@@ -34,8 +34,8 @@ from typing import Protocol
 
 import msgspec
 
-from amoskys.agents.base import Agent
-from amoskys.agents.oui import OuiRegistry
+from amoskys.agents.runtime.base import Agent
+from amoskys.agents.scanner.oui import OuiRegistry
 from amoskys.config import AgentConfig, ScannerConfig, ScanTarget
 from amoskys.errors import ConfigError
 from amoskys.v1 import events_pb2

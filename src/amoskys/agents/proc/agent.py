@@ -1,7 +1,7 @@
 """proc: every process start (exec) and exit as the kernel reports it, with who ran what and from where.
 
 At start every running process is reported once (`SNAPSHOT`). Then the kernel's process-event
-connector (`proc_connector`) says when a process calls exec(), exits, or changes its uid/gid;
+connector (`connector`) says when a process calls exec(), exits, or changes its uid/gid;
 on each exec the agent reads /proc at once (exe, command line, cwd, uids, parent, cgroup), and a
 process that was already gone is still reported (`gone`, with the pid and ppid the kernel gave).
 Events carry the kernel's timestamp. Where the connector is unavailable (no CAP_NET_ADMIN on an
@@ -32,8 +32,7 @@ from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
-from amoskys.agents.base import Agent
-from amoskys.agents.proc_connector import (
+from amoskys.agents.proc.connector import (
     ConnectorUnavailable,
     EventsLost,
     Exec,
@@ -45,7 +44,8 @@ from amoskys.agents.proc_connector import (
     ProcConnector,
     monotonic_to_wall_ns,
 )
-from amoskys.agents.proc_rules import Subject, evaluate
+from amoskys.agents.proc.rules import Subject, evaluate
+from amoskys.agents.runtime.base import Agent
 from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
 
@@ -500,7 +500,7 @@ class ProcAgent(Agent):
         registry.register(_ProcMetrics(self))
 
     def alerts(self, started: Captured, only: frozenset[str] | None = None) -> list[events_pb2.Event]:
-        """Alerts of the rules (proc_rules) for a process that started (or of the `only` ones)."""
+        """Alerts of the rules (rules) for a process that started (or of the `only` ones)."""
         subject = Subject(started.info, started.stdin, started.stdout, self)
         return [
             self.alert(found.rule, found.summary, found.details, found.severity)
@@ -518,7 +518,7 @@ class ProcAgent(Agent):
                 alerts += self.alerts(known, only=frozenset({"exe_deleted"}))
         return alerts
 
-    # ---- what the rules may ask about other processes (proc_rules.ProcessTable) ---------------------
+    # ---- what the rules may ask about other processes (rules.ProcessTable) ---------------------
 
     def ppid_of(self, pid: int) -> int:
         known = self.seen.get(pid)

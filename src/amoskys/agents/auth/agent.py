@@ -1,12 +1,12 @@
 """auth: logins, sudo, su, account changes and sessions from auth.log (or the journal).
 
-Events carry the log's own time (authlog.py). The position (the stream's inode and first bytes, and
+Events carry the log's own time (lines.py). The position (the stream's inode and first bytes, and
 the offset of the last complete line; or the journal cursor) and the brute-force windows are saved
 in the outbox in the same transaction as the events they produced, so a restart or kill -9 neither
 loses nor repeats a line nor resets a window. Rotation by rename (the old file is read to its end
 first) and by copytruncate (the rest of the old content is read from the rotated copy) are followed,
 also across a stop. `auth.brute_force` fires when one address fails `brute_force_failures` times
-within `brute_force_window_s` of event time (authbrute.py).
+within `brute_force_window_s` of event time (brute.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from amoskys.agents.authbrute import BruteForce, Burst
-from amoskys.agents.authlog import ParsedLine, parse_line, parse_message
-from amoskys.agents.base import Agent
+from amoskys.agents.auth.brute import BruteForce, Burst
+from amoskys.agents.auth.lines import ParsedLine, parse_line, parse_message
+from amoskys.agents.runtime.base import Agent
 from amoskys.config import AgentConfig
 from amoskys.errors import AmoskysError, ConfigError
 from amoskys.v1 import events_pb2

@@ -47,8 +47,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amoskys.agents.base import Agent
-from amoskys.agents.packets import (
+from amoskys.agents.flow.packets import (
     FRAGMENT_FIRST,
     SUPPORTED_LINKTYPES,
     BpfError,
@@ -60,6 +59,7 @@ from amoskys.agents.packets import (
     compile_bpf,
     parse_frame,
 )
+from amoskys.agents.runtime.base import Agent
 from amoskys.config import AgentConfig, FlowConfig
 from amoskys.errors import ConfigError
 from amoskys.v1 import events_pb2

@@ -36,9 +36,9 @@ from grpclib.const import Cardinality
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from amoskys.agents.identity import client_tls_context
-from amoskys.agents.metrics import AgentMetrics
-from amoskys.agents.outbox import OutboxError, SealedEnvelope
+from amoskys.agents.runtime.identity import client_tls_context
+from amoskys.agents.runtime.metrics import AgentMetrics
+from amoskys.agents.runtime.outbox import OutboxError, SealedEnvelope
 from amoskys.config import AgentConfig, TlsConfig, parse_address
 from amoskys.envelope import ChainState
 from amoskys.v1 import envelope_pb2

@@ -1,0 +1,1 @@
+"""The one agent runtime: identity, outbox, batching, publishing, heartbeat, metrics and signals (runner.py)."""

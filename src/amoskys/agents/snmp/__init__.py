@@ -1,0 +1,1 @@
+"""snmp: the poller agent (agent.py) and its trap receiver (traps.py)."""
