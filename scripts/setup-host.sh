@@ -28,6 +28,7 @@ tshark             | test | tshark                                | ...checked a
 logrotate          | test | logrotate                             | auth tests rotate logs the way Debian does
 ieee-data          | test | /usr/share/ieee-data/oui.txt          | MAC vendor names for the scanner
 libpcap0.8         | test | libpcap.so.0.8                        | the flow agent compiles BPF filters with libpcap
+nats-server        | test | nats-server                           | hub cluster tests: a 3-node JetStream on loopback
 iproute2           | both | ip                                    | network namespaces (tests); the lab bridge
 procps             | both | pgrep pkill sysctl uptime             | test peers; nspawn machines; ip_forward
 util-linux         | both | nsenter setsid                        | entering and starting nspawn machines

@@ -52,7 +52,7 @@ BAD_INPUTS = [
     ("backpressure: {base_backoff_ms: 99999}\n", "key 'backpressure': base_backoff_ms must not exceed"),
     ("limits: {max_events_per_batch: 0}\n", "key 'limits.max_events_per_batch': expected int >= 1"),
     ("metrics: {listen: 9124}\n", "key 'metrics.listen': expected str, got int"),
-    ("store: {backend: postgres}\n", "key 'store.backend': expected one of 'sqlite', got 'postgres'"),
+    ("store: {backend: postgres}\n", "key 'store.backend': expected one of 'sqlite', 'jetstream', got 'postgres'"),
 ]
 
 

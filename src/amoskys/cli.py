@@ -13,7 +13,7 @@ from amoskys.errors import AmoskysError
 __all__ = ["main"]
 
 # Each module has register(subparsers); a subcommand is listed only once it really works.
-COMMAND_MODULES = ("pki", "config", "eventbus", "status", "query", "loadgen", "agent", "ui")
+COMMAND_MODULES = ("pki", "config", "eventbus", "indexer", "status", "query", "loadgen", "agent", "ui")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -30,6 +30,8 @@ __all__ = [
     "EventBusConfig",
     "FlowConfig",
     "HostConfig",
+    "IndexerConfig",
+    "NatsConfig",
     "ProcConfig",
     "ScannerConfig",
     "SnmpConfig",
@@ -92,7 +94,9 @@ class TlsConfig(Section, frozen=True):
 
 
 class StoreConfig(Section, frozen=True):
-    backend: Literal["sqlite"] = "sqlite"
+    # sqlite: the hub writes this file. jetstream: the hub appends to NATS JetStream (`nats:`), `amoskys indexer`
+    # writes this file from the stream, and the hub only reads it (Query, Subscribe, ListAgents, GetStatus).
+    backend: Literal["sqlite", "jetstream"] = "sqlite"
     path: str = "/var/lib/amoskys/eventbus/events.db"
     retention_days: Days = 30.0
     max_bytes: Positive = 10 * 1024 * MiB
@@ -137,6 +141,36 @@ class MetricsConfig(Section, frozen=True):
         _check_address(self.listen, "listen", allow_empty=True)
 
 
+NATS_SERVER = re.compile(r"(?:(?:nats|tls)://)?(?:[^:/\[\]]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
+STREAM_NAME = r"^[A-Za-z0-9_-]{1,64}\Z"
+SUBJECT_TOKEN = r"^[A-Za-z0-9_-]{1,64}\Z"  # noqa: S105 (a pattern, not a secret)
+
+
+class NatsConfig(Section, frozen=True):
+    """NATS JetStream for `store.backend: jetstream` (hub) and `amoskys indexer`: where, how safe, how big."""
+
+    servers: list[str] = msgspec.field(default_factory=lambda: ["tls://localhost:4222"])
+    tls: bool = True  # mTLS to NATS with `ca`, `cert`, `key` (the fleet CA's); false only for a loopback test
+    ca: str = "/etc/amoskys/tls/ca.crt"
+    cert: str = "/etc/amoskys/tls/host.crt"
+    key: str = "/etc/amoskys/tls/host.key"
+    stream: Annotated[str, msgspec.Meta(pattern=STREAM_NAME)] = "AMOSKYS"
+    subject_prefix: Annotated[str, msgspec.Meta(pattern=SUBJECT_TOKEN)] = "amoskys"
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 3  # R3: an acked envelope is on a quorum of 2 of 3
+    max_age_days: Days = 30.0  # stream retention by age...
+    max_bytes: Positive = 50 * 1024 * MiB  # ...and by size (oldest first)
+    duplicate_window_s: Seconds = 120.0  # Nats-Msg-Id de-duplication window
+    request_timeout_s: Seconds = 5.0  # a PubAck (or stream read) slower than this: the agent is told RETRY
+    consumer: Annotated[str, msgspec.Meta(pattern=STREAM_NAME)] = "indexer"  # the indexer's durable consumer
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("servers: at least one NATS server address is needed")
+        for server in self.servers:
+            if not NATS_SERVER.fullmatch(server):
+                raise ValueError(f"servers: expected 'host:port' or 'tls://host:port', got {server!r}")
+
+
 class EventBusConfig(Section, frozen=True):
     listen: str = "0.0.0.0:50051"
     tls: TlsConfig = TlsConfig(cert="/etc/amoskys/tls/eventbus.crt", key="/etc/amoskys/tls/eventbus.key")
@@ -144,6 +178,7 @@ class EventBusConfig(Section, frozen=True):
     crl: str = "/etc/amoskys/tls/crl.pem"
     consumers: list[AgentId] = msgspec.field(default_factory=lambda: ["ui", "operator"])
     store: StoreConfig = StoreConfig()
+    nats: NatsConfig = NatsConfig()
     limits: LimitsConfig = LimitsConfig()
     backpressure: BackpressureConfig = BackpressureConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -152,6 +187,17 @@ class EventBusConfig(Section, frozen=True):
 
     def __post_init__(self) -> None:
         _check_address(self.listen, "listen")
+
+
+class IndexerConfig(Section, frozen=True):
+    """`amoskys indexer`: the JetStream stream into the query store (`store.path`, the hubs read it)."""
+
+    nats: NatsConfig = NatsConfig()
+    store: StoreConfig = StoreConfig(backend="jetstream")
+    batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000  # messages fetched and committed at once
+    max_clock_skew_s: Seconds = 300.0  # as the hubs' limits.max_clock_skew_s: later stamps are filed at stream time
+    metrics: MetricsConfig = MetricsConfig(listen="127.0.0.1:9127")
+    logging: LoggingConfig = LoggingConfig()
 
 
 class OutboxConfig(Section, frozen=True):

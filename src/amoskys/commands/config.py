@@ -6,9 +6,14 @@ import argparse
 from pathlib import Path
 
 from amoskys.commands import Subparsers
-from amoskys.config import AgentConfig, EventBusConfig, Section, UiConfig, dump_config, load_config
+from amoskys.config import AgentConfig, EventBusConfig, IndexerConfig, Section, UiConfig, dump_config, load_config
 
-SCHEMAS: dict[str, type[Section]] = {"eventbus": EventBusConfig, "agent": AgentConfig, "ui": UiConfig}
+SCHEMAS: dict[str, type[Section]] = {
+    "eventbus": EventBusConfig,
+    "indexer": IndexerConfig,
+    "agent": AgentConfig,
+    "ui": UiConfig,
+}
 
 
 def register(subparsers: Subparsers) -> None:

@@ -22,10 +22,9 @@ from amoskys.eventbus.ingest import Ack, Ingest
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import AgentUpdate
-from amoskys.keys import Enrolment
 from amoskys.v1 import envelope_pb2, events_pb2
 
-__all__ = ["DRAINING_BACKOFF_MS", "Admission", "Checked", "LoopShare"]
+__all__ = ["DRAINING_BACKOFF_MS", "Admission", "Checked", "LoopShare", "agent_update"]
 
 Status = envelope_pb2.PublishAck.Status
 DRAINING_BACKOFF_MS = 1000  # a restart takes about a second; come back then
@@ -208,7 +207,7 @@ class Admission:
             return _invalid(f"event_too_large: {len(too_big.body)} bytes > {self.config.limits.max_event_bytes}")
         self.metrics.events_received.inc(len(rows))
         rows = self._file_times(rows)
-        update = _agent_update(batch, rows, enrolment, peer)
+        update = agent_update(batch, rows, enrolment.host, enrolment.kind, peer.not_after_ns if peer else 0)
         return Checked(header, rows, update, envelope_digest(envelope.header, envelope.payload))
 
     def _file_times(self, rows: list[EventRow]) -> list[EventRow]:
@@ -224,13 +223,11 @@ class Admission:
         return rows
 
 
-def _agent_update(
-    batch: events_pb2.EventBatch, rows: list[EventRow], enrolment: Enrolment, peer: Peer | None
+def agent_update(
+    batch: events_pb2.EventBatch, rows: list[EventRow], host: str, kind: str, cert_not_after_ns: int
 ) -> AgentUpdate:
     """Registry facts from one batch: host and kind from the enrolment; heartbeat times as filed."""
-    update = AgentUpdate(
-        host=enrolment.host, kind=enrolment.kind, events=len(rows), cert_not_after_ns=peer.not_after_ns if peer else 0
-    )
+    update = AgentUpdate(host=host, kind=kind, events=len(rows), cert_not_after_ns=cert_not_after_ns)
     for index, row in enumerate(rows):
         if row.kind == "alert":
             update.alerts += 1

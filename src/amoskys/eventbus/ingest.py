@@ -68,6 +68,7 @@ class Submission:
     rows: Sequence[EventRow]
     agent: AgentUpdate
     future: asyncio.Future[Ack] = field(repr=False)
+    raw: bytes = field(default=b"", repr=False)  # the envelope as received (the jetstream backend appends it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,12 +161,17 @@ class Ingest:
         return max(self.config.base_backoff_ms, min(self.config.max_backoff_ms, drain_ms))
 
     def submit(
-        self, header: envelope_pb2.EnvelopeHeader, digest: bytes, rows: Sequence[EventRow], agent: AgentUpdate
+        self,
+        header: envelope_pb2.EnvelopeHeader,
+        digest: bytes,
+        rows: Sequence[EventRow],
+        agent: AgentUpdate,
+        raw: bytes = b"",
     ) -> asyncio.Future[Ack]:
         assert self._loop is not None, "Ingest.start() not called"
         future: asyncio.Future[Ack] = self._loop.create_future()
         self._adjust_pending(header.agent_id, len(rows))
-        self._queue.put(Submission(header, digest, rows, agent, future))
+        self._queue.put(Submission(header, digest, rows, agent, future, raw))
         return future
 
     async def in_writer(self, fn: Callable[[], Any]) -> Any:
@@ -313,6 +319,10 @@ class Ingest:
             seen[(h.agent_id, h.chain_id, h.seq)] = sub.digest
             accepted.append((sub, AcceptedEnvelope(h.agent_id, h.chain_id, h.seq, sub.digest, sub.rows, sub.agent)))
         acks += self._commit(accepted, tentative, alerts)
+        self._finish_group(group, started, acks)
+
+    def _finish_group(self, group: list[Submission], started: float, acks: list[tuple[Submission, Ack]]) -> None:
+        """Release the group's admission budget, learn the drain rate, answer the agents."""
         events = 0
         for sub in group:
             self._adjust_pending(sub.header.agent_id, -len(sub.rows))

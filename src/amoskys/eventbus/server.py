@@ -7,11 +7,12 @@ import concurrent.futures
 import functools
 import logging
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,9 +28,12 @@ from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
 from amoskys.eventbus.edge import filter_refusal
 from amoskys.eventbus.ingest import Ack, Ingest
 from amoskys.eventbus.metrics import BusMetrics, CertificateExpiry
-from amoskys.eventbus.store import SqliteStore
+from amoskys.eventbus.store import SqliteStore, Store
 from amoskys.eventbus.streams import OpenStreams, StreamHandle
 from amoskys.v1 import bus_pb2, envelope_pb2
+
+if TYPE_CHECKING:
+    from amoskys.eventbus.jetstream import JetStreamLog
 
 __all__ = ["SERVICE_NAME", "Hub", "create_server"]
 
@@ -40,6 +44,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_PAGE = 1000
 LOOP_WATCH_S = 0.05
 REPLAY_PAGE = 1000
+INDEX_POLL_S = 0.1  # backend jetstream: how often live Subscribe looks for newly indexed events
 
 
 class Hub:
@@ -49,9 +54,20 @@ class Hub:
         self.config = config
         self.metrics = BusMetrics()
         self.trust = TrustState(config)
-        self.store = SqliteStore(Path(config.store.path), config.store.synchronous, config.store.text_index)
         self.broker = Broker()
-        self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish, self._fatal)
+        self.stream: JetStreamLog | None = None
+        self.store: Store
+        self.ingest: Ingest
+        if config.store.backend == "jetstream":  # nats is imported only by a hub that uses it
+            from amoskys.eventbus.cluster import ClusterIngest, JetStreamStore
+            from amoskys.eventbus.jetstream import JetStreamLog
+
+            self.stream = JetStreamLog(config.nats, f"amoskys-hub-{socket.gethostname()}")
+            self.store = cluster_store = JetStreamStore(config)
+            self.ingest = ClusterIngest(cluster_store, self.stream, config, self.metrics, self._fatal)
+        else:
+            self.store = SqliteStore(Path(config.store.path), config.store.synchronous, config.store.text_index)
+            self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish, self._fatal)
         self.health = health_aio.HealthServicer()
         self.started_ns = time.time_ns()
         self.server: grpc.aio.Server | None = None
@@ -77,7 +93,7 @@ class Hub:
         checked = self.admission.check(raw, peer)
         if isinstance(checked, Ack):
             return checked
-        return self.ingest.submit(checked.header, checked.digest, checked.rows, checked.agent)
+        return self.ingest.submit(checked.header, checked.digest, checked.rows, checked.agent, raw)
 
     async def _finish(self, started: float, outcome: Ack | asyncio.Future[Ack]) -> Ack:
         ack = outcome if isinstance(outcome, Ack) else await outcome
@@ -295,6 +311,8 @@ class Hub:
         self.port = self.server.add_secure_port(self.config.listen, self.trust.server_credentials())
         if not self.port:
             raise AmoskysError(f"cannot listen on {self.config.listen}")
+        if self.stream is not None:
+            await asyncio.to_thread(self.stream.start)
         self.ingest.start(asyncio.get_running_loop())
         await self.server.start()
         self._start_metrics()
@@ -306,6 +324,8 @@ class Hub:
             asyncio.create_task(systemd.watchdog_loop(), name="watchdog"),
             asyncio.create_task(self._watch_loop(), name="loop-watch"),
         ]
+        if self.stream is not None:
+            self._tasks.append(asyncio.create_task(self._follow_index(), name="follow-index"))
         systemd.notify("READY=1", f"STATUS=serving on port {self.port}")
         log.info(
             "eventbus serving",
@@ -360,6 +380,25 @@ class Hub:
             ticks += 1
             if ticks % int(1 / period) == 0:
                 self.admission.share.forget_quiet()
+
+    async def _follow_index(self) -> None:
+        """Backend jetstream: live Subscribe from what the indexer commits (polled; README, lag)."""
+        from amoskys.eventbus.cluster import JetStreamStore, committed_from_index
+
+        cursor = await asyncio.to_thread(self.store.last_cursor)
+        index = self.store.index if isinstance(self.store, JetStreamStore) else None
+        assert index is not None
+        while True:
+            try:
+                rows = await asyncio.to_thread(index.rows_after, cursor, REPLAY_PAGE)
+            except Exception:
+                log.exception("reading the index failed")
+                rows = []
+            if rows:
+                cursor = rows[-1][0]
+                self.broker.publish(committed_from_index(rows))
+            if len(rows) < REPLAY_PAGE:
+                await asyncio.sleep(INDEX_POLL_S)
 
     async def _checkpoints(self) -> None:
         """Keep the WAL short without making any commit (and its acks) wait for a checkpoint."""
@@ -417,6 +456,8 @@ class Hub:
         if self.server is not None:
             await self.server.stop(grace=1.0)
         await asyncio.to_thread(self.ingest.stop)
+        if self.stream is not None:
+            await asyncio.to_thread(self.stream.close)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self._scrape_reader.shutdown()

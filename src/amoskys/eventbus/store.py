@@ -85,6 +85,10 @@ CREATE TABLE IF NOT EXISTS agents (
     last_seq INTEGER NOT NULL DEFAULT 0,
     cert_not_after_ns INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stream_positions (
+    stream TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 # Text search index: every 3-character sequence of `events.text` (already lower-cased, so case_sensitive 1),
@@ -191,7 +195,13 @@ class AcceptedEnvelope:
 class Store(Protocol):
     def load_chains(self) -> dict[str, ChainRecord]: ...
     def stored_digest(self, agent_id: str, chain_id: bytes, seq: int) -> bytes | None: ...
-    def commit(self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int) -> None: ...
+    def commit(
+        self,
+        accepted: Sequence[AcceptedEnvelope],
+        chains: dict[str, ChainRecord],
+        now_ns: int,
+        position: tuple[str, int] | None = None,
+    ) -> None: ...
     def query(
         self, flt: bus_pb2.EventFilter, page_size: int, page_token: str
     ) -> tuple[list[bus_pb2.StoredEvent], str]: ...
@@ -333,6 +343,42 @@ class SqliteStore:
         ).fetchone()
         return bytes(row[0]) if row else None
 
+    def stream_position(self, stream: str) -> int:
+        """The last stream sequence committed by `commit(..., position=...)` (0: none)."""
+        row = self._writer.execute("SELECT seq FROM stream_positions WHERE stream = ?", (stream,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def indexed_digest(self, agent_id: str, chain_id: bytes, seq: int) -> bytes | None:
+        """`stored_digest` from any thread (a reader connection): what another process committed."""
+        row = (
+            self._reader()
+            .execute(
+                "SELECT digest FROM envelopes WHERE agent_id = ? AND chain_id = ? AND seq = ?",
+                (agent_id, chain_id, seq),
+            )
+            .fetchone()
+        )
+        return bytes(row[0]) if row else None
+
+    def indexed_chain(self, agent_id: str) -> ChainRecord | None:
+        """One agent's chain head as committed, from any thread."""
+        row = (
+            self._reader()
+            .execute("SELECT chain_id, last_seq, last_hash FROM chains WHERE agent_id = ?", (agent_id,))
+            .fetchone()
+        )
+        return ChainRecord(bytes(row[0]), int(row[1]), bytes(row[2])) if row else None
+
+    def rows_after(self, cursor: int, limit: int) -> list[tuple[int, str, int, EventRow]]:
+        """(cursor, agent_id, received_ns, row) of the events after `cursor`, in store order: what another
+        process committed, for live Subscribe."""
+        sql = (
+            "SELECT id, agent_id, received_ns, ts_ns, host, agent, kind, severity, event_id, text, body "
+            "FROM events WHERE id > ? ORDER BY id LIMIT ?"
+        )
+        rows = self._reader().execute(sql, (cursor, limit)).fetchall()
+        return [(r[0], r[1], r[2], EventRow(r[3], r[4], r[5], r[6], r[7], r[8], r[9], bytes(r[10]))) for r in rows]
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._writer
@@ -347,9 +393,22 @@ class SqliteStore:
                 raise StoreFullError(f"{self.path}: {exc}") from exc
             raise StoreUnavailableError(f"{self.path}: {exc}") from exc
 
-    def commit(self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int) -> None:
-        """Write envelopes, their events, chain heads and registry rows in one transaction."""
+    def commit(
+        self,
+        accepted: Sequence[AcceptedEnvelope],
+        chains: dict[str, ChainRecord],
+        now_ns: int,
+        position: tuple[str, int] | None = None,
+    ) -> None:
+        """Write envelopes, their events, chain heads and registry rows in one transaction; with `position`
+        (stream, sequence), also how far the indexer has read that stream (`stream_position`)."""
         with self._transaction() as conn:
+            if position is not None:
+                conn.execute(
+                    "INSERT INTO stream_positions (stream, seq) VALUES (?, ?) "
+                    "ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq",
+                    position,
+                )
             last_before = self._last_id(conn)
             for item in accepted:
                 conn.executemany(INSERT_EVENT, _insert_params(item, now_ns))

@@ -1,0 +1,185 @@
+"""The hub on `store.backend: jetstream` with real nats-server processes: appends, races between hubs, the indexer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest_asyncio
+
+from amoskys.client import hub_stub
+from amoskys.config import IndexerConfig, NatsConfig, StoreConfig
+from amoskys.eventbus.indexer import Indexer
+from amoskys.eventbus.server import create_server
+from amoskys.v1 import bus_pb2, envelope_pb2
+from tests.conftest import TestPki
+from tests.hubfixture import LiveHub, hub_config, make_events
+from tests.natscluster import NatsCluster, nats_cluster
+
+Status = envelope_pb2.PublishAck.Status
+
+
+def nats_section(servers: list[str], replicas: int = 1) -> dict[str, object]:
+    return {"servers": servers, "tls": False, "replicas": replicas, "request_timeout_s": 2}
+
+
+class Cluster:
+    """Two in-process hubs on one stream, and an indexer writing the index both read."""
+
+    def __init__(self, test_pki: TestPki, tmp_path: Path, nats: NatsCluster) -> None:
+        self.pki, self.tmp_path, self.nats = test_pki, tmp_path, nats
+        self.index = tmp_path / "index" / "events.db"
+        self.hubs: list[LiveHub] = []
+        self.indexer: Indexer | None = None
+        self._indexer_task: asyncio.Task[int] | None = None
+
+    async def start_hub(self) -> LiveHub:
+        store = {"backend": "jetstream", "path": str(self.index), "prune_interval_s": 3600}
+        if self.hubs:  # the same config (certificate, trust map, index) for every hub
+            config = self.hubs[0].config
+        else:
+            config = hub_config(self.pki, self.tmp_path, store=store, nats=nats_section(self.nats.servers))
+        hub = create_server(config)
+        await hub.start()
+        live = LiveHub(hub, self.pki, config)
+        self.hubs.append(live)
+        return live
+
+    def start_indexer(self) -> None:
+        config = IndexerConfig(
+            nats=NatsConfig(**nats_section(self.nats.servers)),  # type: ignore[arg-type]
+            store=StoreConfig(backend="jetstream", path=str(self.index)),
+            batch=200,
+        )
+        self.indexer = Indexer(config)
+        self._indexer_task = asyncio.create_task(self.indexer.run())
+
+    async def stop_indexer(self) -> None:
+        if self.indexer is not None and self._indexer_task is not None:
+            self.indexer.request_stop()
+            await asyncio.wait_for(self._indexer_task, 10)
+            self.indexer = None
+
+    async def wait_indexed(self, events: int, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        hub = self.hubs[0].hub
+        while await asyncio.to_thread(hub.store.count_events) < events:
+            assert time.monotonic() < deadline, f"indexed {hub.store.count_events()} of {events}"
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        await self.stop_indexer()
+        for live in self.hubs:
+            await live.hub.stop()
+
+
+@pytest_asyncio.fixture
+async def cluster(test_pki: TestPki, tmp_path: Path) -> AsyncIterator[Cluster]:
+    with nats_cluster(tmp_path / "nats", size=1) as nats:
+        running = Cluster(test_pki, tmp_path, nats)
+        try:
+            yield running
+        finally:
+            await running.stop()
+
+
+async def test_appends_are_indexed_and_served(cluster: Cluster) -> None:
+    live = await cluster.start_hub()
+    cluster.start_indexer()
+    agent = live.agent("web1-proc")
+    acks = [await live.publish(agent, agent.seal(make_events(3, start=3 * i))) for i in range(4)]
+    assert [(a.status, a.acked_seq) for a in acks] == [(Status.OK, i) for i in range(1, 5)]
+    await cluster.wait_indexed(12)
+    stored = await live.query(bus_pb2.EventFilter(agent_ids=["web1-proc"]))
+    assert sorted(s.event.event_id for s in stored) == sorted(f"web1-proc-{i}" for i in range(12))
+    async with live.channel(live.consumer_tls()) as channel:
+        (info,) = (await hub_stub(channel).ListAgents(bus_pb2.ListAgentsRequest())).agents
+    assert (info.agent_id, info.host, info.kind, info.events_total, info.last_seq) == (
+        "web1-proc",
+        "web1",
+        "proc",
+        12,
+        4,
+    )
+    assert info.cert_not_after_ns > 0
+
+
+async def test_subscribe_streams_what_the_indexer_commits(cluster: Cluster) -> None:
+    live = await cluster.start_hub()
+    cluster.start_indexer()
+    agent = live.agent("web1-proc")
+    async with live.channel(live.consumer_tls()) as channel:
+        stream = hub_stub(channel).Subscribe(bus_pb2.SubscribeRequest(filter=bus_pb2.EventFilter(hosts=["web1"])))
+        await asyncio.sleep(0.3)  # the subscription is registered before the events arrive
+        assert (await live.publish(agent, agent.seal(make_events(4)))).status == Status.OK
+        received = [await asyncio.wait_for(stream.read(), 10) for _ in range(4)]
+        stream.cancel()
+    assert [r.event.event_id for r in received] == [f"web1-proc-{i}" for i in range(4)]
+
+
+async def test_two_hubs_decide_one_chain(cluster: Cluster) -> None:
+    """An agent alternating between two hubs: each hub's cached head goes stale and is re-read, never forked."""
+    a, b = await cluster.start_hub(), await cluster.start_hub()
+    agent = a.agent("web1-proc")
+    b.hub.trust.reload()
+    envelopes = [agent.seal(make_events(1, start=i)) for i in range(6)]
+    for i, envelope in enumerate(envelopes):
+        ack = await (a if i % 2 == 0 else b).publish(agent, envelope)
+        assert (ack.status, ack.acked_seq, ack.reason) == (Status.OK, i + 1, ""), ack
+    resent = await a.publish(agent, envelopes[5])  # what b appended: a resend of the head
+    assert (resent.status, resent.reason) == (Status.OK, "duplicate")
+    old = await b.publish(agent, envelopes[2])
+    assert old.status == Status.OK
+    gap = agent.seal(make_events(1, start=99))
+    agent.chain.last_seq += 1  # skip one: seq 8 while the head is 6
+    gap_ack = await a.publish(agent, agent.seal(make_events(1, start=100)))
+    assert gap_ack.status == Status.RETRY and gap_ack.reason.startswith("out_of_order"), gap_ack
+    assert (await b.publish(agent, gap)).status == Status.OK  # seq 7 through the other hub
+    cluster.start_indexer()
+    await cluster.wait_indexed(7)
+    stored = await a.query(bus_pb2.EventFilter(agent_ids=["web1-proc"]))
+    assert sorted(s.event.event_id for s in stored) == sorted([f"web1-proc-{i}" for i in range(6)] + ["web1-proc-99"])
+    assert cluster.indexer is not None
+    assert cluster.indexer.metrics.registry.get_sample_value("amoskys_indexer_chain_gaps_total") == 0
+
+
+async def test_fork_across_hubs_is_refused(cluster: Cluster) -> None:
+    a, b = await cluster.start_hub(), await cluster.start_hub()
+    agent = a.agent("web1-proc")
+    b.hub.trust.reload()
+    assert (await a.publish(agent, agent.seal(make_events(1)))).status == Status.OK
+    saved = (agent.chain.last_seq, agent.chain.last_hash)
+    first = agent.seal(make_events(1, start=1))
+    agent.chain.last_seq, agent.chain.last_hash = saved
+    other = agent.seal(make_events(1, start=2))  # the same seq 2, other content
+    assert (await a.publish(agent, first)).status == Status.OK
+    forked = await b.publish(agent, other)
+    assert forked.status == Status.INVALID and forked.reason.startswith("fork"), forked
+
+
+async def test_indexer_restart_stores_nothing_twice(cluster: Cluster) -> None:
+    live = await cluster.start_hub()
+    agent = live.agent("web1-proc")
+    cluster.start_indexer()
+    for i in range(5):
+        assert (await live.publish(agent, agent.seal(make_events(2, start=2 * i)))).status == Status.OK
+    await cluster.wait_indexed(10)
+    await cluster.stop_indexer()
+    for i in range(5, 8):
+        assert (await live.publish(agent, agent.seal(make_events(2, start=2 * i)))).status == Status.OK
+    cluster.start_indexer()
+    await cluster.wait_indexed(16)
+    await asyncio.sleep(0.5)
+    stored = await live.query(bus_pb2.EventFilter(agent_ids=["web1-proc"]))
+    assert sorted(s.event.event_id for s in stored) == sorted(f"web1-proc-{i}" for i in range(16))
+
+
+async def test_nats_unreachable_answers_retry(cluster: Cluster) -> None:
+    live = await cluster.start_hub()
+    agent = live.agent("web1-proc")
+    assert (await live.publish(agent, agent.seal(make_events(1)))).status == Status.OK
+    cluster.nats.nodes[0].kill()
+    ack = await live.publish(agent, agent.seal(make_events(1, start=1)))
+    assert ack.status == Status.RETRY and ack.reason.startswith("store unavailable"), ack
