@@ -2,9 +2,11 @@
 
 A durable pull consumer (ack policy "all") hands over batches in stream order; each batch is
 committed to SQLite in one transaction together with the stream sequence it reached, and only then
-acked. A redelivered message (an indexer killed between commit and ack) is at or below that
-sequence and skipped, and an envelope already indexed (agent, chain, seq) is never stored twice:
-every envelope in the stream is in the index exactly once.
+acked. The index advances one stream sequence at a time: a message the consumer does not hand over
+in order (delivered to an indexer that was killed, and not yet due again) is read from the stream
+directly before anything after it. A redelivered message is at or below the committed sequence and
+skipped, and an envelope already indexed (agent, chain, seq) is never stored twice: every envelope
+in the stream is in the index exactly once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import nats.errors
 import nats.js.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.js import JetStreamContext, api
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from amoskys import systemd
@@ -70,6 +72,28 @@ class IndexerMetrics:
         self.store_errors = Counter("amoskys_indexer_store_errors", "Failed index commits (retried)", registry=r)
 
 
+@dataclass(frozen=True, slots=True)
+class StreamMessage:
+    """One stream message, as the consumer delivered it or as read from the stream by sequence."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    received_ns: int  # when the stream stored it
+
+    @classmethod
+    def delivered(cls, message: Msg) -> StreamMessage:
+        meta = message.metadata
+        stamp = int(meta.timestamp.timestamp() * 1e9)
+        return cls(meta.sequence.stream, message.subject, message.data, dict(message.headers or {}), stamp)
+
+    @classmethod
+    def read(cls, message: api.RawStreamMsg) -> StreamMessage:
+        stamp = int(message.time.timestamp() * 1e9) if message.time else time.time_ns()
+        return cls(message.seq or 0, message.subject or "", message.data or b"", dict(message.headers or {}), stamp)
+
+
 @dataclass(slots=True)
 class _Batch:
     items: list[AcceptedEnvelope]
@@ -90,6 +114,7 @@ class Indexer:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="indexer-writer")
         self._stop = asyncio.Event()
         self._metrics_server: Any = None
+        self._js: JetStreamContext | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -102,7 +127,7 @@ class Indexer:
         self._start_metrics()
         nc = await connect(self.config.nats, "amoskys-indexer")
         try:
-            js = nc.jetstream(timeout=self.config.nats.request_timeout_s)
+            self._js = js = nc.jetstream(timeout=self.config.nats.request_timeout_s)
             await ensure_stream(js, self.config.nats)
             sub = await js.pull_subscribe(
                 f"{self.config.nats.subject_prefix}.>",
@@ -130,14 +155,22 @@ class Indexer:
         try:
             messages: list[Msg] = await sub.fetch(self.config.batch, timeout=FETCH_WAIT_S)
         except TimeoutError:
-            self.metrics.lag_messages.set(0)
-            self.metrics.lag_seconds.set(0)
-            return
+            messages = []
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             log.warning("fetch failed; retrying", extra={"error": repr(exc)})
             await asyncio.sleep(RETRY_PAUSE_S)
             return
-        await self._commit(self._batch(messages))
+        if not messages:  # nothing pending
+            self.metrics.lag_messages.set(0)
+            self.metrics.lag_seconds.set(0)
+            return
+        try:
+            complete = await self._in_order([StreamMessage.delivered(m) for m in messages])
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("reading skipped messages failed; the batch comes again", extra={"error": repr(exc)})
+            await asyncio.sleep(RETRY_PAUSE_S)
+            return
+        await self._commit(self._batch(complete))
         try:
             await messages[-1].ack_sync(timeout=self.config.nats.request_timeout_s)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
@@ -165,26 +198,54 @@ class Indexer:
         self.metrics.envelopes.inc(sum(1 for item in batch.items if item.seq))
         self.metrics.events.inc(sum(len(item.rows) for item in batch.items))
 
-    def _batch(self, messages: list[Msg]) -> _Batch:
+    async def _in_order(self, delivered: list[StreamMessage]) -> list[StreamMessage]:
+        """The messages after the committed position without a hole: what the consumer skipped is read
+        from the stream (None there: removed by the stream's limits)."""
+        assert self._js is not None
+        fresh = sorted((m for m in delivered if m.seq > self.position), key=lambda m: m.seq)
+        skipped = len(delivered) - len(fresh)
+        if skipped:
+            self.metrics.skipped.labels("redelivered").inc(skipped)
+        complete: list[StreamMessage] = []
+        expected = self.position + 1
+        for message in fresh:
+            if message.seq > expected:
+                first = (await self._js.stream_info(self.config.nats.stream)).state.first_seq
+                complete += await self._read_range(max(expected, first), message.seq)
+            if not complete or message.seq > complete[-1].seq:
+                complete.append(message)
+            expected = message.seq + 1
+        return complete
+
+    async def _read_range(self, first: int, end: int) -> list[StreamMessage]:
+        """Messages `first` .. `end - 1` read from the stream by sequence (those that still exist)."""
+        assert self._js is not None
+        found: list[StreamMessage] = []
+        for seq in range(first, end):
+            try:
+                found.append(StreamMessage.read(await self._js.get_msg(self.config.nats.stream, seq)))
+            except nats.js.errors.NotFoundError:
+                continue
+        if found:
+            log.info("read messages the consumer had handed elsewhere", extra={"first": first, "count": len(found)})
+            self.metrics.skipped.labels("read_directly").inc(len(found))
+        return found
+
+    def _batch(self, messages: list[StreamMessage]) -> _Batch:
         batch = _Batch([], {}, self.position)
         seen: set[tuple[str, bytes, int]] = set()
         prefix = self.config.nats.subject_prefix
         for message in messages:
-            meta = message.metadata
-            if meta.sequence.stream <= self.position:
-                self.metrics.skipped.labels("redelivered").inc()
-                continue
-            batch.last_seq = max(batch.last_seq, meta.sequence.stream)
-            received_ns = int(meta.timestamp.timestamp() * 1e9)
+            batch.last_seq = max(batch.last_seq, message.seq)
             if message.subject.startswith(f"{prefix}.alert."):
                 item = self._alert(message)
             else:
-                item = self._envelope(message, received_ns, batch.chains, seen)
+                item = self._envelope(message, message.received_ns, batch.chains, seen)
             if item is not None:
                 batch.items.append(item)
         return batch
 
-    def _alert(self, message: Msg) -> AcceptedEnvelope | None:
+    def _alert(self, message: StreamMessage) -> AcceptedEnvelope | None:
         try:
             event = events_pb2.Event.FromString(message.data)
         except DecodeError:
@@ -195,7 +256,7 @@ class Indexer:
 
     def _envelope(
         self,
-        message: Msg,
+        message: StreamMessage,
         received_ns: int,
         chains: dict[str, ChainRecord],
         seen: set[tuple[str, bytes, int]],
@@ -220,7 +281,7 @@ class Indexer:
         skew_ns = int(self.config.max_clock_skew_s * 1e9)
         rows = [to_row(event) for event in batch.events]
         rows = [row._replace(ts_ns=observed_ns(row.ts_ns, received_ns, skew_ns)) for row in rows]
-        headers = message.headers or {}
+        headers = message.headers
         update = agent_update(
             batch, rows, headers.get(HEADER_HOST, ""), headers.get(HEADER_KIND, ""), int(headers.get(HEADER_CERT, "0"))
         )

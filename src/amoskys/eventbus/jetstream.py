@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,6 +53,8 @@ HEADER_KIND = "Amoskys-Kind"
 HEADER_CERT = "Amoskys-Cert-Not-After"  # ns, the client certificate the envelope came over
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+STREAM_WAIT_S = 30.0  # how long a starting hub or indexer waits for JetStream to have a leader
+UNAVAILABLE = 503
 WRONG_LAST_SEQUENCE = 10071  # JetStream's JSStreamWrongLastSequenceErrF: another writer appended first
 NATS_SUBJECT_ESCAPE = str.maketrans({".": "~"})  # '~' is never in an agent id, '.' separates subject tokens
 
@@ -105,8 +108,29 @@ async def connect(config: NatsConfig, name: str) -> NatsClient:
     )
 
 
-async def ensure_stream(js: JetStreamContext, config: NatsConfig) -> None:
-    """Create the stream unless it exists (its settings are then the operator's: never changed here)."""
+async def ensure_stream(js: JetStreamContext, config: NatsConfig, wait_s: float = STREAM_WAIT_S) -> None:
+    """Create the stream unless it exists (its settings are then the operator's: never changed here).
+
+    A cluster that is still electing its JetStream leader answers "unavailable" for a few seconds:
+    asked again until `wait_s` has passed.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            await _ensure_stream(js, config)
+            return
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.info("jetstream not ready; asking again", extra={"error": repr(exc)})
+        except nats.js.errors.APIError as exc:
+            if exc.code != UNAVAILABLE or time.monotonic() >= deadline:
+                raise
+            log.info("jetstream not ready; asking again", extra={"error": repr(exc)})
+        await asyncio.sleep(0.5)
+
+
+async def _ensure_stream(js: JetStreamContext, config: NatsConfig) -> None:
     try:
         await js.stream_info(config.stream)
         return
@@ -173,7 +197,7 @@ class JetStreamLog:
     def start(self) -> None:
         """Connect and make sure the stream exists; raises when NATS cannot be reached."""
         self._thread.start()
-        self.call(self._connect(), self.config.request_timeout_s * 3)
+        self.call(self._connect(), self.config.request_timeout_s * 2 + STREAM_WAIT_S)
 
     async def _connect(self) -> None:
         self._nc = await connect(self.config, self.name)
