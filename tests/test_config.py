@@ -168,3 +168,15 @@ def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad = write(tmp_path, "listen: x\n", "eventbus.yml")
     assert main(["config", "check", str(bad)]) == 2
     assert "key 'listen'" in capsys.readouterr().err
+
+
+def test_agent_hub_takes_a_list_of_addresses(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yml"
+    path.write_text("hub: [hub1:50051, hub2:50051]\n")
+    assert load_config(path, AgentConfig, env={}).hubs() == ["hub1:50051", "hub2:50051"]
+    path.write_text("hub: hub1:50051\n")
+    assert load_config(path, AgentConfig, env={}).hubs() == ["hub1:50051"]
+    for bad, error in (("hub: []\n", "at least one address"), ("hub: [hub1:50051, nope]\n", "expected 'host:port'")):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=error):
+            load_config(path, AgentConfig, env={})

@@ -431,7 +431,7 @@ class AgentConfig(Section, frozen=True):
 
     agent_id: Annotated[str, msgspec.Meta(pattern=rf"^(?:{IDENTITY_NAME})?\Z")] = ""
     host: str = ""
-    hub: str = "localhost:50051"
+    hub: str | list[str] = "localhost:50051"  # a list: hubs of a cluster, the next one tried when one is lost
     hub_server_name: str = ""
     tls: TlsConfig = TlsConfig()
     signing_key: str = "/etc/amoskys/signing.key"
@@ -449,7 +449,14 @@ class AgentConfig(Section, frozen=True):
     snmp: SnmpConfig = SnmpConfig()
 
     def __post_init__(self) -> None:
-        _check_address(self.hub, "hub")
+        if not self.hubs():
+            raise ValueError("hub: at least one address is needed")
+        for address in self.hubs():
+            _check_address(address, "hub")
+
+    def hubs(self) -> list[str]:
+        """The hub addresses, in the order they are tried."""
+        return [self.hub] if isinstance(self.hub, str) else list(self.hub)
 
     def resolved_host(self) -> str:
         return self.host or socket.gethostname()

@@ -48,7 +48,7 @@ COMMANDS = ("/usr/bin/bash", "/usr/sbin/sshd", "/usr/bin/python3", "/usr/bin/cur
 
 @dataclass(frozen=True)
 class LoadOptions:
-    hub: str
+    hub: str | list[str]  # a list: the agents fail over between these hubs
     server_name: str
     ca: Path
     identities: Path

@@ -175,3 +175,27 @@ async def test_kill_9_of_a_nats_node_a_hub_and_the_indexer_under_load(fleet: Fle
     assert "chain gap" not in fleet.indexer.log.read_text()
     assert fleet.indexer.terminate() == 0
     assert fleet.hubs[0].terminate() == 0
+
+
+@pytest.mark.slow
+async def test_agents_fail_over_to_the_other_hub_and_their_chains_go_on(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.indexer.start()
+    for hub in fleet.hubs:
+        hub.start()
+    ack_log = tmp_path / "acks.log"
+    hubs = [fleet.hub_address(0), fleet.hub_address(1)]
+    load = asyncio.create_task(run_agents(fleet.load(hubs, range(AGENTS), ack_log, 5.0), range(AGENTS)))
+    await asyncio.sleep(2.0)
+    fleet.hubs[0].kill()
+    stats, _ = await load
+    assert stats.sent_events > 0
+    assert stats.errors, "no agent lost its hub"  # some agents started on the killed one
+    assert stats.acked_events == stats.sent_events, stats  # the agents of the lost hub were acked by the other
+    assert not stats.rejected, stats
+    acked = acked_ids(ack_log)
+    ids = await wait_for_index(fleet.index, acked)
+    assert_exactly_once_and_chained(fleet.index, acked, ids)
+    _, chains = indexed(fleet.index)
+    assert sorted(agent for agent, _ in chains) == sorted({agent for agent, _ in chains}), "a chain was restarted"
+    assert len(chains) == AGENTS
+    assert "chain_reset" not in fleet.hubs[1].log.read_text()

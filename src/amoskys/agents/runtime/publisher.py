@@ -27,6 +27,7 @@ import random
 import socket
 import stat
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -195,6 +196,8 @@ class Publisher:
         self.on_acked = on_acked
         self.on_idle = on_idle  # called when the publisher becomes idle (see `idle`)
         self.backoff = Backoff()
+        self.hubs = config.hubs()
+        self.hub = self.hubs[zlib.crc32(config.agent_id.encode()) % len(self.hubs)]  # agents spread over hubs
         self.connected = False
         self._inflight: Inflight | None = None  # the open stream's window; None between streams
         self._stream_chain = b""  # the chain of what this stream has sent
@@ -213,7 +216,7 @@ class Publisher:
         """Publish forever: one stream per session, reconnecting as needed."""
         while True:
             try:
-                async with agent_channel(self.config.hub, self.config.tls, self.config.hub_server_name) as channel:
+                async with agent_channel(self.hub, self.config.tls, self.config.hub_server_name) as channel:
                     request = channel.request(METHOD, Cardinality.STREAM_STREAM, bytes, envelope_pb2.PublishAck)
                     async with request as stream:  # leaving it with an exception resets the stream
                         await self._session(stream)
@@ -224,12 +227,20 @@ class Publisher:
                 code = failure_code(exc)
                 self.metrics.publish_errors.labels(code).inc()
                 pause = self.backoff.next()
-                log.warning("hub unreachable; retrying", extra={"code": code, "retry_in_s": round(pause, 2)})
+                lost, self.hub = self.hub, self._next_hub()
+                log.warning(
+                    "hub unreachable; retrying",
+                    extra={"code": code, "hub": lost, "next_hub": self.hub, "retry_in_s": round(pause, 2)},
+                )
             except OutboxError as exc:  # e.g. an ack not recorded: what is unacked is sent again
                 self.metrics.publish_errors.labels("OUTBOX").inc()
                 pause = self.backoff.next()
                 log.error("outbox unwritable; retrying", extra={"error": str(exc), "retry_in_s": round(pause, 2)})
             await asyncio.sleep(pause)
+
+    def _next_hub(self) -> str:
+        """Fail over: the hub after the current one (the chain goes on there: the hubs share it)."""
+        return self.hubs[(self.hubs.index(self.hub) + 1) % len(self.hubs)]
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
@@ -240,7 +251,7 @@ class Publisher:
         inflight: Inflight = collections.deque()
         last_sent = 0
         await stream.send_request()
-        limit_unacked_time(self.config.hub, TCP_USER_TIMEOUT_S)
+        limit_unacked_time(self.hub, TCP_USER_TIMEOUT_S)
         self._inflight = inflight
         self._became_idle()
         acks: Acks = asyncio.ensure_future(stream.recv_message())  # always pending: a broken stream fails it
