@@ -34,11 +34,12 @@ class NatsNode:
     root: Path
     client_port: int = field(default_factory=_free_port)
     route_port: int = field(default_factory=_free_port)
+    tls: tuple[Path, Path, Path] | None = None  # (ca, cert, key): clients must present a certificate of `ca`
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.client_port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.client_port}"
 
     def write_config(self, peers: list[NatsNode]) -> Path:
         routes = ", ".join(f"nats-route://127.0.0.1:{p.route_port}" for p in peers if p is not self)
@@ -47,10 +48,14 @@ class NatsNode:
             if len(peers) > 1
             else ""
         )
+        tls = ""
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            tls = f'tls {{ ca_file: "{ca}", cert_file: "{cert}", key_file: "{key}", verify: true }}'
         config = self.root / f"{self.name}.conf"
         config.write_text(
             f"server_name: {self.name}\nlisten: 127.0.0.1:{self.client_port}\n"
-            f"jetstream {{ store_dir: {self.root / self.name} }}\n{cluster}\n"
+            f"jetstream {{ store_dir: {self.root / self.name} }}\n{cluster}\n{tls}\n"
         )
         return config
 
@@ -98,12 +103,13 @@ class NatsCluster:
 
 
 @contextmanager
-def nats_cluster(root: Path, size: int = 3) -> Iterator[NatsCluster]:
-    """`size` JetStream nodes routed to each other (size 1: a single server), all stopped at the end."""
+def nats_cluster(root: Path, size: int = 3, tls: tuple[Path, Path, Path] | None = None) -> Iterator[NatsCluster]:
+    """`size` JetStream nodes routed to each other (size 1: a single server), all stopped at the end;
+    with `tls` (ca, cert, key), clients speak mTLS."""
     if NATS_SERVER is None:
         pytest.skip("nats-server is not installed (scripts/setup-host.sh --for test)")
     root.mkdir(parents=True, exist_ok=True)
-    cluster = NatsCluster([NatsNode(f"n{i + 1}", root) for i in range(size)])
+    cluster = NatsCluster([NatsNode(f"n{i + 1}", root, tls=tls) for i in range(size)])
     try:
         cluster.start()
         yield cluster

@@ -7,6 +7,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
+import pytest
 import pytest_asyncio
 
 from amoskys.client import hub_stub
@@ -183,3 +185,25 @@ async def test_nats_unreachable_answers_retry(cluster: Cluster) -> None:
     cluster.nats.nodes[0].kill()
     ack = await live.publish(agent, agent.seal(make_events(1, start=1)))
     assert ack.status == Status.RETRY and ack.reason.startswith("store unavailable"), ack
+
+
+async def test_hub_speaks_mtls_to_nats(test_pki: TestPki, tmp_path: Path) -> None:
+    """nats.tls: the server is checked against the fleet CA and the hub presents its certificate."""
+    server_key, server_cert = test_pki.issue("nats1", "server", ["localhost", "127.0.0.1"])
+    with nats_cluster(tmp_path / "nats", size=1, tls=(test_pki.ca_cert, server_cert, server_key)) as nats:
+        store = {"backend": "jetstream", "path": str(tmp_path / "index.db"), "prune_interval_s": 3600}
+        config = hub_config(test_pki, tmp_path, store=store, nats=nats_section(nats.servers))
+        no_tls = create_server(config)
+        with pytest.raises(TimeoutError):  # the server refuses a client without a certificate: never connected
+            await no_tls.start()
+        await no_tls.stop()
+        key, cert = test_pki.issue("hub-nats", "client")  # NATS checks a client certificate (clientAuth)
+        tls = NatsConfig(servers=nats.servers, tls=True, ca=config.tls.ca, cert=str(cert), key=str(key), replicas=1)
+        hub = create_server(msgspec.structs.replace(config, nats=tls))
+        await hub.start()
+        try:
+            live = LiveHub(hub, test_pki, hub.config)
+            agent = live.agent("web1-proc")
+            assert (await live.publish(agent, agent.seal(make_events(2)))).status == Status.OK
+        finally:
+            await hub.stop()

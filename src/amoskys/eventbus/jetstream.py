@@ -83,7 +83,10 @@ def tls_context(config: NatsConfig) -> ssl.SSLContext | None:
 
 
 async def connect(config: NatsConfig, name: str) -> NatsClient:
-    """A client that reconnects for ever (to any of `servers`); in-flight requests fail and are retried by callers."""
+    """A client that reconnects for ever (to any of `servers`); in-flight requests fail and callers retry them.
+
+    TimeoutError when no server could be reached (or none accepted the handshake) within 3 request timeouts.
+    """
 
     async def on_error(error: Exception) -> None:
         log.warning("nats: %s", error, extra={"error": repr(error)})
@@ -94,7 +97,7 @@ async def connect(config: NatsConfig, name: str) -> NatsClient:
     async def on_reconnect() -> None:
         log.info("nats: reconnected")
 
-    return await nats.connect(
+    connecting = nats.connect(
         servers=list(config.servers),
         tls=tls_context(config),
         name=name,
@@ -106,6 +109,9 @@ async def connect(config: NatsConfig, name: str) -> NatsClient:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    # The client retries for ever (reconnects must: a node restarts); the first connection gets a deadline
+    # so that a hub or indexer that cannot reach NATS (down, TLS refused) fails and is restarted.
+    return await asyncio.wait_for(connecting, config.request_timeout_s * 3)
 
 
 async def ensure_stream(js: JetStreamContext, config: NatsConfig, wait_s: float = STREAM_WAIT_S) -> None:
