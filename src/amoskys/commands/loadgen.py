@@ -14,7 +14,7 @@ from amoskys.errors import ConfigError
 
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("loadgen", help="simulate N signed agents publishing to a hub")
-    parser.add_argument("--hub", default="localhost:50051")
+    parser.add_argument("--hub", default="localhost:50051", help="HOST:PORT, or several comma-separated (a cluster)")
     parser.add_argument("--server-name", default="", help="name to expect in the hub certificate")
     parser.add_argument("--ca", type=Path, required=True, help="CA certificate")
     parser.add_argument("--identities", type=Path, required=True, help="directory of agent identities")
@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
         ensure_identities(args.ca_dir, args.identities, args.agents)
     if args.prepare_only:
         return 0
+    hub = args.hub.split(",") if "," in args.hub else args.hub
     options = LoadOptions(
-        hub=args.hub, server_name=args.server_name, ca=args.ca, identities=args.identities, agents=args.agents,
+        hub=hub, server_name=args.server_name, ca=args.ca, identities=args.identities, agents=args.agents,
         rate=args.rate, batch=args.batch, duration=args.duration, inflight=args.inflight,
         ack_log=args.ack_log, processes=args.processes,
     )  # fmt: skip
