@@ -145,6 +145,9 @@ async def test_two_hubs_decide_one_chain(cluster: Cluster) -> None:
     assert sorted(s.event.event_id for s in stored) == sorted([f"web1-proc-{i}" for i in range(6)] + ["web1-proc-99"])
     assert cluster.indexer is not None
     assert cluster.indexer.metrics.registry.get_sample_value("amoskys_indexer_chain_gaps_total") == 0
+    agent.chain.last_seq, agent.chain.last_hash = 2, b"\x01" * 32
+    forged = await b.publish(agent, agent.seal(make_events(1, start=200)))  # seq 3, indexed with other content
+    assert forged.status == Status.INVALID and forged.reason.startswith("fork"), forged
 
 
 async def test_fork_across_hubs_is_refused(cluster: Cluster) -> None:

@@ -51,6 +51,9 @@ class JetStreamStore:
         return {}  # heads are read from the stream when an agent is first seen
 
     def stored_digest(self, agent_id: str, chain_id: bytes, seq: int) -> bytes | None:
+        return None  # `ClusterIngest` hands the chain decision the stored digests it needs (`_known`)
+
+    def indexed_digest(self, agent_id: str, chain_id: bytes, seq: int) -> bytes | None:
         return self.index.indexed_digest(agent_id, chain_id, seq)
 
     def chain_of(self, agent_id: str) -> ChainRecord | None:
@@ -141,7 +144,7 @@ class ClusterIngest(Ingest):
                 if agent_id in self._cached and not _links(sub.header, head.chain):
                     self._forget(agent_id)  # not the next envelope of the head this hub knows: read the stream's
                     head = await self._head(agent_id)
-                decision = self._decide(sub, {}, self._head_digest(agent_id, head))
+                decision = self._decide(sub, {}, await self._known(sub.header, head))
                 if decision.alert is not None:
                     self._alerts.append(decision.alert)
                 if decision.ack is not None:
@@ -187,12 +190,18 @@ class ClusterIngest(Ingest):
         self._head_seq[agent_id] = head.stream_seq
         return Head(chain, head.stream_seq)
 
-    @staticmethod
-    def _head_digest(agent_id: str, head: Head) -> dict[tuple[str, bytes, int], bytes]:
-        """The head as `_decide`'s already-stored envelopes: a resend of it is a duplicate or a fork."""
-        if head.chain is None:
-            return {}
-        return {(agent_id, head.chain.chain_id, head.chain.last_seq): head.chain.last_hash}
+    async def _known(self, h: envelope_pb2.EnvelopeHeader, head: Head) -> dict[tuple[str, bytes, int], bytes]:
+        """What `_decide` must know is stored: the head, and for a resend of an older envelope of its chain
+        the digest the index has (a resend of the head or before it is a duplicate or a fork)."""
+        chain = head.chain
+        if chain is None or chain.chain_id != h.chain_id or h.seq > chain.last_seq:
+            return {}  # a new envelope: no lookup (were it stored already, the append would say so)
+        known = {(h.agent_id, chain.chain_id, chain.last_seq): chain.last_hash}
+        if h.seq < chain.last_seq:
+            digest = await asyncio.to_thread(self.index.indexed_digest, h.agent_id, h.chain_id, h.seq)
+            if digest is not None:
+                known[(h.agent_id, h.chain_id, h.seq)] = digest
+        return known
 
     def _forget(self, agent_id: str) -> None:
         self._head_seq.pop(agent_id, None)
