@@ -3,6 +3,7 @@
 
     python benchmarks/cluster.py                          # every setup, the "agents" workload
     python benchmarks/cluster.py --setup jetstream-2 --workload batch10 --duration 20
+    python benchmarks/cluster.py --commit-path 20000      # the store side alone, in this process
 
 Setups: `sqlite` (one hub, its own store), `jetstream-1` and `jetstream-2` (one or two hub processes
 on a 3-node JetStream cluster, R3, with `amoskys indexer` writing the index). Everything runs on this
@@ -11,11 +12,17 @@ so the figures to compare are CPU seconds per envelope (hub processes, NATS node
 measured from /proc) more than events/s. Workloads: `agents` (agents at 1 event/s each, one event
 per envelope: the fleet's shape) and `batch10` (as fast as acks allow, 10 events per envelope).
 After the load, the index is awaited until it holds every acked event (lost = acked - indexed).
+
+`--commit-path N` measures what the backend alone costs a hub: N one-event envelopes of 200 agents,
+already checked, handed to the writer (`Ingest` on SQLite, `ClusterIngest` on a 3-node R3 JetStream)
+one envelope per agent at a time, awaiting each round's acks; CPU of this process (all its threads)
+per envelope, and envelopes/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sqlite3
@@ -33,8 +40,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hub import proc_stats
 from tests.natscluster import nats_cluster
 
-from amoskys import pki
-from amoskys.loadgen import ensure_identities
+from amoskys import keys, pki
+from amoskys.config import BackpressureConfig, EventBusConfig, NatsConfig, StoreConfig
+from amoskys.envelope import ChainState, envelope_digest, seal
+from amoskys.eventbus.ingest import Ingest
+from amoskys.eventbus.metrics import BusMetrics
+from amoskys.eventbus.rows import to_row
+from amoskys.eventbus.store import AgentUpdate, SqliteStore
+from amoskys.loadgen import agent_name, ensure_identities, simulated_host, synthetic_events
+from amoskys.v1 import envelope_pb2
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     "agents": {"agents": 500, "batch": 1, "rate": 500, "duration": 20, "inflight": 4},
@@ -156,13 +170,88 @@ def measure(
     }
 
 
+COMMIT_AGENTS = 200
+
+
+def sealed_rounds(envelopes: int) -> list[list[tuple[envelope_pb2.EnvelopeHeader, bytes, list[Any], bytes]]]:
+    """Rounds of one sealed one-event envelope per agent: (header, digest, rows, raw)."""
+    signer = keys.generate_signing_key()
+    chains = [ChainState.fresh() for _ in range(COMMIT_AGENTS)]
+    rounds = []
+    for r in range(max(envelopes // COMMIT_AGENTS, 1)):
+        wave = []
+        for i, chain in enumerate(chains):
+            batch = synthetic_events(f"{agent_name(i)}:{r}", simulated_host(i), r, 1)
+            envelope = seal(agent_name(i), batch, chain, signer)
+            header = envelope_pb2.EnvelopeHeader.FromString(envelope.header)
+            rows = [to_row(event) for event in batch.events]
+            wave.append(
+                (header, envelope_digest(envelope.header, envelope.payload), rows, envelope.SerializeToString())
+            )
+        rounds.append(wave)
+    return rounds
+
+
+async def drive(ingest: Ingest, rounds: list[list[Any]]) -> dict[str, float]:
+    ingest.start(asyncio.get_running_loop())
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    for wave in rounds:
+        futures = [
+            ingest.submit(h, d, rows, AgentUpdate(host="h", kind="proc", events=1), raw) for h, d, rows, raw in wave
+        ]
+        acks = await asyncio.gather(*futures)
+        assert all(ack.status == envelope_pb2.PublishAck.OK for ack in acks), acks[:3]
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    await asyncio.to_thread(ingest.stop)
+    count = sum(len(wave) for wave in rounds)
+    return {
+        "envelopes": count,
+        "envelopes_per_s": round(count / wall, 1),
+        "cpu_ms_per_envelope": round(1000 * cpu / count, 3),
+    }
+
+
+def commit_path(envelopes: int) -> list[dict[str, Any]]:
+    from amoskys.eventbus.cluster import ClusterIngest, JetStreamStore
+    from amoskys.eventbus.jetstream import JetStreamLog
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="amoskys-commit-bench-") as tmp:
+        work = Path(tmp)
+        store = SqliteStore(work / "sqlite" / "events.db")
+        load = os.getloadavg()[0]
+        figures = asyncio.run(drive(Ingest(store, BackpressureConfig(), BusMetrics()), sealed_rounds(envelopes)))
+        store.close()
+        results.append({"backend": "sqlite", **figures, "load_average": [load, round(os.getloadavg()[0], 2)]})
+        with nats_cluster(work / "nats", size=3) as nats:
+            config = EventBusConfig(
+                store=StoreConfig(backend="jetstream", path=str(work / "index" / "events.db")),
+                nats=NatsConfig(servers=nats.servers, tls=False, replicas=3),
+            )
+            log = JetStreamLog(config.nats, "bench")
+            log.start()
+            cluster_store = JetStreamStore(config)
+            ingest = ClusterIngest(cluster_store, log, config, BusMetrics())
+            load = os.getloadavg()[0]
+            figures = asyncio.run(drive(ingest, sealed_rounds(envelopes)))
+            log.close()
+            cluster_store.close()
+            results.append({"backend": "jetstream-r3", **figures, "load_average": [load, round(os.getloadavg()[0], 2)]})
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", choices=[*SETUPS, "all"], default="all")
     parser.add_argument("--workload", choices=list(WORKLOADS), default="agents")
     parser.add_argument("--duration", type=float, help="override the workload's duration (s)")
     parser.add_argument("--agents", type=int, help="override the workload's agents (and rate, for `agents`)")
+    parser.add_argument("--commit-path", type=int, metavar="N", help="only the store side: N envelopes in-process")
     args = parser.parse_args()
+    if args.commit_path:
+        for result in commit_path(args.commit_path):
+            print(json.dumps(result), flush=True)
+        return 0
     params = dict(WORKLOADS[args.workload])
     if args.duration:
         params["duration"] = args.duration
