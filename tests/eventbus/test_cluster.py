@@ -162,6 +162,10 @@ async def test_fork_across_hubs_is_refused(cluster: Cluster) -> None:
     assert (await a.publish(agent, first)).status == Status.OK
     forked = await b.publish(agent, other)
     assert forked.status == Status.INVALID and forked.reason.startswith("fork"), forked
+    cluster.start_indexer()  # the hub's alert goes through the stream into the index
+    await cluster.wait_indexed(3)
+    (alert,) = await a.query(bus_pb2.EventFilter(agent_ids=["eventbus"]))
+    assert alert.event.alert.rule == "bus.fork"
 
 
 async def test_indexer_restart_stores_nothing_twice(cluster: Cluster) -> None:
