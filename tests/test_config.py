@@ -53,6 +53,11 @@ BAD_INPUTS = [
     ("limits: {max_events_per_batch: 0}\n", "key 'limits.max_events_per_batch': expected int >= 1"),
     ("metrics: {listen: 9124}\n", "key 'metrics.listen': expected str, got int"),
     ("store: {backend: postgres}\n", "key 'store.backend': expected one of 'sqlite', 'jetstream', got 'postgres'"),
+    ("nats: {servers: []}\n", "key 'nats.servers': at least one NATS server address is needed"),
+    ("nats: {servers: ['nats://a b:4222']}\n", "key 'nats.servers': expected 'host:port' or 'tls://host:port'"),
+    ("nats: {replicas: 7}\n", "key 'nats.replicas': expected int <= 5"),
+    ("nats: {stream: 'a.b'}\n", "key 'nats.stream': expected str matching regex"),
+    ("nats: {subject_prefix: 'a.>'}\n", "key 'nats.subject_prefix': expected str matching regex"),
 ]
 
 

@@ -141,7 +141,7 @@ class MetricsConfig(Section, frozen=True):
         _check_address(self.listen, "listen", allow_empty=True)
 
 
-NATS_SERVER = re.compile(r"(?:(?:nats|tls)://)?(?:[^:/\[\]]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
+NATS_SERVER = re.compile(r"(?:(?:nats|tls)://)?(?:[^:/\[\]\s]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
 STREAM_NAME = r"^[A-Za-z0-9_-]{1,64}\Z"
 SUBJECT_TOKEN = r"^[A-Za-z0-9_-]{1,64}\Z"  # noqa: S105 (a pattern, not a secret)
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 import pytest_asyncio
 
@@ -214,3 +215,25 @@ async def test_hub_speaks_mtls_to_nats(test_pki: TestPki, tmp_path: Path) -> Non
             assert (await live.publish(agent, agent.seal(make_events(2)))).status == Status.OK
         finally:
             await hub.stop()
+
+
+async def test_indexer_skips_what_it_cannot_read_and_goes_on(cluster: Cluster) -> None:
+    """Junk on the stream's subjects (not from a hub) is counted and skipped; the next envelope is indexed."""
+    live = await cluster.start_hub()
+    agent = live.agent("web1-proc")
+    assert (await live.publish(agent, agent.seal(make_events(1)))).status == Status.OK
+    nc = await nats.connect(servers=cluster.nats.servers)
+    try:
+        js = nc.jetstream()
+        await js.publish("amoskys.env.other-proc", b"\xff not an envelope")
+        await js.publish("amoskys.alert.somewhere", b"\xff not an event")
+    finally:
+        await nc.close()
+    assert (await live.publish(agent, agent.seal(make_events(1, start=1)))).status == Status.OK
+    cluster.start_indexer()
+    await cluster.wait_indexed(2)
+    assert cluster.indexer is not None
+    skipped = cluster.indexer.metrics.registry.get_sample_value("amoskys_indexer_skipped_total", {"reason": "malformed"})
+    assert skipped == 2
+    stored = await live.query(bus_pb2.EventFilter(agent_ids=["web1-proc"]))
+    assert sorted(s.event.event_id for s in stored) == ["web1-proc-0", "web1-proc-1"]
