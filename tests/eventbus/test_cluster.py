@@ -233,7 +233,7 @@ async def test_indexer_skips_what_it_cannot_read_and_goes_on(cluster: Cluster) -
     cluster.start_indexer()
     await cluster.wait_indexed(2)
     assert cluster.indexer is not None
-    skipped = cluster.indexer.metrics.registry.get_sample_value("amoskys_indexer_skipped_total", {"reason": "malformed"})
-    assert skipped == 2
+    registry = cluster.indexer.metrics.registry
+    assert registry.get_sample_value("amoskys_indexer_skipped_total", {"reason": "malformed"}) == 2
     stored = await live.query(bus_pb2.EventFilter(agent_ids=["web1-proc"]))
     assert sorted(s.event.event_id for s in stored) == ["web1-proc-0", "web1-proc-1"]
