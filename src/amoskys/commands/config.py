@@ -35,7 +35,7 @@ def register(subparsers: Subparsers) -> None:
 
 def _guess_component(path: Path) -> str:
     name = path.name.lower()
-    for component in ("eventbus", "ui"):
+    for component in ("eventbus", "indexer", "ui"):
         if name.startswith(component):
             return component
     return "agent"
