@@ -193,6 +193,9 @@ async def test_nats_unreachable_answers_retry(cluster: Cluster) -> None:
     cluster.nats.nodes[0].kill()
     ack = await live.publish(agent, agent.seal(make_events(1, start=1)))
     assert ack.status == Status.RETRY and ack.reason.startswith("store unavailable"), ack
+    other = live.agent("web2-proc")  # meanwhile, others are answered at admission, not after a timeout each
+    ack = await live.publish(other, other.seal(make_events(1, host="web2")))
+    assert ack.status == Status.RETRY and ack.reason.startswith("overloaded"), ack
 
 
 async def test_hub_speaks_mtls_to_nats(test_pki: TestPki, tmp_path: Path) -> None:

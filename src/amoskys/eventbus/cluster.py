@@ -160,6 +160,7 @@ class ClusterIngest(Ingest):
                     self._forget(agent_id)
                     return self._resent_at(sub, await self.stream.digest_at(pub.seq))
                 self.chains[agent_id], self._head_seq[agent_id] = decision.chain, pub.seq
+                self._store_down_until = 0.0
                 return Ack(Status.OK, "", 0, decision.chain.last_seq, decision.chain.chain_id)
         except NATS_ERRORS as exc:
             self._forget(agent_id)
@@ -207,6 +208,9 @@ class ClusterIngest(Ingest):
         self._head_seq.pop(agent_id, None)
 
     def _unavailable(self, exc: BaseException) -> Ack:
+        """RETRY, and for a while every new envelope is answered RETRY at admission (as when SQLite fails)
+        instead of each waiting out its own request timeout."""
+        self._store_down_until = time.monotonic() + self.config.max_backoff_ms / 1000 / 4
         self.metrics.store_errors.labels("error").inc()
         self.metrics.retries.labels("store").inc()
         log.warning("jetstream append failed; answering RETRY", extra={"error": repr(exc)})
