@@ -246,6 +246,7 @@ def main() -> int:
     parser.add_argument("--workload", choices=list(WORKLOADS), default="agents")
     parser.add_argument("--duration", type=float, help="override the workload's duration (s)")
     parser.add_argument("--agents", type=int, help="override the workload's agents (and rate, for `agents`)")
+    parser.add_argument("--rate", type=float, help="override the workload's total events/s (0: as fast as acks allow)")
     parser.add_argument("--commit-path", type=int, metavar="N", help="only the store side: N envelopes in-process")
     args = parser.parse_args()
     if args.commit_path:
@@ -259,6 +260,8 @@ def main() -> int:
         params["agents"] = args.agents
         if params["rate"]:
             params["rate"] = args.agents
+    if args.rate is not None:
+        params["rate"] = args.rate
     for setup in SETUPS if args.setup == "all" else (args.setup,):
         print(json.dumps(run(setup, params), indent=2), flush=True)
     return 0
