@@ -137,35 +137,43 @@ class ClusterIngest(Ingest):
         return [(sub, await self._append_one(sub)) for sub in subs]
 
     async def _append_one(self, sub: Submission) -> Ack:
-        agent_id = sub.header.agent_id
+        """Decide and append one envelope; again (up to MAX_RACES) while other hubs append first."""
         try:
             for _ in range(MAX_RACES):
-                head = await self._head(agent_id)
-                if agent_id in self._cached and not _links(sub.header, head.chain):
-                    self._forget(agent_id)  # not the next envelope of the head this hub knows: read the stream's
-                    head = await self._head(agent_id)
-                decision = self._decide(sub, {}, await self._known(sub.header, head))
-                if decision.alert is not None:
-                    self._alerts.append(decision.alert)
-                if decision.ack is not None:
-                    return decision.ack
-                assert decision.chain is not None
-                try:
-                    pub = await self.stream.append(agent_id, sub.raw, decision.chain, sub.agent, head.stream_seq)
-                except WrongLastSequenceError:
-                    self.metrics.retries.labels("append_race").inc()
-                    self._forget(agent_id)
-                    continue
-                if pub.duplicate:  # another hub appended this (agent, chain, seq) within the window
-                    self._forget(agent_id)
-                    return self._resent_at(sub, await self.stream.digest_at(pub.seq))
-                self.chains[agent_id], self._head_seq[agent_id] = decision.chain, pub.seq
-                self._store_down_until = 0.0
-                return Ack(Status.OK, "", 0, decision.chain.last_seq, decision.chain.chain_id)
+                ack = await self._try_append(sub)
+                if ack is not None:
+                    return ack
         except NATS_ERRORS as exc:
-            self._forget(agent_id)
+            self._forget(sub.header.agent_id)
             return self._unavailable(exc)
         return Ack(Status.RETRY, "contended: other hubs kept appending for this agent", self.config.base_backoff_ms)
+
+    async def _try_append(self, sub: Submission) -> Ack | None:
+        """The envelope's answer, or None when another hub appended to its agent's subject first."""
+        agent_id = sub.header.agent_id
+        head = await self._head(agent_id)
+        if agent_id in self._cached and not _links(sub.header, head.chain):
+            self._forget(agent_id)  # not the next envelope of the head this hub knows: read the stream's
+            head = await self._head(agent_id)
+        decision = self._decide(sub, {}, await self._known(sub.header, head))
+        if decision.alert is not None:
+            self._alerts.append(decision.alert)
+        if decision.ack is not None:
+            return decision.ack
+        chain = decision.chain
+        assert chain is not None
+        try:
+            pub = await self.stream.append(agent_id, sub.raw, chain, sub.agent, head.stream_seq)
+        except WrongLastSequenceError:
+            self.metrics.retries.labels("append_race").inc()
+            self._forget(agent_id)
+            return None
+        if pub.duplicate:  # another hub appended this (agent, chain, seq) within the window
+            self._forget(agent_id)
+            return self._resent_at(sub, await self.stream.digest_at(pub.seq))
+        self.chains[agent_id], self._head_seq[agent_id] = chain, pub.seq
+        self._store_down_until = 0.0
+        return Ack(Status.OK, "", 0, chain.last_seq, chain.chain_id)
 
     def _resent_at(self, sub: Submission, stored: bytes | None) -> Ack:
         decision = self._resent(sub, stored or b"")
