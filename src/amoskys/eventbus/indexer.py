@@ -127,14 +127,7 @@ class Indexer:
         self._start_metrics()
         nc = await connect(self.config.nats, "amoskys-indexer")
         try:
-            self._js = js = nc.jetstream(timeout=self.config.nats.request_timeout_s)
-            await ensure_stream(js, self.config.nats)
-            sub = await js.pull_subscribe(
-                f"{self.config.nats.subject_prefix}.>",
-                durable=self.config.nats.consumer,
-                stream=self.config.nats.stream,
-                config=api.ConsumerConfig(ack_policy=api.AckPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=-1),
-            )
+            sub = await self._subscribe(nc.jetstream(timeout=self.config.nats.request_timeout_s))
             systemd.notify("READY=1", f"STATUS=indexing from stream sequence {self.position}")
             log.info("indexer running", extra={"position": self.position, "metrics_port": self.metrics_port})
             tasks = [asyncio.create_task(self._maintain()), asyncio.create_task(systemd.watchdog_loop())]
@@ -150,7 +143,18 @@ class Indexer:
             self._close()
         return 0
 
-    async def _step(self, sub: Any) -> None:
+    async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """The stream (created if missing) and the durable consumer, ack policy "all"."""
+        self._js = js
+        await ensure_stream(js, self.config.nats)
+        return await js.pull_subscribe(
+            f"{self.config.nats.subject_prefix}.>",
+            durable=self.config.nats.consumer,
+            stream=self.config.nats.stream,
+            config=api.ConsumerConfig(ack_policy=api.AckPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=-1),
+        )
+
+    async def _step(self, sub: JetStreamContext.PullSubscription) -> None:
         """Fetch, commit, ack one batch (or note that nothing is pending)."""
         try:
             messages: list[Msg] = await sub.fetch(self.config.batch, timeout=FETCH_WAIT_S)
