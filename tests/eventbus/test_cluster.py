@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from amoskys.client import hub_stub
 from amoskys.config import IndexerConfig, NatsConfig, StoreConfig
+from amoskys.envelope import ChainState
 from amoskys.eventbus.indexer import Indexer
 from amoskys.eventbus.server import create_server
 from amoskys.v1 import bus_pb2, envelope_pb2
@@ -240,3 +241,52 @@ async def test_indexer_skips_what_it_cannot_read_and_goes_on(cluster: Cluster) -
     assert registry.get_sample_value("amoskys_indexer_skipped_total", {"reason": "malformed"}) == 2
     stored = await live.query(bus_pb2.EventFilter(agent_ids=["web1-proc"]))
     assert sorted(s.event.event_id for s in stored) == ["web1-proc-0", "web1-proc-1"]
+
+
+async def test_two_hubs_racing_for_one_agent_store_each_envelope_once(cluster: Cluster) -> None:
+    """The same envelopes sent to both hubs at once (an agent that failed over with envelopes in flight):
+    every one acked by both, appended once, no fork and no chain break."""
+    a, b = await cluster.start_hub(), await cluster.start_hub()
+    agent = a.agent("web1-proc")
+    b.hub.trust.reload()
+    envelopes = [agent.seal(make_events(1, start=i)) for i in range(40)]
+    async with a.channel(agent.tls) as to_a, b.channel(agent.tls) as to_b:
+        calls = [hub_stub(to_a).PublishStream(iter(envelopes)), hub_stub(to_b).PublishStream(iter(envelopes))]
+        acks_a, acks_b = await asyncio.gather(*(_all(call) for call in calls))
+    assert [ack.acked_seq for ack in acks_a] == [ack.acked_seq for ack in acks_b] == list(range(1, 41))
+    for ack_a, ack_b in zip(acks_a, acks_b, strict=True):
+        assert (ack_a.status, ack_b.status) == (Status.OK, Status.OK), (ack_a, ack_b)
+        assert sorted([ack_a.reason, ack_b.reason])[0] == "", (ack_a, ack_b)  # one of the two appended it
+    cluster.start_indexer()
+    await cluster.wait_indexed(40)
+    await asyncio.sleep(0.3)
+    stored = await a.query(bus_pb2.EventFilter(agent_ids=["web1-proc"]))
+    assert sorted(s.event.event_id for s in stored) == sorted(f"web1-proc-{i}" for i in range(40))
+    for live in (a, b):
+        breaks = live.hub.metrics.registry.get_sample_value("amoskys_bus_chain_breaks_total", {"kind": "fork"})
+        assert not breaks
+
+
+async def test_a_stale_head_is_caught_by_the_expected_last_sequence(cluster: Cluster) -> None:
+    """Hub b still holds seq 1 of chain X as the head when seq 2 of X reaches it, but the agent's chain was
+    restarted through a meanwhile: JetStream refuses b's append (wrong last sequence), b re-reads the head
+    (chain Y) and decides again: X is not the agent's chain any more."""
+    a, b = await cluster.start_hub(), await cluster.start_hub()
+    agent = a.agent("web1-proc")
+    b.hub.trust.reload()
+    assert (await b.publish(agent, agent.seal(make_events(1)))).status == Status.OK
+    old_chain = agent.chain
+    agent.chain = ChainState.fresh()  # the agent lost its state: chain Y, through the other hub
+    assert (await a.publish(agent, agent.seal(make_events(1, start=1)))).status == Status.OK
+    agent.chain = old_chain
+    ack = await b.publish(agent, agent.seal(make_events(1, start=2)))
+    assert ack.status == Status.RETRY and ack.reason.startswith("chain_unknown"), ack
+    assert b.hub.metrics.registry.get_sample_value("amoskys_bus_retries_total", {"reason": "append_race"}) == 1
+    cluster.start_indexer()
+    await cluster.wait_indexed(3)  # 2 events and a's chain_reset notice
+    (info,) = await asyncio.to_thread(a.hub.store.list_agents)
+    assert (info.agent_id, info.last_seq, info.envelopes_total) == ("web1-proc", 1, 2)
+
+
+async def _all(call: AsyncIterator[envelope_pb2.PublishAck]) -> list[envelope_pb2.PublishAck]:
+    return [ack async for ack in call]

@@ -152,8 +152,10 @@ class ClusterIngest(Ingest):
         """The envelope's answer, or None when another hub appended to its agent's subject first."""
         agent_id = sub.header.agent_id
         head = await self._head(agent_id)
-        if agent_id in self._cached and not _links(sub.header, head.chain):
-            self._forget(agent_id)  # not the next envelope of the head this hub knows: read the stream's
+        if agent_id in self._cached and (sub.header.seq == 1 or not _links(sub.header, head.chain)):
+            # Not plainly the next envelope of the head this hub knows: decide on the stream's head.
+            # (A new chain too: its decision counts and alerts, which a lost race would repeat.)
+            self._forget(agent_id)
             head = await self._head(agent_id)
         decision = self._decide(sub, {}, await self._known(sub.header, head))
         if decision.alert is not None:
