@@ -203,7 +203,7 @@ class JetStreamLog:
     def start(self) -> None:
         """Connect and make sure the stream exists; raises when NATS cannot be reached."""
         self._thread.start()
-        self.call(self._connect(), self.config.request_timeout_s * 2 + STREAM_WAIT_S)
+        self.call(self._connect(), self.config.request_timeout_s * 4 + STREAM_WAIT_S)  # connect: 3, stream: +1
 
     async def _connect(self) -> None:
         self._nc = await connect(self.config, self.name)
