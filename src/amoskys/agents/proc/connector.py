@@ -1,4 +1,5 @@
-"""The kernel's process-event connector: fork, exec, uid/gid changes and exit as they happen.
+"""The kernel's process-event connector: fork, exec, uid/gid changes and exit as they happen; and
+the reader process that listens to it for the agent (this module run as a script: `serve`).
 
 A netlink socket (`NETLINK_CONNECTOR`) joined to the `CN_IDX_PROC` group receives one message per
 event: `struct nlmsghdr`, then `struct cn_msg` (include/uapi/linux/connector.h), then `struct
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import select
 import socket
 import struct
+import sys
 import time
 from typing import NamedTuple
 
@@ -26,12 +29,19 @@ __all__ = [
     "Exec",
     "Exit",
     "Fork",
+    "FrameDecoder",
     "IdChange",
     "KernelEvent",
     "MalformedMessage",
     "ProcConnector",
+    "ProcRead",
+    "ReaderStarted",
+    "Received",
+    "Throttled",
     "monotonic_to_wall_ns",
     "parse",
+    "read_proc",
+    "read_procfs",
 ]
 
 NETLINK_CONNECTOR = 11
@@ -196,6 +206,15 @@ class ProcConnector:
                 raise
             raise ConnectorUnavailable(exc.errno, f"cannot listen to process events: {exc.strerror}") from exc
 
+    @classmethod
+    def inherit(cls, fileno: int) -> ProcConnector:
+        """The subscribed socket `fileno` another process opened and handed down (the reader's)."""
+        connector = cls.__new__(cls)
+        connector.sock = socket.socket(fileno=fileno)
+        connector.buffer = bytearray(65536)
+        connector.portid = connector.sock.getsockname()[0]
+        return connector
+
     def _set_receive_buffer(self, size: int) -> None:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
@@ -233,20 +252,339 @@ class ProcConnector:
         """
         if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
             return []
+        datagram = self.receive()
+        return [] if datagram is None else parse(datagram)
+
+    def receive(self) -> memoryview | None:
+        """The next datagram as it came (valid until the next call), None if none is waiting.
+
+        Raises EventsLost after an overflow (ENOBUFS) and MalformedMessage for one not from the kernel.
+        """
         try:
             size, (sender, _) = self.sock.recvfrom_into(self.buffer, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return []
+            return None
         except OSError as exc:
             if exc.errno == errno.ENOBUFS:
                 raise EventsLost(errno.ENOBUFS, "process events were lost: the socket buffer overflowed") from exc
             raise
         if sender != 0:  # any local process may send a unicast here: only port 0 is the kernel
             raise MalformedMessage(f"a {size}-byte message from netlink port {sender}, not the kernel: ignored")
-        return parse(memoryview(self.buffer)[:size])
+        return memoryview(self.buffer)[:size]
 
     def close(self) -> None:
         """Stop listening (so the kernel stops building events when no one else listens) and close."""
         with contextlib.suppress(OSError):  # closing releases the listener on current kernels anyway
             self.sock.sendto(_request(PROC_CN_MCAST_IGNORE, None, self.portid), (0, 0))
         self.sock.close()
+
+
+# ---- the reader: the connector read by a process of its own ---------------------------------------
+#
+# A short-lived process keeps its command line and executable for about half a millisecond after
+# its exec (/bin/true here: 0.59 ms from the kernel's exec event to its exit event, at the median),
+# and a thread of the agent often got the CPU and the GIL later than that (BENCHMARKS.md, proc).
+# The reader is a fresh interpreter that imports only this module (`python -I -S connector.py`),
+# with no GIL shared with the agent's publishing and rules, at real-time priority (SCHED_FIFO)
+# where it may; for each exec it reads the command line and executable first, the rest of what
+# /proc loses when a process exits after the socket is drained, and hands the kernel's datagrams
+# and those reads to the agent over a pipe, as frames (FRAME: kind, payload length; then payload).
+
+READ_MAX = 65536  # of a /proc file: a longer command line is cut there
+DRAIN_MAX = 256  # datagrams read before the later /proc reads and the frames are written
+RT_PRIORITY = 1  # the lowest SCHED_FIFO priority: above every normal task, below the kernel's own
+FIRST = ("cmdline", "exe", "exe_id")  # gone when the process exits (exit_mm)
+LATER = ("stdin", "stdout", "cwd", "stat", "status", "cgroup")  # gone at exit (fds, cwd) or when reaped
+PROC_PATHS = {"cmdline": "cmdline", "exe": "exe", "stdin": "fd/0", "stdout": "fd/1", "cwd": "cwd",
+              "stat": "stat", "status": "status", "cgroup": "cgroup"}  # fmt: skip
+LINKS = frozenset({"exe", "stdin", "stdout", "cwd"})
+EXE_ID = struct.Struct("=QQq")  # the running executable's st_dev, st_ino, st_mtime_ns
+FRAME = struct.Struct("=BI")  # kind, payload length
+PROCFS_HEAD = struct.Struct("=iQQ")  # pid, the exec's kernel time, when its first fields had been read
+FIELD = struct.Struct("=i")  # a field's length, -1 when it could not be read
+FRAME_MAX = 1 << 20  # no frame is near this: a longer one means the stream is corrupt
+DATAGRAM, PROCFS, LOST, REJECTED, END, STARTED, THROTTLED, FAILED = range(1, 9)
+
+
+class ProcRead(NamedTuple):
+    """What /proc/PID said (raw bytes; links as their targets); None where it could not be read."""
+
+    pid: int
+    exec_ns: int  # the exec's kernel time (CLOCK_MONOTONIC): which exec of the pid this is; 0 for a scan
+    read_ns: int  # CLOCK_MONOTONIC when cmdline, exe and exe_id had been read
+    cmdline: bytes | None
+    exe: bytes | None
+    exe_id: bytes | None  # EXE_ID of the file that runs (stat through /proc/PID/exe)
+    stdin: bytes | None
+    stdout: bytes | None
+    cwd: bytes | None
+    stat: bytes | None
+    status: bytes | None
+    cgroup: bytes | None
+
+
+class ReaderStarted:
+    """The reader's first word: whether it runs at real-time priority."""
+
+    __slots__ = ("realtime_refused",)
+
+    def __init__(self, realtime_refused: str) -> None:
+        self.realtime_refused = realtime_refused  # "" when it does, else why not
+
+
+class Throttled:
+    """The reader used its real-time share of a second and runs as a normal task for the rest of it."""
+
+    __slots__ = ()
+
+
+Received = tuple[KernelEvent, ProcRead | None] | ReaderStarted | Throttled | ConnectorError
+
+
+def read_proc(pid: int, name: str) -> bytes | None:
+    """One of PROC_PATHS of a process (a link's target for LINKS); None if it cannot be read."""
+    path = f"/proc/{pid}/{PROC_PATHS[name]}"
+    try:
+        if name in LINKS:
+            return os.readlink(path.encode())
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, READ_MAX)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _exe_id(pid: int) -> bytes | None:
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return EXE_ID.pack(st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def read_first(pid: int, exec_ns: int) -> list[int | bytes | None]:
+    """What a process loses first when it exits, read at once: command line, then executable."""
+    cmdline, exe, exe_id = read_proc(pid, "cmdline"), read_proc(pid, "exe"), _exe_id(pid)
+    return [pid, exec_ns, time.monotonic_ns(), cmdline, exe, exe_id]
+
+
+def read_later(first: list[int | bytes | None]) -> ProcRead:
+    """The rest of the process's /proc after `read_first`."""
+    pid = first[0]
+    assert isinstance(pid, int)
+    return ProcRead(*first, *(read_proc(pid, name) for name in LATER))  # type: ignore[arg-type]
+
+
+def read_procfs(pid: int) -> ProcRead:
+    """Everything ProcRead holds about a running process (a scan's read)."""
+    return read_later(read_first(pid, 0))
+
+
+def encode_procfs(read: ProcRead) -> bytes:
+    fields = (FIELD.pack(-1) if value is None else FIELD.pack(len(value)) + value for value in read[3:])
+    return PROCFS_HEAD.pack(*read[:3]) + b"".join(fields)
+
+
+def decode_procfs(payload: memoryview) -> ProcRead:
+    """A PROCFS frame's ProcRead; MalformedMessage if it is cut short."""
+    if len(payload) < PROCFS_HEAD.size:
+        raise MalformedMessage(f"a {len(payload)}-byte procfs frame is shorter than its header")
+    values: list[int | bytes | None] = list(PROCFS_HEAD.unpack_from(payload))
+    offset = PROCFS_HEAD.size
+    for _ in range(len(ProcRead._fields) - 3):
+        if offset + FIELD.size > len(payload):
+            raise MalformedMessage(f"procfs frame cut short at byte {offset} of {len(payload)}")
+        (length,) = FIELD.unpack_from(payload, offset)
+        offset += FIELD.size
+        if length > len(payload) - offset:
+            raise MalformedMessage(f"procfs field of {length} bytes overruns the {len(payload)}-byte frame")
+        values.append(None if length < 0 else bytes(payload[offset : offset + length]))
+        offset += max(length, 0)
+    return ProcRead(*values)  # type: ignore[arg-type]
+
+
+class _Realtime:
+    """SCHED_FIFO for the reader where allowed; given up for the rest of a second once the reader
+    used `share` of that second's CPU (an exec storm must not starve the host's own work)."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.allowed = False
+        self.throttled = False
+        self.window_end = 0.0
+        self.cpu_at_start = 0.0
+
+    def start(self) -> str:
+        """ "" when the reader now runs at real-time priority, else why not."""
+        if self.share <= 0:
+            return "proc.realtime_share is 0"
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+        except OSError as exc:
+            return f"sched_setscheduler(SCHED_FIFO): {exc.strerror}"
+        self.allowed = True
+        return ""
+
+    def after_batch(self) -> bool:
+        """Account for a batch's CPU; True when the reader just gave up real-time for this second."""
+        if not self.allowed:
+            return False
+        now = time.monotonic()
+        if now >= self.window_end:
+            if self.throttled:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+                self.throttled = False
+            self.window_end, self.cpu_at_start = now + 1.0, time.process_time()
+        elif not self.throttled and time.process_time() - self.cpu_at_start > self.share:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            self.throttled = True
+            return True
+        return False
+
+
+class _FrameWriter:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.frames: list[bytes] = []
+
+    def add(self, kind: int, payload: bytes | memoryview = b"") -> None:
+        self.frames += (FRAME.pack(kind, len(payload)), bytes(payload))
+
+    def flush(self) -> None:
+        data = memoryview(b"".join(self.frames))
+        self.frames = []
+        while data:
+            data = data[os.write(self.fd, data) :]
+
+
+def _drain(connector: ProcConnector, out: _FrameWriter) -> None:
+    """Read what the socket holds: each exec's first fields at once, the later ones after, one batch."""
+    firsts = []
+    for _ in range(DRAIN_MAX):
+        try:
+            datagram = connector.receive()
+            if datagram is None:
+                break
+            events = parse(datagram)
+        except (EventsLost, MalformedMessage) as exc:
+            out.add(LOST if isinstance(exc, EventsLost) else REJECTED, str(exc).encode())
+            continue
+        firsts += [read_first(event.pid, event.ts_ns) for event in events if isinstance(event, Exec)]
+        out.add(DATAGRAM, datagram)
+    for first in firsts:
+        out.add(PROCFS, encode_procfs(read_later(first)))
+    out.add(END)
+
+
+def serve(sock_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1) -> None:
+    """The reader's loop: batches of frames to `out_fd` until `control` reaches its end (the agent)."""
+    connector = ProcConnector.inherit(sock_fd)
+    out = _FrameWriter(out_fd)
+    realtime = _Realtime(realtime_share)
+    out.add(STARTED, realtime.start().encode())
+    out.add(END)
+    out.flush()
+    poller = select.poll()
+    poller.register(connector.fileno(), select.POLLIN)
+    poller.register(control, select.POLLIN)  # end of file or hang-up: stop
+    while True:
+        if any(fd == control for fd, _ in poller.poll()):
+            return
+        _drain(connector, out)
+        if realtime.after_batch():
+            out.add(THROTTLED)
+            out.add(END)
+        out.flush()
+
+
+def reader_main(argv: list[str]) -> int:
+    """`python -I -S connector.py SOCKET_FD REALTIME_SHARE` (reader.Reader starts it): the kernel's
+    socket inherited, stdin the agent's control pipe, stdout the frames."""
+    out = _FrameWriter(1)
+    try:
+        serve(int(argv[1]), float(argv[2]))
+    except BrokenPipeError:  # the agent is gone
+        return 0
+    except Exception as exc:  # told to the agent, which raises it (and the runtime restarts the collector)
+        with contextlib.suppress(OSError):
+            out.add(FAILED, f"{type(exc).__name__}: {exc}".encode())
+            out.add(END)
+            out.flush()
+        return 1
+    return 0
+
+
+# ---- the agent's side of the reader -------------------------------------------------------------------
+
+
+class FrameDecoder:
+    """The reader's frames back into what happened, a batch at a time (at each END frame)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.batch: list[Received] = []
+        self.reads: dict[tuple[int, int], ProcRead] = {}
+
+    def feed(self, data: bytes) -> list[Received]:
+        """What the completed batches in `data` (and earlier partial data) hold, in order."""
+        self.buffer += data
+        done: list[Received] = []
+        offset = 0
+        while len(self.buffer) - offset >= FRAME.size:
+            kind, length = FRAME.unpack_from(self.buffer, offset)
+            if length > FRAME_MAX:
+                raise ConnectorError(errno.EPROTO, f"reader frame of {length} bytes: the stream is corrupt")
+            if len(self.buffer) - offset - FRAME.size < length:
+                break
+            payload = memoryview(self.buffer)[offset + FRAME.size : offset + FRAME.size + length]
+            try:
+                done += self._frame(kind, payload)
+            finally:
+                payload.release()
+            offset += FRAME.size + length
+        del self.buffer[:offset]
+        return done
+
+    def _frame(self, kind: int, payload: memoryview) -> list[Received]:
+        if kind == END:
+            batch = [self._with_read(item) for item in self.batch]
+            self.batch, self.reads = [], {}
+            return batch
+        if kind == DATAGRAM:
+            try:
+                self.batch += [(event, None) for event in parse(payload)]
+            except MalformedMessage as exc:
+                self.batch.append(exc)
+        elif kind == PROCFS:
+            read = decode_procfs(payload)
+            self.reads[read.pid, read.exec_ns] = read
+        else:
+            self.batch.append(self._notice(kind, bytes(payload).decode(errors="replace")))
+        return []
+
+    @staticmethod
+    def _notice(kind: int, text: str) -> Received:
+        if kind == LOST:
+            return EventsLost(errno.ENOBUFS, text)
+        if kind == REJECTED:
+            return MalformedMessage(text)
+        if kind == STARTED:
+            return ReaderStarted(text)
+        if kind == THROTTLED:
+            return Throttled()
+        if kind == FAILED:
+            return ConnectorError(errno.EIO, f"the process-event reader failed: {text}")
+        raise ConnectorError(errno.EPROTO, f"unknown reader frame kind {kind}: the stream is corrupt")
+
+    def _with_read(self, item: Received) -> Received:
+        if isinstance(item, tuple) and isinstance(item[0], Exec):
+            return item[0], self.reads.get((item[0].pid, item[0].ts_ns))
+        return item
+
+
+if __name__ == "__main__":
+    sys.exit(reader_main(sys.argv))
