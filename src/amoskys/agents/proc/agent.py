@@ -218,9 +218,12 @@ class ProcAgent(Agent):
 
     # ---- enriching a captured process -----------------------------------------------------------
 
-    def _hash(self, pid: int, exe: str, exe_id: bytes | None) -> str:
-        """SHA-256 of the executable that runs: through /proc/PID/exe, else through its path if the
-        file there is still the one that ran (`exe_id`: device, inode, mtime); "" if neither."""
+    def _hash(self, pid: int, exe: str, exe_id: bytes | None) -> str | None:
+        """SHA-256 of the file that ran (`exe_id`: its device, inode and mtime when the process was
+        read), opened through /proc/PID/exe or its path; None if neither is that file any more."""
+        if exe_id is None:
+            return None
+        ran = EXE_ID.unpack(exe_id)
         for path in (f"/proc/{pid}/exe", exe):
             try:
                 handle = open(path, "rb")  # noqa: SIM115 - closed below, after the cache lookup
@@ -229,10 +232,9 @@ class ProcAgent(Agent):
             with handle:
                 st = os.fstat(handle.fileno())
                 key = (st.st_dev, st.st_ino, st.st_mtime_ns)
-                if path == exe and (exe_id is None or EXE_ID.unpack(exe_id) != key):
-                    return ""  # another file than the one that ran, or not known which ran
-                return self._digest(handle, key, st.st_size)
-        return ""
+                if key == ran:  # not another file at that path, nor another process with that pid
+                    return self._digest(handle, key, st.st_size)
+        return None
 
     def _digest(self, handle: io.BufferedReader, key: tuple[int, int, int], size: int) -> str:
         if key not in self.hashes:
@@ -266,11 +268,13 @@ class ProcAgent(Agent):
         if info.uid >= 0:
             info.user = self._user(info.uid)
         info.parent_name = self.name_of(info.ppid)
-        if info.exe and not info.exe_deleted:
-            info.exe_sha256 = self._hash(info.pid, info.exe, captured.exe_id)
-            if not info.exe_sha256 and info.gone:  # its file could not be identified as what ran
+        if info.exe:  # a deleted one too: /proc/PID/exe still opens it while it runs
+            digest = self._hash(info.pid, info.exe, captured.exe_id)
+            if digest is None:
                 info.missing.append("exe_sha256")
-                self.missing["exe_sha256"] += 1
+                info.gone = True
+            else:
+                info.exe_sha256 = digest
         return info
 
     def _report(
@@ -352,7 +356,11 @@ class ProcAgent(Agent):
         captured.info.start_time_ns = monotonic_to_wall_ns(kernel.ts_ns)
         captured.observed_ns = kernel.ts_ns  # a later exec of this pid is newer than this one, however late read
         self.seen[kernel.pid] = captured
-        return events + self._report(self.enrich(captured), captured.info.start_time_ns, captured)
+        info = self.enrich(captured)
+        if info.missing:
+            self.counts["gone"] += 1
+            self.missing.update(info.missing)
+        return events + self._report(info, info.start_time_ns, captured)
 
     def _captured_at_exec(self, kernel: Exec, read: ProcRead | None) -> Captured:
         """The process as read right after its exec; what /proc no longer had is named in `missing`
@@ -370,11 +378,8 @@ class ProcAgent(Agent):
             captured.info.ppid = self.forked.get(kernel.pid, 0)
             if not captured.info.ppid:
                 missing.append("ppid")
-        if missing:
-            self.counts["gone"] += 1
-            self.missing.update(missing)
-            captured.info.gone = True
-            captured.info.missing.extend(missing)
+        captured.info.gone = bool(missing)
+        captured.info.missing.extend(missing)
         return captured
 
     def _on_id_change(self, kernel: IdChange) -> list[events_pb2.Event]:
@@ -509,7 +514,8 @@ class ProcAgent(Agent):
 
     def alerts(self, started: Captured, only: frozenset[str] | None = None) -> list[events_pb2.Event]:
         """Alerts of the rules (rules) for a process that started (or of the `only` ones)."""
-        subject = Subject(started.info, started.stdin, started.stdout, self)
+        mtime_ns = EXE_ID.unpack(started.exe_id)[2] if started.exe_id is not None else None
+        subject = Subject(started.info, started.stdin, started.stdout, self, mtime_ns)
         return [
             self.alert(found.rule, found.summary, found.details, found.severity)
             for found in evaluate(self.config.proc.rules, subject, only)

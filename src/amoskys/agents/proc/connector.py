@@ -389,7 +389,7 @@ def encode_procfs(read: ProcRead) -> bytes:
     return PROCFS_HEAD.pack(*read[:3]) + b"".join(fields)
 
 
-def decode_procfs(payload: memoryview) -> ProcRead:
+def decode_procfs(payload: bytes) -> ProcRead:
     """A PROCFS frame's ProcRead; MalformedMessage if it is cut short."""
     if len(payload) < PROCFS_HEAD.size:
         raise MalformedMessage(f"a {len(payload)}-byte procfs frame is shorter than its header")
@@ -402,7 +402,7 @@ def decode_procfs(payload: memoryview) -> ProcRead:
         offset += FIELD.size
         if length > len(payload) - offset:
             raise MalformedMessage(f"procfs field of {length} bytes overruns the {len(payload)}-byte frame")
-        values.append(None if length < 0 else bytes(payload[offset : offset + length]))
+        values.append(None if length < 0 else payload[offset : offset + length])
         offset += max(length, 0)
     return ProcRead(*values)  # type: ignore[arg-type]
 
@@ -540,16 +540,12 @@ class FrameDecoder:
                 raise ConnectorError(errno.EPROTO, f"reader frame of {length} bytes: the stream is corrupt")
             if len(self.buffer) - offset - FRAME.size < length:
                 break
-            payload = memoryview(self.buffer)[offset + FRAME.size : offset + FRAME.size + length]
-            try:
-                done += self._frame(kind, payload)
-            finally:
-                payload.release()
+            done += self._frame(kind, bytes(self.buffer[offset + FRAME.size : offset + FRAME.size + length]))
             offset += FRAME.size + length
         del self.buffer[:offset]
         return done
 
-    def _frame(self, kind: int, payload: memoryview) -> list[Received]:
+    def _frame(self, kind: int, payload: bytes) -> list[Received]:
         if kind == END:
             batch = [self._with_read(item) for item in self.batch]
             self.batch, self.reads = [], {}
@@ -563,7 +559,7 @@ class FrameDecoder:
             read = decode_procfs(payload)
             self.reads[read.pid, read.exec_ns] = read
         else:
-            self.batch.append(self._notice(kind, bytes(payload).decode(errors="replace")))
+            self.batch.append(self._notice(kind, payload.decode(errors="replace")))
         return []
 
     @staticmethod
