@@ -3,6 +3,7 @@ that had exited, and the hash only of the file that ran."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import resource
@@ -94,6 +95,28 @@ def test_the_reader_runs_at_real_time_priority_and_reads_every_exec(listening: P
     assert all(read.read_ns > 0 for read in complete)
     print(f"{len(complete)} of 200 with exe and command line")  # a rate: a benchmark figure, not asserted
     assert reader.process.returncode == 0
+
+
+def test_the_reader_reads_on_while_the_agent_takes_nothing(listening: ProcConnector) -> None:
+    """More frames than the pipe holds wait in the reader: every exec is still read at once, not when
+    the agent comes back (a reader blocked on a full pipe would read the later ones only then)."""
+    reader = Reader(listening, 0.5)
+    try:
+        take_until(reader, lambda items: any(isinstance(i, ReaderStarted) for i in items))
+        pipe_bytes = fcntl.fcntl(reader.frames.fileno(), fcntl.F_GETPIPE_SZ)
+        pids = set()
+        for _ in range(3000):
+            pid = os.posix_spawn("/bin/true", ["/bin/true"], {})
+            os.waitpid(pid, 0)
+            pids.add(pid)
+        back = time.monotonic_ns()
+        items = take_until(reader, lambda items: len(reads_of(items, pids)) == len(pids), timeout=60)
+    finally:
+        reader.close()
+    reads = [read for read in reads_of(items, pids).values() if read is not None]
+    assert len(reads) == len(pids)
+    assert sum(len(encode_procfs(read)) for read in reads) > pipe_bytes  # more than the pipe could hold
+    assert all(read.read_ns < back for read in reads)
 
 
 def test_without_its_share_the_reader_stays_a_normal_task_and_says_why(listening: ProcConnector) -> None:

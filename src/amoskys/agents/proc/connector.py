@@ -11,6 +11,7 @@ everything, which `parse` skips.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -303,6 +304,7 @@ FRAME = struct.Struct("=BI")  # kind, payload length
 PROCFS_HEAD = struct.Struct("=iQQ")  # pid, the exec's kernel time, when its first fields had been read
 FIELD = struct.Struct("=i")  # a field's length, -1 when it could not be read
 FRAME_MAX = 1 << 20  # no frame is near this: a longer one means the stream is corrupt
+BACKLOG_MAX = 16 << 20  # frames the agent has not taken yet (about 10,000 execs); then the socket waits
 DATAGRAM, PROCFS, LOST, REJECTED, END, STARTED, THROTTLED, FAILED = range(1, 9)
 
 
@@ -436,29 +438,56 @@ class _Realtime:
         now = time.monotonic()
         if now >= self.window_end:
             if self.throttled:
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
                 self.throttled = False
+                try:
+                    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+                except OSError:  # no longer allowed (the limit lowered meanwhile): a normal task from now on
+                    self.allowed = False
             self.window_end, self.cpu_at_start = now + 1.0, time.process_time()
         elif not self.throttled and time.process_time() - self.cpu_at_start > self.share:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # giving up is always allowed
             self.throttled = True
             return True
         return False
 
 
 class _FrameWriter:
+    """Frames to the agent without ever waiting for it: what the pipe does not take waits here, up
+    to BACKLOG_MAX bytes (then the reader stops reading the socket, whose overflow is counted)."""
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.frames: list[bytes] = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.offset = 0  # into chunks[0]
+        self.backlog = 0  # bytes not yet written
+        os.set_blocking(fd, False)
 
     def add(self, kind: int, payload: bytes | memoryview = b"") -> None:
         self.frames += (FRAME.pack(kind, len(payload)), bytes(payload))
 
     def flush(self) -> None:
-        data = memoryview(b"".join(self.frames))
-        self.frames = []
-        while data:
-            data = data[os.write(self.fd, data) :]
+        """Write what the pipe takes now (the frames added so far, after any backlog)."""
+        if self.frames:
+            chunk = b"".join(self.frames)
+            self.frames = []
+            self.chunks.append(chunk)
+            self.backlog += len(chunk)
+        while self.chunks:
+            head = self.chunks[0]
+            try:
+                written = os.write(self.fd, memoryview(head)[self.offset :])
+            except BlockingIOError:
+                return
+            self.offset += written
+            self.backlog -= written
+            if self.offset == len(head):
+                self.chunks.popleft()
+                self.offset = 0
+
+    def flush_all(self) -> None:
+        os.set_blocking(self.fd, True)
+        self.flush()
 
 
 def _drain(connector: ProcConnector, out: _FrameWriter) -> None:
@@ -488,32 +517,40 @@ def serve(sock_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1
     out.add(STARTED, realtime.start().encode())
     out.add(END)
     out.flush()
-    poller = select.poll()
-    poller.register(connector.fileno(), select.POLLIN)
-    poller.register(control, select.POLLIN)  # end of file or hang-up: stop
+    sock = connector.fileno()
     while True:
-        if any(fd == control for fd, _ in poller.poll()):
+        # The socket while the backlog has room (an overflow meanwhile is counted: ENOBUFS); the
+        # pipe while frames wait for it; and the control pipe, whose end (or hang-up) says stop.
+        poller = select.poll()
+        poller.register(control, select.POLLIN)
+        if out.backlog < BACKLOG_MAX:
+            poller.register(sock, select.POLLIN)
+        if out.backlog:
+            poller.register(out_fd, select.POLLOUT)
+        ready = dict(poller.poll())
+        if control in ready:
             return
-        _drain(connector, out)
-        if realtime.after_batch():
-            out.add(THROTTLED)
-            out.add(END)
+        if sock in ready:
+            _drain(connector, out)
+            if realtime.after_batch():
+                out.add(THROTTLED)
+                out.add(END)
         out.flush()
 
 
 def reader_main(argv: list[str]) -> int:
     """`python -I -S connector.py SOCKET_FD REALTIME_SHARE` (reader.Reader starts it): the kernel's
     socket inherited, stdin the agent's control pipe, stdout the frames."""
-    out = _FrameWriter(1)
     try:
         serve(int(argv[1]), float(argv[2]))
     except BrokenPipeError:  # the agent is gone
         return 0
     except Exception as exc:  # told to the agent, which raises it (and the runtime restarts the collector)
         with contextlib.suppress(OSError):
+            out = _FrameWriter(1)
             out.add(FAILED, f"{type(exc).__name__}: {exc}".encode())
             out.add(END)
-            out.flush()
+            out.flush_all()
         return 1
     return 0
 
