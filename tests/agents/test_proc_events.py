@@ -193,3 +193,21 @@ print(generate_latest(registry).decode())
     assert 'amoskys_agent_proc_mode{mode="polling"} 1.0' in result.stdout
     assert 'amoskys_agent_proc_mode{mode="connector"} 0.0' in result.stdout
     assert int(result.stdout.split("events ")[1].split()[0]) >= 1  # the snapshot (this python, at least)
+
+
+async def test_the_metrics_say_how_the_reader_runs_and_how_soon_it_read(running: Running) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    pids = await asyncio.to_thread(run_each, ["/bin/true"], 20)
+    await running.wait_for(lambda: all(running.processes(pid, Action.EXIT) for pid in pids))
+    registry = CollectorRegistry()
+    running.agent.register_metrics(registry)
+    text = generate_latest(registry).decode()
+    assert running.agent.realtime == (os.geteuid() == 0)  # root may take SCHED_FIFO
+    assert f"amoskys_agent_proc_reader_realtime {float(running.agent.realtime)}" in text
+    reads = int(float(text.split("amoskys_agent_proc_read_delay_seconds_count ")[1].split()[0]))
+    assert reads >= 20 and sum(running.agent.read_delays) == reads
+    gone = sum(p.gone for pid in pids for p in running.processes(pid, Action.START))
+    assert running.agent.counts["gone"] >= gone
+    assert 'amoskys_agent_proc_missing_total{field="exe"}' in text
+    assert "amoskys_agent_proc_throttled_total 0.0" in text
