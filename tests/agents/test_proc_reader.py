@@ -28,6 +28,8 @@ from amoskys.agents.proc.connector import (
     ConnectorError,
     ConnectorUnavailable,
     Exec,
+    Exit,
+    Fork,
     FrameDecoder,
     MalformedMessage,
     ProcConnector,
@@ -95,6 +97,25 @@ def test_the_reader_runs_at_real_time_priority_and_reads_every_exec(listening: P
     assert all(read.read_ns > 0 for read in complete)
     print(f"{len(complete)} of 200 with exe and command line")  # a rate: a benchmark figure, not asserted
     assert reader.process.returncode == 0
+
+
+def kernel_events_of(items: list[Received], pid: int) -> list[object]:
+    """The kernel events about process `pid` (its own or its threads') among the reader's items."""
+    events = [item[0] for item in items if isinstance(item, tuple)]
+    return [e for e in events if (e.child_tgid if isinstance(e, Fork) else getattr(e, "tgid", None)) == pid]
+
+
+def test_threads_are_left_out_and_their_process_is_not(listening: ProcConnector) -> None:
+    code = "import threading\nfor _ in range(20):\n    t = threading.Thread(target=lambda: None); t.start(); t.join()"
+    reader = Reader(listening, 0.5)
+    try:
+        child = subprocess.Popen([sys.executable, "-c", code])
+        child.wait()
+        items = take_until(reader, lambda items: any(isinstance(e, Exit) for e in kernel_events_of(items, child.pid)))
+    finally:
+        reader.close()
+    events = kernel_events_of(items, child.pid)
+    assert [type(event) for event in events] == [Fork, Exec, Exit], events  # none of its 20 threads' forks and exits
 
 
 def test_the_reader_reads_on_while_the_agent_takes_nothing(listening: ProcConnector) -> None:

@@ -490,8 +490,18 @@ class _FrameWriter:
         self.flush()
 
 
+def _of_a_process(event: KernelEvent) -> bool:
+    """Not a thread's: a fork that makes a process, a process's exit or id change, an exec."""
+    if isinstance(event, Fork):
+        return event.child_pid == event.child_tgid
+    if isinstance(event, Exit | IdChange):
+        return event.pid == event.tgid
+    return isinstance(event, Exec)
+
+
 def _drain(connector: ProcConnector, out: _FrameWriter) -> None:
-    """Read what the socket holds: each exec's first fields at once, the later ones after, one batch."""
+    """Read what the socket holds: each exec's first fields at once, the later ones after, one batch
+    (threads' events left out: the agent reports processes)."""
     firsts = []
     for _ in range(DRAIN_MAX):
         try:
@@ -502,11 +512,14 @@ def _drain(connector: ProcConnector, out: _FrameWriter) -> None:
         except (EventsLost, MalformedMessage) as exc:
             out.add(LOST if isinstance(exc, EventsLost) else REJECTED, str(exc).encode())
             continue
+        if not any(map(_of_a_process, events)):
+            continue  # a thread started or ended (most events on a busy host): nothing the agent reports
         firsts += [read_first(event.pid, event.ts_ns) for event in events if isinstance(event, Exec)]
         out.add(DATAGRAM, datagram)
     for first in firsts:
         out.add(PROCFS, encode_procfs(read_later(first)))
-    out.add(END)
+    if out.frames:
+        out.add(END)
 
 
 def serve(sock_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1) -> None:
