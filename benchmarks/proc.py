@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""proc on kernel process events: short-lived execs reported, idle CPU, RSS.
+"""proc on kernel process events: short-lived execs reported, idle CPU, RSS (agent and its reader).
 
     python benchmarks/proc.py                           # 10,000 execs of /bin/true at 500/s
     python benchmarks/proc.py --execs 2000 --rate 200 --idle-seconds 10
@@ -9,9 +9,11 @@ eventbus` and `amoskys agent proc` as separate processes over loopback mTLS. A s
 starts the execs at a steady rate (posix_spawn, each reaped at once: /bin/true lives about a
 millisecond) and writes their pids; the hub's store then says which were reported, with what.
 Figures: the share of execs reported (a START event for the pid), with their name, and with exe
-and command line (read from /proc before the process exited); the agent's `gone`/`lost` counters;
-idle CPU with the connector running; RSS; the seconds from a suspicious act (a program run from
-/tmp, a running program's file deleted) to its alert stored at the hub; the load (`uptime`).
+and command line (read from /proc before the process exited); how soon after each exec the reader
+had read them (its histogram); the agent's `gone`/`missing`/`lost` counters; idle CPU of agent and
+reader with the connector running; RSS of each and their PSS together; the seconds from a
+suspicious act (a program run from /tmp, a running program's file deleted) to its alert stored at
+the hub; the load (`uptime`).
 """
 
 from __future__ import annotations
@@ -107,10 +109,45 @@ def alert_latencies(work: Path) -> dict[str, Any]:
 
 
 def agent_metrics(port: int) -> dict[str, float]:
+    """amoskys_agent_proc_* samples: name (with its labels, if any, as name{label="value"}) -> value."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    found = re.findall(r'^(amoskys_agent_proc_\w+?)(?:_total)?(\{mode="connector"\})? ([0-9.e+]+)$', text, re.M)
-    return {name + ("_connector" if label else ""): float(value) for name, label, value in found}
+    found = re.findall(r"^(amoskys_agent_proc_\w+?)(?:_total)?(\{[^}]*\})? ([0-9.e+-]+)$", text, re.M)
+    return {name + labels: float(value) for name, labels, value in found}
+
+
+def read_delays(metrics: dict[str, float]) -> dict[str, float]:
+    """The share of execs whose command line and executable were read within each bucket (exec -> read)."""
+    prefix = "amoskys_agent_proc_read_delay_seconds_bucket"
+    buckets = {key.split('le="')[1].rstrip('"}'): value for key, value in metrics.items() if key.startswith(prefix)}
+    total = buckets.get("+Inf", 0) or 1
+    return {f"<= {le} s": round(100 * count / total, 2) for le, count in buckets.items() if le != "+Inf"}
+
+
+def reader_of(agent_pid: int) -> int:
+    """The agent's reader process (its only child)."""
+    for task in Path(f"/proc/{agent_pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        if children:
+            return int(children[0])
+    raise SystemExit("the agent has no reader process (polling?)")
+
+
+def pss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def both_stats(agent_pid: int, reader_pid: int) -> dict[str, float]:
+    """CPU seconds of agent and reader together; RSS and PSS of each (MB)."""
+    agent, reader = proc_stats(agent_pid), proc_stats(reader_pid)
+    return {
+        "cpu_s": agent["cpu_s"] + reader["cpu_s"], "reader_cpu_s": reader["cpu_s"],
+        "rss_mb": agent["rss_mb"], "peak_rss_mb": agent["peak_rss_mb"], "reader_rss_mb": reader["rss_mb"],
+        "pss_mb": pss_mb(agent_pid) + pss_mb(reader_pid),
+    }  # fmt: skip
 
 
 def start_agent(work: Path, hub: subprocess.Popen[bytes], hub_port: int) -> tuple[subprocess.Popen[bytes], int]:
@@ -151,16 +188,17 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     agent, metrics_port = start_agent(work, hub, hub_port)
     try:
         time.sleep(5)  # the snapshot and its publishing settle
-        before, execs_before = proc_stats(agent.pid), agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
+        reader = reader_of(agent.pid)
+        before, execs_before = both_stats(agent.pid, reader), agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
         time.sleep(args.idle_seconds)  # "idle": no load of ours; the machine's own execs go on
-        idle, execs_idle = proc_stats(agent.pid), agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
+        idle, execs_idle = both_stats(agent.pid, reader), agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
         pids, achieved_rate = run_execs(args.execs, args.rate, args.program, args.workers)
         deadline = time.monotonic() + 120
         starts = started_in_store(work, "bench-proc")
         while time.monotonic() < deadline and not all(pid in starts for pid in pids):
             time.sleep(1)
             starts = started_in_store(work, "bench-proc")
-        after = proc_stats(agent.pid)
+        after = both_stats(agent.pid, reader)
         metrics = agent_metrics(metrics_port)
         latencies = alert_latencies(work)
     finally:
@@ -170,6 +208,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         hub.wait(30)
     reported = [starts[pid] for pid in pids if pid in starts]
     share = lambda n: round(100 * n / len(pids), 2)  # noqa: E731
+    missing = {key.split('"')[1]: value for key, value in metrics.items() if "_missing{" in key and value}
     return {
         "execs": len(pids),
         "program": args.program,
@@ -179,14 +218,22 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "with_pid_ppid_percent": share(sum(bool(p.pid and p.ppid) for p in reported)),
         "with_name_percent": share(sum(bool(p.name) for p in reported)),
         "with_exe_and_cmdline_percent": share(sum(bool(p.exe and p.cmdline) for p in reported)),
+        "gone_and_missing_named_percent": share(sum(p.gone and bool(p.missing) for p in reported)),
+        "read_within_percent": read_delays(metrics),
+        "reader_realtime": metrics.get("amoskys_agent_proc_reader_realtime"),
+        "throttled_counter": metrics.get("amoskys_agent_proc_throttled"),
         "gone_counter": metrics.get("amoskys_agent_proc_gone"),
+        "missing_counters": missing,
         "lost_counter": metrics.get("amoskys_agent_proc_lost"),
-        "mode_connector": metrics.get("amoskys_agent_proc_mode_connector"),
+        "mode_connector": metrics.get('amoskys_agent_proc_mode{mode="connector"}'),
         "idle_cpu_percent_of_one_core": round(100 * (idle["cpu_s"] - before["cpu_s"]) / args.idle_seconds, 2),
+        "idle_cpu_percent_reader": round(100 * (idle["reader_cpu_s"] - before["reader_cpu_s"]) / args.idle_seconds, 2),
         "other_execs_per_s_while_idle": round((execs_idle - execs_before) / args.idle_seconds, 1),
         "rss_mb_idle": round(idle["rss_mb"], 1),
         "rss_mb_after_load": round(after["rss_mb"], 1),
         "peak_rss_mb": round(after["peak_rss_mb"], 1),
+        "reader_rss_mb": round(after["reader_rss_mb"], 1),
+        "pss_mb_agent_and_reader": round(after["pss_mb"], 1),
         "alert_stored_after": latencies,
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip(),
     }

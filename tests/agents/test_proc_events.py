@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from amoskys.agents.proc.agent import capture
-from amoskys.agents.proc.connector import Exec, Exit, ProcConnector
+from amoskys.agents.proc.connector import Exec, Exit, ProcConnector, read_procfs
+from amoskys.agents.proc.reader import Reader
 from amoskys.v1 import events_pb2
 from tests.agents.proc_running import Running, new_agent, running_agent
 
@@ -44,6 +44,8 @@ async def test_a_thousand_short_lived_processes_are_all_reported(running: Runnin
         (start,) = running.processes(pid, Action.START)
         assert start.ppid == os.getpid(), start
         assert start.gone or (start.name == "true" and start.exe.endswith("/true") and start.cmdline == ["/bin/true"])
+        assert start.gone == bool(start.missing)
+        assert start.exe or "exe" in start.missing
     complete = sum(not p.gone for pid in pids for p in running.processes(pid, Action.START))
     print(f"{complete} of 1000 with exe and command line")  # the rate is a benchmark figure, not asserted
     assert running.agent.counts["execs"] >= 1000
@@ -113,15 +115,16 @@ def test_a_process_gone_before_proc_was_read_is_reported_with_what_the_kernel_ga
         batch = []
         while not any(isinstance(k, Exit) and k.pid == child.pid for k, _ in batch):
             batch += [
-                (kernel, capture(kernel.pid) if isinstance(kernel, Exec) else None) for kernel in connector.read(5)
+                (kernel, read_procfs(kernel.pid) if isinstance(kernel, Exec) else None) for kernel in connector.read(5)
             ]
     finally:
         connector.close()
     events = [e.process for e in agent.on_kernel_events(batch) if e.process.pid == child.pid]
     start, exit_ = events
-    assert (start.action, start.gone, start.ppid, start.exe) == (Action.START, True, os.getpid(), "")
+    assert (start.action, start.gone, start.ppid, start.exe, start.name) == (Action.START, True, os.getpid(), "", "")
+    assert start.missing == ["cmdline", "exe", "cwd", "name", "uid", "cgroup"]
     assert exit_.action == Action.EXIT and exit_.gone
-    assert agent.counts["gone"] == 1
+    assert agent.counts["gone"] == 1 and agent.missing["exe"] == 1
 
 
 def test_lost_events_are_counted_and_rescanned(tmp_path: Path) -> None:
@@ -139,7 +142,11 @@ def test_lost_events_are_counted_and_rescanned(tmp_path: Path) -> None:
             delivered.extend(events)
             stop.set()
 
-        agent.follow(connector, deliver, stop)
+        reader = Reader(connector, 0.25)
+        try:
+            agent.follow(reader, deliver, stop)
+        finally:
+            reader.close()
         assert agent.counts["lost"] == 1
         (start,) = [e.process for e in delivered if e.process.pid == survivor.pid]
         assert start.action == Action.START and start.name == "sleep"
@@ -186,3 +193,21 @@ print(generate_latest(registry).decode())
     assert 'amoskys_agent_proc_mode{mode="polling"} 1.0' in result.stdout
     assert 'amoskys_agent_proc_mode{mode="connector"} 0.0' in result.stdout
     assert int(result.stdout.split("events ")[1].split()[0]) >= 1  # the snapshot (this python, at least)
+
+
+async def test_the_metrics_say_how_the_reader_runs_and_how_soon_it_read(running: Running) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    pids = await asyncio.to_thread(run_each, ["/bin/true"], 20)
+    await running.wait_for(lambda: all(running.processes(pid, Action.EXIT) for pid in pids))
+    registry = CollectorRegistry()
+    running.agent.register_metrics(registry)
+    text = generate_latest(registry).decode()
+    assert running.agent.realtime == (os.geteuid() == 0)  # root may take SCHED_FIFO
+    assert f"amoskys_agent_proc_reader_realtime {float(running.agent.realtime)}" in text
+    reads = int(float(text.split("amoskys_agent_proc_read_delay_seconds_count ")[1].split()[0]))
+    assert reads >= 20 and sum(running.agent.read_delays) == reads
+    gone = sum(p.gone for pid in pids for p in running.processes(pid, Action.START))
+    assert running.agent.counts["gone"] >= gone
+    assert 'amoskys_agent_proc_missing_total{field="exe"}' in text
+    assert "amoskys_agent_proc_throttled_total 0.0" in text

@@ -1,9 +1,11 @@
 """proc: every process start (exec) and exit as the kernel reports it, with who ran what and from where.
 
 At start every running process is reported once (`SNAPSHOT`). Then the kernel's process-event
-connector (`connector`) says when a process calls exec(), exits, or changes its uid/gid;
-on each exec the agent reads /proc at once (exe, command line, cwd, uids, parent, cgroup), and a
-process that was already gone is still reported (`gone`, with the pid and ppid the kernel gave).
+connector (`connector`) says when a process calls exec(), exits, or changes its uid/gid. A
+reader process of its own (`reader`, at real-time priority where allowed) reads each exec's
+command line and executable at once, then its fds, cwd, stat, uids and cgroup; what /proc no
+longer had (the process had exited) is named in the event's `missing` (and `gone` set), with
+the pid and ppid the kernel gave, never guessed.
 Events carry the kernel's timestamp. Where the connector is unavailable (no CAP_NET_ADMIN on an
 older kernel, a container's PID namespace) the agent says so once in its log and compares the
 process table every `proc.interval_s` instead; `amoskys_agent_proc_mode` says which runs. When
@@ -17,22 +19,23 @@ inode + mtime, up to `proc.hash_max_bytes`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import hashlib
+import io
 import logging
 import os
 import pwd
 import re
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
 from amoskys.agents.proc.connector import (
+    EXE_ID,
     ConnectorUnavailable,
     EventsLost,
     Exec,
@@ -42,8 +45,15 @@ from amoskys.agents.proc.connector import (
     KernelEvent,
     MalformedMessage,
     ProcConnector,
+    ProcRead,
+    ReaderStarted,
+    Received,
+    Throttled,
     monotonic_to_wall_ns,
+    read_proc,
+    read_procfs,
 )
+from amoskys.agents.proc.reader import Reader
 from amoskys.agents.proc.rules import Subject, evaluate
 from amoskys.agents.runtime.base import Agent
 from amoskys.config import AgentConfig
@@ -51,7 +61,7 @@ from amoskys.v1 import events_pb2
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
-    from prometheus_client.core import Metric
+    from prometheus_client.core import HistogramMetricFamily, Metric
 
 __all__ = ["ProcAgent", "mask_cmdline"]
 
@@ -67,12 +77,10 @@ MASK = "***"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RECENT_EXITS = 256  # exited processes the rules may still ask about (the other end of a pipe)
 HASH_CACHE_MAX = 4096  # executables' digests kept (about 0.5 MB); then the cache starts over
-READ_MAX = 65536  # of a /proc file: a longer command line is cut there
-DRAIN_MAX = 2000  # datagrams read (and their processes captured) before the batch is enriched and yielded
-# The reader needs the GIL within a millisecond of an exec (a short process is gone after that); by
-# default a waiting thread gets it only after 5 ms of another thread's Python (publishing, say).
-GIL_SWITCH_S = 0.0002
-READ_TIMEOUT_S = 0.5  # how often the connector thread looks whether it should stop
+EXEC_FIELDS = ("cmdline", "exe", "cwd", "name", "uid", "cgroup")  # what an exec event gets from /proc
+READ_TIMEOUT_S = 0.5  # how often the follow thread looks whether it should stop
+# Seconds from an exec to its command line and executable read by the reader (a histogram).
+READ_DELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, float("inf"))
 Deliver = Callable[[list[events_pb2.Event]], object]
 
 
@@ -95,44 +103,30 @@ def mask_cmdline(argv: list[str]) -> list[str]:
     return masked
 
 
-# ---- reading /proc: the fast part runs while a short-lived process may still be there -------------
+# ---- a process from what /proc said ---------------------------------------------------------------
 
 
-def _read(path: str) -> bytes | None:
-    """A small /proc file in one read (os.read: a third of the cost of open().read())."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, READ_MAX)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+def _text(raw: bytes | None) -> str:
+    return (raw or b"").decode(errors="replace")
 
 
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
-
-
-def read_stat(pid: int) -> tuple[str, int, int] | None:
-    """(comm, ppid, start time in clock ticks since boot) from /proc/PID/stat; None if gone."""
-    raw = _read(f"/proc/{pid}/stat")
-    if raw is None:
-        return None
+def parse_stat(raw: bytes) -> tuple[str, int, int]:
+    """(comm, ppid, start time in clock ticks since boot) from the text of /proc/PID/stat."""
     close = raw.rfind(b")")  # comm may itself contain ')' and spaces
     fields = raw[close + 2 :].split()
     return raw[raw.find(b"(") + 1 : close].decode(errors="replace"), int(fields[1]), int(fields[19])
 
 
-def _ids(status: bytes | None) -> tuple[int, int, int, int]:
-    """(uid, euid, gid, egid) from /proc/PID/status (-1 each if unreadable)."""
+def read_stat(pid: int) -> tuple[str, int, int] | None:
+    """(comm, ppid, start ticks) of a running process; None if gone."""
+    raw = read_proc(pid, "stat")
+    return parse_stat(raw) if raw else None
+
+
+def _ids(status: bytes) -> tuple[int, int, int, int]:
+    """(uid, euid, gid, egid) from /proc/PID/status."""
     found = {b"Uid:": (-1, -1), b"Gid:": (-1, -1)}
-    for line in (status or b"").splitlines():
+    for line in status.splitlines():
         key = line[:4]
         if key in found:
             parts = line.split()
@@ -140,18 +134,37 @@ def _ids(status: bytes | None) -> tuple[int, int, int, int]:
     return (*found[b"Uid:"], *found[b"Gid:"])
 
 
-def _cgroup(pid: int) -> tuple[str, str]:
-    text = (_read(f"/proc/{pid}/cgroup") or b"").decode(errors="replace").strip()
+def _cgroup(raw: bytes) -> tuple[str, str]:
+    text = raw.decode(errors="replace").strip()
     path = text.splitlines()[-1].split(":", 2)[-1] if text else ""
     match = CONTAINER_ID.search(text)
     return path, match.group(1) if match else ""
 
 
 def _boot_time_ns() -> int:
-    for line in (_read("/proc/stat") or b"").splitlines():
+    for line in Path("/proc/stat").read_bytes().splitlines():
         if line.startswith(b"btime "):
             return int(line.split()[1]) * 10**9
     return 0
+
+
+def missing_fields(read: ProcRead) -> list[str]:
+    """The event fields /proc could no longer give (the process had exited or been reaped).
+
+    An empty command line is a real one when the executable was still readable after it (both go
+    when the process exits); an unreadable stdin or stdout is a closed descriptor when cwd (which
+    goes after the descriptors) was still there.
+    """
+    missing = [field for field in ("exe", "cwd") if getattr(read, field) is None]
+    if read.cmdline is None or (not read.cmdline and read.exe is None):
+        missing.insert(0, "cmdline")
+    if read.stat is None:
+        missing.append("name")
+    if read.status is None:
+        missing.append("uid")
+    if read.cgroup is None:
+        missing.append("cgroup")
+    return missing
 
 
 @dataclass(slots=True)
@@ -163,37 +176,23 @@ class Captured:
     stdin: str  # where fd 0 points, e.g. "socket:[1234]" or "/dev/pts/0"
     stdout: str
     observed_ns: int  # CLOCK_MONOTONIC when read (a kernel event older than this is already included)
+    exe_id: bytes | None = None  # connector.EXE_ID of the file that ran, to hash that file only
 
 
-First = tuple[bytes, str, tuple[str, int, int] | None]  # command line, exe link, stat
-Received = tuple[KernelEvent, First | None] | Exception  # what the reader thread queues
-
-
-def capture_first(pid: int) -> First:
-    """What a process loses first when it exits, read on each exec at once: its command line and
-    executable, then its stat (name, ppid, start), which stays until its parent reaps it."""
-    return _read(f"/proc/{pid}/cmdline") or b"", _readlink(f"/proc/{pid}/exe"), read_stat(pid)
-
-
-def capture(pid: int, first: First | None = None) -> Captured | None:
-    """Read a process from /proc (no hashing, no name lookups); None if it is gone.
-
-    `first` is what `capture_first` read right after the exec.
-    """
-    cmdline, link, stat = first or capture_first(pid)
-    if stat is None and not link:
+def capture(read: ProcRead) -> Captured | None:
+    """A process as /proc showed it (no hashing, no name lookups); None if nothing was readable."""
+    if read.stat is None and read.exe is None:
         return None
-    # Reaped before its stat was read: the executed file's name is its comm (but for a symlink's).
-    name, ppid, start_ticks = stat or (os.path.basename(link.removesuffix(" (deleted)"))[:15], 0, 0)
-    stdin, stdout = _readlink(f"/proc/{pid}/fd/0"), _readlink(f"/proc/{pid}/fd/1")
-    uid, euid, gid, egid = _ids(_read(f"/proc/{pid}/status"))
+    name, ppid, start_ticks = parse_stat(read.stat) if read.stat else ("", 0, 0)
+    link = _text(read.exe)
+    uid, euid, gid, egid = _ids(read.status) if read.status is not None else (-1, -1, -1, -1)
     info = events_pb2.ProcessEvent(
-        pid=pid, ppid=ppid, name=name, exe=link.removesuffix(" (deleted)"), exe_deleted=link.endswith(" (deleted)"),
-        cmdline=mask_cmdline(cmdline.decode(errors="replace").split("\0")[:-1]),
-        cwd=_readlink(f"/proc/{pid}/cwd"), uid=uid, euid=euid, gid=gid, egid=egid,
+        pid=read.pid, ppid=ppid, name=name, exe=link.removesuffix(" (deleted)"),
+        exe_deleted=link.endswith(" (deleted)"), cmdline=mask_cmdline(_text(read.cmdline).split("\0")[:-1]),
+        cwd=_text(read.cwd), uid=uid, euid=euid, gid=gid, egid=egid,
     )  # fmt: skip
-    info.cgroup, info.container_id = _cgroup(pid)
-    return Captured(info, start_ticks, stdin, stdout, time.monotonic_ns())
+    info.cgroup, info.container_id = _cgroup(read.cgroup or b"")
+    return Captured(info, start_ticks, _text(read.stdin), _text(read.stdout), read.read_ns, read.exe_id)
 
 
 # ---- the agent ------------------------------------------------------------------------------------
@@ -212,11 +211,19 @@ class ProcAgent(Agent):
         self.mode = "starting"
         self.counts: collections.Counter[str] = collections.Counter()
         self.exited: collections.deque[Captured] = collections.deque(maxlen=RECENT_EXITS)
+        self.missing: collections.Counter[str] = collections.Counter()  # field -> execs reported without it
+        self.read_delays = [0] * len(READ_DELAY_BUCKETS)  # exec -> command line and executable read
+        self.read_delay_sum_s = 0.0
+        self.realtime = False  # the reader runs at real-time priority
 
     # ---- enriching a captured process -----------------------------------------------------------
 
-    def _hash(self, pid: int, exe: str) -> str:
-        """SHA-256 of the running executable (through /proc/PID/exe, else its path), cached."""
+    def _hash(self, pid: int, exe: str, exe_id: bytes | None) -> str | None:
+        """SHA-256 of the file that ran (`exe_id`: its device, inode and mtime when the process was
+        read), opened through /proc/PID/exe or its path; None if neither is that file any more."""
+        if exe_id is None:
+            return None
+        ran = EXE_ID.unpack(exe_id)
         for path in (f"/proc/{pid}/exe", exe):
             try:
                 handle = open(path, "rb")  # noqa: SIM115 - closed below, after the cache lookup
@@ -225,17 +232,21 @@ class ProcAgent(Agent):
             with handle:
                 st = os.fstat(handle.fileno())
                 key = (st.st_dev, st.st_ino, st.st_mtime_ns)
-                if key not in self.hashes:
-                    if st.st_size > self.config.proc.hash_max_bytes:
-                        return ""
-                    if len(self.hashes) >= HASH_CACHE_MAX:
-                        self.hashes.clear()
-                    try:
-                        self.hashes[key] = hashlib.file_digest(handle, "sha256").hexdigest()
-                    except OSError:
-                        return ""
-                return self.hashes[key]
-        return ""
+                if key == ran:  # not another file at that path, nor another process with that pid
+                    return self._digest(handle, key, st.st_size)
+        return None
+
+    def _digest(self, handle: io.BufferedReader, key: tuple[int, int, int], size: int) -> str:
+        if key not in self.hashes:
+            if size > self.config.proc.hash_max_bytes:
+                return ""
+            if len(self.hashes) >= HASH_CACHE_MAX:
+                self.hashes.clear()
+            try:
+                self.hashes[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+            except OSError:
+                return ""
+        return self.hashes[key]
 
     def _user(self, uid: int) -> str:
         if uid not in self.users:
@@ -257,8 +268,13 @@ class ProcAgent(Agent):
         if info.uid >= 0:
             info.user = self._user(info.uid)
         info.parent_name = self.name_of(info.ppid)
-        if info.exe and not info.exe_deleted:
-            info.exe_sha256 = self._hash(info.pid, info.exe)
+        if info.exe:  # a deleted one too: /proc/PID/exe still opens it while it runs
+            digest = self._hash(info.pid, info.exe, captured.exe_id)
+            if digest is None:
+                info.missing.append("exe_sha256")
+                info.gone = True
+            else:
+                info.exe_sha256 = digest
         return info
 
     def _report(
@@ -291,7 +307,7 @@ class ProcAgent(Agent):
                 continue
             if known is not None:  # pid reused, or exec(): the old program is gone
                 events.append(self._exit(self.seen.pop(pid)))
-            captured = capture(pid)
+            captured = capture(read_procfs(pid))
             if captured is None:
                 continue
             captured.info.action = action  # type: ignore[assignment]
@@ -312,12 +328,12 @@ class ProcAgent(Agent):
 
     # ---- kernel events -------------------------------------------------------------------------------
 
-    def on_kernel_events(self, batch: list[tuple[KernelEvent, Captured | None]]) -> list[events_pb2.Event]:
+    def on_kernel_events(self, batch: list[tuple[KernelEvent, ProcRead | None]]) -> list[events_pb2.Event]:
         """Events for a batch of kernel events, each exec with what /proc said right after it."""
         events: list[events_pb2.Event] = []
-        for kernel, captured in batch:
+        for kernel, read in batch:
             if isinstance(kernel, Exec):
-                events += self._on_exec(kernel, captured)
+                events += self._on_exec(kernel, read)
             elif isinstance(kernel, Fork) and kernel.child_pid == kernel.child_tgid:  # a process, not a thread
                 self.forked[kernel.child_tgid] = kernel.parent_tgid
             elif isinstance(kernel, Exit) and kernel.pid == kernel.tgid:
@@ -329,30 +345,42 @@ class ProcAgent(Agent):
                 events += self._on_id_change(kernel)
         return events
 
-    def _on_exec(self, kernel: Exec, captured: Captured | None) -> list[events_pb2.Event]:
+    def _on_exec(self, kernel: Exec, read: ProcRead | None) -> list[events_pb2.Event]:
         known = self.seen.get(kernel.pid)
         if known is not None and known.observed_ns > kernel.ts_ns:
             return []  # the start-up snapshot read this process after the exec: already reported
         events = [self._exit(self.seen.pop(kernel.pid), monotonic_to_wall_ns(kernel.ts_ns))] if known else []
         self.counts["execs"] += 1
-        if captured is None or not captured.info.exe:
-            self.counts["gone"] += 1
-            captured = self._gone(kernel, captured)
-        if not captured.info.ppid:  # read too late for its stat: the kernel's fork event says it
-            captured.info.ppid = self.forked.get(kernel.pid, 0)
+        captured = self._captured_at_exec(kernel, read)
         captured.info.action = Action.START
         captured.info.start_time_ns = monotonic_to_wall_ns(kernel.ts_ns)
         captured.observed_ns = kernel.ts_ns  # a later exec of this pid is newer than this one, however late read
         self.seen[kernel.pid] = captured
-        return events + self._report(self.enrich(captured), captured.info.start_time_ns, captured)
+        info = self.enrich(captured)
+        if info.missing:
+            self.counts["gone"] += 1
+            self.missing.update(info.missing)
+        return events + self._report(info, info.start_time_ns, captured)
 
-    def _gone(self, kernel: Exec, partial: Captured | None) -> Captured:
-        """A process that exited before /proc could be read: what the kernel (and a partial read) gave."""
-        if partial is None:
-            info = events_pb2.ProcessEvent(pid=kernel.pid, ppid=self.forked.get(kernel.pid, 0), uid=-1)
-            partial = Captured(info, 0, "", "", time.monotonic_ns())
-        partial.info.gone = True
-        return partial
+    def _captured_at_exec(self, kernel: Exec, read: ProcRead | None) -> Captured:
+        """The process as read right after its exec; what /proc no longer had is named in `missing`
+        (and `gone` set), never guessed; the parent then comes from the kernel's fork event."""
+        captured = capture(read) if read is not None else None
+        if captured is None:
+            info = events_pb2.ProcessEvent(pid=kernel.pid, uid=-1, euid=-1, gid=-1, egid=-1)
+            captured = Captured(info, 0, "", "", kernel.ts_ns)
+        if read is not None:
+            delay_s = (read.read_ns - kernel.ts_ns) / 1e9
+            self.read_delays[bisect.bisect_left(READ_DELAY_BUCKETS, delay_s)] += 1
+            self.read_delay_sum_s += delay_s
+        missing = missing_fields(read) if read is not None else list(EXEC_FIELDS)
+        if not captured.info.ppid:
+            captured.info.ppid = self.forked.get(kernel.pid, 0)
+            if not captured.info.ppid:
+                missing.append("ppid")
+        captured.info.gone = bool(missing)
+        captured.info.missing.extend(missing)
+        return captured
 
     def _on_id_change(self, kernel: IdChange) -> list[events_pb2.Event]:
         known = self.seen.get(kernel.pid)
@@ -369,74 +397,51 @@ class ProcAgent(Agent):
         change.action = Action.SETID
         return self._report(change, monotonic_to_wall_ns(kernel.ts_ns))
 
-    def _read_kernel(self, connector: ProcConnector, queue: SimpleQueue[Received], stop: threading.Event) -> None:
-        """The reader thread: kernel events, and each exec's command line, executable and stat read at
-        once (a short process is gone a millisecond later). Everything else happens in `follow`."""
-        try:
-            while not stop.is_set():
-                try:
-                    kernel_events = connector.read(READ_TIMEOUT_S)
-                except (EventsLost, MalformedMessage) as exc:
-                    queue.put(exc)
-                    continue
-                for kernel in kernel_events:
-                    queue.put((kernel, capture_first(kernel.pid) if isinstance(kernel, Exec) else None))
-        except Exception as exc:  # handed to follow, which raises it
-            queue.put(exc)
-
-    def follow(self, connector: ProcConnector, deliver: Deliver, stop: threading.Event) -> None:
-        """Kernel events until `stop`: the rest of /proc, rules and events for what the reader thread
-        queues; a loss (ENOBUFS) is counted and rescanned; deleted executables rechecked."""
-        queue: SimpleQueue[Received] = SimpleQueue()
-        reader = threading.Thread(
-            target=self._read_kernel, args=(connector, queue, stop), name="proc-kernel-events", daemon=True
-        )
-        reader.start()
+    def follow(self, reader: Reader, deliver: Deliver, stop: threading.Event) -> None:
+        """Kernel events until `stop`, from the reader process that read each exec's /proc at once:
+        the events, rules and alerts for them; a loss (ENOBUFS) counted and rescanned; deleted
+        executables rechecked."""
         recheck_at = time.monotonic() + self.config.proc.recheck_s
-        try:
-            while not stop.is_set():
-                if time.monotonic() >= recheck_at:
-                    recheck_at = time.monotonic() + self.config.proc.recheck_s
-                    deliver(self.recheck())
-                self._handle(self._take(queue), deliver)
-        finally:
-            stop.set()
-            reader.join()
-
-    @staticmethod
-    def _take(queue: SimpleQueue[Received]) -> list[Received]:
-        """What the reader queued: wait a moment for the first item, then take what is there."""
-        try:
-            items = [queue.get(timeout=READ_TIMEOUT_S)]
-        except Empty:
-            return []
-        while len(items) < DRAIN_MAX:
-            try:
-                items.append(queue.get_nowait())
-            except Empty:
-                break
-        return items
+        while not stop.is_set():
+            if time.monotonic() >= recheck_at:
+                recheck_at = time.monotonic() + self.config.proc.recheck_s
+                deliver(self.recheck())
+            self._handle(reader.take(READ_TIMEOUT_S), deliver)
 
     def _handle(self, items: list[Received], deliver: Deliver) -> None:
-        batch: list[tuple[KernelEvent, Captured | None]] = []
+        batch: list[tuple[KernelEvent, ProcRead | None]] = []
         for item in items:
             if isinstance(item, tuple):
-                kernel, first = item
-                batch.append((kernel, capture(kernel.pid, first) if isinstance(kernel, Exec) and first else None))
+                batch.append(item)
                 continue
-            deliver(self.on_kernel_events(batch))
-            batch = []
-            if isinstance(item, EventsLost):
-                self.counts["lost"] += 1
-                log.warning("proc: the kernel dropped process events (socket overflow); rescanning /proc")
-                deliver(self.scan(Action.START))
-            elif isinstance(item, MalformedMessage):
-                self.counts["rejected"] += 1
-                log.warning("proc: kernel message rejected", extra={"error": str(item)})
-            else:
-                raise item
+            if batch:
+                deliver(self.on_kernel_events(batch))
+                batch = []
+            self._on_notice(item, deliver)
         if batch:
             deliver(self.on_kernel_events(batch))
+
+    def _on_notice(self, item: ReaderStarted | Throttled | Exception, deliver: Deliver) -> None:
+        """What the reader says besides kernel events: its start, a throttle, a loss, a refusal, a failure."""
+        if isinstance(item, ReaderStarted):
+            self.realtime = not item.realtime_refused
+            if item.realtime_refused:
+                log.warning(
+                    "proc: the process-event reader runs without real-time priority; short-lived processes "
+                    "may exit before their command line and executable are read",
+                    extra={"error": item.realtime_refused},
+                )
+        elif isinstance(item, Throttled):
+            self.counts["throttled"] += 1
+        elif isinstance(item, EventsLost):
+            self.counts["lost"] += 1
+            log.warning("proc: the kernel dropped process events (socket overflow); rescanning /proc")
+            deliver(self.scan(Action.START))
+        elif isinstance(item, MalformedMessage):
+            self.counts["rejected"] += 1
+            log.warning("proc: kernel message rejected", extra={"error": str(item)})
+        else:
+            raise item
 
     # ---- the collect loop ----------------------------------------------------------------------------
 
@@ -454,12 +459,23 @@ class ProcAgent(Agent):
         return connector
 
     async def collect(self) -> AsyncIterator[events_pb2.Event]:
-        connector = await asyncio.to_thread(self._open_connector)  # before the snapshot: nothing falls between
-        for event in await asyncio.to_thread(self.scan, Action.SNAPSHOT):
-            yield event
-        events = self._poll() if connector is None else self._follow_in_thread(connector)
-        async for event in events:
-            yield event
+        # Listening and the reader start before the snapshot: nothing falls between, and the execs
+        # meanwhile are read at once (their events wait in the reader's pipe).
+        connector = await asyncio.to_thread(self._open_connector)
+        reader = (
+            None if connector is None else await asyncio.to_thread(Reader, connector, self.config.proc.realtime_share)
+        )
+        try:
+            for event in await asyncio.to_thread(self.scan, Action.SNAPSHOT):
+                yield event
+            events = self._poll() if reader is None else self._follow_in_thread(reader)
+            async for event in events:
+                yield event
+        finally:
+            if reader is not None:
+                await asyncio.to_thread(reader.close)
+            if connector is not None:
+                connector.close()
 
     async def _poll(self) -> AsyncIterator[events_pb2.Event]:
         while True:
@@ -467,20 +483,17 @@ class ProcAgent(Agent):
             for event in await asyncio.to_thread(lambda: self.scan(Action.START) + self.recheck()):
                 yield event
 
-    async def _follow_in_thread(self, connector: ProcConnector) -> AsyncIterator[events_pb2.Event]:
+    async def _follow_in_thread(self, reader: Reader) -> AsyncIterator[events_pb2.Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[events_pb2.Event] | BaseException] = asyncio.Queue()
         stop = threading.Event()
 
         def run() -> None:
             try:
-                self.follow(connector, lambda events: loop.call_soon_threadsafe(queue.put_nowait, events), stop)
+                self.follow(reader, lambda events: loop.call_soon_threadsafe(queue.put_nowait, events), stop)
             except Exception as exc:  # handed to the collect loop, which raises it (the runtime restarts it)
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                connector.close()
 
-        sys.setswitchinterval(GIL_SWITCH_S)
         thread = threading.Thread(target=run, name="proc-connector", daemon=True)
         thread.start()
         try:
@@ -501,7 +514,8 @@ class ProcAgent(Agent):
 
     def alerts(self, started: Captured, only: frozenset[str] | None = None) -> list[events_pb2.Event]:
         """Alerts of the rules (rules) for a process that started (or of the `only` ones)."""
-        subject = Subject(started.info, started.stdin, started.stdout, self)
+        mtime_ns = EXE_ID.unpack(started.exe_id)[2] if started.exe_id is not None else None
+        subject = Subject(started.info, started.stdin, started.stdout, self, mtime_ns)
         return [
             self.alert(found.rule, found.summary, found.details, found.severity)
             for found in evaluate(self.config.proc.rules, subject, only)
@@ -513,7 +527,7 @@ class ProcAgent(Agent):
         for pid, known in list(self.seen.items()):
             if known.info.exe_deleted or not known.info.exe:
                 continue
-            if _readlink(f"/proc/{pid}/exe").endswith(" (deleted)"):
+            if (read_proc(pid, "exe") or b"").endswith(b" (deleted)"):
                 known.info.exe_deleted = True
                 alerts += self.alerts(known, only=frozenset({"exe_deleted"}))
         return alerts
@@ -540,7 +554,7 @@ class _ProcMetrics:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         agent = self.agent
         mode = GaugeMetricFamily(
@@ -552,8 +566,32 @@ class _ProcMetrics:
         yield mode
         for name, text in (
             ("execs", "exec() calls reported from kernel events"),
-            ("gone", "Execs whose process exited before /proc could be read (reported with pid, ppid)"),
+            ("gone", "Execs reported without some of /proc: the process had exited (their `missing` says what)"),
             ("lost", "Times the kernel dropped process events (socket overflow, ENOBUFS); each is rescanned"),
             ("rejected", "Connector messages refused (cut short, or not sent by the kernel)"),
+            ("throttled", "Times the reader used its real-time share of a second and ran as a normal task"),
         ):
             yield CounterMetricFamily(f"amoskys_agent_proc_{name}", text, value=agent.counts[name])
+        missing = CounterMetricFamily(
+            "amoskys_agent_proc_missing", "Execs reported without this field: the process had exited", labels=["field"]
+        )
+        for field in (*EXEC_FIELDS, "ppid", "exe_sha256"):
+            missing.add_metric([field], agent.missing[field])
+        yield missing
+        yield GaugeMetricFamily(
+            "amoskys_agent_proc_reader_realtime", "1 if the reader runs at real-time priority (SCHED_FIFO)",
+            value=1 if agent.realtime else 0,
+        )  # fmt: skip
+        yield _read_delay_histogram(agent, HistogramMetricFamily)
+
+
+def _read_delay_histogram(agent: ProcAgent, family: type[HistogramMetricFamily]) -> HistogramMetricFamily:
+    cumulative, total = [], 0
+    for bound, count in zip(READ_DELAY_BUCKETS, agent.read_delays, strict=True):
+        total += count
+        cumulative.append(("+Inf" if bound == float("inf") else repr(bound), total))
+    return family(
+        "amoskys_agent_proc_read_delay_seconds",
+        "From an exec (the kernel's time) to its command line and executable read by the reader",
+        buckets=cumulative, sum_value=agent.read_delay_sum_s,
+    )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The kernel's process-event connector: fork, exec, uid/gid changes and exit as they happen.
+"""The kernel's process-event connector: fork, exec, uid/gid changes and exit as they happen; and
+the reader process that listens to it for the agent (this module run as a script: `serve`).
 
 A netlink socket (`NETLINK_CONNECTOR`) joined to the `CN_IDX_PROC` group receives one message per
 event: `struct nlmsghdr`, then `struct cn_msg` (include/uapi/linux/connector.h), then `struct
@@ -10,11 +11,14 @@ everything, which `parse` skips.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
+import os
 import select
 import socket
 import struct
+import sys
 import time
 from typing import NamedTuple
 
@@ -26,12 +30,19 @@ __all__ = [
     "Exec",
     "Exit",
     "Fork",
+    "FrameDecoder",
     "IdChange",
     "KernelEvent",
     "MalformedMessage",
     "ProcConnector",
+    "ProcRead",
+    "ReaderStarted",
+    "Received",
+    "Throttled",
     "monotonic_to_wall_ns",
     "parse",
+    "read_proc",
+    "read_procfs",
 ]
 
 NETLINK_CONNECTOR = 11
@@ -196,6 +207,15 @@ class ProcConnector:
                 raise
             raise ConnectorUnavailable(exc.errno, f"cannot listen to process events: {exc.strerror}") from exc
 
+    @classmethod
+    def inherit(cls, fileno: int) -> ProcConnector:
+        """The subscribed socket `fileno` another process opened and handed down (the reader's)."""
+        connector = cls.__new__(cls)
+        connector.sock = socket.socket(fileno=fileno)
+        connector.buffer = bytearray(65536)
+        connector.portid = connector.sock.getsockname()[0]
+        return connector
+
     def _set_receive_buffer(self, size: int) -> None:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
@@ -233,20 +253,384 @@ class ProcConnector:
         """
         if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
             return []
+        datagram = self.receive()
+        return [] if datagram is None else parse(datagram)
+
+    def receive(self) -> memoryview | None:
+        """The next datagram as it came (valid until the next call), None if none is waiting.
+
+        Raises EventsLost after an overflow (ENOBUFS) and MalformedMessage for one not from the kernel.
+        """
         try:
             size, (sender, _) = self.sock.recvfrom_into(self.buffer, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return []
+            return None
         except OSError as exc:
             if exc.errno == errno.ENOBUFS:
                 raise EventsLost(errno.ENOBUFS, "process events were lost: the socket buffer overflowed") from exc
             raise
         if sender != 0:  # any local process may send a unicast here: only port 0 is the kernel
             raise MalformedMessage(f"a {size}-byte message from netlink port {sender}, not the kernel: ignored")
-        return parse(memoryview(self.buffer)[:size])
+        return memoryview(self.buffer)[:size]
 
     def close(self) -> None:
         """Stop listening (so the kernel stops building events when no one else listens) and close."""
         with contextlib.suppress(OSError):  # closing releases the listener on current kernels anyway
             self.sock.sendto(_request(PROC_CN_MCAST_IGNORE, None, self.portid), (0, 0))
         self.sock.close()
+
+
+# ---- the reader: the connector read by a process of its own ---------------------------------------
+#
+# A short-lived process keeps its command line and executable for about half a millisecond after
+# its exec (/bin/true here: 0.59 ms from the kernel's exec event to its exit event, at the median),
+# and a thread of the agent often got the CPU and the GIL later than that (BENCHMARKS.md, proc).
+# The reader is a fresh interpreter that imports only this module (`python -I -S connector.py`),
+# with no GIL shared with the agent's publishing and rules, at real-time priority (SCHED_FIFO)
+# where it may; for each exec it reads the command line and executable first, the rest of what
+# /proc loses when a process exits after the socket is drained, and hands the kernel's datagrams
+# and those reads to the agent over a pipe, as frames (FRAME: kind, payload length; then payload).
+
+READ_MAX = 65536  # of a /proc file: a longer command line is cut there
+DRAIN_MAX = 256  # datagrams read before the later /proc reads and the frames are written
+RT_PRIORITY = 1  # the lowest SCHED_FIFO priority: above every normal task, below the kernel's own
+FIRST = ("cmdline", "exe", "exe_id")  # gone when the process exits (exit_mm)
+LATER = ("stdin", "stdout", "cwd", "stat", "status", "cgroup")  # gone at exit (fds, cwd) or when reaped
+PROC_PATHS = {"cmdline": "cmdline", "exe": "exe", "stdin": "fd/0", "stdout": "fd/1", "cwd": "cwd",
+              "stat": "stat", "status": "status", "cgroup": "cgroup"}  # fmt: skip
+LINKS = frozenset({"exe", "stdin", "stdout", "cwd"})
+EXE_ID = struct.Struct("=QQq")  # the running executable's st_dev, st_ino, st_mtime_ns
+FRAME = struct.Struct("=BI")  # kind, payload length
+PROCFS_HEAD = struct.Struct("=iQQ")  # pid, the exec's kernel time, when its first fields had been read
+FIELD = struct.Struct("=i")  # a field's length, -1 when it could not be read
+FRAME_MAX = 1 << 20  # no frame is near this: a longer one means the stream is corrupt
+BACKLOG_MAX = 16 << 20  # frames the agent has not taken yet (about 10,000 execs); then the socket waits
+DATAGRAM, PROCFS, LOST, REJECTED, END, STARTED, THROTTLED, FAILED = range(1, 9)
+
+
+class ProcRead(NamedTuple):
+    """What /proc/PID said (raw bytes; links as their targets); None where it could not be read."""
+
+    pid: int
+    exec_ns: int  # the exec's kernel time (CLOCK_MONOTONIC): which exec of the pid this is; 0 for a scan
+    read_ns: int  # CLOCK_MONOTONIC when cmdline, exe and exe_id had been read
+    cmdline: bytes | None
+    exe: bytes | None
+    exe_id: bytes | None  # EXE_ID of the file that runs (stat through /proc/PID/exe)
+    stdin: bytes | None
+    stdout: bytes | None
+    cwd: bytes | None
+    stat: bytes | None
+    status: bytes | None
+    cgroup: bytes | None
+
+
+class ReaderStarted:
+    """The reader's first word: whether it runs at real-time priority."""
+
+    __slots__ = ("realtime_refused",)
+
+    def __init__(self, realtime_refused: str) -> None:
+        self.realtime_refused = realtime_refused  # "" when it does, else why not
+
+
+class Throttled:
+    """The reader used its real-time share of a second and runs as a normal task for the rest of it."""
+
+    __slots__ = ()
+
+
+Received = tuple[KernelEvent, ProcRead | None] | ReaderStarted | Throttled | ConnectorError
+
+
+def read_proc(pid: int, name: str) -> bytes | None:
+    """One of PROC_PATHS of a process (a link's target for LINKS); None if it cannot be read."""
+    path = f"/proc/{pid}/{PROC_PATHS[name]}"
+    try:
+        if name in LINKS:
+            return os.readlink(path.encode())
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, READ_MAX)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _exe_id(pid: int) -> bytes | None:
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return EXE_ID.pack(st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def read_first(pid: int, exec_ns: int) -> list[int | bytes | None]:
+    """What a process loses first when it exits, read at once: command line, then executable."""
+    cmdline, exe, exe_id = read_proc(pid, "cmdline"), read_proc(pid, "exe"), _exe_id(pid)
+    return [pid, exec_ns, time.monotonic_ns(), cmdline, exe, exe_id]
+
+
+def read_later(first: list[int | bytes | None]) -> ProcRead:
+    """The rest of the process's /proc after `read_first`."""
+    pid = first[0]
+    assert isinstance(pid, int)
+    return ProcRead(*first, *(read_proc(pid, name) for name in LATER))  # type: ignore[arg-type]
+
+
+def read_procfs(pid: int) -> ProcRead:
+    """Everything ProcRead holds about a running process (a scan's read)."""
+    return read_later(read_first(pid, 0))
+
+
+def encode_procfs(read: ProcRead) -> bytes:
+    fields = (FIELD.pack(-1) if value is None else FIELD.pack(len(value)) + value for value in read[3:])
+    return PROCFS_HEAD.pack(*read[:3]) + b"".join(fields)
+
+
+def decode_procfs(payload: bytes) -> ProcRead:
+    """A PROCFS frame's ProcRead; MalformedMessage if it is cut short."""
+    if len(payload) < PROCFS_HEAD.size:
+        raise MalformedMessage(f"a {len(payload)}-byte procfs frame is shorter than its header")
+    values: list[int | bytes | None] = list(PROCFS_HEAD.unpack_from(payload))
+    offset = PROCFS_HEAD.size
+    for _ in range(len(ProcRead._fields) - 3):
+        if offset + FIELD.size > len(payload):
+            raise MalformedMessage(f"procfs frame cut short at byte {offset} of {len(payload)}")
+        (length,) = FIELD.unpack_from(payload, offset)
+        offset += FIELD.size
+        if length > len(payload) - offset:
+            raise MalformedMessage(f"procfs field of {length} bytes overruns the {len(payload)}-byte frame")
+        values.append(None if length < 0 else payload[offset : offset + length])
+        offset += max(length, 0)
+    return ProcRead(*values)  # type: ignore[arg-type]
+
+
+class _Realtime:
+    """SCHED_FIFO for the reader where allowed; given up for the rest of a second once the reader
+    used `share` of that second's CPU (an exec storm must not starve the host's own work)."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.allowed = False
+        self.throttled = False
+        self.window_end = 0.0
+        self.cpu_at_start = 0.0
+
+    def start(self) -> str:
+        """ "" when the reader now runs at real-time priority, else why not."""
+        if self.share <= 0:
+            return "proc.realtime_share is 0"
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+        except OSError as exc:
+            return f"sched_setscheduler(SCHED_FIFO): {exc.strerror}"
+        self.allowed = True
+        return ""
+
+    def after_batch(self) -> bool:
+        """Account for a batch's CPU; True when the reader just gave up real-time for this second."""
+        if not self.allowed:
+            return False
+        now = time.monotonic()
+        if now >= self.window_end:
+            if self.throttled:
+                self.throttled = False
+                try:
+                    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+                except OSError:  # no longer allowed (the limit lowered meanwhile): a normal task from now on
+                    self.allowed = False
+            self.window_end, self.cpu_at_start = now + 1.0, time.process_time()
+        elif not self.throttled and time.process_time() - self.cpu_at_start > self.share:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # giving up is always allowed
+            self.throttled = True
+            return True
+        return False
+
+
+class _FrameWriter:
+    """Frames to the agent without ever waiting for it: what the pipe does not take waits here, up
+    to BACKLOG_MAX bytes (then the reader stops reading the socket, whose overflow is counted)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.frames: list[bytes] = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.offset = 0  # into chunks[0]
+        self.backlog = 0  # bytes not yet written
+        os.set_blocking(fd, False)
+
+    def add(self, kind: int, payload: bytes | memoryview = b"") -> None:
+        self.frames += (FRAME.pack(kind, len(payload)), bytes(payload))
+
+    def flush(self) -> None:
+        """Write what the pipe takes now (the frames added so far, after any backlog)."""
+        if self.frames:
+            chunk = b"".join(self.frames)
+            self.frames = []
+            self.chunks.append(chunk)
+            self.backlog += len(chunk)
+        while self.chunks:
+            head = self.chunks[0]
+            try:
+                written = os.write(self.fd, memoryview(head)[self.offset :])
+            except BlockingIOError:
+                return
+            self.offset += written
+            self.backlog -= written
+            if self.offset == len(head):
+                self.chunks.popleft()
+                self.offset = 0
+
+    def flush_all(self) -> None:
+        os.set_blocking(self.fd, True)
+        self.flush()
+
+
+def _of_a_process(event: KernelEvent) -> bool:
+    """Not a thread's: a fork that makes a process, a process's exit or id change, an exec."""
+    if isinstance(event, Fork):
+        return event.child_pid == event.child_tgid
+    if isinstance(event, Exit | IdChange):
+        return event.pid == event.tgid
+    return isinstance(event, Exec)
+
+
+def _drain(connector: ProcConnector, out: _FrameWriter) -> None:
+    """Read what the socket holds: each exec's first fields at once, the later ones after, one batch
+    (threads' events left out: the agent reports processes)."""
+    firsts = []
+    for _ in range(DRAIN_MAX):
+        try:
+            datagram = connector.receive()
+            if datagram is None:
+                break
+            events = parse(datagram)
+        except (EventsLost, MalformedMessage) as exc:
+            out.add(LOST if isinstance(exc, EventsLost) else REJECTED, str(exc).encode())
+            continue
+        if not any(map(_of_a_process, events)):
+            continue  # a thread started or ended (most events on a busy host): nothing the agent reports
+        firsts += [read_first(event.pid, event.ts_ns) for event in events if isinstance(event, Exec)]
+        out.add(DATAGRAM, datagram)
+    for first in firsts:
+        out.add(PROCFS, encode_procfs(read_later(first)))
+    if out.frames:
+        out.add(END)
+
+
+def serve(sock_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1) -> None:
+    """The reader's loop: batches of frames to `out_fd` until `control` reaches its end (the agent)."""
+    connector = ProcConnector.inherit(sock_fd)
+    out = _FrameWriter(out_fd)
+    realtime = _Realtime(realtime_share)
+    out.add(STARTED, realtime.start().encode())
+    out.add(END)
+    out.flush()
+    sock = connector.fileno()
+    while True:
+        # The socket while the backlog has room (an overflow meanwhile is counted: ENOBUFS); the
+        # pipe while frames wait for it; and the control pipe, whose end (or hang-up) says stop.
+        poller = select.poll()
+        poller.register(control, select.POLLIN)
+        if out.backlog < BACKLOG_MAX:
+            poller.register(sock, select.POLLIN)
+        if out.backlog:
+            poller.register(out_fd, select.POLLOUT)
+        ready = dict(poller.poll())
+        if control in ready:
+            return
+        if sock in ready:
+            _drain(connector, out)
+            if realtime.after_batch():
+                out.add(THROTTLED)
+                out.add(END)
+        out.flush()
+
+
+def reader_main(argv: list[str]) -> int:
+    """`python -I -S connector.py SOCKET_FD REALTIME_SHARE` (reader.Reader starts it): the kernel's
+    socket inherited, stdin the agent's control pipe, stdout the frames."""
+    try:
+        serve(int(argv[1]), float(argv[2]))
+    except BrokenPipeError:  # the agent is gone
+        return 0
+    except Exception as exc:  # told to the agent, which raises it (and the runtime restarts the collector)
+        with contextlib.suppress(OSError):
+            out = _FrameWriter(1)
+            out.add(FAILED, f"{type(exc).__name__}: {exc}".encode())
+            out.add(END)
+            out.flush_all()
+        return 1
+    return 0
+
+
+# ---- the agent's side of the reader -------------------------------------------------------------------
+
+
+class FrameDecoder:
+    """The reader's frames back into what happened, a batch at a time (at each END frame)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.batch: list[Received] = []
+        self.reads: dict[tuple[int, int], ProcRead] = {}
+
+    def feed(self, data: bytes) -> list[Received]:
+        """What the completed batches in `data` (and earlier partial data) hold, in order."""
+        self.buffer += data
+        done: list[Received] = []
+        offset = 0
+        while len(self.buffer) - offset >= FRAME.size:
+            kind, length = FRAME.unpack_from(self.buffer, offset)
+            if length > FRAME_MAX:
+                raise ConnectorError(errno.EPROTO, f"reader frame of {length} bytes: the stream is corrupt")
+            if len(self.buffer) - offset - FRAME.size < length:
+                break
+            done += self._frame(kind, bytes(self.buffer[offset + FRAME.size : offset + FRAME.size + length]))
+            offset += FRAME.size + length
+        del self.buffer[:offset]
+        return done
+
+    def _frame(self, kind: int, payload: bytes) -> list[Received]:
+        if kind == END:
+            batch = [self._with_read(item) for item in self.batch]
+            self.batch, self.reads = [], {}
+            return batch
+        if kind == DATAGRAM:
+            try:
+                self.batch += [(event, None) for event in parse(payload)]
+            except MalformedMessage as exc:
+                self.batch.append(exc)
+        elif kind == PROCFS:
+            read = decode_procfs(payload)
+            self.reads[read.pid, read.exec_ns] = read
+        else:
+            self.batch.append(self._notice(kind, payload.decode(errors="replace")))
+        return []
+
+    @staticmethod
+    def _notice(kind: int, text: str) -> Received:
+        if kind == LOST:
+            return EventsLost(errno.ENOBUFS, text)
+        if kind == REJECTED:
+            return MalformedMessage(text)
+        if kind == STARTED:
+            return ReaderStarted(text)
+        if kind == THROTTLED:
+            return Throttled()
+        if kind == FAILED:
+            return ConnectorError(errno.EIO, f"the process-event reader failed: {text}")
+        raise ConnectorError(errno.EPROTO, f"unknown reader frame kind {kind}: the stream is corrupt")
+
+    def _with_read(self, item: Received) -> Received:
+        if isinstance(item, tuple) and isinstance(item[0], Exec):
+            return item[0], self.reads.get((item[0].pid, item[0].ts_ns))
+        return item
+
+
+if __name__ == "__main__":
+    sys.exit(reader_main(sys.argv))

@@ -49,6 +49,7 @@ class Subject(NamedTuple):
     stdin: str  # where fd 0 points: "socket:[N]", "pipe:[N]", "/dev/pts/0", ...
     stdout: str
     table: ProcessTable
+    exe_mtime_ns: int | None = None  # of the file that ran, as read at its exec (None: not known)
 
 
 class Finding(NamedTuple):
@@ -155,14 +156,23 @@ def new_binary(subject: Subject, rules: ProcRules) -> tuple[str, dict[str, str]]
     info = subject.info
     if not info.exe:
         return None
-    try:  # the running file itself, even if its path now names another
-        modified = os.stat(f"/proc/{info.pid}/exe").st_mtime
-    except OSError:
+    modified = _exe_mtime(subject)
+    if modified is None:
         return None
     age = time.time() - modified
     if age > rules.new_binary.minutes * 60:
         return None
     return f"{_who(info)} runs {info.exe}, modified {age:.0f} s ago", {"modified_s_ago": f"{age:.0f}"}
+
+
+def _exe_mtime(subject: Subject) -> float | None:
+    """When the file that ran was modified: as read at its exec (a short process is gone by now), else now."""
+    if subject.exe_mtime_ns is not None:
+        return subject.exe_mtime_ns / 1e9
+    try:  # the running file itself, even if its path now names another
+        return os.stat(f"/proc/{subject.info.pid}/exe").st_mtime
+    except OSError:
+        return None
 
 
 RULES = (

@@ -1,0 +1,65 @@
+"""The agent's side of the process-event reader: the process started, its frames read, it stopped.
+
+The reader itself (connector.py run as a script: `serve`) reads the kernel's process events and
+each exec's /proc at once, apart from the agent's GIL and at real-time priority where it may.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import subprocess
+import sys
+
+from amoskys.agents.proc import connector
+from amoskys.agents.proc.connector import ConnectorError, FrameDecoder, ProcConnector, Received
+
+__all__ = ["Reader"]
+
+PIPE_BYTES = 1 << 20  # the pipe from the reader holds a burst while the agent is busy (1 MiB: Linux's default cap)
+STOP_TIMEOUT_S = 5.0
+
+
+class Reader:
+    """The reader process for an open connector; `take` returns what it reported."""
+
+    def __init__(self, listening: ProcConnector, realtime_share: float) -> None:
+        fd = listening.fileno()
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", connector.__file__, str(fd), repr(realtime_share)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), bufsize=0,
+            start_new_session=True,  # a terminal's ^C goes to the agent, which stops the reader
+        )  # fmt: skip
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.control, self.frames = self.process.stdin, self.process.stdout
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.frames.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self.decoder = FrameDecoder()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def take(self, timeout: float) -> list[Received]:
+        """What the reader reported within `timeout` seconds ([] if nothing); ConnectorError if it ended."""
+        if not select.select([self.frames], [], [], timeout)[0]:
+            return []
+        data = os.read(self.frames.fileno(), PIPE_BYTES)
+        if not data:
+            code = self.process.wait()
+            raise ConnectorError(errno.EPIPE, f"the process-event reader exited with status {code}")
+        return self.decoder.feed(data)
+
+    def close(self) -> None:
+        """Stop the reader (its control pipe closed: it sees the end) and wait for it."""
+        self.control.close()
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.frames.close()
