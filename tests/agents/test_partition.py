@@ -28,10 +28,11 @@ import pytest
 import yaml
 
 from amoskys import keys
+from amoskys.agents.host import HostAgentConfig
 from amoskys.agents.runtime.publisher import limit_unacked_time
 from amoskys.agents.runtime.runner import AgentRuntime
 from amoskys.client import hub_channel, hub_stub
-from amoskys.config import AgentConfig, TlsConfig
+from amoskys.config import TlsConfig
 from amoskys.v1 import bus_pb2, bus_pb2_grpc, events_pb2
 from tests.conftest import TestPki
 from tests.netlab import free_subnets, ip
@@ -57,7 +58,7 @@ class NamespacedHub:
     namespace: str
     address: str
     pki: TestPki
-    agent: AgentConfig  # the host agent, heartbeat every second, trusted by this hub
+    agent: HostAgentConfig  # the host agent, heartbeat every second, trusted by this hub
 
     def partition(self) -> None:
         subprocess.run(["ip", "netns", "exec", self.namespace, "nft", "-f", "-"], input=DROP_ALL, text=True,
@@ -136,7 +137,9 @@ def namespaced_hub(test_pki: TestPki, tmp_path: Path) -> Iterator[NamespacedHub]
             process = subprocess.Popen([*command, str(config)], stderr=err)
         port = wait_for_port(log, process)
         address = f"{far}:{port}"
-        yield NamespacedHub(namespace, address, test_pki, msgspec.convert({**identity, "hub": address}, AgentConfig))
+        yield NamespacedHub(
+            namespace, address, test_pki, msgspec.convert({**identity, "hub": address}, HostAgentConfig)
+        )
     finally:
         if process is not None:
             stop_process(process, timeout=10)

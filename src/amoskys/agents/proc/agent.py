@@ -32,6 +32,7 @@ from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
+from amoskys.agents.proc.config import ProcAgentConfig
 from amoskys.agents.proc.connector import (
     ConnectorUnavailable,
     EventsLost,
@@ -46,7 +47,6 @@ from amoskys.agents.proc.connector import (
 )
 from amoskys.agents.proc.rules import Subject, evaluate
 from amoskys.agents.runtime.base import Agent
-from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
 
 if TYPE_CHECKING:
@@ -199,10 +199,11 @@ def capture(pid: int, first: First | None = None) -> Captured | None:
 # ---- the agent ------------------------------------------------------------------------------------
 
 
-class ProcAgent(Agent):
+class ProcAgent(Agent[ProcAgentConfig]):
     kind = "proc"
+    config_type = ProcAgentConfig
 
-    def __init__(self, config: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, config: ProcAgentConfig, state_dir: Path) -> None:
         super().__init__(config, state_dir)
         self.seen: dict[int, Captured] = {}
         self.forked: dict[int, int] = {}  # pid -> parent pid, for processes the kernel said were forked
