@@ -258,6 +258,7 @@ class SimulatedAgent:
             while (self.collected > self.sealed_events or self.outbox.held) and time.monotonic() < give_up:
                 await self._seal_then_wait(min(1.0, give_up - time.monotonic()))
         finally:
+            self.publisher.stop()
             publisher.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
 

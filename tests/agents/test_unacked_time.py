@@ -1,4 +1,4 @@
-"""TCP_USER_TIMEOUT reaches the publisher's connection to the hub as it connects, and no other socket."""
+"""The publisher's connection handling: TCP_USER_TIMEOUT on the hub connection only; `stop` ends `run`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import asyncio
 import socket
 from pathlib import Path
 
-from amoskys.agents.runtime.publisher import limit_unacked_time
+from amoskys import keys
+from amoskys.agents.runtime.identity import load_signer
+from amoskys.agents.runtime.metrics import AgentMetrics
+from amoskys.agents.runtime.publisher import Publisher, limit_unacked_time
+from amoskys.config import AgentConfig, TlsConfig
+from amoskys.loadgen import MemoryOutbox, counts
 
 
 async def user_timeout_ms(port: int) -> int:
@@ -39,3 +44,21 @@ async def test_only_connections_to_the_hub_get_the_limit(tmp_path: Path) -> None
         for server in (hub, other, journal):
             server.close()
             await server.wait_closed()
+
+
+async def test_a_stopped_publisher_ends_even_when_its_cancel_is_lost(tmp_path: Path) -> None:
+    """grpclib can turn a cancel into a stream error (a lost connection at that moment): `stop` still ends
+    `run`. Here the hub is unreachable and the cancel never comes: `run` must end at its next failure."""
+    keys.write_private_key(tmp_path / "a.sign", keys.generate_signing_key())
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        hub = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: connections are refused
+        config = AgentConfig(agent_id="web1-proc", hub=hub, tls=TlsConfig(ca="/nonexistent", cert="/x", key="/y"))
+        metrics = AgentMetrics("proc")
+        outbox = MemoryOutbox("web1-proc", load_signer(tmp_path / "a.sign"), None)
+        publisher = Publisher(outbox, config, metrics, asyncio.Event())
+        running = asyncio.create_task(publisher.run())
+        while not counts(metrics.publish_errors):
+            await asyncio.sleep(0.01)
+        publisher.stop()  # and no cancel
+        await asyncio.wait_for(running, timeout=10)  # before: retried for ever

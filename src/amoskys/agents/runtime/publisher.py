@@ -205,6 +205,7 @@ class Publisher:
         self.connected = False
         self._inflight: Inflight | None = None  # the open stream's window; None between streams
         self._stream_chain = b""  # the chain of what this stream has sent
+        self._stopping = False  # see `stop`
 
     @property
     def idle(self) -> bool:
@@ -216,9 +217,16 @@ class Publisher:
         """A stream to the hub is open: what is sealed now can be sent."""
         return self._inflight is not None
 
+    def stop(self) -> None:
+        """Say that the task running `run` is being cancelled: then cancel it. A cancel alone can be lost:
+        grpclib turns the CancelledError of a task inside a stream whose connection is lost at that
+        moment into StreamTerminatedError, which `run` would take for a broken connection and retry
+        (simulated agents kept reconnecting minutes after the load generator cancelled them)."""
+        self._stopping = True
+
     async def run(self) -> None:
-        """Publish forever: one stream per session, reconnecting as needed."""
-        while True:
+        """Publish until stopped: one stream per session, reconnecting as needed."""
+        while not self._stopping:
             try:
                 limit_unacked_time(self.config.hub, TCP_USER_TIMEOUT_S)  # its connection's socket, as it connects
                 async with agent_channel(self.config.hub, self.config.tls, self.config.hub_server_name) as channel:
@@ -229,6 +237,8 @@ class Publisher:
                 pause = end.pause
             except (GRPCError, StreamTerminatedError, OSError) as exc:  # OSError includes TimeoutError
                 self._set_connected(False)
+                if self._stopping:
+                    return  # the cancel `stop` announced, turned into a stream error (see `stop`)
                 code = failure_code(exc)
                 self.metrics.publish_errors.labels(code).inc()
                 pause = self.backoff.next()

@@ -281,6 +281,7 @@ class AgentRuntime:
         deadline = time.monotonic() + STOP_FLUSH_S
         while self._waiting() and self.publisher.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        self.publisher.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
