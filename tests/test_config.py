@@ -200,3 +200,10 @@ def test_config_check_takes_the_agent_kind_from_the_option_or_the_file_name(
     assert "key 'host_metrics.interval_s'" in capsys.readouterr().err
     assert main(["config", "check", "--component", "agent", str(anonymous)]) == 2  # the common part only
     assert "key 'host_metrics': unknown key" in capsys.readouterr().err
+
+
+def test_the_runtime_refuses_a_config_without_the_agents_section() -> None:
+    from amoskys.agents.runtime.runner import AgentRuntime
+
+    with pytest.raises(TypeError, match="the host agent runs on HostAgentConfig, not AgentConfig"):
+        AgentRuntime("host", None, AgentConfig())

@@ -44,6 +44,8 @@ class AgentRuntime:
         self.kind = kind
         self.config_path = config_path
         agent_class = load_agent_class(kind)
+        if config is not None and not isinstance(config, agent_class.config_type):
+            raise TypeError(f"the {kind} agent runs on {agent_class.config_type.__name__}, not {type(config).__name__}")
         self.config = config or load_config(config_path, agent_class.config_type)
         self.agent_id = self.config.resolved_agent_id(kind)
         self._check_identity()
