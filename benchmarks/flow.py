@@ -41,8 +41,8 @@ import msgspec
 
 from amoskys import pki
 from amoskys.agents.flow.agent import FlowAgent
+from amoskys.agents.flow.config import FlowAgentConfig, FlowConfig
 from amoskys.agents.flow.packets import PcapReader, parse_frame
-from amoskys.config import AgentConfig, FlowConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub import proc_stats, start_hub
@@ -134,7 +134,7 @@ def write_pcap(path: Path, packets: int, concurrent: int, full_frames: bool, see
 
 def replay_in_process(pcap: Path) -> dict[str, Any]:
     """The agent's own replay path (reader, parser, table, FlowEvent and Event objects), timed on one core."""
-    config = msgspec.convert({"host": "bench", "flow": {"pcap": str(pcap)}}, AgentConfig)
+    config = msgspec.convert({"host": "bench", "flow": {"pcap": str(pcap)}}, FlowAgentConfig)
 
     async def run() -> tuple[int, int, int]:
         agent = FlowAgent(config, Path(tempfile.gettempdir()))

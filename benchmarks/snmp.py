@@ -193,7 +193,7 @@ async def poll_latency(snmpd: Snmpd, polls: int) -> dict[str, Any]:
     from pysnmp.hlapi.v3arch.asyncio import SnmpEngine
 
     from amoskys.agents.snmp.agent import TargetPoller
-    from amoskys.config import SnmpTarget
+    from amoskys.agents.snmp.config import SnmpTarget
 
     result: dict[str, Any] = {"part": "latency", "polls": polls}
     for spec in targets(snmpd, 9)[:2]:
@@ -231,7 +231,7 @@ async def timeout_beside_busy_targets(snmpd: Snmpd, rounds: int = 5) -> dict[str
     from pysnmp.hlapi.v3arch.asyncio import SnmpEngine
 
     from amoskys.agents.snmp.agent import PollError, TargetPoller
-    from amoskys.config import SnmpTarget
+    from amoskys.agents.snmp.config import SnmpTarget
 
     lags: list[float] = []
 

@@ -86,5 +86,6 @@ def test_agent_list_is_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     listed = json.loads(capsys.readouterr().out)
     assert [k["name"] for k in listed] == sorted(AGENT_KINDS)
     assert {"process", "heartbeat", "alert"} == set(next(k for k in listed if k["name"] == "proc")["bodies"])
+    assert len({k["metrics_port"] for k in listed}) == len(listed)  # each kind's own port
     assert main(["agent"]) == 2
     assert "--list" in capsys.readouterr().err

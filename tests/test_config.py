@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from amoskys.agents import agent_config_type
+from amoskys.agents.snmp.config import SnmpAgentConfig
+from amoskys.catalog import AGENT_KINDS
 from amoskys.cli import main
 from amoskys.config import AgentConfig, EventBusConfig, UiConfig, load_config
 from amoskys.errors import ConfigError, IdentityError
@@ -22,6 +25,20 @@ def write(tmp_path: Path, text: str, name: str = "eventbus.yml") -> Path:
 @pytest.mark.parametrize("schema", [EventBusConfig, AgentConfig, UiConfig])
 def test_defaults_are_valid(schema: type) -> None:
     load_config(None, schema, env={})
+
+
+@pytest.mark.parametrize("kind", sorted(AGENT_KINDS))
+def test_every_agent_names_a_schema_with_valid_defaults(kind: str) -> None:
+    """The registry leads to each agent's schema: the common part plus the agent's own section."""
+    schema = agent_config_type(kind)
+    assert issubclass(schema, AgentConfig) and schema is not AgentConfig
+    load_config(None, schema, env={})
+
+
+def test_another_agents_section_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "flow: {interfaces: [eth0]}\n", "agent-proc.yml")
+    with pytest.raises(ConfigError, match=r"agent-proc.yml: key 'flow': unknown key; known keys: .*\bproc\b"):
+        load_config(path, agent_config_type("proc"), env={})
 
 
 def test_values_and_env_overrides(tmp_path: Path) -> None:
@@ -76,7 +93,7 @@ def test_bad_agent_sections_are_explained(tmp_path: Path) -> None:
         tmp_path, "snmp:\n  targets:\n    - {name: sw1, address: 10.0.0.1, version: '3', user: u}\n", "agent.yml"
     )
     with pytest.raises(ConfigError, match=r"snmp.targets\[0\].*version 3 needs user, auth_key and priv_key"):
-        load_config(path, AgentConfig, env={})
+        load_config(path, SnmpAgentConfig, env={})
 
 
 @pytest.mark.parametrize("agent_id", ["has space", "web1\n", "a" * 65, "../x", "/abs", ".", "..", "-x"])
@@ -98,7 +115,7 @@ NON_FINITE_AND_HUGE = [
     ("agent.yml", AgentConfig, "heartbeat_s: .inf\n", "key 'heartbeat_s': expected float <= 31622400"),
     ("agent.yml", AgentConfig, "heartbeat_s: .nan\n", "key 'heartbeat_s': expected float > 0.0"),
     ("agent.yml", AgentConfig, "heartbeat_s: -.inf\n", "key 'heartbeat_s': expected float > 0.0"),
-    ("agent.yml", AgentConfig, "snmp: {interval_s: 1e400}\n", "key 'snmp.interval_s': number out of range"),
+    ("agent-snmp.yml", SnmpAgentConfig, "snmp: {interval_s: 1e400}\n", "key 'snmp.interval_s': number out of range"),
     ("agent.yml", AgentConfig, "outbox: {max_age_days: .inf}\n", "key 'outbox.max_age_days': expected float <= 36500"),
     (
         "agent.yml",
@@ -168,7 +185,7 @@ def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
     assert main(["config", "check", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "valid agent config" in out
+    assert "valid agent-snmp config" in out
     assert "s3cret" not in out
     bad = write(tmp_path, "listen: x\n", "eventbus.yml")
     assert main(["config", "check", str(bad)]) == 2
@@ -185,3 +202,25 @@ def test_agent_hub_takes_a_list_of_addresses(tmp_path: Path) -> None:
         path.write_text(bad)
         with pytest.raises(ConfigError, match=error):
             load_config(path, AgentConfig, env={})
+
+
+def test_config_check_takes_the_agent_kind_from_the_option_or_the_file_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The role validates a temporary file (`--component agent-KIND`); people name the file agent-KIND.yml."""
+    text = "host_metrics: {interval_s: 0}\n"
+    anonymous = write(tmp_path, text, "tmp1234")
+    assert main(["config", "check", "--component", "agent-host", str(anonymous)]) == 2
+    assert "key 'host_metrics.interval_s': expected float > 0.0" in capsys.readouterr().err
+    named = write(tmp_path, text, "agent-host.yml")
+    assert main(["config", "check", "--component", "agent", str(named)]) == 2
+    assert "key 'host_metrics.interval_s'" in capsys.readouterr().err
+    assert main(["config", "check", "--component", "agent", str(anonymous)]) == 2  # the common part only
+    assert "key 'host_metrics': unknown key" in capsys.readouterr().err
+
+
+def test_the_runtime_refuses_a_config_without_the_agents_section() -> None:
+    from amoskys.agents.runtime.runner import AgentRuntime
+
+    with pytest.raises(TypeError, match="the host agent runs on HostAgentConfig, not AgentConfig"):
+        AgentRuntime("host", None, AgentConfig())

@@ -3,6 +3,10 @@
 Schemas are msgspec Structs (about 1 MB of RSS, against pydantic's 10 MB: agents have a budget).
 Every error names the file (or environment variable), the key, and what was expected.
 
+The common parts (identity, hub, outbox, batching, logging, metrics) live here; each agent's own
+section lives next to its code and joins `AgentConfig` in a subclass the agent class names
+(`Agent.config_type`): `amoskys.agents.agent_config_type(KIND)` finds it through the registry.
+
 Environment overrides use `__` between levels: `AMOSKYS_STORE__RETENTION_DAYS=7` sets
 `store.retention_days`. Values are parsed as YAML scalars, so `7`, `true` and `[a, b]` work.
 """
@@ -10,7 +14,6 @@ Environment overrides use `__` between levels: `AMOSKYS_STORE__RETENTION_DAYS=7`
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import socket
@@ -23,21 +26,17 @@ import yaml
 
 from amoskys.errors import ConfigError
 from amoskys.keyfile import IDENTITY_NAME, IDENTITY_RULE
+from amoskys.masking import mask_secrets
 
 __all__ = [
     "AgentConfig",
-    "AuthConfig",
     "EventBusConfig",
-    "FlowConfig",
-    "HostConfig",
     "IndexerConfig",
     "NatsConfig",
-    "ProcConfig",
-    "ScannerConfig",
-    "SnmpConfig",
-    "SnmpTarget",
-    "SnmpUser",
+    "Section",
     "UiConfig",
+    "check_address",
+    "dump_config",
     "load_config",
     "parse_address",
 ]
@@ -71,7 +70,8 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
     """Base of every config section: unknown keys are errors, not silently ignored."""
 
 
-def _check_address(value: str, key: str, *, allow_empty: bool = False) -> None:
+def check_address(value: str, key: str, *, allow_empty: bool = False) -> None:
+    """For a section's `__post_init__`: ValueError `KEY: why` unless `value` is `host:port` (or allowed empty)."""
     if allow_empty and not value:
         return
     try:
@@ -138,7 +138,7 @@ class MetricsConfig(Section, frozen=True):
     listen: str = "127.0.0.1:9124"
 
     def __post_init__(self) -> None:
-        _check_address(self.listen, "listen", allow_empty=True)
+        check_address(self.listen, "listen", allow_empty=True)
 
 
 NATS_SERVER = re.compile(r"(?:(?:nats|tls)://)?(?:[^:/\[\]\s]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
@@ -186,7 +186,7 @@ class EventBusConfig(Section, frozen=True):
     logging: LoggingConfig = LoggingConfig()
 
     def __post_init__(self) -> None:
-        _check_address(self.listen, "listen")
+        check_address(self.listen, "listen")
 
 
 class IndexerConfig(Section, frozen=True):
@@ -212,224 +212,8 @@ class BatchConfig(Section, frozen=True):
     max_inflight: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
 
 
-AlertSeverity = Literal["warning", "error", "critical"]
-
-
-class ProcRule(Section, frozen=True):
-    """One proc rule's switch; `severity` empty keeps the rule's own (see README, "proc rules")."""
-
-    enabled: bool = True
-    severity: AlertSeverity | Literal[""] = ""
-    ignore_exes: list[str] = msgspec.field(default_factory=list)  # glob patterns of executables never alerted on
-
-
-WEB_DAEMONS = [
-    "nginx", "apache2", "httpd", "php-fpm*", "php-cgi*", "postgres", "mysqld", "mariadbd", "node", "java",
-    "tomcat*", "gunicorn", "uwsgi", "puma", "unicorn", "lighttpd", "caddy", "redis-server", "mongod",
-]  # fmt: skip
-
-
-class DaemonShellRule(ProcRule, frozen=True):
-    daemons: list[str] = msgspec.field(default_factory=lambda: list(WEB_DAEMONS))  # process names, globs
-
-
-class WritableDirRule(ProcRule, frozen=True):
-    dirs: list[str] = msgspec.field(default_factory=lambda: ["/tmp", "/var/tmp", "/dev/shm"])
-
-
-class NewBinaryRule(ProcRule, frozen=True):
-    minutes: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # an executable modified less than this long ago
-
-
-INTERPRETERS = [
-    "sh", "bash", "dash", "zsh", "ksh", "ash", "busybox", "python*", "perl*", "ruby*", "php*", "lua*", "node",
-    "tclsh*", "nc", "ncat", "netcat", "socat", "telnet", "openssl",
-]  # fmt: skip
-
-
-class InterpreterRule(ProcRule, frozen=True):
-    interpreters: list[str] = msgspec.field(default_factory=lambda: list(INTERPRETERS))
-
-
-class DownloadToShellRule(ProcRule, frozen=True):
-    downloaders: list[str] = msgspec.field(default_factory=lambda: ["curl", "wget", "fetch", "lwp-request"])
-    shells: list[str] = msgspec.field(
-        default_factory=lambda: ["sh", "bash", "dash", "zsh", "ksh", "ash", "busybox", "python*", "perl*"]
-    )
-
-
-RUNC_MEMFD = "/memfd:runc_cloned*"  # runc before 1.2 runs a copy of itself from a memfd for every container
-
-
-class ProcRules(Section, frozen=True):
-    shell_from_web_daemon: DaemonShellRule = DaemonShellRule()
-    child_of_daemon_shell: ProcRule = ProcRule()
-    reverse_shell: InterpreterRule = InterpreterRule()
-    download_piped_to_shell: DownloadToShellRule = DownloadToShellRule()
-    exe_deleted: ProcRule = ProcRule(ignore_exes=[RUNC_MEMFD])
-    exe_in_writable_dir: WritableDirRule = WritableDirRule()
-    new_binary: NewBinaryRule = NewBinaryRule(ignore_exes=[RUNC_MEMFD])
-
-
-class ProcConfig(Section, frozen=True):
-    interval_s: Seconds = 2.0  # polling, where kernel process events are unavailable
-    recheck_s: Seconds = 1.0  # how often running executables are checked for deletion
-    hash_max_bytes: NonNegative = 64 * MiB
-    # the event reader's CPU share per second at real-time priority, then a normal task (0: never real-time)
-    realtime_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
-    rules: ProcRules = ProcRules()
-
-
-class HostConfig(Section, frozen=True):
-    interval_s: Seconds = 30.0
-    ports_interval_s: Seconds = 5.0
-
-
-class AuthConfig(Section, frozen=True):
-    source: Literal["auto", "file", "journal"] = "auto"
-    log_path: str = "/var/log/auth.log"
-    brute_force_failures: Positive = 5
-    brute_force_window_s: Seconds = 60.0
-
-
-class FlowConfig(Section, frozen=True):
-    interfaces: list[str] = msgspec.field(default_factory=list)
-    bpf: str = "ip or ip6 or ether proto 0x8847 or ether proto 0x8848"  # IP, and IP inside MPLS
-    idle_timeout_s: Seconds = 15.0
-    active_timeout_s: Seconds = 60.0
-    max_flows: Positive = 60_000  # a full table keeps the agent within 70 MB (BENCHMARKS.md)
-    promiscuous: bool = False  # also frames not addressed to this host (a mirror/SPAN port)
-    pcap: str = ""  # replay this pcap/pcapng file instead of capturing (`amoskys agent flow --pcap FILE`)
-
-
-def _ipv4_network(cidr: str) -> ipaddress.IPv4Network:
-    """An IPv4 network written without host bits, e.g. 192.168.1.0/24 (ValueError naming the fix)."""
-    try:
-        network = ipaddress.ip_network(cidr, strict=False)
-    except ValueError:
-        raise ValueError(f"cidr: {cidr!r} is not an IPv4 network such as 192.168.1.0/24") from None
-    if not isinstance(network, ipaddress.IPv4Network):
-        raise ValueError(f"cidr: {cidr!r} is IPv6; only IPv4 subnets can be swept")
-    if str(network) != cidr:
-        raise ValueError(f"cidr: {cidr!r} has host bits set; did you mean {str(network)!r}?")
-    return network
-
-
-class ScanTarget(Section, frozen=True):
-    interface: str
-    cidr: str
-    icmp: bool = False  # a routed subnet: ICMP echo instead of ARP (finds addresses, not MACs)
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[^/:\s]{1,15}", self.interface):
-            raise ValueError(f"interface: {self.interface!r} is not a Linux interface name (1-15 characters, "
-                             "no '/', ':' or spaces)")  # fmt: skip
-        _ipv4_network(self.cidr)
-
-    @property
-    def network(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.cidr)
-
-
-class ScannerConfig(Section, frozen=True):
-    targets: list[ScanTarget] = msgspec.field(default_factory=list)
-    interval_s: Seconds = 300.0
-    max_prefix: Annotated[int, msgspec.Meta(ge=0, le=32)] = 22
-    allow_large: bool = False
-    rate_pps: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
-    reply_timeout_s: Seconds = 1.0  # how long replies are awaited after a target's last probe
-    gone_after_sweeps: Positive = 3
-    oui_file: str = "/usr/share/ieee-data/oui.txt"  # "": no vendor names
-
-    def __post_init__(self) -> None:
-        for index, target in enumerate(self.targets):
-            network, name = target.network, f"target {index} ({target.interface} {target.cidr})"
-            if network.prefixlen < self.max_prefix and not self.allow_large:
-                raise ValueError(
-                    f"targets: {name} is larger than max_prefix /{self.max_prefix} ({network.num_addresses} "
-                    "addresses); set allow_large: true to sweep it anyway"
-                )
-            for other in self.targets[:index]:
-                if other.interface == target.interface and other.network.overlaps(network):
-                    raise ValueError(f"targets: {name} overlaps {other.cidr} on the same interface")
-
-
-SnmpAuthProtocol = Literal["SHA", "SHA256", "SHA512"]
-SnmpPrivProtocol = Literal["AES", "AES256"]
-USM_MIN_KEY = 8  # RFC 3414: passphrases shorter than 8 characters are refused
-
-
-def _check_usm(user: str, auth_key: str, priv_key: str) -> None:
-    """SNMPv3 is authPriv only: a user and both passphrases, each long enough (never echoed)."""
-    missing = [key for key, value in (("user", user), ("auth_key", auth_key), ("priv_key", priv_key)) if not value]
-    if missing:
-        raise ValueError(f"{missing[0]}: version 3 needs user, auth_key and priv_key (authPriv)")
-    for key, value in (("auth_key", auth_key), ("priv_key", priv_key)):
-        if len(value) < USM_MIN_KEY:
-            raise ValueError(f"{key}: must be at least {USM_MIN_KEY} characters (RFC 3414), got {len(value)}")
-
-
-class SnmpTarget(Section, frozen=True):
-    name: Annotated[str, msgspec.Meta(min_length=1)]
-    address: Annotated[str, msgspec.Meta(min_length=1)]  # IPv4, IPv6 or a host name
-    port: Port = 161
-    version: Literal["2c", 3] = "2c"
-    community: str = ""
-    user: str = ""
-    auth_protocol: SnmpAuthProtocol = "SHA"
-    auth_key: str = ""
-    priv_protocol: SnmpPrivProtocol = "AES"
-    priv_key: str = ""
-    context: Annotated[str, msgspec.Meta(max_length=32)] = ""  # SNMPv3 contextName (VRF, instance); "": default
-    timeout_s: Seconds = 2.0
-    retries: NonNegative = 1
-
-    def __post_init__(self) -> None:
-        if self.version == "2c" and not self.community:
-            raise ValueError("community: version 2c needs a community")
-        if self.version == "2c" and self.context:
-            raise ValueError("context: a context name is SNMPv3's; with 2c the community selects the context")
-        if self.version == 3:
-            _check_usm(self.user, self.auth_key, self.priv_key)
-
-
-class SnmpUser(Section, frozen=True):
-    """An SNMPv3 user (authPriv) whose traps and informs the receiver accepts."""
-
-    user: Annotated[str, msgspec.Meta(min_length=1)]
-    engine_id: str = ""  # the sender's snmpEngineID in hex: needed for traps, not for informs
-    auth_protocol: SnmpAuthProtocol = "SHA"
-    auth_key: str = ""
-    priv_protocol: SnmpPrivProtocol = "AES"
-    priv_key: str = ""
-
-    def __post_init__(self) -> None:
-        _check_usm(self.user, self.auth_key, self.priv_key)
-        if self.engine_id and not re.fullmatch(r"(0x)?([0-9A-Fa-f]{2}){5,32}", self.engine_id):
-            raise ValueError(
-                f"engine_id: expected 5 to 32 bytes in hex (e.g. 0x8000000001020304), got {self.engine_id!r}"
-            )
-
-
-class SnmpConfig(Section, frozen=True):
-    targets: list[SnmpTarget] = msgspec.field(default_factory=list)
-    interval_s: Seconds = 60.0
-    trap_listen: str = ""  # host:port, e.g. 0.0.0.0:162; empty: no trap receiver
-    trap_communities: list[Annotated[str, msgspec.Meta(min_length=1)]] = msgspec.field(default_factory=list)
-    trap_users: list[SnmpUser] = msgspec.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        _check_address(self.trap_listen, "trap_listen", allow_empty=True)
-        if self.trap_listen and not (self.trap_communities or self.trap_users):
-            raise ValueError("trap_listen: the trap receiver needs trap_communities and/or trap_users")
-        names = [target.name for target in self.targets]
-        for name in names:
-            if names.count(name) > 1:
-                raise ValueError(f"targets: target name {name!r} is used twice")
-
-
 class AgentConfig(Section, frozen=True):
-    """The common agent part; each agent reads its own section (proc, host, ...)."""
+    """The common agent part; an agent's subclass adds its own section (proc, host_metrics, ...)."""
 
     agent_id: Annotated[str, msgspec.Meta(pattern=rf"^(?:{IDENTITY_NAME})?\Z")] = ""
     host: str = ""
@@ -443,18 +227,12 @@ class AgentConfig(Section, frozen=True):
     heartbeat_s: Seconds = 30.0
     metrics: MetricsConfig = MetricsConfig(listen="")
     logging: LoggingConfig = LoggingConfig()
-    proc: ProcConfig = ProcConfig()
-    host_metrics: HostConfig = HostConfig()
-    auth: AuthConfig = AuthConfig()
-    flow: FlowConfig = FlowConfig()
-    scanner: ScannerConfig = ScannerConfig()
-    snmp: SnmpConfig = SnmpConfig()
 
     def __post_init__(self) -> None:
         if not self.hubs():
             raise ValueError("hub: at least one address is needed")
         for address in self.hubs():
-            _check_address(address, "hub")
+            check_address(address, "hub")
 
     def hubs(self) -> list[str]:
         """The hub addresses, in the order they are tried."""
@@ -489,8 +267,8 @@ class UiConfig(Section, frozen=True):
     logging: LoggingConfig = LoggingConfig()
 
     def __post_init__(self) -> None:
-        _check_address(self.listen, "listen")
-        _check_address(self.hub, "hub")
+        check_address(self.listen, "listen")
+        check_address(self.hub, "hub")
 
 
 Schema = TypeVar("Schema", bound=Section)
@@ -613,15 +391,3 @@ def dump_config(config: Section) -> str:
     """The effective configuration as YAML, secrets masked."""
     data = msgspec.to_builtins(config)
     return yaml.safe_dump(mask_secrets(data), sort_keys=False)
-
-
-SECRET_KEYS = re.compile(r"(password|passwd|secret|token|community|communities|auth_key|priv_key|_hash)$", re.I)
-
-
-def mask_secrets(value: Any) -> Any:
-    """Replace the values of secret-looking keys, recursively (for logs and dumps)."""
-    if isinstance(value, dict):
-        return {k: ("***" if SECRET_KEYS.search(str(k)) and v else mask_secrets(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [mask_secrets(v) for v in value]
-    return value

@@ -43,6 +43,10 @@ __all__ = ["LoadOptions", "MemoryOutbox", "ensure_identities", "run_load"]
 Status = envelope_pb2.PublishAck.Status
 STATUS_NAMES = frozenset(Status.keys())
 HOSTS = ("web", "db", "cache", "edge", "build")
+# New streams a process starts per second at most: a TLS handshake costs this process a few ms of CPU,
+# and handshakes queued longer than the hub's handshake_timeout_s are cut, which made 1,000 agents
+# starting within 5 s reconnect in a storm that fed itself (BENCHMARKS.md, connections).
+CONNECTS_PER_S = 100
 COMMANDS = ("/usr/bin/bash", "/usr/sbin/sshd", "/usr/bin/python3", "/usr/bin/curl", "/usr/lib/systemd/systemd")
 
 
@@ -241,11 +245,12 @@ class SimulatedAgent:
         self.collected = 0  # events produced (by the rate) so far
         self.sealed_events = 0
 
-    async def run(self, deadline: float) -> None:
-        """Publish until the deadline, then until everything sealed is acked or drain_s has passed."""
+    async def run(self, deadline: float, ramp_s: float) -> None:
+        """Start within `ramp_s`, publish until the deadline, then until everything sealed is acked or drain_s
+        has passed."""
         options = self.options
         interval = options.batch * options.agents / options.rate if options.rate else 0.0
-        await asyncio.sleep(random.random() * interval)  # noqa: S311 - spread the agents' phases
+        await asyncio.sleep(random.random() * max(interval, ramp_s))  # noqa: S311 - spread phases and handshakes
         publisher = asyncio.create_task(self.publisher.run())
         try:
             await self._collect(deadline, interval)
@@ -253,6 +258,7 @@ class SimulatedAgent:
             while (self.collected > self.sealed_events or self.outbox.held) and time.monotonic() < give_up:
                 await self._seal_then_wait(min(1.0, give_up - time.monotonic()))
         finally:
+            self.publisher.stop()
             publisher.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
 
@@ -300,8 +306,8 @@ async def run_agents(options: LoadOptions, indices: range) -> tuple[Stats, float
     ack_log = options.ack_log.open("a", buffering=1) if options.ack_log else None
     try:
         agents = [SimulatedAgent(i, options, metrics, ack_log) for i in indices]
-        started = time.monotonic()
-        await asyncio.gather(*(agent.run(started + options.duration) for agent in agents))
+        started, ramp_s = time.monotonic(), len(agents) / CONNECTS_PER_S
+        await asyncio.gather(*(agent.run(started + options.duration, ramp_s) for agent in agents))
         return _stats(agents, metrics), time.monotonic() - started
     finally:
         if ack_log:

@@ -10,9 +10,12 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from amoskys.config import LoggingConfig, mask_secrets
+from amoskys.masking import mask_secrets
+
+if TYPE_CHECKING:
+    from amoskys.config import LoggingConfig
 
 __all__ = ["JsonFormatter", "setup_logging"]
 

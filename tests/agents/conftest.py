@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import yaml
 
 from amoskys import keys
-from amoskys.config import AgentConfig
+from amoskys.agents import agent_config_type
+from amoskys.config import AgentConfig, load_config
+from amoskys.errors import ConfigError
 from tests.hubfixture import LiveHub
 
 
@@ -36,4 +39,15 @@ def agent_config(live_hub: LiveHub, tmp_path: Path, kind: str, **sections: Any) 
         "logging": {"level": "debug", "format": "text"},
         **sections,
     }
-    return msgspec.convert(document, AgentConfig)
+    return msgspec.convert(document, agent_config_type(kind))
+
+
+def section_error(tmp_path: Path, kind: str, text: str) -> str:
+    """Why an `agent-KIND.yml` holding `text` is refused at load: the message after the file's name."""
+    path = tmp_path / f"agent-{kind}.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, agent_config_type(kind), env={})
+    message = str(caught.value)
+    assert message.startswith(f"{path}: "), message
+    return message.removeprefix(f"{path}: ")

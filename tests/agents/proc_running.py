@@ -14,8 +14,8 @@ import msgspec
 import pytest
 
 from amoskys.agents.proc.agent import ProcAgent
+from amoskys.agents.proc.config import ProcAgentConfig
 from amoskys.agents.proc.connector import ConnectorUnavailable, ProcConnector
-from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
 
 __all__ = ["Running", "new_agent", "running_agent"]
@@ -24,7 +24,7 @@ Action = events_pb2.ProcessEvent.Action
 
 
 def new_agent(tmp_path: Path, **proc: object) -> ProcAgent:
-    return ProcAgent(msgspec.convert({"host": "testhost", "proc": proc}, AgentConfig), tmp_path)
+    return ProcAgent(msgspec.convert({"host": "testhost", "proc": proc}, ProcAgentConfig), tmp_path)
 
 
 @dataclass

@@ -17,12 +17,13 @@ import yaml
 
 from amoskys import keys
 from amoskys.agents.auth.agent import READ_CHUNK, AuthAgent, JournalError, LogFollower, Position, journal_entry
+from amoskys.agents.auth.config import AuthAgentConfig
 from amoskys.agents.auth.lines import parse_line
 from amoskys.agents.runtime.outbox import Outbox
-from amoskys.config import AgentConfig, OutboxConfig
+from amoskys.config import OutboxConfig
 from amoskys.errors import ConfigError
 from amoskys.v1 import bus_pb2, events_pb2
-from tests.agents.conftest import agent_config
+from tests.agents.conftest import agent_config, section_error
 from tests.agents.test_authlog import DATA
 from tests.hubfixture import LiveHub
 
@@ -195,8 +196,8 @@ def test_crlf_and_partial_lines(tmp_path: Path) -> None:
 # ---- the agent: event time, brute force ---------------------------------------------------------------
 
 
-def auth_config(log: Path, **auth: object) -> AgentConfig:
-    return msgspec.convert({"host": "t", "auth": {"source": "file", "log_path": str(log), **auth}}, AgentConfig)
+def auth_config(log: Path, **auth: object) -> AuthAgentConfig:
+    return msgspec.convert({"host": "t", "auth": {"source": "file", "log_path": str(log), **auth}}, AuthAgentConfig)
 
 
 async def take(agent: AuthAgent, count: int) -> list[events_pb2.Event]:
@@ -310,7 +311,7 @@ def test_unreadable_saved_state_starts_afresh(tmp_path: Path, caplog: pytest.Log
 async def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
     log = tmp_path / "auth.log"
     log.mkdir()  # a path that exists but cannot be read as a log, whoever we are
-    config = msgspec.convert({"host": "t", "auth": {"source": "file", "log_path": str(log)}}, AgentConfig)
+    config = msgspec.convert({"host": "t", "auth": {"source": "file", "log_path": str(log)}}, AuthAgentConfig)
     agent = AuthAgent(config, tmp_path)
     with pytest.raises(ConfigError, match=r"auth\.log: cannot be read"):
         await asyncio.wait_for(agent.collect().__anext__(), 5)
@@ -441,7 +442,7 @@ async def test_journalctl_exit_is_an_error_and_the_cursor_is_kept(
     script.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\ncat <<'EOF'\n{lines}\nEOF\nexit 1\n")
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
-    config = msgspec.convert({"host": "h", "auth": {"source": "journal"}}, AgentConfig)
+    config = msgspec.convert({"host": "h", "auth": {"source": "journal"}}, AuthAgentConfig)
     agent = AuthAgent(config, tmp_path)
     events: list[events_pb2.Event] = []
     with pytest.raises(JournalError, match="journalctl exited with status 1"):
@@ -456,3 +457,16 @@ async def test_journalctl_exit_is_an_error_and_the_cursor_is_kept(
     first, second = calls.read_text().splitlines()
     assert "--lines=0" in first.split()
     assert "--after-cursor=s=1;i=2" in second.split()
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("{source: syslog}", "key 'auth.source': expected one of 'auto', 'file', 'journal', got 'syslog'"),
+        ("{brute_force_failures: 0}", "key 'auth.brute_force_failures': expected int >= 1"),
+        ("{brute_force_window_s: -1}", "key 'auth.brute_force_window_s': expected float > 0.0"),
+        ("{path: /var/log/secure}", "key 'auth.path': unknown key; did you mean 'log_path'?"),
+    ],
+)
+def test_bad_auth_section_is_explained_at_load(tmp_path: Path, section: str, expected: str) -> None:
+    assert section_error(tmp_path, "auth", f"auth: {section}\n").startswith(expected)

@@ -38,6 +38,7 @@ from scapy.packet import Packet, Raw
 from scapy.utils import PcapNgWriter, PcapWriter, RawPcapReader, RawPcapWriter, wrpcap
 
 from amoskys.agents.flow.agent import FlowAgent
+from amoskys.agents.flow.config import FlowAgentConfig
 from amoskys.agents.flow.packets import (
     LINKTYPE_ETHERNET,
     LINKTYPE_RAW,
@@ -50,10 +51,9 @@ from amoskys.agents.flow.packets import (
 )
 from amoskys.agents.runtime.runner import AgentRuntime
 from amoskys.cli import main
-from amoskys.config import AgentConfig
 from amoskys.errors import ConfigError
 from amoskys.v1 import bus_pb2, events_pb2
-from tests.agents.conftest import agent_config
+from tests.agents.conftest import agent_config, section_error
 from tests.hubfixture import LiveHub
 from tests.netlab import NetLab, ip, net_lab
 
@@ -78,8 +78,8 @@ def udp(src: str, dst: str, sport: int, dport: int, payload: bytes = b"x") -> Pa
     return ETHER / IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload
 
 
-def flow_config(tmp_path: Path, **flow: Any) -> AgentConfig:
-    return msgspec.convert({"host": "testhost", "state_dir": str(tmp_path / "state"), "flow": flow}, AgentConfig)
+def flow_config(tmp_path: Path, **flow: Any) -> FlowAgentConfig:
+    return msgspec.convert({"host": "testhost", "state_dir": str(tmp_path / "state"), "flow": flow}, FlowAgentConfig)
 
 
 async def replay_file(path: Path, tmp_path: Path, **flow: Any) -> tuple[FlowAgent, list[events_pb2.FlowEvent]]:
@@ -1008,3 +1008,16 @@ async def test_cli_replay_delivers_every_flow_then_exits(live_hub: LiveHub, tmp_
     assert agent.returncode == 0, err.decode()
     stored = await stored_flows(live_hub, config.agent_id)
     assert sorted((f.protocol, f.end_reason) for f in stored) == [(6, End.FIN), (17, End.SHUTDOWN)]
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("{idle_timeout_s: 0}", "key 'flow.idle_timeout_s': expected float > 0.0"),
+        ("{max_flows: 0}", "key 'flow.max_flows': expected int >= 1"),
+        ("{interfaces: eth0}", "key 'flow.interfaces': expected array, got str"),
+        ("{interface: [eth0]}", "key 'flow.interface': unknown key; did you mean 'interfaces'?"),
+    ],
+)
+def test_bad_flow_section_is_explained_at_load(tmp_path: Path, section: str, expected: str) -> None:
+    assert section_error(tmp_path, "flow", f"flow: {section}\n").startswith(expected)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from amoskys import envelope, keys, pki
-from amoskys.agents.runtime.identity import check_tls_identity, load_signer
+from amoskys.agents.runtime.identity import check_tls_identity, client_tls_context, load_signer
 from amoskys.config import TlsConfig
 from amoskys.errors import IdentityError
 from amoskys.v1 import events_pb2
@@ -99,3 +100,13 @@ def test_missing_files_and_unsafe_key(test_pki: TestPki, tmp_path: Path) -> None
     key.chmod(0o640)
     with pytest.raises(IdentityError, match="chmod 600"):
         check_tls_identity(tls_for(test_pki, cert, key), "web1-proc")
+
+
+def test_the_client_context_is_built_once_per_version_of_the_files(test_pki: TestPki) -> None:
+    """Reconnects reuse the context; a rotated certificate (a new file) gives a new one."""
+    key, cert = test_pki.issue("web1-ctx")
+    tls = tls_for(test_pki, cert, key)
+    first = client_tls_context(tls)
+    assert client_tls_context(tls) is first
+    os.utime(cert, ns=(cert.stat().st_atime_ns, cert.stat().st_mtime_ns + 1_000_000_000))  # as a rotation rewrites it
+    assert client_tls_context(tls) is not first

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from amoskys.agents.proc.agent import ProcAgent, mask_cmdline
-from amoskys.config import AgentConfig
+from amoskys.agents.proc.config import ProcAgentConfig
 from amoskys.v1 import events_pb2
 
 Action = events_pb2.ProcessEvent.Action
@@ -21,7 +21,7 @@ Action = events_pb2.ProcessEvent.Action
 
 @pytest.fixture
 def agent(tmp_path: Path) -> ProcAgent:
-    config = msgspec.convert({"host": "testhost"}, AgentConfig)
+    config = msgspec.convert({"host": "testhost"}, ProcAgentConfig)
     proc = ProcAgent(config, tmp_path)
     proc.scan(Action.SNAPSHOT)
     return proc

@@ -163,9 +163,9 @@ import asyncio, logging, msgspec
 from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from amoskys.agents.proc.agent import ProcAgent
-from amoskys.config import AgentConfig
+from amoskys.agents.proc.config import ProcAgentConfig
 logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
-agent = ProcAgent(msgspec.convert({{"proc": {{"interval_s": 0.1}}}}, AgentConfig), Path({str(tmp_path)!r}))
+agent = ProcAgent(msgspec.convert({{"proc": {{"interval_s": 0.1}}}}, ProcAgentConfig), Path({str(tmp_path)!r}))
 registry = CollectorRegistry()
 agent.register_metrics(registry)
 async def main():

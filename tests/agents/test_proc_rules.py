@@ -17,8 +17,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from amoskys.agents.proc.config import ProcAgentConfig, ProcConfig
 from amoskys.agents.proc.rules import RULES, _address
-from amoskys.config import AgentConfig, ConfigError, ProcConfig, load_config
+from amoskys.config import load_config
+from amoskys.errors import ConfigError
 from amoskys.v1 import events_pb2
 from tests.agents.proc_running import Running, running_agent
 
@@ -277,10 +279,10 @@ def test_an_unknown_rule_or_severity_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "agent.yml"
     path.write_text("proc: {rules: {reverse_shel: {enabled: false}}}\n")
     with pytest.raises(ConfigError, match="did you mean 'reverse_shell'"):
-        load_config(path, AgentConfig)
+        load_config(path, ProcAgentConfig)
     path.write_text("proc: {rules: {reverse_shell: {severity: loud}}}\n")
     with pytest.raises(ConfigError, match="expected one of"):
-        load_config(path, AgentConfig)
+        load_config(path, ProcAgentConfig)
 
 
 @pytest.mark.parametrize(

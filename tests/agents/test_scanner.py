@@ -35,8 +35,9 @@ from amoskys.agents.scanner.agent import (
     parse_arp_reply,
     sweep_addresses,
 )
+from amoskys.agents.scanner.config import ScannerAgentConfig
 from amoskys.agents.scanner.oui import OuiRegistry
-from amoskys.config import AgentConfig, load_config
+from amoskys.config import load_config
 from amoskys.errors import ConfigError
 from amoskys.v1 import bus_pb2, events_pb2
 from tests.agents.conftest import agent_config
@@ -288,17 +289,17 @@ def scanner_yaml(tmp_path: Path, body: str) -> Path:
 )
 def test_bad_scanner_config_is_refused_at_load(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(scanner_yaml(tmp_path, body), AgentConfig, env={})
+        load_config(scanner_yaml(tmp_path, body), ScannerAgentConfig, env={})
 
 
 def test_large_subnet_accepted_when_allowed_explicitly(tmp_path: Path) -> None:
     body = "  allow_large: true\n  targets: [{interface: eth0, cidr: 10.8.0.0/16, icmp: true}]\n"
-    config = load_config(scanner_yaml(tmp_path, body), AgentConfig, env={})
+    config = load_config(scanner_yaml(tmp_path, body), ScannerAgentConfig, env={})
     assert config.scanner.targets[0].network.num_addresses == 65536
 
 
-def bare_config(tmp_path: Path, **scanner: Any) -> AgentConfig:
-    return msgspec.convert({"state_dir": str(tmp_path / "state"), "scanner": scanner}, AgentConfig)
+def bare_config(tmp_path: Path, **scanner: Any) -> ScannerAgentConfig:
+    return msgspec.convert({"state_dir": str(tmp_path / "state"), "scanner": scanner}, ScannerAgentConfig)
 
 
 def test_agent_refuses_to_start_without_targets_interface_or_registry(tmp_path: Path) -> None:
@@ -520,8 +521,8 @@ import json, sys
 from pathlib import Path
 from amoskys.agents.scanner.agent import ScannerAgent
 import msgspec
-from amoskys.config import AgentConfig
-config = msgspec.convert(json.loads(sys.argv[1]), AgentConfig)
+from amoskys.agents.scanner.config import ScannerAgentConfig
+config = msgspec.convert(json.loads(sys.argv[1]), ScannerAgentConfig)
 agent = ScannerAgent(config, Path(config.state_dir))
 print(json.dumps([e.device.mac for e in agent.fold(agent.sweep_round())[0]]))
 """

@@ -31,7 +31,8 @@ from amoskys.agents.snmp.agent import (
     engine_slots,
     walk_columns,
 )
-from amoskys.config import AgentConfig, load_config
+from amoskys.agents.snmp.config import SnmpAgentConfig
+from amoskys.config import load_config
 from amoskys.errors import ConfigError
 from amoskys.logs import JsonFormatter
 from amoskys.v1 import bus_pb2, events_pb2
@@ -69,7 +70,7 @@ async def _close_agents() -> AsyncIterator[None]:
 
 
 def make_agent(tmp_path: Path, **snmp: Any) -> SnmpAgent:
-    config = msgspec.convert({"host": "testhost", "state_dir": str(tmp_path), "snmp": snmp}, AgentConfig)
+    config = msgspec.convert({"host": "testhost", "state_dir": str(tmp_path), "snmp": snmp}, SnmpAgentConfig)
     _made.append(SnmpAgent(config, tmp_path))
     return _made[-1]
 
@@ -651,7 +652,7 @@ def test_bad_snmp_config_is_explained(tmp_path: Path, section: str, expected: st
     path = tmp_path / "agent-snmp.yml"
     path.write_text("snmp:\n  " + section + "\n")
     with pytest.raises(ConfigError) as caught:
-        load_config(path, AgentConfig, env={})
+        load_config(path, SnmpAgentConfig, env={})
     assert str(caught.value).startswith(f"{path}: {expected}"), str(caught.value)
     for secret in ("abcdefgh1", "abcdefgh2", "long-enough", "short", "abc1234"):
         assert secret not in str(caught.value)
@@ -667,7 +668,7 @@ def test_config_dump_masks_every_snmp_secret(tmp_path: Path) -> None:
         "  targets:\n    - {name: a, address: 192.0.2.1, community: poll-secret}\n"
         "    - {name: b, address: 192.0.2.2, version: 3, user: u, auth_key: auth-secret, priv_key: priv-secret}\n"
     )
-    dumped = dump_config(load_config(path, AgentConfig, env={}))
+    dumped = dump_config(load_config(path, SnmpAgentConfig, env={}))
     for secret in ("trap-secret-1", "trap-auth-secret", "trap-priv-secret", "poll-secret", "auth-secret", "priv-secr"):
         assert secret not in dumped
     assert "user: u" in dumped and "name: b" in dumped

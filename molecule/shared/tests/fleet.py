@@ -12,10 +12,13 @@ import os
 import secrets
 import shlex
 import socket
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import jinja2
 import testinfra
 import testinfra.utils.ansible_runner
 import yaml
@@ -30,21 +33,29 @@ AMOSKYS = "/opt/amoskys/venv/bin/amoskys"
 HUB_USER, UI_USER, AGENT_USER_PREFIX = "amoskys-hub", "amoskys-ui", "amoskys-agent-"
 SHARED_GROUP = "amoskys"
 LEGACY_USER = "amoskys"  # the one user of earlier releases, retired by site.yml
-DEFAULT_AGENTS = ["proc", "host", "auth"]  # the agents role's default amoskys_agents_enabled
-AGENT_METRICS_PORT = {"proc": 9248, "host": 9452, "auth": 9572, "flow": 9767, "scanner": 9898, "snmp": 9969}
+SOURCE = Path(__file__).resolve().parents[3]  # the repository: its venv (`make`) is the build the roles deploy
+
+
+def _registry() -> list[dict[str, Any]]:
+    """The agent kinds as the roles read them: `amoskys agent --list --json` of the controller's build."""
+    command = [str(SOURCE / ".venv" / "bin" / "amoskys"), "agent", "--list", "--json"]
+    kinds: list[dict[str, Any]] = json.loads(subprocess.run(command, capture_output=True, check=True).stdout)
+    return kinds
+
+
+AGENT_KINDS = _registry()
+KINDS = [kind["name"] for kind in AGENT_KINDS]
+DEFAULT_AGENTS = [kind["name"] for kind in AGENT_KINDS if kind["default"]]  # amoskys_agents_enabled's default
+AGENT_METRICS_PORT = {kind["name"]: kind["metrics_port"] for kind in AGENT_KINDS}
+AGENT_EVENT_KIND = {kind["name"]: kind["main_body"] for kind in AGENT_KINDS}  # what each reports on its own
 HUB_PORT, HUB_METRICS_PORT, UI_PORT = 50051, 9124, 8080
 EVENTBUS, UI = "amoskys-eventbus.service", "amoskys-ui.service"
-NETWORK_SENSORS = {"flow", "scanner"}  # CAP_NET_RAW: the issue allows them a higher exposure
+# CAP_NET_RAW (the unit's drop-ins grant it): the issue allows these network sensors a higher exposure
+NETWORK_SENSORS = {
+    kind for kind in KINDS
+    if any("CAP_NET_RAW" in conf.read_text() for conf in (SOURCE / "systemd").glob(f"amoskys-agent@{kind}.service.d/*"))
+}  # fmt: skip
 EXPOSURE_LIMIT_SENSOR, EXPOSURE_LIMIT = 4.5, 2.0
-# the event kind each agent produces on its own, without the test doing anything
-AGENT_EVENT_KIND = {
-    "proc": "process",
-    "host": "host_metrics",
-    "auth": "auth",
-    "flow": "flow",
-    "scanner": "device",
-    "snmp": "snmp",
-}
 
 
 def agent_unit(kind: str) -> str:
@@ -87,7 +98,12 @@ def address(name: str) -> str:
 def agents_on(name: str) -> list[str]:
     if name not in AGENT_HOSTS:
         return []
-    return list(host_vars(name).get("amoskys_agents_enabled", DEFAULT_AGENTS))
+    enabled = host_vars(name).get("amoskys_agents_enabled", DEFAULT_AGENTS)
+    if isinstance(enabled, str):  # a template over the registry, e.g. every kind: render it as Ansible would
+        template = jinja2.Environment().from_string(enabled)  # noqa: S701 - YAML, not HTML
+        enabled = template.render(amoskys_common_agent_kinds=AGENT_KINDS)
+        enabled = yaml.safe_load(enabled)
+    return list(enabled)
 
 
 def units_on(name: str) -> list[str]:

@@ -16,10 +16,10 @@ from pathlib import Path
 import psutil
 
 from amoskys.agents.runtime.base import Agent
-from amoskys.config import AgentConfig
+from amoskys.config import AgentConfig, Seconds, Section
 from amoskys.v1 import events_pb2
 
-__all__ = ["HostAgent", "listening_sockets"]
+__all__ = ["HostAgent", "HostAgentConfig", "HostConfig", "listening_sockets"]
 
 SocketKey = tuple[str, str, int]
 PSEUDO_FS = {"tmpfs", "devtmpfs", "overlay", "squashfs", "proc", "sysfs", "cgroup", "cgroup2", "nsfs", "autofs"}
@@ -89,10 +89,20 @@ def host_metrics(listening: dict[SocketKey, events_pb2.ListenSocket]) -> events_
     )  # fmt: skip
 
 
-class HostAgent(Agent):
-    kind = "host"
+class HostConfig(Section, frozen=True):
+    interval_s: Seconds = 30.0
+    ports_interval_s: Seconds = 5.0
 
-    def __init__(self, config: AgentConfig, state_dir: Path) -> None:
+
+class HostAgentConfig(AgentConfig, frozen=True):
+    host_metrics: HostConfig = HostConfig()  # `host` is the common part's host name
+
+
+class HostAgent(Agent[HostAgentConfig]):
+    kind = "host"
+    config_type = HostAgentConfig
+
+    def __init__(self, config: HostAgentConfig, state_dir: Path) -> None:
         super().__init__(config, state_dir)
         self.known: dict[SocketKey, events_pb2.ListenSocket] | None = None
         psutil.cpu_percent(interval=None)  # prime: the first real reading covers the first interval

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from amoskys.agents import AGENTS
-from amoskys.catalog import AGENT_KINDS, COMMON_BODIES
+from amoskys.agents import AGENTS, agent_config_type
+from amoskys.catalog import describe
 from amoskys.commands import Subparsers
 from amoskys.config import AgentConfig, load_config
 from amoskys.errors import ConfigError
@@ -44,25 +44,37 @@ def run(args: argparse.Namespace) -> int:
     if args.pcap is not None and args.name != "flow":
         raise ConfigError(f"--pcap is an option of the flow agent, not of {args.name}")
     path = args.config or Path(f"/etc/amoskys/agent-{args.name}.yml")
-    config = load_config(path, AgentConfig)
+    config = load_config(path, agent_config_type(args.name))
     if args.pcap is not None:
-        config = msgspec.structs.replace(config, flow=msgspec.structs.replace(config.flow, pcap=str(args.pcap)))
+        config = _with_pcap(config, args.pcap)
     setup_logging(config.logging)
     return asyncio.run(_main(args.name, path, config))
 
 
 def _list(*, as_json: bool) -> int:
     """The agent kinds from the one registry (amoskys.catalog), for people and for the roles."""
-    kinds = [
-        {"name": kind.name, "bodies": sorted(kind.bodies | COMMON_BODIES)}
-        for kind in sorted(AGENT_KINDS.values(), key=lambda k: k.name)
-    ]
+    kinds = describe()
     if as_json:
         print(json.dumps(kinds))
     else:
         for kind in kinds:
-            print(f"{kind['name']:<8} {', '.join(kind['bodies'])}")
+            default = " (default)" if kind["default"] else ""
+            print(f"{kind['name']:<8} metrics :{kind['metrics_port']}  {', '.join(kind['bodies'])}{default}")
     return 0
+
+
+def _with_pcap(config: AgentConfig, pcap: Path) -> AgentConfig:
+    from amoskys.agents.flow.config import FlowAgentConfig
+
+    assert isinstance(config, FlowAgentConfig)  # --pcap is refused for any other kind
+    return msgspec.structs.replace(config, flow=msgspec.structs.replace(config.flow, pcap=str(pcap)))
+
+
+def _replays(config: AgentConfig) -> bool:
+    """A flow agent told to replay a file (by --pcap or its config) rather than capture."""
+    from amoskys.agents.flow.config import FlowAgentConfig
+
+    return isinstance(config, FlowAgentConfig) and bool(config.flow.pcap)
 
 
 async def _main(name: str, path: Path, config: AgentConfig) -> int:
@@ -70,7 +82,7 @@ async def _main(name: str, path: Path, config: AgentConfig) -> int:
     from amoskys.agents.runtime.runner import AgentRuntime
 
     runtime = AgentRuntime(name, path, config)
-    if name != "flow" or not config.flow.pcap:
+    if not _replays(config):
         await runtime.run()
     else:
         running = asyncio.create_task(runtime.run())

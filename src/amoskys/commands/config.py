@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from amoskys.catalog import AGENT_KINDS
 from amoskys.commands import Subparsers
 from amoskys.config import AgentConfig, EventBusConfig, IndexerConfig, Section, UiConfig, dump_config, load_config
 
@@ -14,6 +15,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "agent": AgentConfig,
     "ui": UiConfig,
 }
+AGENT_COMPONENTS = [f"agent-{kind}" for kind in sorted(AGENT_KINDS)]  # an agent's file: common part + its section
 
 
 def register(subparsers: Subparsers) -> None:
@@ -25,12 +27,19 @@ def register(subparsers: Subparsers) -> None:
     check.add_argument("file", type=Path)
     check.add_argument(
         "--component",
-        choices=sorted(SCHEMAS),
+        choices=[*sorted(SCHEMAS), *AGENT_COMPONENTS],
         default=None,
-        help="schema to check against (default: guessed from the file name)",
+        help="schema to check against (default: guessed from the file name, e.g. agent-flow.yml); "
+        "agent: the common part only, or the kind the file name says",
     )
     check.add_argument("--quiet", "-q", action="store_true", help="print nothing when valid")
     check.set_defaults(func=run_check)
+
+
+def _agent_component(path: Path) -> str:
+    """agent-KIND when the file name starts so (agent-flow.yml), else agent: the common part only."""
+    name = path.name.lower()
+    return next((component for component in AGENT_COMPONENTS if name.startswith(component)), "agent")
 
 
 def _guess_component(path: Path) -> str:
@@ -38,12 +47,22 @@ def _guess_component(path: Path) -> str:
     for component in ("eventbus", "indexer", "ui"):
         if name.startswith(component):
             return component
-    return "agent"
+    return _agent_component(path)
+
+
+def _schema(component: str) -> type[Section]:
+    if component.startswith("agent-"):
+        from amoskys.agents import agent_config_type  # imports that one agent only
+
+        return agent_config_type(component.removeprefix("agent-"))
+    return SCHEMAS[component]
 
 
 def run_check(args: argparse.Namespace) -> int:
     component = args.component or _guess_component(args.file)
-    config = load_config(args.file, SCHEMAS[component])
+    if component == "agent":
+        component = _agent_component(args.file)
+    config = load_config(args.file, _schema(component))
     if not args.quiet:
         print(f"# {args.file}: valid {component} config")
         print(dump_config(config), end="")

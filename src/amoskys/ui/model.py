@@ -15,6 +15,7 @@ from urllib.parse import quote
 from google.protobuf.json_format import MessageToDict
 
 from amoskys import catalog
+from amoskys.bodies import summary_line
 from amoskys.semantics import LATE_FACTOR, SEVERITIES, STATES, liveness, parse_time, severity_name, severity_value
 from amoskys.ui import svg
 from amoskys.v1 import bus_pb2, events_pb2
@@ -216,40 +217,9 @@ def certificates(agents: Sequence[bus_pb2.AgentInfo], now_ns: int) -> list[dict[
 # ---- events ----------------------------------------------------------------------------------
 
 
-def _summary(event: events_pb2.Event, kind: str) -> str:  # noqa: PLR0911 - one line per kind
-    if kind == "process":
-        p = event.process
-        action = events_pb2.ProcessEvent.Action.Name(p.action).lower()
-        return f"{action} {p.name} pid {p.pid} user {p.user} {' '.join(p.cmdline) or p.exe}"
-    if kind == "auth":
-        a = event.auth
-        return a.raw or f"{events_pb2.AuthEvent.Kind.Name(a.kind).lower()} {a.user} {a.src_ip} {a.command}"
-    if kind == "alert":
-        return f"{event.alert.rule}: {event.alert.summary}"
-    if kind == "flow":
-        f = event.flow
-        return f"{f.src_ip}:{f.src_port} → {f.dst_ip}:{f.dst_port} proto {f.protocol} {f.bytes_out}/{f.bytes_in} B"
-    if kind == "device":
-        d = event.device
-        action = events_pb2.DeviceEvent.Action.Name(d.action).lower()
-        return f"{action} {d.mac} {' '.join(d.ips)} {d.vendor}"
-    if kind == "port":
-        sock, action = event.port.socket, events_pb2.PortChange.Action.Name(event.port.action).lower()
-        return f"{action} {sock.protocol} {sock.address}:{sock.port} {sock.process}"
-    if kind == "host_metrics":
-        m = event.host_metrics
-        return f"cpu {m.cpu_percent:.0f}% load {m.load1:.2f} mem available {m.mem_available_bytes / 2**20:,.0f} MiB"
-    if kind == "heartbeat":
-        return f"heartbeat version {event.heartbeat.version} every {event.heartbeat.interval_s} s"
-    if kind == "snmp":
-        snmp = event.snmp
-        return f"{events_pb2.SnmpEvent.Kind.Name(snmp.kind).lower()} {snmp.target} {snmp.sys_name} {snmp.error}"
-    return kind
-
-
 def summary(event: events_pb2.Event) -> str:
     """What happened, in one line safe to show (the UI's Summary column, `amoskys query`'s last column)."""
-    return clean(_summary(event, event.WhichOneof("body") or "none"), SUMMARY_MAX)
+    return clean(summary_line(event, event.WhichOneof("body") or "none"), SUMMARY_MAX)
 
 
 def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:

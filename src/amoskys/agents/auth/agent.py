@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from amoskys.agents.auth.brute import BruteForce, Burst
+from amoskys.agents.auth.config import AuthAgentConfig
 from amoskys.agents.auth.lines import ParsedLine, parse_line, parse_message
 from amoskys.agents.runtime.base import Agent
-from amoskys.config import AgentConfig
 from amoskys.errors import AmoskysError, ConfigError
 from amoskys.v1 import events_pb2
 
@@ -211,10 +211,11 @@ def journal_entry(entry: dict[str, object]) -> ParsedLine | None:
     return parse_message(program, int(pid) if pid.isdigit() else 0, message, f"{program}: {message}", ts_ns)
 
 
-class AuthAgent(Agent):
+class AuthAgent(Agent[AuthAgentConfig]):
     kind = "auth"
+    config_type = AuthAgentConfig
 
-    def __init__(self, config: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, config: AuthAgentConfig, state_dir: Path) -> None:
         super().__init__(config, state_dir)
         settings = config.auth
         self.source = settings.source
@@ -238,7 +239,7 @@ class AuthAgent(Agent):
         except ValueError as exc:
             log.warning("saved auth state unreadable; starting that part afresh", extra={"error": str(exc)})
 
-    def reload(self, config: AgentConfig) -> None:
+    def reload(self, config: AuthAgentConfig) -> None:
         super().reload(config)
         self.brute_force.threshold = config.auth.brute_force_failures
         self.brute_force.window_ns = int(config.auth.brute_force_window_s * 1e9)

@@ -47,6 +47,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from amoskys.agents.flow.config import FlowAgentConfig, FlowConfig
 from amoskys.agents.flow.packets import (
     FRAGMENT_FIRST,
     SUPPORTED_LINKTYPES,
@@ -60,7 +61,6 @@ from amoskys.agents.flow.packets import (
     parse_frame,
 )
 from amoskys.agents.runtime.base import Agent
-from amoskys.config import AgentConfig, FlowConfig
 from amoskys.errors import ConfigError
 from amoskys.v1 import events_pb2
 
@@ -370,10 +370,11 @@ class FlowTable:
         )  # fmt: skip
 
 
-class FlowAgent(Agent):
+class FlowAgent(Agent[FlowAgentConfig]):
     kind = "flow"
+    config_type = FlowAgentConfig
 
-    def __init__(self, config: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, config: FlowAgentConfig, state_dir: Path) -> None:
         super().__init__(config, state_dir)
         settings = config.flow
         self.packets = 0
@@ -396,7 +397,7 @@ class FlowAgent(Agent):
         assert self.reader is not None
         return self.reader.interfaces[index].name
 
-    def reload(self, config: AgentConfig) -> None:
+    def reload(self, config: FlowAgentConfig) -> None:
         old, new = self.config.flow, config.flow
         if (old.interfaces, old.bpf, old.promiscuous) != (new.interfaces, new.bpf, new.promiscuous):
             log.warning("flow: interfaces, bpf and promiscuous take effect at the next start")

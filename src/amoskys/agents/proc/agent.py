@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from amoskys.agents.proc.config import ProcAgentConfig
 from amoskys.agents.proc.connector import (
     EXE_ID,
     ConnectorUnavailable,
@@ -56,7 +57,6 @@ from amoskys.agents.proc.connector import (
 from amoskys.agents.proc.reader import Reader
 from amoskys.agents.proc.rules import Subject, evaluate
 from amoskys.agents.runtime.base import Agent
-from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
 
 if TYPE_CHECKING:
@@ -198,10 +198,11 @@ def capture(read: ProcRead) -> Captured | None:
 # ---- the agent ------------------------------------------------------------------------------------
 
 
-class ProcAgent(Agent):
+class ProcAgent(Agent[ProcAgentConfig]):
     kind = "proc"
+    config_type = ProcAgentConfig
 
-    def __init__(self, config: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, config: ProcAgentConfig, state_dir: Path) -> None:
         super().__init__(config, state_dir)
         self.seen: dict[int, Captured] = {}
         self.forked: dict[int, int] = {}  # pid -> parent pid, for processes the kernel said were forked

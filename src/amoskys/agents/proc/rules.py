@@ -17,17 +17,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from amoskys.config import ProcRule, ProcRules
+from amoskys.agents.proc.config import ProcRule, ProcRules
+from amoskys.semantics import severity_value
 from amoskys.v1 import events_pb2
 
 __all__ = ["RULES", "Finding", "ProcessTable", "Rule", "Subject", "evaluate", "network_peer"]
 
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh", "ash", "busybox"})
-SEVERITIES = {
-    "warning": events_pb2.SEVERITY_WARNING,
-    "error": events_pb2.SEVERITY_ERROR,
-    "critical": events_pb2.SEVERITY_CRITICAL,
-}
 
 
 class ProcessTable(Protocol):
@@ -213,7 +209,7 @@ def evaluate(rules: ProcRules, subject: Subject, only: frozenset[str] | None = N
         if found is not None:
             summary, extra = found
             details = _details(subject.info) | extra
-            findings.append(Finding(rule.id, SEVERITIES[settings.severity or rule.severity], summary, details))
+            findings.append(Finding(rule.id, severity_value(settings.severity or rule.severity), summary, details))
     return findings
 
 

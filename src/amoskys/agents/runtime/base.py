@@ -1,8 +1,9 @@
-"""The agent shape: a name, a config section, and a collect loop that yields events.
+"""The agent shape: a name, a config schema, and a collect loop that yields events.
 
 The runtime (identity, outbox, batching, publishing, heartbeat, metrics, signals) owns everything
-else; an agent only observes. Adding an agent means adding one module, its config section in
-`amoskys.config.AgentConfig`, an entry in `amoskys.catalog.AGENT_KINDS`, and its tests.
+else; an agent only observes. Adding an agent means adding one module or package (the agent class,
+its config section in an `AgentConfig` subclass named by `config_type`), an entry in
+`amoskys.catalog.AGENT_KINDS`, and its tests.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from amoskys.config import AgentConfig
 from amoskys.v1 import events_pb2
@@ -20,7 +21,9 @@ from amoskys.v1 import events_pb2
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["Agent", "new_event_id"]
+__all__ = ["Agent", "ConfigT", "new_event_id"]
+
+ConfigT = TypeVar("ConfigT", bound=AgentConfig)
 
 
 def new_event_id() -> str:
@@ -28,12 +31,13 @@ def new_event_id() -> str:
     return os.urandom(16).hex()
 
 
-class Agent(ABC):
-    """Subclasses set `kind` and implement `collect`."""
+class Agent(ABC, Generic[ConfigT]):
+    """Subclasses set `kind`, `config_type` (their `ConfigT`: the common part plus their section) and `collect`."""
 
     kind: ClassVar[str]
+    config_type: ClassVar[type[AgentConfig]] = AgentConfig  # what `amoskys agent KIND` loads and validates
 
-    def __init__(self, config: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, config: ConfigT, state_dir: Path) -> None:
         self.config = config
         self.state_dir = state_dir
         self.host = config.resolved_host()
@@ -68,19 +72,19 @@ class Agent(ABC):
         """
         return {}
 
-    def restore(self, state: dict[str, str]) -> None:  # noqa: B027 - optional hook
+    def restore(self, state: dict[str, str]) -> None:
         """Take back the position saved by `checkpoint` (called once, before `collect`)."""
 
     def shutdown_events(self) -> Iterable[events_pb2.Event]:
         """Events that only stopping produces (e.g. flows still open); called once, after `collect` stopped."""
         return ()
 
-    def register_metrics(self, registry: CollectorRegistry) -> None:  # noqa: B027 - optional hook
+    def register_metrics(self, registry: CollectorRegistry) -> None:
         """Declare the agent's own metrics (`amoskys_agent_KIND_*`) in the runtime's registry."""
 
-    def reload(self, config: AgentConfig) -> None:
+    def reload(self, config: ConfigT) -> None:
         """SIGHUP: take the settings that can change without a restart (default: the whole config)."""
         self.config = config
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release resources (sockets, files); called once on shutdown."""

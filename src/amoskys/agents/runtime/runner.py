@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import start_http_server
 
@@ -42,14 +43,17 @@ class AgentRuntime:
     def __init__(self, kind: str, config_path: Path | None, config: AgentConfig | None = None) -> None:
         self.kind = kind
         self.config_path = config_path
-        self.config = config or load_config(config_path, AgentConfig)
+        agent_class = load_agent_class(kind)
+        if config is not None and not isinstance(config, agent_class.config_type):
+            raise TypeError(f"the {kind} agent runs on {agent_class.config_type.__name__}, not {type(config).__name__}")
+        self.config = config or load_config(config_path, agent_class.config_type)
         self.agent_id = self.config.resolved_agent_id(kind)
         self._check_identity()
         state_dir = self.config.resolved_state_dir(kind)
         signing_key = load_signer(Path(self.config.signing_key))
         self.outbox = Outbox(state_dir / "outbox.db", self.config.outbox, self.agent_id, signing_key)
         self.metrics = AgentMetrics(kind)
-        self.agent: Agent = load_agent_class(kind)(self.config, state_dir)
+        self.agent: Agent[Any] = agent_class(self.config, state_dir)
         self.agent.register_metrics(self.metrics.registry)
         self.agent.restore(self.outbox.state())
         self.started_ns = time.time_ns()
@@ -223,7 +227,7 @@ class AgentRuntime:
         """SIGHUP: logging level and the agent's own settings; identity and outbox need a restart."""
         systemd.reloading()
         try:
-            config = load_config(self.config_path, AgentConfig)
+            config = load_config(self.config_path, self.agent.config_type)
         except ConfigError as exc:
             log.error("reload failed; keeping the running config", extra={"error": str(exc)})
         else:
@@ -279,6 +283,7 @@ class AgentRuntime:
         deadline = time.monotonic() + STOP_FLUSH_S
         while self._waiting() and self.publisher.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        self.publisher.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

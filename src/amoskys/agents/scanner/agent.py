@@ -35,8 +35,8 @@ from typing import Protocol
 import msgspec
 
 from amoskys.agents.runtime.base import Agent
+from amoskys.agents.scanner.config import ScannerAgentConfig, ScannerConfig, ScanTarget
 from amoskys.agents.scanner.oui import OuiRegistry
-from amoskys.config import AgentConfig, ScannerConfig, ScanTarget
 from amoskys.errors import ConfigError
 from amoskys.v1 import events_pb2
 
@@ -428,10 +428,11 @@ def check_targets(settings: ScannerConfig) -> None:
             raise ConfigError(f"{where}: cannot open {kind}: {exc.strerror} (the scanner needs CAP_NET_RAW)") from exc
 
 
-class ScannerAgent(Agent):
+class ScannerAgent(Agent[ScannerAgentConfig]):
     kind = "scanner"
+    config_type = ScannerAgentConfig
 
-    def __init__(self, config: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, config: ScannerAgentConfig, state_dir: Path) -> None:
         super().__init__(config, state_dir)
         settings = config.scanner
         if not settings.targets:
@@ -472,7 +473,7 @@ class ScannerAgent(Agent):
             return
         self.saved = text
 
-    def reload(self, config: AgentConfig) -> None:
+    def reload(self, config: ScannerAgentConfig) -> None:
         super().reload(config)
         self.pacer = Pacer(config.scanner.rate_pps)
 

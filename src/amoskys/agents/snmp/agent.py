@@ -46,8 +46,8 @@ from pysnmp.proto import errind  # type: ignore[import-untyped]
 from pysnmp.proto.rfc1905 import EndOfMibView, NoSuchInstance, NoSuchObject  # type: ignore[import-untyped]
 
 from amoskys.agents.runtime.base import Agent
+from amoskys.agents.snmp.config import SnmpAgentConfig, SnmpTarget
 from amoskys.agents.snmp.traps import Trap, TrapReceiver, auth_protocol, bind_trap_socket, priv_protocol
-from amoskys.config import AgentConfig, SnmpTarget
 from amoskys.v1 import events_pb2
 
 __all__ = [
@@ -123,7 +123,7 @@ class SnmpMetrics:
         return [self.polls, self.poll_errors, self.poll_seconds, self.traps]
 
 
-def secrets_of(config: AgentConfig) -> list[str]:
+def secrets_of(config: SnmpAgentConfig) -> list[str]:
     """Every community and key in the snmp section: what no message may contain."""
     snmp = config.snmp
     found = [*snmp.trap_communities]
@@ -433,11 +433,12 @@ class TrapRejections(Collector):
         )
 
 
-class SnmpAgent(Agent):
+class SnmpAgent(Agent[SnmpAgentConfig]):
     kind = "snmp"
+    config_type = SnmpAgentConfig
     QUEUE_SIZE = 10_000
 
-    def __init__(self, config: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, config: SnmpAgentConfig, state_dir: Path) -> None:
         super().__init__(config, state_dir)
         settings = config.snmp
         self.metrics = SnmpMetrics()
@@ -462,7 +463,7 @@ class SnmpAgent(Agent):
             registry.register(collector)
         registry.register(TrapRejections(self.trap_rejections, self.engine_discoveries))
 
-    def reload(self, config: AgentConfig) -> None:
+    def reload(self, config: SnmpAgentConfig) -> None:
         """SIGHUP: a new interval applies at once; targets and trap settings need a restart."""
         old, new = self.config.snmp, config.snmp
         if (old.targets, old.trap_listen, old.trap_communities, old.trap_users) != (

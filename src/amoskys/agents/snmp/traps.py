@@ -25,7 +25,8 @@ from pysnmp.entity.rfc3413 import ntfrcv  # type: ignore[import-untyped]
 from pysnmp.proto import errind  # type: ignore[import-untyped]
 from pysnmp.proto.api import v2c  # type: ignore[import-untyped]
 
-from amoskys.config import SnmpConfig, parse_address
+from amoskys.agents.snmp.config import SnmpConfig
+from amoskys.config import parse_address
 from amoskys.errors import ConfigError
 
 __all__ = ["Trap", "TrapReceiver", "auth_protocol", "bind_trap_socket", "priv_protocol"]
