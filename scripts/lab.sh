@@ -56,14 +56,15 @@ INFO
 
 quiet() {
   local since=${1:-$(date -u +%Y-%m-%dT%H:%M:%S)} logins=20
-  for entry in "${machines[@]}"; do
+  for entry in "${machines[@]}"; do   # the machines side by side, each one's logins one after another
     for _ in $(seq "$logins"); do
       # shellcheck disable=SC2086
       ssh $ssh_opts -o BatchMode=yes "root@${entry#*:}" true
-    done
+    done &
   done
+  wait
   echo "$logins SSH logins to each of ${machines[*]%%:*}; alerts stored since $since UTC:"
-  sleep 5   # the logins' process and auth events on their way to the hub
+  sleep 3   # the logins' process and auth events on their way to the hub
   # shellcheck disable=SC2086
   ssh $ssh_opts -o BatchMode=yes "root@${machines[0]#*:}" python3 - "$since" "${machines[@]%%:*}" <<'PY'
 import collections, json, subprocess, sys
