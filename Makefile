@@ -12,7 +12,7 @@ DEPLOY_PATH := PATH=$(abspath $(DEPLOY_VENV))/bin:$$PATH
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 STAGES := lint typecheck unit ansible-lint molecule
 
-.PHONY: test lint typecheck unit proto bench clean molecule lab lab-down ansible-lint host-test host-lab
+.PHONY: test lint typecheck unit proto bench clean molecule lab lab-down lab-attack lab-verify ansible-lint host-test host-lab
 
 # Every stage runs even when one fails; a summary at the end; the run fails if any stage did.
 test: host-test
@@ -54,6 +54,15 @@ lab: host-lab $(DEPLOY_STAMP) proto
 
 lab-down:
 	scripts/lab.sh down
+
+# A short attack on the running lab; each step's alert must reach the hub within 10 s (README, Lab).
+lab-attack:
+	scripts/lab-attack.sh
+
+# The running lab is quiet: 20 SSH logins to every host raise no alert (issue 12); then the attack.
+lab-verify:
+	scripts/lab.sh quiet
+	scripts/lab-attack.sh
 
 proto: $(STAMP)
 	$(BIN)/python hatch_build.py

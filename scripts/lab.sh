@@ -1,8 +1,11 @@
 #!/bin/bash
-# Usage: scripts/lab.sh up|down   (make lab / make lab-down)
+# Usage: scripts/lab.sh up|down|quiet [SINCE]   (make lab / make lab-down / make lab-verify)
 # up: boot the lab fleet (hub, web1, db1: systemd-nspawn machines on br-amx-lab 10.231.12.0/24), run
-# `ansible-playbook -i inventories/lab site.yml`, print how to reach it. Running it again keeps the
-# machines and re-runs the playbook. down: power the machines off (their overlays are discarded),
+# `ansible-playbook -i inventories/lab playbooks/lab.yml` (the lab's snmpd on every machine, then site.yml),
+# print how to reach it. Running it again keeps the machines and re-runs the playbook.
+# quiet: 20 SSH logins to every machine, then count the alerts the hub stored since SINCE (an ISO time, UTC;
+# default: the logins' start) for every host: fails unless there are none (issue 12: quiet by default).
+# down: power the machines off (their overlays are discarded),
 # remove the bridge and the NAT rule and restore net.ipv4.ip_forward; what a next `up` reuses stays:
 # .lab/ (SSH key, lab CA and its key) and the cached rootfs. Needs root, ansible-playbook on PATH.
 set -euo pipefail
@@ -33,7 +36,7 @@ up() {
     done
   done
   local start=$SECONDS
-  ansible-playbook -i inventories/lab site.yml
+  ansible-playbook -i inventories/lab playbooks/lab.yml
   echo "site.yml on the lab took $((SECONDS - start)) s"
   cat <<INFO
 
@@ -51,6 +54,31 @@ Lab fleet is up: hub 10.231.12.10 (hub, UI, Prometheus, agents), web1 10.231.12.
 INFO
 }
 
+quiet() {
+  local since=${1:-$(date -u +%Y-%m-%dT%H:%M:%S)} logins=20
+  for entry in "${machines[@]}"; do   # the machines side by side, each one's logins one after another
+    for _ in $(seq "$logins"); do
+      # shellcheck disable=SC2086
+      ssh $ssh_opts -o BatchMode=yes "root@${entry#*:}" true
+    done &
+  done
+  wait
+  echo "$logins SSH logins to each of ${machines[*]%%:*}; alerts stored since $since UTC:"
+  sleep 3   # the logins' process and auth events on their way to the hub
+  # shellcheck disable=SC2086
+  ssh $ssh_opts -o BatchMode=yes "root@${machines[0]#*:}" python3 - "$since" "${machines[@]%%:*}" <<'PY'
+import collections, json, subprocess, sys
+since, hosts = sys.argv[1], sys.argv[2:]
+out = subprocess.run(["/opt/amoskys/venv/bin/amoskys", "query", "--json", "--kind", "alert", "--since", since,
+                      "--limit", "1000"], capture_output=True, text=True, check=True).stdout
+alerts = [json.loads(line)["event"] for line in out.splitlines()]
+for host in sorted(set(hosts) | {a["host"] for a in alerts}):
+    rules = collections.Counter(a["alert"]["rule"] for a in alerts if a["host"] == host)
+    print(f"  {host:<8} {sum(rules.values()):>4} alerts  " + ", ".join(f"{r} x{n}" for r, n in rules.most_common()))
+sys.exit(1 if alerts else 0)
+PY
+}
+
 down() {
   "$nspawn/nspawn-stop.sh" "${machines[@]%%:*}"
   "$nspawn/net-down.sh" "$bridge" "$subnet"
@@ -59,5 +87,6 @@ down() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  quiet) quiet "${2:-}" ;;
+  *) echo "usage: $0 up|down|quiet [SINCE]" >&2; exit 2 ;;
 esac

@@ -107,6 +107,23 @@ def test_check_passes_then_fails_on_days_left(test_pki: TestPki, capsys: pytest.
     assert "fewer than 20" in capsys.readouterr().out
 
 
+def test_check_several_certs_in_one_run(tmp_path: Path, test_pki: TestPki, capsys: pytest.CaptureFixture[str]) -> None:
+    good_key, good = test_pki.issue("agent-a")
+    other_key, other = test_pki.issue("agent-b")
+    _, stranger = pki.issue(pki.init_ca(tmp_path / "other"), tmp_path / "o", "stranger", "client", [])
+    ca = ["--ca", str(test_pki.ca_cert), "--days", "5"]
+    assert main(["pki", "check", *ca, "--cert", str(good), "--key", str(good_key), "--cert", str(other),
+                 "--key", str(other_key)]) == 0  # fmt: skip
+    assert main(["pki", "check", *ca, "--cert", str(stranger), "--cert", str(good)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["OK", "OK", "FAIL", "OK"]
+    assert lines[2].startswith(f"FAIL {stranger}: ")
+    assert main(["pki", "check", *ca, "--cert", str(good), "--cert", str(tmp_path / "gone.crt")]) == 2
+    assert capsys.readouterr().out == ""  # unreadable input: nothing checked
+    assert main(["pki", "check", *ca, "--cert", str(good), "--cert", str(other), "--key", str(good_key)]) == 2
+    assert "one per --cert" in capsys.readouterr().err
+
+
 def test_check_fails_for_another_ca(tmp_path: Path, test_pki: TestPki) -> None:
     other = pki.init_ca(tmp_path / "other")
     _, cert = pki.issue(other, tmp_path / "o", "stranger", "client", [])

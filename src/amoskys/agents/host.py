@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
@@ -19,10 +21,11 @@ from amoskys.agents.runtime.base import Agent
 from amoskys.config import AgentConfig, Seconds, Section
 from amoskys.v1 import events_pb2
 
-__all__ = ["HostAgent", "HostAgentConfig", "HostConfig", "listening_sockets"]
+__all__ = ["HostAgent", "HostAgentConfig", "HostConfig", "Mount", "disk_mounts", "listening_sockets", "parse_mountinfo"]
 
 SocketKey = tuple[str, str, int]
-PSEUDO_FS = {"tmpfs", "devtmpfs", "overlay", "squashfs", "proc", "sysfs", "cgroup", "cgroup2", "nsfs", "autofs"}
+# Filesystems on a block device (/proc/filesystems without "nodev"), plus ZFS, which has none (as psutil).
+BLOCKLESS_DISK_FS = frozenset({"zfs"})
 
 
 def _protocol(kind: int, family: int) -> str:
@@ -52,18 +55,68 @@ def listening_sockets() -> dict[SocketKey, events_pb2.ListenSocket]:
     return found
 
 
-def _disks() -> list[events_pb2.DiskUsage]:
-    disks = []
-    for part in psutil.disk_partitions(all=False):
-        if part.fstype in PSEUDO_FS:
+class Mount(NamedTuple):
+    """One line of /proc/self/mountinfo (proc(5)): what is mounted where."""
+
+    root: str  # the directory of the filesystem mounted here: "/" unless a bind mount (or btrfs subvolume)
+    mountpoint: str
+    fstype: str
+    super_options: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        before, separator, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if not separator or len(fields) < 5 or len(tail) < 3:
             continue
+        mounts.append(Mount(_unescape(fields[3]), _unescape(fields[4]), tail[0], tail[2]))
+    return mounts
+
+
+def block_filesystems(text: str) -> frozenset[str]:
+    """The filesystem types of /proc/filesystems that need a block device (no "nodev" flag)."""
+    return frozenset(line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("nodev"))
+
+
+def _is_bind(mount: Mount) -> bool:
+    """A bind mount shows a subdirectory (or a file) of a filesystem; a btrfs subvolume names its root itself."""
+    return mount.root != "/" and f"subvol={mount.root}" not in mount.super_options.split(",")
+
+
+def disk_mounts(mounts: Iterable[Mount], disk_types: frozenset[str]) -> list[Mount]:
+    """The disks worth listing, as node_exporter's defaults pick them: the root filesystem whatever its type
+    (overlay in a container), then filesystems on a block device, without bind mounts (nspawn's
+    /run/host/os-release and /run/host/incoming, /run/netns) nor mount points that are not directories;
+    of stacked mounts on one mount point, the last (the visible one)."""
+    kept: dict[str, Mount] = {}
+    for mount in mounts:
+        if mount.mountpoint != "/" and (
+            mount.fstype not in disk_types | BLOCKLESS_DISK_FS or _is_bind(mount) or not os.path.isdir(mount.mountpoint)
+        ):
+            continue
+        kept.pop(mount.mountpoint, None)
+        kept[mount.mountpoint] = mount
+    return list(kept.values())
+
+
+def _disks() -> list[events_pb2.DiskUsage]:
+    disk_types = block_filesystems(Path("/proc/filesystems").read_text())
+    disks = []
+    for mount in disk_mounts(parse_mountinfo(Path("/proc/self/mountinfo").read_text()), disk_types):
         try:
-            usage = psutil.disk_usage(part.mountpoint)
+            usage = psutil.disk_usage(mount.mountpoint)
         except OSError:
             continue
         disks.append(
             events_pb2.DiskUsage(
-                mount=part.mountpoint, fstype=part.fstype, total_bytes=usage.total, used_bytes=usage.used
+                mount=mount.mountpoint, fstype=mount.fstype, total_bytes=usage.total, used_bytes=usage.used
             )
         )
     return disks

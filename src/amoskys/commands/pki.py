@@ -70,11 +70,15 @@ def register(subparsers: Subparsers) -> None:
     pub.set_defaults(func=run_pubkey)
 
     check = actions.add_parser(
-        "check", help="exit 1 if a cert does not chain to the CA, mismatches its key, or expires soon"
+        "check",
+        help="exit 1 if a cert does not chain to the CA, mismatches its key, or expires soon; one line per cert",
     )
-    check.add_argument("--cert", type=Path, required=True)
+    check.add_argument("--cert", type=Path, action="append", required=True, help="repeatable")
     check.add_argument("--ca", type=Path, required=True, help="CA certificate")
-    check.add_argument("--key", type=Path, help="also check the private key: permissions and match")
+    check.add_argument(
+        "--key", type=Path, action="append", default=[],
+        help="also check the private key (permissions and match): none, or one per --cert, in the same order",
+    )  # fmt: skip
     check.add_argument("--days", type=int, default=30, help="fail when fewer days are left")
     check.set_defaults(func=run_check)
 
@@ -132,21 +136,28 @@ def run_pubkey(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    """Every --cert (with its --key) checked, one OK/FAIL line each: one process for a host's identities.
+    A certificate that cannot be read is bad input (an error, nothing checked), as with one --cert."""
     pki.check_days(args.days, minimum=0)
-    cert = pki.load_certificate(args.cert)
+    if args.key and len(args.key) != len(args.cert):
+        raise IdentityError(f"--key: give none or one per --cert ({len(args.cert)}), got {len(args.key)}")
+    certs = [pki.load_certificate(path) for path in args.cert]
     ca_cert = pki.load_certificate(args.ca)
-    try:
-        if args.key:
-            pki.load_tls_identity(args.cert, args.key, args.ca)
-        left = pki.check_certificate(cert, ca_cert, args.cert, args.days)
-    except IdentityError as exc:
-        print(f"FAIL {exc}")
-        return 1
-    print(
-        f"OK {args.cert}: CN={pki.common_name(cert)} expires {cert.not_valid_after_utc:%Y-%m-%d} "
-        f"({left.days} days left)"
-    )
-    return 0
+    failed = 0
+    for cert, cert_path, key_path in zip(certs, args.cert, args.key or [None] * len(certs), strict=True):
+        try:
+            if key_path:
+                pki.load_tls_identity(cert_path, key_path, args.ca)
+            left = pki.check_certificate(cert, ca_cert, cert_path, args.days)
+        except IdentityError as exc:
+            print(f"FAIL {exc}" if str(exc).startswith(f"{cert_path}:") else f"FAIL {cert_path}: {exc}")
+            failed = 1
+            continue
+        print(
+            f"OK {cert_path}: CN={pki.common_name(cert)} expires {cert.not_valid_after_utc:%Y-%m-%d} "
+            f"({left.days} days left)"
+        )
+    return failed
 
 
 def run_revoke(args: argparse.Namespace) -> int:

@@ -245,6 +245,20 @@ def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
     }
 
 
+UNKNOWN_OWNER = "unknown"
+UNKNOWN_OWNER_WHY = (
+    "the host agent could not see which process holds this socket: it runs as its own user and reads other "
+    "users' /proc/PID/fd only where its unit grants that"
+)
+
+
+def socket_owner(socket: events_pb2.ListenSocket) -> str:
+    """The process holding a listening socket as "name (pid)"; "unknown" when the agent could not see it."""
+    if socket.pid:
+        return f"{clean(socket.process) or '?'} ({socket.pid})"
+    return clean(socket.process) or UNKNOWN_OWNER
+
+
 def host_metrics_view(stored: bus_pb2.StoredEvent | None) -> dict[str, Any] | None:
     """The latest host_metrics event: its figures and its listening sockets, by port."""
     if stored is None:
@@ -252,7 +266,8 @@ def host_metrics_view(stored: bus_pb2.StoredEvent | None) -> dict[str, Any] | No
     m = stored.event.host_metrics
     listening = sorted(
         ({"protocol": clean(s.protocol), "address": clean(s.address), "port": s.port, "pid": s.pid,
-          "process": clean(s.process)} for s in m.listening),
+          "process": clean(s.process), "owner": socket_owner(s),
+          "owner_why": "" if s.pid or s.process else UNKNOWN_OWNER_WHY} for s in m.listening),
         key=lambda s: (s["port"], s["protocol"], s["address"]),
     )  # fmt: skip
     return {

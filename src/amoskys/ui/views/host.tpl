@@ -47,7 +47,7 @@
 <thead><tr><th>port</th><th>protocol</th><th>address</th><th>process</th></tr></thead>
 <tbody>
 % for s in metrics['listening']:
-<tr><td class="num">{{s['port']}}</td><td>{{s['protocol']}}</td><td>{{s['address']}}</td><td>{{s['process']}} ({{s['pid']}})</td></tr>
+<tr><td class="num">{{s['port']}}</td><td>{{s['protocol']}}</td><td>{{s['address']}}</td><td title="{{s['owner_why']}}">{{s['owner']}}</td></tr>
 % end
 </tbody>
 </table>
