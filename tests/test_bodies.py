@@ -24,3 +24,16 @@ def test_a_body_without_words_is_named_and_not_searched() -> None:
     event = events_pb2.Event(host_metrics=events_pb2.HostMetrics(cpu_percent=12.0))
     assert search_terms(event, "host_metrics") == ""
     assert summary_line(event, "none") == "none"
+
+
+def test_a_port_event_names_the_sockets_user_even_without_its_process() -> None:
+    Action = events_pb2.PortChange.Action
+    unseen = events_pb2.ListenSocket(protocol="tcp", address="0.0.0.0", port=5432, uid=108, user="postgres")
+    event = events_pb2.Event(port=events_pb2.PortChange(action=Action.OPENED, socket=unseen))
+    assert summary_line(event, "port") == "opened tcp 0.0.0.0:5432 user postgres"
+    assert "postgres" in to_row(event).text
+    nameless = events_pb2.ListenSocket(protocol="udp6", address="::", port=53, pid=7, process="dnsmasq", uid=0)
+    event.port.socket.CopyFrom(nameless)
+    assert summary_line(event, "port") == "opened udp6 :::53 dnsmasq user 0"  # no name there: the uid (0 is root)
+    event.port.socket.ClearField("uid")  # an older agent: no owner, no guess
+    assert summary_line(event, "port") == "opened udp6 :::53 dnsmasq"

@@ -78,14 +78,14 @@ def _snmp_terms(e: events_pb2.Event) -> str:
     return f"{s.target} {s.sys_name} {s.trap_oid} {s.error} {' '.join(s.varbinds.values())}"
 
 
+def _socket_words(s: events_pb2.ListenSocket) -> str:
+    """Its address, process and owner: the user's name on its host, else the uid (none from older agents)."""
+    owner = ["user", s.user or str(s.uid)] if s.HasField("uid") else []
+    return " ".join(word for word in [s.protocol, f"{s.address}:{s.port}", s.process, *owner] if word)
+
+
 def _port_summary(e: events_pb2.Event) -> str:
-    s, action = e.port.socket, events_pb2.PortChange.Action.Name(e.port.action).lower()
-    return f"{action} {s.protocol} {s.address}:{s.port} {s.process}"
-
-
-def _port_terms(e: events_pb2.Event) -> str:
-    s = e.port.socket
-    return f"{s.protocol} {s.address}:{s.port} {s.process}"
+    return f"{events_pb2.PortChange.Action.Name(e.port.action).lower()} {_socket_words(e.port.socket)}"
 
 
 def _host_metrics_summary(e: events_pb2.Event) -> str:
@@ -104,7 +104,7 @@ BODY_TEXT: dict[str, BodyText] = {
     "alert": BodyText(lambda e: f"{e.alert.rule}: {e.alert.summary}", _alert_terms),
     "device": BodyText(_device_summary, _device_terms),
     "snmp": BodyText(_snmp_summary, _snmp_terms),
-    "port": BodyText(_port_summary, _port_terms),
+    "port": BodyText(_port_summary, lambda e: _socket_words(e.port.socket)),
     "host_metrics": BodyText(_host_metrics_summary),
     "heartbeat": BodyText(_heartbeat_summary),
 }

@@ -111,7 +111,8 @@ def seed(fleet: Fleet) -> None:
     now = time.time_ns()
     listening = [
         events_pb2.ListenSocket(protocol="tcp", address="0.0.0.0", port=22, pid=401, process="sshd"),
-        events_pb2.ListenSocket(protocol="tcp6", address="::", port=443, pid=977, process="nginx"),
+        events_pb2.ListenSocket(protocol="tcp6", address="::", port=443, pid=977, process="nginx", uid=0, user="root"),
+        events_pb2.ListenSocket(protocol="tcp", address="127.0.0.1", port=5432, uid=108, user="postgres"),  # unseen
     ]
     metrics = events_pb2.HostMetrics(
         cpu_percent=12.5, load1=0.5, mem_total_bytes=8 << 30, mem_available_bytes=5 << 30, listening=listening

@@ -63,11 +63,14 @@ def test_fleet_page_lists_hosts_with_states(app: Any) -> None:
 
 def test_host_page_shows_agents_ports_metrics_and_events(app: Any) -> None:
     data = call(app, "/api/v1/hosts/web1").json()
-    assert [s["port"] for s in data["metrics"]["listening"]] == [22, 443]
+    listening = data["metrics"]["listening"]
+    assert [s["port"] for s in listening] == [22, 443, 5432]
+    assert [(s["uid"], s["user"]) for s in listening] == [(None, ""), (0, "root"), (108, "postgres")]
     assert data["metrics"]["cpu_percent"] == 12.5
     assert {e["kind"] for e in data["events"]} >= {"process", "auth", "alert", "host_metrics"}
     page = call(app, "/hosts/web1").body
     assert "nginx (977)" in page
+    assert re.search(r'<td title="the host agent could not see [^"]*">unknown process \(user postgres\)</td>', page)
     assert "web1-auth" in page
 
 

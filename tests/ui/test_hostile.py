@@ -99,7 +99,8 @@ def unseen(seeded: Fleet, client: HubClient) -> str:
         listening=[
             events_pb2.ListenSocket(
                 protocol=f"tcp{UNSEEN}", address=f"0.0.0.0{UNSEEN}", port=8, process=f"sshd{UNSEEN}"
-            )
+            ),
+            events_pb2.ListenSocket(protocol="udp", address="::", port=9, uid=33, user=f"www{UNSEEN}"),
         ],
     )
     beat = heartbeat("web2", "host", now)
@@ -152,7 +153,7 @@ def test_pages_never_carry_unseen_characters(app: Any, unseen: str, path: str) -
 def test_host_page_shows_every_field_escaped(app: Any, unseen: str) -> None:
     body = call(app, "/hosts/web2").body
     shown = model.clean(UNSEEN)
-    for field in ("root", "/srv", "sshd", "0.0.0.0", "tcp", "Acme", "eth0", "aa:bb", "10.0.0.9", "0.1.0"):
+    for field in ("root", "/srv", "sshd", "0.0.0.0", "tcp", "Acme", "eth0", "aa:bb", "10.0.0.9", "0.1.0", "www"):
         assert f"{field}{shown}" in body, field
     events = call(app, "/events?host=web2&kind=snmp").body
     assert f"core{shown}" in events

@@ -7,9 +7,13 @@ A `host_metrics` event every `host_metrics.interval_s`; listening sockets are co
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import pwd
 import re
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -21,37 +25,158 @@ from amoskys.agents.runtime.base import Agent
 from amoskys.config import AgentConfig, Seconds, Section
 from amoskys.v1 import events_pb2
 
-__all__ = ["HostAgent", "HostAgentConfig", "HostConfig", "Mount", "disk_mounts", "listening_sockets", "parse_mountinfo"]
+__all__ = [
+    "HostAgent",
+    "HostAgentConfig",
+    "HostConfig",
+    "KernelSocket",
+    "Mount",
+    "disk_mounts",
+    "kernel_sockets",
+    "listening_sockets",
+    "parse_mountinfo",
+    "parse_proc_net",
+    "socket_holders",
+]
+
+log = logging.getLogger(__name__)
 
 SocketKey = tuple[str, str, int]
 # Filesystems on a block device (/proc/filesystems without "nodev"), plus ZFS, which has none (as psutil).
 BLOCKLESS_DISK_FS = frozenset({"zfs"})
 
 
-def _protocol(kind: int, family: int) -> str:
-    base = "tcp" if kind == socket.SOCK_STREAM else "udp"
-    return base + ("6" if family == socket.AF_INET6 else "")
+class KernelSocket(NamedTuple):
+    """One listening socket of a /proc/net table: what the kernel tells any reader, without privilege."""
+
+    protocol: str
+    address: str
+    port: int
+    uid: int  # the socket's owner: who created it (a daemon that binds as root, then drops privileges: 0)
+    inode: int  # names the socket in its holders' /proc/PID/fd ("socket:[INODE]")
 
 
-def listening_sockets() -> dict[SocketKey, events_pb2.ListenSocket]:
-    """TCP sockets in LISTEN and bound UDP sockets without a peer, with their owning process."""
-    found: dict[SocketKey, events_pb2.ListenSocket] = {}
-    names: dict[int, str] = {}
-    for conn in psutil.net_connections(kind="inet"):
-        listening = conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and not conn.raddr)
-        if not listening or not conn.laddr:
+PROC = Path("/proc")
+PROTOCOLS = ("tcp", "tcp6", "udp", "udp6")
+TCP_LISTEN = 0x0A  # the `st` column (include/net/tcp_states.h)
+
+
+def _address(field: str) -> tuple[str, int]:
+    """ "0100007F:0016" -> ("127.0.0.1", 22): the address is 32-bit words in host byte order (IPv6: four)."""
+    address, port = field.split(":")
+    if len(address) not in (8, 32):
+        raise ValueError(f"address {address!r}: expected 8 or 32 hex digits")
+    words = [int(address[i : i + 8], 16) for i in range(0, len(address), 8)]
+    family = socket.AF_INET if len(words) == 1 else socket.AF_INET6
+    return socket.inet_ntop(family, struct.pack(f"={len(words)}I", *words)), _number(port, 16, 0xFFFF)
+
+
+def _number(field: str, base: int, maximum: int) -> int:
+    value = int(field, base)
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{field!r}: expected 0 to {maximum}")
+    return value
+
+
+def _listening_line(protocol: str, line: str) -> KernelSocket | None:
+    """A TCP socket in LISTEN or a bound UDP socket without a peer; None for any other socket."""
+    fields = line.split()
+    if len(fields) < 10:
+        raise ValueError(f"{len(fields)} fields: expected at least 10")
+    (address, port), (_, remote_port) = _address(fields[1]), _address(fields[2])
+    uid, inode = _number(fields[7], 10, 0xFFFFFFFF), _number(fields[9], 10, 2**64 - 1)
+    listening = int(fields[3], 16) == TCP_LISTEN if protocol.startswith("tcp") else remote_port == 0
+    return KernelSocket(protocol, address, port, uid, inode) if listening and port else None
+
+
+def parse_proc_net(protocol: str, text: str) -> list[KernelSocket]:
+    """The listening sockets of one /proc/net/{tcp,tcp6,udp,udp6} table (the kernel's proc_net_tcp.rst).
+
+    A line not in that format is logged and skipped: the other lines still count."""
+    found = []
+    for line in text.splitlines()[1:]:  # the first is the header
+        try:
+            kernel_socket = _listening_line(protocol, line)
+        except (ValueError, struct.error) as error:
+            log.warning("/proc/net/%s: skipped a line not in the kernel's format (%s): %r", protocol, error, line)
             continue
-        protocol = _protocol(conn.type, conn.family)
-        key = (protocol, conn.laddr.ip, conn.laddr.port)
-        pid = conn.pid or 0
-        if pid and pid not in names:
-            try:
-                names[pid] = psutil.Process(pid).name()
-            except psutil.Error:
-                names[pid] = ""
-        found[key] = events_pb2.ListenSocket(
-            protocol=protocol, address=conn.laddr.ip, port=conn.laddr.port, pid=pid, process=names.get(pid, "")
-        )
+        if kernel_socket:
+            found.append(kernel_socket)
+    return found
+
+
+def kernel_sockets(proc: Path = PROC) -> list[KernelSocket]:
+    """Every listening socket of this network namespace, with its owner's uid (a table the kernel was built
+    without, e.g. tcp6 with IPv6 off, has none)."""
+    found = []
+    for protocol in PROTOCOLS:
+        try:
+            text = (proc / "net" / protocol).read_text()
+        except FileNotFoundError:
+            continue
+        found += parse_proc_net(protocol, text)
+    return found
+
+
+def _fd_links(fd_dir: Path) -> list[str]:
+    """What a process's descriptors point to; none when this process may not list them, or it is gone."""
+    try:
+        with os.scandir(fd_dir) as fds:
+            paths = [fd.path for fd in fds]
+    except OSError:  # PermissionError: another user's process; FileNotFoundError: it exited
+        return []
+    links = []
+    for path in paths:
+        with contextlib.suppress(OSError):  # closed since listed
+            links.append(os.readlink(path))
+    return links
+
+
+def socket_holders(inodes: set[int], proc: Path = PROC) -> dict[int, int]:
+    """Socket inode -> the lowest pid holding it, among the processes whose /proc/PID/fd this one may list
+    (its own user's, or all with CAP_DAC_READ_SEARCH: CAP_SYS_PTRACE is not enough)."""
+    holders: dict[int, int] = {}
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
+    if not wanted:
+        return holders
+    for pid in sorted(int(name) for name in os.listdir(proc) if name.isdigit()):
+        for link in _fd_links(proc / str(pid) / "fd"):
+            if (inode := wanted.get(link)) is not None and inode not in holders:
+                holders[inode] = pid
+        if len(holders) == len(wanted):
+            break
+    return holders
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return psutil.Process(pid).name()
+    except psutil.Error:
+        return ""
+
+
+def _user_name(uid: int) -> str:
+    """The uid's name on this host ("" when it has none): resolved here, since names differ between hosts."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+def listening_sockets(proc: Path = PROC) -> dict[SocketKey, events_pb2.ListenSocket]:
+    """TCP sockets in LISTEN and bound UDP sockets without a peer, each with its owner's uid and user name
+    (always known) and its process (pid 0 and no name when this process cannot list the holder's fds)."""
+    sockets = kernel_sockets(proc)
+    holders = socket_holders({s.inode for s in sockets}, proc)
+    names = {pid: _process_name(pid) for pid in set(holders.values())}
+    users = {uid: _user_name(uid) for uid in {s.uid for s in sockets}}
+    found: dict[SocketKey, events_pb2.ListenSocket] = {}
+    for s in sockets:
+        pid = holders.get(s.inode, 0)
+        found[(s.protocol, s.address, s.port)] = events_pb2.ListenSocket(
+            protocol=s.protocol, address=s.address, port=s.port, pid=pid, process=names.get(pid, ""),
+            uid=s.uid, user=users[s.uid],
+        )  # fmt: skip
     return found
 
 

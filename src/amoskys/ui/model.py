@@ -246,17 +246,30 @@ def event_view(stored: bus_pb2.StoredEvent) -> dict[str, Any]:
 
 
 UNKNOWN_OWNER = "unknown"
+UNKNOWN_PROCESS = "unknown process"
 UNKNOWN_OWNER_WHY = (
     "the host agent could not see which process holds this socket: it runs as its own user and reads other "
-    "users' /proc/PID/fd only where its unit grants that"
+    "users' /proc/PID/fd only where its unit grants that; the user shown is the socket's owner, which the kernel "
+    "tells anyone: the user that created the socket"
 )
 
 
+def socket_user(socket: events_pb2.ListenSocket) -> str:
+    """The socket's owner as the agent's host names it ("uid N" without a name there); "" when not known."""
+    if not socket.HasField("uid"):
+        return ""
+    return f"user {clean(socket.user)}" if socket.user else f"uid {socket.uid}"
+
+
 def socket_owner(socket: events_pb2.ListenSocket) -> str:
-    """The process holding a listening socket as "name (pid)"; "unknown" when the agent could not see it."""
+    """The process holding a listening socket as "name (pid)"; when the agent could not see it, "unknown
+    process (user NAME)" from the socket's uid, or "unknown" from an agent that does not send the uid."""
     if socket.pid:
         return f"{clean(socket.process) or '?'} ({socket.pid})"
-    return clean(socket.process) or UNKNOWN_OWNER
+    if socket.process:
+        return clean(socket.process)
+    user = socket_user(socket)
+    return f"{UNKNOWN_PROCESS} ({user})" if user else UNKNOWN_OWNER
 
 
 def host_metrics_view(stored: bus_pb2.StoredEvent | None) -> dict[str, Any] | None:
@@ -266,7 +279,8 @@ def host_metrics_view(stored: bus_pb2.StoredEvent | None) -> dict[str, Any] | No
     m = stored.event.host_metrics
     listening = sorted(
         ({"protocol": clean(s.protocol), "address": clean(s.address), "port": s.port, "pid": s.pid,
-          "process": clean(s.process), "owner": socket_owner(s),
+          "process": clean(s.process), "uid": s.uid if s.HasField("uid") else None, "user": clean(s.user),
+          "owner": socket_owner(s),
           "owner_why": "" if s.pid or s.process else UNKNOWN_OWNER_WHY} for s in m.listening),
         key=lambda s: (s["port"], s["protocol"], s["address"]),
     )  # fmt: skip
