@@ -23,6 +23,7 @@ from typing import Any
 from amoskys.catalog import HUB_AGENT
 from amoskys.config import BackpressureConfig
 from amoskys.envelope import GENESIS_HASH
+from amoskys.eventbus.acks import Ack, Reason, invalid, ok, retry
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import (
@@ -38,27 +39,8 @@ from amoskys.v1 import envelope_pb2, events_pb2
 __all__ = ["Ack", "Committed", "Ingest", "Submission"]
 
 log = logging.getLogger(__name__)
-Status = envelope_pb2.PublishAck.Status
+LIGHT_EVENTS = 100  # an agent with at most this many events in a commit group is committed first
 ALERT_INTERVAL_S = 60.0  # at most one alert per agent and rule in this time; the rest are counted into the next
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    status: int
-    reason: str = ""
-    backoff_ms: int = 0
-    acked_seq: int = 0
-    chain_id: bytes = b""
-    hold_s: float = 0.0  # answer only after this long (a sender that ignores its backoff is held, not served)
-
-    def message(self) -> envelope_pb2.PublishAck:
-        return envelope_pb2.PublishAck(
-            status=self.status,  # type: ignore[arg-type]
-            reason=self.reason,
-            backoff_ms=self.backoff_ms,
-            acked_seq=self.acked_seq,
-            chain_id=self.chain_id,
-        )
 
 
 @dataclass(slots=True)
@@ -162,8 +144,12 @@ class Ingest:
     def submit(
         self, header: envelope_pb2.EnvelopeHeader, digest: bytes, rows: Sequence[EventRow], agent: AgentUpdate
     ) -> asyncio.Future[Ack]:
+        """Queue checked events for the writer; the future gets the envelope's ack after the commit."""
         assert self._loop is not None, "Ingest.start() not called"
         future: asyncio.Future[Ack] = self._loop.create_future()
+        if self.failure is not None:  # the writer is gone: nothing would ever answer
+            future.set_result(self._unavailable())
+            return future
         self._adjust_pending(header.agent_id, len(rows))
         self._queue.put(Submission(header, digest, rows, agent, future))
         return future
@@ -250,7 +236,7 @@ class Ingest:
         except BaseException as exc:
             self.failure = exc
             log.critical("ingest writer failed; the hub stops", exc_info=exc)
-            self._answer_queued(Ack(Status.RETRY, "unavailable: hub is restarting", self.config.max_backoff_ms))
+            self._answer_queued(self._unavailable())
             if self._loop is not None and self.on_fatal is not None:
                 self._loop.call_soon_threadsafe(self.on_fatal, exc)
 
@@ -258,11 +244,11 @@ class Ingest:
         stopping = False
         while not stopping:
             group, tasks, stopping = self._take_group()
-            if group:
+            for part in _light_first(group):
                 try:
-                    self._process(group)
+                    self._process(part)
                 except BaseException:
-                    self._resolve([(sub, Ack(Status.RETRY, "unavailable: hub is restarting")) for sub in group])
+                    self._resolve([(sub, self._unavailable()) for sub in group])
                     raise
             for task in tasks:
                 self._run_task(task)
@@ -285,6 +271,9 @@ class Ingest:
         with self._pending_lock:
             self._pending_events = 0
             self._pending_by_agent.clear()
+
+    def _unavailable(self) -> Ack:
+        return retry(Reason.REASON_UNAVAILABLE, "hub is restarting", self.config.max_backoff_ms)
 
     def _run_task(self, task: _WriterTask) -> None:
         try:
@@ -313,12 +302,12 @@ class Ingest:
             seen[(h.agent_id, h.chain_id, h.seq)] = sub.digest
             accepted.append((sub, AcceptedEnvelope(h.agent_id, h.chain_id, h.seq, sub.digest, sub.rows, sub.agent)))
         acks += self._commit(accepted, tentative, alerts)
-        events = 0
         for sub in group:
             self._adjust_pending(sub.header.agent_id, -len(sub.rows))
-            events += len(sub.rows)
-        elapsed = max(time.monotonic() - started, 1e-4)
-        self._drain_rate = 0.8 * self._drain_rate + 0.2 * (events / elapsed)
+        stored = sum(len(sub.rows) for sub, _ in accepted)  # duplicates cost next to nothing: not a rate
+        if stored:
+            elapsed = max(time.monotonic() - started, 1e-4)
+            self._drain_rate = 0.8 * self._drain_rate + 0.2 * (stored / elapsed)
         self._resolve(acks)
 
     def _commit(
@@ -340,18 +329,18 @@ class Ingest:
             self.metrics.store_errors.labels(kind).inc()
             log.error("store commit failed; answering RETRY", extra={"error": str(exc), "envelopes": len(items)})
             self._store_down_until = time.monotonic() + self.config.max_backoff_ms / 1000 / 4
-            reason = f"store unavailable: {'disk full' if kind == 'full' else 'I/O error'}"
-            self.metrics.retries.labels("store").inc(len(accepted))
-            return [(sub, Ack(Status.RETRY, reason, self.config.max_backoff_ms)) for sub, _ in accepted]
+            details = "disk full" if kind == "full" else "I/O error"
+            ack = retry(Reason.REASON_STORE_UNAVAILABLE, details, self.config.max_backoff_ms)
+            return [(sub, ack) for sub, _ in accepted]
         self._store_down_until = 0.0
         self.chains.update(tentative)
         stored = sum(len(i.rows) for i in items)
-        self.metrics.events_stored.inc(stored)
+        self.metrics.count_stored(stored)
         self.metrics.commit_batch.observe(stored)
         if self.on_committed is not None and self._loop is not None:
             committed = [Committed(i.agent_id, i.first_cursor, now_ns, i.rows) for i in items if i.rows]
             self._loop.call_soon_threadsafe(self.on_committed, committed)
-        return [(sub, Ack(Status.OK, "", 0, item.seq, item.chain_id)) for sub, item in accepted]
+        return [(sub, ok(Reason.REASON_UNSPECIFIED, item.seq, item.chain_id)) for sub, item in accepted]
 
     def _decide(
         self, sub: Submission, tentative: dict[str, ChainRecord], seen: dict[tuple[str, bytes, int], bytes]
@@ -365,17 +354,15 @@ class Ingest:
             return self._new_chain(sub, state)
         if h.seq <= state.last_seq:
             self.metrics.duplicates.inc()
-            return _Decision(Ack(Status.OK, "already acknowledged", 0, h.seq, h.chain_id))
+            return _Decision(ok(Reason.REASON_ALREADY_ACKNOWLEDGED, h.seq, h.chain_id))
         if h.seq > state.last_seq + 1:
-            self.metrics.retries.labels("out_of_order").inc()
-            reason = f"out_of_order: expected seq {state.last_seq + 1}"
-            return _Decision(Ack(Status.RETRY, reason, 0, state.last_seq, state.chain_id))
+            details = f"expected seq {state.last_seq + 1}"
+            return _Decision(retry(Reason.REASON_OUT_OF_ORDER, details, 0, state.last_seq, state.chain_id))
         if h.prev_hash != state.last_hash:
-            self.metrics.chain_breaks.labels("break").inc()
-            self.metrics.rejected.labels("chain_break").inc()
+            self.metrics.count_chain_break("break")
             summary = f"{h.agent_id}: seq {h.seq} does not link to seq {state.last_seq}"
             alert = self._alert("bus.chain_break", summary, h)
-            ack = Ack(Status.INVALID, "chain_break: prev_hash does not match", 0, state.last_seq)
+            ack = invalid(Reason.REASON_CHAIN_BREAK, "prev_hash does not match", state.last_seq)
             return _Decision(ack, None, alert)
         return _Decision(None, ChainRecord(h.chain_id, h.seq, sub.digest))
 
@@ -383,30 +370,27 @@ class Ingest:
         h = sub.header
         if stored == sub.digest:
             self.metrics.duplicates.inc()
-            return _Decision(Ack(Status.OK, "duplicate", 0, h.seq, h.chain_id))
-        self.metrics.chain_breaks.labels("fork").inc()
-        self.metrics.rejected.labels("fork").inc()
+            return _Decision(ok(Reason.REASON_DUPLICATE, h.seq, h.chain_id))
+        self.metrics.count_chain_break("fork")
         alert = self._alert("bus.fork", f"{h.agent_id}: two different envelopes claim seq {h.seq}", h)
-        return _Decision(Ack(Status.INVALID, f"fork: seq {h.seq} already stored with other content"), None, alert)
+        return _Decision(invalid(Reason.REASON_FORK, f"seq {h.seq} already stored with other content"), None, alert)
 
     def _new_chain(self, sub: Submission, state: ChainRecord | None) -> _Decision:
         h = sub.header
         if h.seq == 1 and h.prev_hash == GENESIS_HASH:
             alert = None
             if state is not None:
-                self.metrics.chain_breaks.labels("reset").inc()
+                self.metrics.count_chain_break("reset")
                 alert = self._alert(
                     "bus.chain_reset", f"{h.agent_id} started a new chain after seq {state.last_seq}", h,
                     events_pb2.SEVERITY_NOTICE,
                 )  # fmt: skip
             return _Decision(None, ChainRecord(h.chain_id, 1, sub.digest), alert)
         if h.seq == 1:
-            self.metrics.rejected.labels("bad_genesis").inc()
-            return _Decision(Ack(Status.INVALID, "chain_start: seq 1 must have a zero prev_hash"))
-        self.metrics.retries.labels("chain_unknown").inc()
+            return _Decision(invalid(Reason.REASON_CHAIN_START, "seq 1 must have a zero prev_hash"))
         last = state.last_seq if state else 0
         chain_id = state.chain_id if state else b""
-        return _Decision(Ack(Status.RETRY, "chain_unknown: expected seq 1 of a new chain", 0, last, chain_id))
+        return _Decision(retry(Reason.REASON_CHAIN_UNKNOWN, "expected seq 1 of a new chain", 0, last, chain_id))
 
     def _alert(
         self, rule: str, summary: str, h: envelope_pb2.EnvelopeHeader, severity: int = events_pb2.SEVERITY_ERROR
@@ -442,6 +426,20 @@ class Ingest:
                     sub.future.set_result(ack)
 
         self._loop.call_soon_threadsafe(resolve)
+
+
+def _light_first(group: list[Submission]) -> list[list[Submission]]:
+    """The group as two commits: first the agents with at most LIGHT_EVENTS events in it, then the rest.
+
+    A light agent's envelope (an agent's ordinary batch) is acked after a commit of its size, not after
+    the commit of another agent's backlog; each agent's envelopes stay in one commit, in order.
+    """
+    events: collections.Counter[str] = collections.Counter()
+    for sub in group:
+        events[sub.header.agent_id] += len(sub.rows)
+    light = [sub for sub in group if events[sub.header.agent_id] <= LIGHT_EVENTS]
+    heavy = [sub for sub in group if events[sub.header.agent_id] > LIGHT_EVENTS]
+    return [part for part in (light, heavy) if part]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -21,20 +21,21 @@ from prometheus_client import start_http_server
 from amoskys import __version__, systemd
 from amoskys.config import EventBusConfig, parse_address
 from amoskys.errors import AmoskysError
+from amoskys.eventbus.acks import Ack
 from amoskys.eventbus.admission import Admission
 from amoskys.eventbus.auth import Peer, TrustState, peer_of
 from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
 from amoskys.eventbus.edge import filter_refusal
-from amoskys.eventbus.ingest import Ack, Ingest
+from amoskys.eventbus.ingest import Ingest
 from amoskys.eventbus.metrics import BusMetrics, CertificateExpiry
 from amoskys.eventbus.store import SqliteStore
 from amoskys.eventbus.streams import OpenStreams, StreamHandle
+from amoskys.eventbus.turns import Turns
 from amoskys.v1 import bus_pb2, envelope_pb2
 
 __all__ = ["SERVICE_NAME", "Hub", "create_server"]
 
 log = logging.getLogger(__name__)
-Status = envelope_pb2.PublishAck.Status
 SERVICE_NAME = "amoskys.v1.EventBus"
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_PAGE = 1000
@@ -50,7 +51,8 @@ class Hub:
         self.metrics = BusMetrics()
         self.trust = TrustState(config)
         self.store = SqliteStore(Path(config.store.path), config.store.synchronous, config.store.text_index)
-        self.broker = Broker()
+        self.turns = Turns()
+        self.broker = Broker(self.turns)
         self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish, self._fatal)
         self.health = health_aio.HealthServicer()
         self.started_ns = time.time_ns()
@@ -60,10 +62,10 @@ class Hub:
         self._metrics_server: Any = None
         self._scrape_reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics-reader")
         self._tasks: list[asyncio.Task[None]] = []
-        self._rate_window: list[tuple[float, float]] = []
+        self._rate_window: list[tuple[float, int]] = []
         self._stop_requested = asyncio.Event()
         self.streams = OpenStreams(config.limits.max_streams_per_identity)
-        self.admission = Admission(config, self.trust, self.ingest, self.metrics)
+        self.admission = Admission(config, self.trust, self.ingest, self.metrics, self.turns)
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -71,28 +73,24 @@ class Hub:
         """Checks in order of cost, then the group commit; every outcome is an ack."""
         return await self._finish(time.perf_counter(), self._begin(raw, peer))
 
-    def _begin(self, raw: bytes, peer: Peer | None) -> Ack | asyncio.Future[Ack]:
-        """The synchronous part: an immediate ack, or the future of the envelope's commit."""
+    def _begin(self, raw: bytes, peer: Peer | None) -> Ack | asyncio.Future[Any]:
+        """The synchronous part: an immediate ack, or a future of it (the checks queued in turn, then the commit)."""
         self.metrics.envelopes_received.inc()
-        checked = self.admission.check(raw, peer)
-        if isinstance(checked, Ack):
-            return checked
-        return self.ingest.submit(checked.header, checked.digest, checked.rows, checked.agent)
+        outcome = self.admission.check(raw, peer)
+        if isinstance(outcome, Ack):
+            self.metrics.count_answer(outcome)
+        return outcome
 
-    async def _finish(self, started: float, outcome: Ack | asyncio.Future[Ack]) -> Ack:
-        ack = outcome if isinstance(outcome, Ack) else await outcome
+    async def _finish(self, started: float, outcome: Ack | asyncio.Future[Any]) -> Ack:
+        ack = outcome
+        while isinstance(ack, asyncio.Future):
+            ack = await ack
+        if ack is not outcome:
+            self.metrics.count_answer(ack)
+            self.metrics.ack_latency.observe(time.perf_counter() - started)
         if ack.hold_s:
             await asyncio.sleep(ack.hold_s)
-        self._count(ack)
-        if not isinstance(outcome, Ack):
-            self.metrics.ack_latency.observe(time.perf_counter() - started)
         return ack
-
-    def _count(self, ack: Ack) -> None:
-        if ack.status in (Status.INVALID, Status.UNAUTHORIZED) and not ack.reason.startswith(("fork", "chain_")):
-            self.metrics.rejected.labels(ack.reason.split(":")[0]).inc()
-        elif ack.status == Status.RETRY and ack.reason.split(":")[0] in ("draining", "overloaded"):
-            self.metrics.retries.labels(ack.reason.split(":")[0]).inc()
 
     async def publish(self, raw: bytes, context: Context) -> envelope_pb2.PublishAck:
         return (await self.handle_envelope(raw, peer_of(context))).message()
@@ -105,7 +103,7 @@ class Hub:
         """
         peer = peer_of(context)
         handle = await self._open_stream(peer, context)
-        pending: asyncio.Queue[tuple[float, Ack | asyncio.Future[Ack]] | None] = asyncio.Queue(maxsize=64)
+        pending: asyncio.Queue[tuple[float, Ack | asyncio.Future[Any]] | None] = asyncio.Queue(maxsize=64)
 
         async def read() -> None:
             try:
@@ -119,7 +117,7 @@ class Hub:
 
         reader = asyncio.ensure_future(read())
         handle.wake = reader.cancel
-        self.metrics.streams.inc()
+        self.metrics.count_stream(+1)
         try:
             while (item := await pending.get()) is not None:
                 yield (await self._finish(*item)).message().SerializeToString()
@@ -127,7 +125,7 @@ class Hub:
             if handle.reason:
                 await context.abort(handle.code, handle.reason)
         finally:
-            self.metrics.streams.dec()
+            self.metrics.count_stream(-1)
             self.streams.close(handle)
             reader.cancel()
 
@@ -228,36 +226,23 @@ class Hub:
         return await asyncio.to_thread(self.status)
 
     def status(self) -> bus_pb2.HubStatus:
-        rejected = {
-            s.labels["reason"]: int(s.value)
-            for metric in self.metrics.rejected.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
-        }
-        retries = sum(s.value for m in self.metrics.retries.collect() for s in m.samples if s.name.endswith("_total"))
-        breaks = sum(
-            s.value for m in self.metrics.chain_breaks.collect() for s in m.samples if s.name.endswith("_total")
-        )
+        totals = self.metrics.totals
         return bus_pb2.HubStatus(
             version=__version__,
             started_ns=self.started_ns,
             events_stored=self.store.count_events(),
             store_bytes=self.store.size_bytes(),
             agents=len(self.store.list_agents()),
-            streams=int(self._sample("amoskys_bus_streams")),
+            streams=totals.streams,
             inflight=self.ingest.pending_events,
-            rejected=rejected,
-            retries=int(retries),
-            chain_breaks=int(breaks),
-            ingest_eps=self._ingest_rate(),
+            rejected=dict(totals.rejected),
+            retries=totals.retries,
+            chain_breaks=totals.chain_breaks,
+            ingest_eps=self._ingest_rate(totals.events_stored),
         )
 
-    def _sample(self, name: str) -> float:
-        return self.metrics.registry.get_sample_value(name) or 0.0
-
-    def _ingest_rate(self) -> float:
+    def _ingest_rate(self, stored: int) -> float:
         now = time.monotonic()
-        stored = self._sample("amoskys_bus_events_stored_total")
         self._rate_window = [(t, v) for t, v in self._rate_window if now - t <= 60] + [(now, stored)]
         (t0, v0), (t1, v1) = self._rate_window[0], self._rate_window[-1]
         return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0
@@ -416,6 +401,7 @@ class Hub:
             await asyncio.sleep(0.01)
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        await self.turns.stop()
         await asyncio.to_thread(self.ingest.stop)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
