@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from amoskys.eventbus.ingest import LIGHT_EVENTS, Submission, _light_first
-from amoskys.eventbus.store import AgentUpdate
+from amoskys.config import BackpressureConfig
+from amoskys.eventbus.ingest import LIGHT_EVENTS, Ingest, Submission, _light_first
+from amoskys.eventbus.metrics import BusMetrics
+from amoskys.eventbus.store import AgentUpdate, SqliteStore
 from amoskys.eventbus.turns import Steps, Turns
 from amoskys.v1 import envelope_pb2
 
@@ -75,3 +78,18 @@ async def test_light_agents_are_committed_before_a_backlog_and_each_agent_stays_
     assert light == [small]
     assert heavy == [flood[0], *split, flood[1]]
     assert _light_first(flood) == [flood]
+
+
+async def test_a_commit_group_stays_near_its_budget_and_small_envelopes_always_join(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "events.db")
+    ingest = Ingest(store, BackpressureConfig(), BusMetrics())
+    try:
+        floods = [_submission(agent, 1000) for agent in ("flood1", "flood2") for _ in range(2)]
+        good = _submission("good", 10)
+        for sub in [*floods, good]:
+            ingest._stash(sub, [])
+        groups = [ingest._group(budget=1500) for _ in range(4)]
+        agents = [[sub.header.agent_id for sub in group] for group in groups]
+        assert agents == [["flood1", "good"], ["flood2"], ["flood1"], ["flood2"]]  # floods alternate, one a commit
+    finally:
+        store.close()

@@ -178,27 +178,34 @@ class Ingest:
             self._thread.join(timeout)
 
     def _take_group(self) -> tuple[list[Submission], list[_WriterTask], bool]:
-        """The next commit group, writer tasks apart, and True once told to stop with nothing left.
-
-        Everything queued is sorted into one queue per agent; a group takes one envelope from each agent
-        in turn (envelopes of one agent stay in order) until it holds `_group_budget()` events, and the
-        agents served go to the back. One agent's backlog never sits in front of another's envelope.
-        """
+        """The next commit group, writer tasks apart, and True once told to stop with nothing left."""
         tasks: list[_WriterTask] = []
         self._fill(tasks)
+        return self._group(self._group_budget()), tasks, self._stopping and not self._backlog
+
+    def _group(self, budget: int) -> list[Submission]:
+        """Envelopes for one commit: one from each agent in turn (an agent's stay in order) up to `budget`
+        events. A large envelope that would take the group past the budget waits, first in line for the
+        next group (which takes it whatever its size); a small one (LIGHT_EVENTS at most) always joins,
+        as it is committed first (`_light_first`). Agents served go to the back of the line. One agent's
+        backlog never sits in front of another's envelope, and no commit is much larger than the budget.
+        """
         group: list[Submission] = []
-        events, budget = 0, self._group_budget()
+        events = 0
         while self._backlog and events < budget:
+            taken = 0
             for agent_id in list(self._backlog):
+                size = len(self._backlog[agent_id][0].rows)
+                if group and events + size > budget and size > LIGHT_EVENTS:
+                    continue  # keeps its place at the front
                 waiting = self._backlog.pop(agent_id)
-                sub = waiting.popleft()
-                group.append(sub)
-                events += len(sub.rows)
+                group.append(waiting.popleft())
+                events, taken = events + size, taken + 1
                 if waiting:
                     self._backlog[agent_id] = waiting  # to the back of the line
-                if events >= budget:
-                    break
-        return group, tasks, self._stopping and not self._backlog
+            if not taken:
+                break
+        return group
 
     def _fill(self, tasks: list[_WriterTask]) -> None:
         """Move what is queued into the per-agent backlog (waiting for work when there is none)."""
