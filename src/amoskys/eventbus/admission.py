@@ -108,10 +108,7 @@ class Admission:
             return early
         checked = self._precheck(raw, peer)
         if isinstance(checked, Ack):
-            if peer is not None and checked.status == Status.RETRY and checked.backoff_ms:
-                # A compliant agent waits at least half the backoff (its jitter is +-50 %).
-                self._retry_until[peer.cn] = time.monotonic() + checked.backoff_ms / 2000
-            return checked
+            return self._told_to_wait(peer, checked)
         envelope, header = checked
         return self.turns.add(header.agent_id, self._checks(envelope, header, peer))
 
@@ -149,15 +146,43 @@ class Admission:
     def _checks(
         self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader, peer: Peer | None
     ) -> Generator[None, None, Ack | asyncio.Future[Ack]]:
-        """The signature, then the events in steps; the last step hands the envelope to the writer."""
+        """The signature and the payload's size; then, at once, the sender's room in the writer's backlog
+        (taken now: the checks of its other envelopes may be under way); then its events in steps. The
+        last step hands the envelope to the writer."""
         refusal = self._signature(envelope, header)
         if refusal is not None:
             return refusal
         yield
-        checked = yield from self._unpack(envelope, header, peer)
-        if isinstance(checked, Ack):
-            return checked
-        return self.ingest.submit(checked.header, checked.digest, checked.rows, checked.agent)
+        batch = _batch(envelope, header)
+        if isinstance(batch, Ack):
+            return batch
+        refusal = self._reserve(header, peer)
+        if refusal is not None:
+            return refusal
+        submitted = False
+        try:
+            checked = yield from self._unpack(envelope, batch, header, peer)
+            if isinstance(checked, Ack):
+                return checked
+            submitted = True
+            return self.ingest.submit(checked.header, checked.digest, checked.rows, checked.agent)
+        finally:
+            if not submitted:
+                self.ingest.release(header.agent_id, header.event_count)
+
+    def _reserve(self, header: envelope_pb2.EnvelopeHeader, peer: Peer | None) -> Ack | None:
+        """Room for the envelope's events among those waiting for commit (fair admission), or RETRY."""
+        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count)
+        if backoff is None:
+            self.ingest.reserve(header.agent_id, header.event_count)
+            return None
+        return self._told_to_wait(peer, retry(Reason.REASON_OVERLOADED, "backlog above high-water mark", backoff))
+
+    def _told_to_wait(self, peer: Peer | None, ack: Ack) -> Ack:
+        """Note a RETRY with a backoff: a compliant agent waits at least half of it (its jitter is +-50 %)."""
+        if peer is not None and ack.status == Status.RETRY and ack.backoff_ms:
+            self._retry_until[peer.cn] = time.monotonic() + ack.backoff_ms / 2000
+        return ack
 
     def _parse(self, raw: bytes) -> Ack | tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHeader]:
         """Size, structure and version: the checks that cost nothing."""
@@ -182,6 +207,7 @@ class Admission:
         return invalid(*refusal) if refusal else (envelope, header)
 
     def _admission(self, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
+        """The batch's size, and fair admission as the backlog stands (before anything is read further)."""
         limit = self.config.limits.max_events_per_batch
         if header.event_count > limit:
             return invalid(Reason.REASON_TOO_MANY_EVENTS, f"{header.event_count} > {limit}")
@@ -211,15 +237,13 @@ class Admission:
         return None
 
     def _unpack(
-        self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader, peer: Peer | None
+        self,
+        envelope: envelope_pb2.Envelope,
+        batch: events_pb2.EventBatch,
+        header: envelope_pb2.EnvelopeHeader,
+        peer: Peer | None,
     ) -> Generator[None, None, Ack | Checked]:
-        try:
-            batch = events_pb2.EventBatch.FromString(envelope.payload)
-        except DecodeError:
-            return invalid(Reason.REASON_MALFORMED_PAYLOAD, "not an EventBatch")
-        if len(batch.events) != header.event_count:
-            count = len(batch.events)
-            return invalid(Reason.REASON_EVENT_COUNT_MISMATCH, f"header says {header.event_count}, payload has {count}")
+        """Every event against the sender's enrolment, and its row, STEP_EVENTS a step."""
         enrolment = self.trust.agents[header.agent_id]
         rows: list[EventRow] = []
         for index, event in enumerate(batch.events):
@@ -249,6 +273,18 @@ class Admission:
         for i in future:
             rows[i] = rows[i]._replace(ts_ns=observed_ns(rows[i].ts_ns, now_ns, skew_ns))
         return rows
+
+
+def _batch(envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> events_pb2.EventBatch | Ack:
+    """The payload as an EventBatch of `event_count` events, or INVALID."""
+    try:
+        batch = events_pb2.EventBatch.FromString(envelope.payload)
+    except DecodeError:
+        return invalid(Reason.REASON_MALFORMED_PAYLOAD, "not an EventBatch")
+    if len(batch.events) != header.event_count:
+        count = len(batch.events)
+        return invalid(Reason.REASON_EVENT_COUNT_MISMATCH, f"header says {header.event_count}, payload has {count}")
+    return batch
 
 
 def _agent_update(

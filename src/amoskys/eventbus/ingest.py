@@ -141,16 +141,24 @@ class Ingest:
         drain_ms = int(1000 * (total + mine) / max(self._drain_rate, 1.0))
         return max(self.config.base_backoff_ms, min(self.config.max_backoff_ms, drain_ms))
 
+    def reserve(self, agent_id: str, events: int) -> None:
+        """Count `events` of `agent_id` as waiting for commit once `overload_backoff` let them in (their
+        checks may still be under way); then `submit` them, or `release` them if refused after all."""
+        self._adjust_pending(agent_id, events)
+
+    def release(self, agent_id: str, events: int) -> None:
+        self._adjust_pending(agent_id, -events)
+
     def submit(
         self, header: envelope_pb2.EnvelopeHeader, digest: bytes, rows: Sequence[EventRow], agent: AgentUpdate
     ) -> asyncio.Future[Ack]:
-        """Queue checked events for the writer; the future gets the envelope's ack after the commit."""
+        """Queue reserved, checked events for the writer; the future gets the envelope's ack after the commit."""
         assert self._loop is not None, "Ingest.start() not called"
         future: asyncio.Future[Ack] = self._loop.create_future()
         if self.failure is not None:  # the writer is gone: nothing would ever answer
+            self.release(header.agent_id, len(rows))
             future.set_result(self._unavailable())
             return future
-        self._adjust_pending(header.agent_id, len(rows))
         self._queue.put(Submission(header, digest, rows, agent, future))
         return future
 
