@@ -356,8 +356,9 @@ async def test_forks_and_breaks_raise_alert_events(live_hub: LiveHub, case: Case
     assert alerts[0].agent_id == "eventbus"
     assert alerts[0].event.alert.rule in ("bus.fork", "bus.chain_break")
     assert alerts[0].event.alert.details["agent_id"] == "victim"
-    status = live_hub.hub.status()
+    status = live_hub.hub.service.status()
     assert status.chain_breaks == 1
+    assert dict(status.rejected) == {alerts[0].event.alert.rule.removeprefix("bus."): 1}  # counted once, by reason
 
 
 async def test_signing_key_file_stays_private(tmp_path: Path) -> None:
