@@ -35,6 +35,7 @@ __all__ = ["SERVICE_NAME", "Hub", "create_server"]
 
 log = logging.getLogger(__name__)
 LOOP_WATCH_S = 0.05
+TURNS_BUSY_SHARE = 0.5  # steps taking more than this share of the loop's time also mean it is saturated
 
 
 class Hub:
@@ -136,16 +137,17 @@ class Hub:
             await asyncio.sleep(store_config.prune_interval_s)
 
     async def _watch_loop(self) -> None:
-        """Is the event loop saturated? A timer that fires more than `loop_lag_ms` late says so; admission
-        then shares the loop among identities (README, fair admission) for the next second."""
+        """Is the event loop saturated? A timer that fires more than `loop_lag_ms` late says so, and so do
+        the checks taken in turn (`Turns`) using more than half its time; admission then shares the loop
+        among identities (README, fair admission) for the next second."""
         period, busy_until = LOOP_WATCH_S, 0.0
         limit = self.config.backpressure.loop_lag_ms / 1000
         ticks = 0
         while True:
-            started = time.monotonic()
+            started, stepped = time.monotonic(), self.turns.busy_s
             await asyncio.sleep(period)
             now = time.monotonic()
-            if now - started - period > limit:
+            if now - started - period > limit or self.turns.busy_s - stepped > TURNS_BUSY_SHARE * (now - started):
                 busy_until = now + 1.0
             self.admission.loop_busy = now < busy_until
             ticks += 1

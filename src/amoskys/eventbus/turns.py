@@ -37,6 +37,7 @@ class Turns:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.busy_s = 0.0  # time spent taking steps, in all (the hub's loop watcher reads how fast it grows)
 
     @property
     def waiting(self) -> int:
@@ -79,7 +80,14 @@ class Turns:
 
     def _slice(self) -> None:
         """Steps in turn for about `slice_s` (at least one)."""
-        deadline = time.perf_counter() + self.slice_s
+        started = time.perf_counter()
+        deadline = started + self.slice_s
+        try:
+            self._steps_until(deadline)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _steps_until(self, deadline: float) -> None:
         while self._queues:
             key = next(iter(self._queues))
             jobs = self._queues.pop(key)
