@@ -11,7 +11,7 @@ from amoskys.config import BackpressureConfig
 from amoskys.eventbus.ingest import LIGHT_EVENTS, Ingest, Submission, _light_first
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.store import AgentUpdate, SqliteStore
-from amoskys.eventbus.turns import Steps, Turns
+from amoskys.eventbus.turns import Steps, Turns, run_now
 from amoskys.v1 import envelope_pb2
 
 
@@ -93,3 +93,9 @@ async def test_a_commit_group_stays_near_its_budget_and_small_envelopes_always_j
         assert agents == [["flood1", "good"], ["flood2"], ["flood1"], ["flood2"]]  # floods alternate, one a commit
     finally:
         store.close()
+
+
+def test_run_now_takes_every_step_at_once() -> None:
+    log: list[str] = []
+    assert run_now(_job(log, "x", 3)) == "x"
+    assert log == ["x0", "x1", "x2"]

@@ -25,7 +25,7 @@ from amoskys.eventbus.ingest import Ingest
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import AgentUpdate
-from amoskys.eventbus.turns import Turns
+from amoskys.eventbus.turns import Turns, run_now
 from amoskys.keys import Enrolment
 from amoskys.v1 import envelope_pb2, events_pb2
 
@@ -99,7 +99,8 @@ class Admission:
         """An immediate answer, or a future of the answer (an Ack, or the future of the envelope's commit).
 
         What costs per envelope runs here; what costs per event (the payload's checks and rows) runs in
-        steps taken in turn with other senders (`Turns`), then the envelope goes to the writer.
+        steps taken in turn with other senders (`Turns`), then the envelope goes to the writer. An envelope
+        of at most one step's events is checked at once, unless its sender has envelopes in the turns.
         """
         if peer is not None and len(raw) <= self.config.limits.max_envelope_bytes:
             self.share.add(peer.cn, len(raw))  # what it asks the hub to read, answered or not (oversize is never read)
@@ -110,7 +111,10 @@ class Admission:
         if isinstance(checked, Ack):
             return self._told_to_wait(peer, checked)
         envelope, header = checked
-        return self.turns.add(header.agent_id, self._checks(envelope, header, peer))
+        steps = self._checks(envelope, header, peer)
+        if header.event_count <= STEP_EVENTS and not self.turns.has(header.agent_id):
+            return run_now(steps)  # a step's worth, and nothing of its sender's waiting to be overtaken
+        return self.turns.add(header.agent_id, steps)
 
     def _over_share(self, peer: Peer | None) -> Ack | None:
         """While the event loop is saturated, an identity that sends more than its share (bytes offered

@@ -15,13 +15,14 @@ import logging
 import time
 from collections.abc import Generator, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["SLICE_S", "Steps", "Turns"]
+__all__ = ["SLICE_S", "Steps", "Turns", "run_now"]
 
 log = logging.getLogger(__name__)
 SLICE_S = 0.002  # the longest the loop runs steps before it runs everything else again
 Steps = Generator[None, None, Any]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -38,6 +39,10 @@ class Turns:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.busy_s = 0.0  # time spent taking steps, in all (the hub's loop watcher reads how fast it grows)
+
+    def has(self, key: Hashable) -> bool:
+        """Whether `key` has jobs queued (a job of its run now would overtake them)."""
+        return key in self._queues
 
     @property
     def waiting(self) -> int:
@@ -115,3 +120,13 @@ class Turns:
             job.future.set_exception(error)
         else:
             job.future.set_result(result)
+
+
+def run_now(steps: Generator[None, None, T]) -> T:
+    """Take every step of a job at once and return its result (for a job of about one step)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: T = done.value
+            return result
