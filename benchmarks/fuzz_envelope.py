@@ -124,10 +124,9 @@ class Fuzzer:
         count = self.rng.choice((1, 1, 2, 5))
         batch = events_pb2.EventBatch(events=[_event(self.rng, self.n + i) for i in range(count)])
         self.n += count
-        saved = ChainState(self.chain.chain_id, self.chain.last_seq, self.chain.last_hash)
-        envelope = seal(AGENT_ID, batch, self.chain, self.key)
-        if not advance:
-            self.chain = saved
+        envelope, chain = seal(AGENT_ID, batch, self.chain, self.key)
+        if advance:
+            self.chain = chain
         return envelope
 
     def next_input(self) -> tuple[str, bytes]:

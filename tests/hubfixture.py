@@ -35,7 +35,8 @@ class AgentIdentity:
     chain: ChainState = field(default_factory=ChainState.fresh)
 
     def seal(self, events: list[events_pb2.Event]) -> envelope_pb2.Envelope:
-        return seal(self.agent_id, events_pb2.EventBatch(events=events), self.chain, self.signing_key)
+        envelope, self.chain = seal(self.agent_id, events_pb2.EventBatch(events=events), self.chain, self.signing_key)
+        return envelope
 
 
 def _body(agent: str, n: int) -> dict[str, object]:

@@ -74,17 +74,20 @@ def test_another_key_fails(golden_key: Ed25519PrivateKey) -> None:
 
 
 def test_seal_builds_a_linked_chain(golden_key: Ed25519PrivateKey) -> None:
-    chain = envelope.ChainState.fresh()
+    start = envelope.ChainState.fresh()
     batch = events_pb2.EventBatch(events=[events_pb2.Event(event_id="a", host="h")])
-    first = envelope.seal("agent-1", batch, chain, golden_key)
-    second = envelope.seal("agent-1", batch, chain, golden_key)
+    first, after_first = envelope.seal("agent-1", batch, start, golden_key)
+    second, chain = envelope.seal("agent-1", batch, after_first, golden_key)
     h1, h2 = envelope.decode_header(first), envelope.decode_header(second)
     assert (h1.seq, h2.seq) == (1, 2)
     assert h1.prev_hash == envelope.GENESIS_HASH
     assert h2.prev_hash == envelope.envelope_digest(first.header, first.payload)
     assert h1.chain_id == h2.chain_id == chain.chain_id
     assert h1.event_count == 1
-    assert chain.last_hash == envelope.envelope_digest(second.header, second.payload)
+    assert (chain.last_seq, chain.last_hash) == (2, envelope.envelope_digest(second.header, second.payload))
+    assert (start.last_seq, start.last_hash) == (0, envelope.GENESIS_HASH)  # seal() leaves its argument alone
+    again, _ = envelope.seal("agent-1", batch, start, golden_key)
+    assert envelope.decode_header(again).seq == 1
     for sealed in (first, second):
         envelope.verify_signature(sealed, golden_key.public_key())
 

@@ -17,7 +17,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -31,9 +31,11 @@ __all__ = [
     "GENESIS_HASH",
     "PROTOCOL_VERSION",
     "ChainState",
+    "Sealed",
     "decode_header",
     "envelope_digest",
     "new_chain_id",
+    "reason_label",
     "seal",
     "signing_message",
     "verify_signature",
@@ -53,6 +55,16 @@ def signing_message(header: bytes, payload: bytes) -> bytes:
 def envelope_digest(header: bytes, payload: bytes) -> bytes:
     """SHA-256 of the signing message: the envelope's identity in the hash chain."""
     return hashlib.sha256(signing_message(header, payload)).digest()
+
+
+def reason_label(code: int) -> str:
+    """A PublishAck reason's short name, as metrics label it and the ack's text starts with:
+    REASON_BAD_SEQ -> "bad_seq"; a value this version does not know -> "reason_<number>"."""
+    try:
+        name = envelope_pb2.PublishAck.Reason.Name(code)  # type: ignore[arg-type]
+    except ValueError:
+        return f"reason_{code}"
+    return name.removeprefix("REASON_").lower()
 
 
 def new_chain_id() -> bytes:
@@ -85,7 +97,7 @@ class Signer(Protocol):
     def sign(self, data: bytes, /) -> bytes: ...
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ChainState:
     """Where an agent's chain stands: the next envelope gets seq = last_seq + 1."""
 
@@ -98,14 +110,19 @@ class ChainState:
         return cls(chain_id=new_chain_id())
 
 
+class Sealed(NamedTuple):
+    envelope: envelope_pb2.Envelope
+    chain: ChainState  # the chain after it (`chain` given to seal() is left as it was)
+
+
 def seal(
     agent_id: str,
     batch: events_pb2.EventBatch | bytes,
     chain: ChainState,
     signing_key: Signer,
     event_count: int | None = None,
-) -> envelope_pb2.Envelope:
-    """Build and sign the next envelope of `chain`, advancing it."""
+) -> Sealed:
+    """Build and sign the next envelope of `chain`; return it with the chain it leads to."""
     payload = batch if isinstance(batch, bytes) else batch.SerializeToString()
     if event_count is None:
         event_count = len(batch.events) if isinstance(batch, events_pb2.EventBatch) else 0
@@ -120,6 +137,4 @@ def seal(
     ).SerializeToString()
     message = signing_message(header, payload)
     envelope = envelope_pb2.Envelope(header=header, payload=payload, sig=signing_key.sign(message))
-    chain.last_seq += 1
-    chain.last_hash = hashlib.sha256(message).digest()
-    return envelope
+    return Sealed(envelope, ChainState(chain.chain_id, chain.last_seq + 1, hashlib.sha256(message).digest()))

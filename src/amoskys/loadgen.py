@@ -190,7 +190,8 @@ class MemoryOutbox:
 
     def seal(self, batch: events_pb2.EventBatch | bytes, count: int, first: int) -> None:
         """Seal the chain's next envelope: `count` events numbered from `first`."""
-        raw = seal(self.agent_id, batch, self.chain, self.signer, count).SerializeToString()
+        envelope, self.chain = seal(self.agent_id, batch, self.chain, self.signer, count)
+        raw = envelope.SerializeToString()
         self.held.append((SealedEnvelope(self.chain.last_seq, self.chain.chain_id, raw, count), first))
 
     def unacked(self, after_seq: int = 0, limit: int = 64) -> list[SealedEnvelope]:

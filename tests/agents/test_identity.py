@@ -26,7 +26,7 @@ def test_signatures_match_cryptography_and_verify_at_the_hub(tmp_path: Path) -> 
     signer = load_signer(path)
     message = b"amoskys test message"
     assert signer.sign(message) == reference.sign(message)  # Ed25519 is deterministic
-    sealed = envelope.seal("agent-1", events_pb2.EventBatch(), envelope.ChainState.fresh(), signer)
+    sealed, _ = envelope.seal("agent-1", events_pb2.EventBatch(), envelope.ChainState.fresh(), signer)
     envelope.verify_signature(sealed, reference.public_key())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from amoskys import keys, pki
 from amoskys.client import hub_stub
 from amoskys.config import TlsConfig
-from amoskys.envelope import ChainState, seal
+from amoskys.envelope import ChainState, reason_label, seal
 from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
 from tests.hubfixture import AgentIdentity, LiveHub, make_events
 
@@ -49,12 +50,16 @@ def _payload(count: int = 1) -> bytes:
 
 
 async def _ack(hub: LiveHub, agent: AgentIdentity, envelope: envelope_pb2.Envelope) -> Outcome:
-    ack = await hub.publish(agent, envelope)
-    return ack.status, ack.reason
+    return _outcome(await hub.publish(agent, envelope))
 
 
 async def _raw(hub: LiveHub, agent: AgentIdentity, raw: bytes) -> Outcome:
-    ack = await hub.publish_raw(agent, raw)
+    return _outcome(await hub.publish_raw(agent, raw))
+
+
+def _outcome(ack: envelope_pb2.PublishAck) -> Outcome:
+    """Status and text; the reason code always names what the text starts with."""
+    assert ack.reason.split(":")[0] == (reason_label(ack.reason_code) if ack.reason_code else ""), ack
     return ack.status, ack.reason
 
 
@@ -155,18 +160,19 @@ async def replayed_envelope(hub: LiveHub, a: AgentIdentity) -> Outcome:
 async def forked_seq(hub: LiveHub, a: AgentIdentity) -> Outcome:
     assert await _ack(hub, a, a.seal(_marked(1, "good"))) == (Ack.OK, "")
     fork = ChainState(a.chain.chain_id)  # same chain, seq 1 again, different bytes
-    return await _ack(hub, a, seal(a.agent_id, events_pb2.EventBatch(events=_marked(1, "bad")), fork, a.signing_key))
+    envelope, _ = seal(a.agent_id, events_pb2.EventBatch(events=_marked(1, "bad")), fork, a.signing_key)
+    return await _ack(hub, a, envelope)
 
 
 async def chain_break(hub: LiveHub, a: AgentIdentity) -> Outcome:
     assert await _ack(hub, a, a.seal(_marked(1, "good"))) == (Ack.OK, "")
-    a.chain.last_hash = b"\x01" * 32
+    a.chain = dataclasses.replace(a.chain, last_hash=b"\x01" * 32)
     return await _ack(hub, a, a.seal(_marked(1, "bad")))
 
 
 async def seq_gap(hub: LiveHub, a: AgentIdentity) -> Outcome:
     assert await _ack(hub, a, a.seal(_marked(1, "good"))) == (Ack.OK, "")
-    a.chain.last_seq += 1
+    a.chain = dataclasses.replace(a.chain, last_seq=a.chain.last_seq + 1)
     return await _ack(hub, a, a.seal(_marked(1, "bad")))
 
 
@@ -350,8 +356,9 @@ async def test_forks_and_breaks_raise_alert_events(live_hub: LiveHub, case: Case
     assert alerts[0].agent_id == "eventbus"
     assert alerts[0].event.alert.rule in ("bus.fork", "bus.chain_break")
     assert alerts[0].event.alert.details["agent_id"] == "victim"
-    status = live_hub.hub.status()
+    status = live_hub.hub.service.status()
     assert status.chain_breaks == 1
+    assert dict(status.rejected) == {alerts[0].event.alert.rule.removeprefix("bus."): 1}  # counted once, by reason
 
 
 async def test_signing_key_file_stays_private(tmp_path: Path) -> None:

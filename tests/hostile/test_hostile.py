@@ -129,6 +129,8 @@ Case = Callable[[Bed, str], Awaitable[Outcome]]
 
 async def _send(bed: Bed, agent: HostileAgent, envelope: envelope_pb2.Envelope | bytes) -> Outcome:
     ack = await agent.publish(bed.address, envelope)
+    code = envelope_pb2.PublishAck.Reason.Name(ack.reason_code).removeprefix("REASON_").lower()
+    assert ack.reason.split(":")[0] == (code if ack.reason_code else ""), ack  # the enum names what the text says
     return ack.status, ack.reason
 
 

@@ -1,36 +1,40 @@
 """Admission: the checks an envelope passes before it reaches the writer, cheapest first.
 
 Size and structure, the sender's identity, fair admission, the signature, then every event against
-the sender's enrolment (README, "The hub"). Each refusal is an Ack whose reason starts with a word
-naming what failed; what passes is handed to the writer as `Checked`.
+the sender's enrolment (README, "The hub"). Each refusal is an Ack with a reason code
+(`PublishAck.Reason`) and a text naming what failed; what passes is handed to the writer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from typing import NamedTuple
+from collections.abc import Generator
+from typing import Any, NamedTuple
 
 from google.protobuf.message import DecodeError
 
 from amoskys.config import EventBusConfig
 from amoskys.envelope import PROTOCOL_VERSION, envelope_digest, verify_signature
 from amoskys.errors import VerificationError
+from amoskys.eventbus.acks import Ack, Reason, Status, invalid, retry, unauthorized
 from amoskys.eventbus.auth import Peer, TrustState
 from amoskys.eventbus.edge import MAX_HEADER_BYTES, event_refusal, header_refusal, observed_ns
-from amoskys.eventbus.ingest import Ack, Ingest
+from amoskys.eventbus.ingest import Ingest
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import AgentUpdate
+from amoskys.eventbus.turns import Turns, run_now
 from amoskys.v1 import envelope_pb2, events_pb2
 
 __all__ = ["DRAINING_BACKOFF_MS", "Admission", "Checked", "LoopShare", "agent_update"]
 
-Status = envelope_pb2.PublishAck.Status
 DRAINING_BACKOFF_MS = 1000  # a restart takes about a second; come back then
 SHARE_MIN_BYTES = 1 << 20  # bytes a second below which an identity is never over its share (~10k events/s)
 SHARE_BACKOFF_MS = 200  # an identity over its share of a saturated event loop comes back after this
 MAX_HOLD_S = 1.0  # the longest an answer to an identity ignoring its backoff is held
+STEP_EVENTS = 32  # events checked and turned into rows per step (about a millisecond)
 
 
 class Checked(NamedTuple):
@@ -76,13 +80,12 @@ class LoopShare:
         self.rates = {k: (v, t) for k, (v, t) in self.rates.items() if now - t < 5 * self.tau_s}
 
 
-def _invalid(reason: str) -> Ack:
-    return Ack(Status.INVALID, reason)
-
-
 class Admission:
-    def __init__(self, config: EventBusConfig, trust: TrustState, ingest: Ingest, metrics: BusMetrics) -> None:
+    def __init__(
+        self, config: EventBusConfig, trust: TrustState, ingest: Ingest, metrics: BusMetrics, turns: Turns
+    ) -> None:
         self.config = config
+        self.turns = turns
         self.trust = trust
         self.ingest = ingest
         self.metrics = metrics
@@ -91,27 +94,34 @@ class Admission:
         self.share = LoopShare()
         self._retry_until: dict[str, float] = {}  # identity -> end of the backoff it was told to wait
 
-    def check(self, raw: bytes, peer: Peer | None) -> Ack | Checked:
-        """An immediate answer, or the checked envelope."""
+    def check(self, raw: bytes, peer: Peer | None) -> Ack | asyncio.Future[Any]:
+        """An immediate answer, or a future of the answer (an Ack, or the future of the envelope's commit).
+
+        What costs per envelope runs here; what costs per event (the payload's checks and rows) runs in
+        steps taken in turn with other senders (`Turns`), then the envelope goes to the writer. An envelope
+        of at most one step's events is checked at once, unless its sender has envelopes in the turns.
+        """
         if peer is not None and len(raw) <= self.config.limits.max_envelope_bytes:
             self.share.add(peer.cn, len(raw))  # what it asks the hub to read, answered or not (oversize is never read)
         early = self._still_backing_off(peer) or self._over_share(peer)
         if early is not None:
             return early
         checked = self._precheck(raw, peer)
-        if peer is not None and isinstance(checked, Ack) and checked.status == Status.RETRY and checked.backoff_ms:
-            # A compliant agent waits at least half the backoff (its jitter is +-50 %).
-            self._retry_until[peer.cn] = time.monotonic() + checked.backoff_ms / 2000
-        return checked
+        if isinstance(checked, Ack):
+            return self._told_to_wait(peer, checked)
+        envelope, header = checked
+        steps = self._checks(raw, envelope, header, peer)
+        if header.event_count <= STEP_EVENTS and not self.turns.has(header.agent_id):
+            return run_now(steps)  # a step's worth, and nothing of its sender's waiting to be overtaken
+        return self.turns.add(header.agent_id, steps)
 
     def _over_share(self, peer: Peer | None) -> Ack | None:
         """While the event loop is saturated, an identity that sends more than its share (bytes offered
         over the last second or so) is answered RETRY unread, so others' envelopes get through."""
         if peer is None or not self.loop_busy or not self.share.over(peer.cn):
             return None
-        self.metrics.retries.labels("over_share").inc()
         self._retry_until[peer.cn] = time.monotonic() + SHARE_BACKOFF_MS / 2000
-        return Ack(Status.RETRY, "over_share: the hub is busy; others first", SHARE_BACKOFF_MS)
+        return retry(Reason.REASON_OVER_SHARE, "the hub is busy; others first", SHARE_BACKOFF_MS)
 
     def _still_backing_off(self, peer: Peer | None) -> Ack | None:
         """RETRY, unread, for an identity that sends again before the backoff it was given: ignoring
@@ -122,89 +132,134 @@ class Admission:
         if remaining <= 0:
             del self._retry_until[peer.cn]
             return None
-        self.metrics.retries.labels("backing_off").inc()
         hold = min(remaining, MAX_HOLD_S)
-        return Ack(
-            Status.RETRY, "backing_off: wait the backoff you were given", max(int(remaining * 2000), 1), hold_s=hold
-        )
+        backoff_ms = max(int(remaining * 2000), 1)
+        return Ack(Status.RETRY, Reason.REASON_BACKING_OFF, "wait the backoff you were given", backoff_ms, hold_s=hold)
 
-    def _precheck(self, raw: bytes, peer: Peer | None) -> Ack | Checked:
+    def _precheck(
+        self, raw: bytes, peer: Peer | None
+    ) -> Ack | tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHeader]:
+        """The checks that cost per envelope, not per event."""
         parsed = self._parse(raw)
         if isinstance(parsed, Ack):
             return parsed
-        envelope, header = parsed
-        refusal = self._identity_refusal(header, peer) or self._admission(header) or self._signature(envelope, header)
-        return refusal or self._unpack(envelope, header, peer)
+        refusal = self._identity_refusal(parsed[1], peer) or self._admission(parsed[1])
+        return refusal or parsed
+
+    def _checks(
+        self, raw: bytes, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader, peer: Peer | None
+    ) -> Generator[None, None, Ack | asyncio.Future[Ack]]:
+        """The signature and the payload's size; then, at once, the sender's room in the writer's backlog
+        (taken now: the checks of its other envelopes may be under way); then its events in steps. The
+        last step hands the envelope to the writer."""
+        refusal = self._signature(envelope, header)
+        if refusal is not None:
+            return refusal
+        yield
+        batch = _batch(envelope, header)
+        if isinstance(batch, Ack):
+            return batch
+        refusal = self._reserve(header, peer)
+        if refusal is not None:
+            return refusal
+        submitted = False
+        try:
+            checked = yield from self._unpack(envelope, batch, header, peer)
+            if isinstance(checked, Ack):
+                return checked
+            submitted = True
+            return self.ingest.submit(checked.header, checked.digest, checked.rows, checked.agent, raw)
+        finally:
+            if not submitted:
+                self.ingest.release(header.agent_id, header.event_count)
+
+    def _reserve(self, header: envelope_pb2.EnvelopeHeader, peer: Peer | None) -> Ack | None:
+        """Room for the envelope's events among those waiting for commit (fair admission), or RETRY."""
+        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count)
+        if backoff is None:
+            self.ingest.reserve(header.agent_id, header.event_count)
+            return None
+        return self._told_to_wait(peer, retry(Reason.REASON_OVERLOADED, "backlog above high-water mark", backoff))
+
+    def _told_to_wait(self, peer: Peer | None, ack: Ack) -> Ack:
+        """Note a RETRY with a backoff: a compliant agent waits at least half of it (its jitter is +-50 %)."""
+        if peer is not None and ack.status == Status.RETRY and ack.backoff_ms:
+            self._retry_until[peer.cn] = time.monotonic() + ack.backoff_ms / 2000
+        return ack
 
     def _parse(self, raw: bytes) -> Ack | tuple[envelope_pb2.Envelope, envelope_pb2.EnvelopeHeader]:
         """Size, structure and version: the checks that cost nothing."""
         if self.draining:
-            return Ack(Status.RETRY, "draining: hub is shutting down", DRAINING_BACKOFF_MS)
+            return retry(Reason.REASON_DRAINING, "hub is shutting down", DRAINING_BACKOFF_MS)
         if not raw:
-            return _invalid("empty: no envelope bytes")
+            return invalid(Reason.REASON_EMPTY, "no envelope bytes")
         if len(raw) > self.config.limits.max_envelope_bytes:
-            return _invalid(f"too_large: {len(raw)} bytes > {self.config.limits.max_envelope_bytes}")
+            return invalid(Reason.REASON_TOO_LARGE, f"{len(raw)} bytes > {self.config.limits.max_envelope_bytes}")
         try:
             envelope = envelope_pb2.Envelope.FromString(raw)
             if not envelope.header or not envelope.sig:
-                return _invalid("incomplete: header and sig are required")
+                return invalid(Reason.REASON_INCOMPLETE, "header and sig are required")
             if len(envelope.header) > MAX_HEADER_BYTES:
-                return _invalid(f"header_too_large: {len(envelope.header)} bytes > {MAX_HEADER_BYTES}")
+                return invalid(Reason.REASON_HEADER_TOO_LARGE, f"{len(envelope.header)} bytes > {MAX_HEADER_BYTES}")
             header = envelope_pb2.EnvelopeHeader.FromString(envelope.header)
         except DecodeError:
-            return _invalid("malformed: not an Envelope with an EnvelopeHeader")
+            return invalid(Reason.REASON_MALFORMED, "not an Envelope with an EnvelopeHeader")
         if header.version != PROTOCOL_VERSION:
-            return _invalid(f"unsupported_version: {header.version} (this hub speaks {PROTOCOL_VERSION})")
+            return invalid(Reason.REASON_UNSUPPORTED_VERSION, f"{header.version} (this hub speaks {PROTOCOL_VERSION})")
         refusal = header_refusal(header)
-        return _invalid(refusal) if refusal else (envelope, header)
+        return invalid(*refusal) if refusal else (envelope, header)
 
     def _admission(self, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
+        """The batch's size, and fair admission as the backlog stands (before anything is read further)."""
         limit = self.config.limits.max_events_per_batch
         if header.event_count > limit:
-            return _invalid(f"too_many_events: {header.event_count} > {limit}")
+            return invalid(Reason.REASON_TOO_MANY_EVENTS, f"{header.event_count} > {limit}")
         backoff = self.ingest.overload_backoff(header.agent_id, header.event_count)
         if backoff is not None:
-            return Ack(Status.RETRY, "overloaded: backlog above high-water mark", backoff)
+            return retry(Reason.REASON_OVERLOADED, "backlog above high-water mark", backoff)
         return None
 
     def _signature(self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
         try:
             verify_signature(envelope, self.trust.agents[header.agent_id].key)
         except VerificationError:
-            return _invalid("bad_signature: signature does not verify with the agent's key")
+            return invalid(Reason.REASON_BAD_SIGNATURE, "signature does not verify with the agent's key")
         return None
 
     def _identity_refusal(self, header: envelope_pb2.EnvelopeHeader, peer: Peer | None) -> Ack | None:
         reason = self.trust.refusal(peer, time.time_ns())
         if reason is not None:
-            return Ack(Status.UNAUTHORIZED, f"peer: {reason}")
+            return unauthorized(Reason.REASON_PEER, f"{reason}")
         assert peer is not None
         if header.agent_id != peer.cn:
-            return Ack(Status.UNAUTHORIZED, f"cn_mismatch: certificate CN {peer.cn!r} != agent_id {header.agent_id!r}")
+            return unauthorized(
+                Reason.REASON_CN_MISMATCH, f"certificate CN {peer.cn!r} != agent_id {header.agent_id!r}"
+            )
         if header.agent_id not in self.trust.agents:
-            return Ack(Status.UNAUTHORIZED, f"unknown_agent: {header.agent_id!r} is not in the trust map")
+            return unauthorized(Reason.REASON_UNKNOWN_AGENT, f"{header.agent_id!r} is not in the trust map")
         return None
 
     def _unpack(
-        self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader, peer: Peer | None
-    ) -> Ack | Checked:
-        try:
-            batch = events_pb2.EventBatch.FromString(envelope.payload)
-        except DecodeError:
-            return _invalid("malformed_payload: not an EventBatch")
-        if len(batch.events) != header.event_count:
-            count = len(batch.events)
-            return _invalid(f"event_count_mismatch: header says {header.event_count}, payload has {count}")
-        if len(batch.events) > self.config.limits.max_events_per_batch:
-            return _invalid(f"too_many_events: {len(batch.events)} > {self.config.limits.max_events_per_batch}")
+        self,
+        envelope: envelope_pb2.Envelope,
+        batch: events_pb2.EventBatch,
+        header: envelope_pb2.EnvelopeHeader,
+        peer: Peer | None,
+    ) -> Generator[None, None, Ack | Checked]:
+        """Every event against the sender's enrolment, and its row, STEP_EVENTS a step."""
         enrolment = self.trust.agents[header.agent_id]
-        refusal = next(filter(None, (event_refusal(e, i, enrolment) for i, e in enumerate(batch.events))), None)
-        if refusal is not None:
-            return _invalid(refusal)
-        rows = [to_row(event) for event in batch.events]
-        too_big = next((r for r in rows if len(r.body) > self.config.limits.max_event_bytes), None)
-        if too_big is not None:
-            return _invalid(f"event_too_large: {len(too_big.body)} bytes > {self.config.limits.max_event_bytes}")
+        rows: list[EventRow] = []
+        for index, event in enumerate(batch.events):
+            if index and not index % STEP_EVENTS:
+                yield
+            refusal = event_refusal(event, index, enrolment)
+            if refusal is not None:
+                return invalid(*refusal)
+            rows.append(to_row(event))
+            if len(rows[-1].body) > self.config.limits.max_event_bytes:
+                return invalid(
+                    Reason.REASON_EVENT_TOO_LARGE, f"{len(rows[-1].body)} bytes > {self.config.limits.max_event_bytes}"
+                )
         self.metrics.events_received.inc(len(rows))
         rows = self._file_times(rows)
         update = agent_update(batch, rows, enrolment.host, enrolment.kind, peer.not_after_ns if peer else 0)
@@ -221,6 +276,18 @@ class Admission:
         for i in future:
             rows[i] = rows[i]._replace(ts_ns=observed_ns(rows[i].ts_ns, now_ns, skew_ns))
         return rows
+
+
+def _batch(envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> events_pb2.EventBatch | Ack:
+    """The payload as an EventBatch of `event_count` events, or INVALID."""
+    try:
+        batch = events_pb2.EventBatch.FromString(envelope.payload)
+    except DecodeError:
+        return invalid(Reason.REASON_MALFORMED_PAYLOAD, "not an EventBatch")
+    if len(batch.events) != header.event_count:
+        count = len(batch.events)
+        return invalid(Reason.REASON_EVENT_COUNT_MISMATCH, f"header says {header.event_count}, payload has {count}")
+    return batch
 
 
 def agent_update(

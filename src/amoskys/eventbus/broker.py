@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 from amoskys.eventbus.ingest import Committed
 from amoskys.eventbus.rows import EventRow
+from amoskys.eventbus.turns import Steps, Turns
 from amoskys.v1 import bus_pb2, events_pb2
 
 __all__ = ["OVERFLOW", "Broker", "Subscriber", "matches"]
 
+log = logging.getLogger(__name__)
 OVERFLOW = bus_pb2.StoredEvent()  # sentinel: the subscriber fell behind and must resume from its cursor
 
 
@@ -35,20 +38,32 @@ class Subscriber:
     overflowed: bool = False
 
 
+FANOUT = "broker fan-out"  # the broker's place in the loop's turns (no agent id has a space)
+STEP_OFFERS = 500  # (event, subscriber) pairs looked at per step
+
+
 class Broker:
-    def __init__(self) -> None:
+    def __init__(self, turns: Turns) -> None:
         self.subscribers: set[Subscriber] = set()
+        self.turns = turns
 
     def publish(self, committed: list[Committed]) -> None:
-        """Runs on the event loop, called from the writer thread after each commit.
+        """Runs on the event loop, called from the writer thread after each commit: the fan-out is
+        queued in steps (commits stay in order), so a large commit never holds the loop at once."""
+        if self._live():
+            self.turns.add(FANOUT, self._fan_out(committed)).add_done_callback(_log_failure)
 
-        Each stored event is decoded once, for all the subscribers it matches.
-        """
-        subscribers = [sub for sub in self.subscribers if not sub.overflowed]
-        if not subscribers:
-            return
+    def _fan_out(self, committed: list[Committed]) -> Steps:
+        """Each stored event is decoded once, for all the subscribers it matches."""
+        subscribers, budget = self._live(), STEP_OFFERS
         for item in committed:
             for offset, row in enumerate(item.rows):
+                if budget <= 0:
+                    yield
+                    subscribers, budget = self._live(), STEP_OFFERS
+                if not subscribers:
+                    return
+                budget -= len(subscribers)
                 stored: bus_pb2.StoredEvent | None = None
                 for sub in subscribers:
                     if sub.overflowed or not matches(sub.flt, item.agent_id, row):
@@ -61,6 +76,14 @@ class Broker:
                             event=events_pb2.Event.FromString(row.body),
                         )
                     _offer(sub, stored)
+
+    def _live(self) -> list[Subscriber]:
+        return [sub for sub in self.subscribers if not sub.overflowed]
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("fan-out to subscribers failed", exc_info=done.exception())
 
 
 def _offer(sub: Subscriber, stored: bus_pb2.StoredEvent) -> None:

@@ -25,7 +25,8 @@ import nats.js.errors
 
 from amoskys.config import EventBusConfig
 from amoskys.envelope import GENESIS_HASH
-from amoskys.eventbus.ingest import Ack, Committed, Ingest, Submission
+from amoskys.eventbus.acks import Ack, Reason, ok, retry
+from amoskys.eventbus.ingest import Committed, Ingest, Submission
 from amoskys.eventbus.jetstream import Head, JetStreamLog, WrongLastSequenceError
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.rows import EventRow
@@ -123,7 +124,7 @@ class ClusterIngest(Ingest):
         stored = sum(len(sub.rows) for sub, ack in acks if ack.status == Status.OK and not ack.reason)
         self.metrics.events_stored.inc(stored)
         self.metrics.commit_batch.observe(stored)
-        self._finish_group(group, started, acks)
+        self._finish_group(group, started, acks, stored)
 
     async def _append_group(self, group: list[Submission]) -> list[tuple[Submission, Ack]]:
         by_agent: dict[str, list[Submission]] = {}
@@ -145,8 +146,8 @@ class ClusterIngest(Ingest):
                     return ack
         except NATS_ERRORS as exc:
             self._forget(sub.header.agent_id)
-            return self._unavailable(exc)
-        return Ack(Status.RETRY, "contended: other hubs kept appending for this agent", self.config.base_backoff_ms)
+            return self._append_failed(exc)
+        return retry(Reason.REASON_CONTENDED, "other hubs kept appending for this agent", self.config.base_backoff_ms)
 
     async def _try_append(self, sub: Submission) -> Ack | None:
         """The envelope's answer, or None when another hub appended to its agent's subject first."""
@@ -175,7 +176,7 @@ class ClusterIngest(Ingest):
             return self._resent_at(sub, await self.stream.digest_at(pub.seq))
         self.chains[agent_id], self._head_seq[agent_id] = chain, pub.seq
         self._store_down_until = 0.0
-        return Ack(Status.OK, "", 0, chain.last_seq, chain.chain_id)
+        return ok(Reason.REASON_UNSPECIFIED, chain.last_seq, chain.chain_id)
 
     def _resent_at(self, sub: Submission, stored: bytes | None) -> Ack:
         decision = self._resent(sub, stored or b"")
@@ -217,14 +218,13 @@ class ClusterIngest(Ingest):
     def _forget(self, agent_id: str) -> None:
         self._head_seq.pop(agent_id, None)
 
-    def _unavailable(self, exc: BaseException) -> Ack:
+    def _append_failed(self, exc: BaseException) -> Ack:
         """RETRY, and for a while every new envelope is answered RETRY at admission (as when SQLite fails)
         instead of each waiting out its own request timeout."""
         self._store_down_until = time.monotonic() + self.config.max_backoff_ms / 1000 / 4
         self.metrics.store_errors.labels("error").inc()
-        self.metrics.retries.labels("store").inc()
         log.warning("jetstream append failed; answering RETRY", extra={"error": repr(exc)})
-        return Ack(Status.RETRY, "store unavailable: jetstream did not confirm", self.config.base_backoff_ms * 10)
+        return retry(Reason.REASON_STORE_UNAVAILABLE, "jetstream did not confirm", self.config.base_backoff_ms * 10)
 
     async def _append_alerts(self) -> None:
         alerts, self._alerts = self._alerts, []

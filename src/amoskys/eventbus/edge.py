@@ -2,8 +2,8 @@
 
 Every field an agent sends is hostile input: the header's numbers must fit their SQLite columns,
 every event must be one the sender's enrolment allows (its host, its kind, its kind's bodies and
-alert namespace), and timestamps may not claim the future. Each check returns the reason for an
-INVALID ack, naming the field, or None.
+alert namespace), and timestamps may not claim the future. Each check returns the Refusal for an
+INVALID ack (its reason code, and a text naming the field), or None.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable
 
 from amoskys.catalog import AGENT_KINDS
+from amoskys.eventbus.acks import Reason, Refusal
 from amoskys.keys import Enrolment
 from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
 
@@ -37,48 +38,61 @@ MAX_FILTER_TEXT = 1024
 SEVERITIES = frozenset(events_pb2.Severity.values())
 
 
-def header_refusal(header: envelope_pb2.EnvelopeHeader) -> str | None:
+def header_refusal(header: envelope_pb2.EnvelopeHeader) -> Refusal | None:
     """The header's numbers and sizes at their edges."""
     if not 1 <= header.seq <= INT64_MAX:
-        return f"bad_seq: seq {header.seq} is outside 1..{INT64_MAX}"
+        return Refusal(Reason.REASON_BAD_SEQ, f"seq {header.seq} is outside 1..{INT64_MAX}")
     if len(header.chain_id) != CHAIN_ID_BYTES:
-        return f"bad_chain_id: chain_id is {len(header.chain_id)} bytes, not {CHAIN_ID_BYTES}"
+        return Refusal(Reason.REASON_BAD_CHAIN_ID, f"chain_id is {len(header.chain_id)} bytes, not {CHAIN_ID_BYTES}")
     if len(header.prev_hash) != HASH_BYTES:
-        return f"bad_prev_hash: prev_hash is {len(header.prev_hash)} bytes, not {HASH_BYTES}"
+        return Refusal(Reason.REASON_BAD_PREV_HASH, f"prev_hash is {len(header.prev_hash)} bytes, not {HASH_BYTES}")
     return None
 
 
-def event_refusal(event: events_pb2.Event, index: int, enrolment: Enrolment) -> str | None:
+def event_refusal(event: events_pb2.Event, index: int, enrolment: Enrolment) -> Refusal | None:
     """Why the sender may not store this event, or None. `index` is its place in the batch."""
     where = f"event {index}"
     if event.host != enrolment.host:
-        return f"host_mismatch: {where} host {_shown(event.host)} but this identity is enrolled for {enrolment.host!r}"
+        return Refusal(
+            Reason.REASON_HOST_MISMATCH,
+            f"{where} host {_shown(event.host)} but this identity is enrolled for {enrolment.host!r}",
+        )
     if event.agent != enrolment.kind:
-        return f"agent_mismatch: {where} agent {_shown(event.agent)} but this identity is a {enrolment.kind!r} agent"
+        return Refusal(
+            Reason.REASON_AGENT_MISMATCH,
+            f"{where} agent {_shown(event.agent)} but this identity is a {enrolment.kind!r} agent",
+        )
     body = event.WhichOneof("body")
     kind = AGENT_KINDS[enrolment.kind]
     if body is None or not kind.may_send(body):
-        return f"body_not_allowed: {where} body {body or 'none'!r} is not one a {kind.name!r} agent sends"
+        return Refusal(
+            Reason.REASON_BODY_NOT_ALLOWED, f"{where} body {body or 'none'!r} is not one a {kind.name!r} agent sends"
+        )
     if body == "alert" and not kind.may_raise(event.alert.rule):
-        return f"rule_not_allowed: {where} alert rule {_shown(event.alert.rule)} is outside {kind.name}.* and agent.*"
+        return Refusal(
+            Reason.REASON_RULE_NOT_ALLOWED,
+            f"{where} alert rule {_shown(event.alert.rule)} is outside {kind.name}.* and agent.*",
+        )
     if not 1 <= len(event.event_id) <= MAX_ID_CHARS:
-        return f"bad_event_id: {where} event_id must have 1..{MAX_ID_CHARS} characters"
+        return Refusal(Reason.REASON_BAD_EVENT_ID, f"{where} event_id must have 1..{MAX_ID_CHARS} characters")
     if event.ts_ns <= 0:
-        return f"bad_ts: {where} ts_ns {event.ts_ns} is not a time"
+        return Refusal(Reason.REASON_BAD_TS, f"{where} ts_ns {event.ts_ns} is not a time")
     if event.severity not in SEVERITIES:
-        return f"bad_severity: {where} severity {event.severity} is not a known level"
+        return Refusal(Reason.REASON_BAD_SEVERITY, f"{where} severity {event.severity} is not a known level")
     return _body_refusal(event, body, where)
 
 
-def _body_refusal(event: events_pb2.Event, body: str, where: str) -> str | None:
+def _body_refusal(event: events_pb2.Event, body: str, where: str) -> Refusal | None:
     """Numbers inside bodies that the hub, the UI or a rule reads: ports, intervals, finite floats."""
     if body == "heartbeat" and not 1 <= event.heartbeat.interval_s <= MAX_HEARTBEAT_INTERVAL_S:
-        return f"bad_interval: {where} heartbeat interval_s {event.heartbeat.interval_s} is outside 1..86400"
+        return Refusal(
+            Reason.REASON_BAD_INTERVAL, f"{where} heartbeat interval_s {event.heartbeat.interval_s} is outside 1..86400"
+        )
     ports = _ports(event, body)
     if any(port > MAX_PORT for port in ports):
-        return f"bad_port: {where} has a port above {MAX_PORT}"
+        return Refusal(Reason.REASON_BAD_PORT, f"{where} has a port above {MAX_PORT}")
     if not all(math.isfinite(value) for value in _floats(event, body)):
-        return f"bad_number: {where} has a NaN or infinite value"
+        return Refusal(Reason.REASON_BAD_NUMBER, f"{where} has a NaN or infinite value")
     return None
 
 

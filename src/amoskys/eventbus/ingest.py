@@ -23,6 +23,7 @@ from typing import Any
 from amoskys.catalog import HUB_AGENT
 from amoskys.config import BackpressureConfig
 from amoskys.envelope import GENESIS_HASH
+from amoskys.eventbus.acks import Ack, Reason, invalid, ok, retry
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import (
@@ -38,27 +39,8 @@ from amoskys.v1 import envelope_pb2, events_pb2
 __all__ = ["Ack", "Committed", "Ingest", "Submission"]
 
 log = logging.getLogger(__name__)
-Status = envelope_pb2.PublishAck.Status
+LIGHT_EVENTS = 100  # an agent with at most this many events in a commit group is committed first
 ALERT_INTERVAL_S = 60.0  # at most one alert per agent and rule in this time; the rest are counted into the next
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    status: int
-    reason: str = ""
-    backoff_ms: int = 0
-    acked_seq: int = 0
-    chain_id: bytes = b""
-    hold_s: float = 0.0  # answer only after this long (a sender that ignores its backoff is held, not served)
-
-    def message(self) -> envelope_pb2.PublishAck:
-        return envelope_pb2.PublishAck(
-            status=self.status,  # type: ignore[arg-type]
-            reason=self.reason,
-            backoff_ms=self.backoff_ms,
-            acked_seq=self.acked_seq,
-            chain_id=self.chain_id,
-        )
 
 
 @dataclass(slots=True)
@@ -160,6 +142,14 @@ class Ingest:
         drain_ms = int(1000 * (total + mine) / max(self._drain_rate, 1.0))
         return max(self.config.base_backoff_ms, min(self.config.max_backoff_ms, drain_ms))
 
+    def reserve(self, agent_id: str, events: int) -> None:
+        """Count `events` of `agent_id` as waiting for commit once `overload_backoff` let them in (their
+        checks may still be under way); then `submit` them, or `release` them if refused after all."""
+        self._adjust_pending(agent_id, events)
+
+    def release(self, agent_id: str, events: int) -> None:
+        self._adjust_pending(agent_id, -events)
+
     def submit(
         self,
         header: envelope_pb2.EnvelopeHeader,
@@ -168,9 +158,13 @@ class Ingest:
         agent: AgentUpdate,
         raw: bytes = b"",
     ) -> asyncio.Future[Ack]:
+        """Queue reserved, checked events for the writer; the future gets the envelope's ack after the commit."""
         assert self._loop is not None, "Ingest.start() not called"
         future: asyncio.Future[Ack] = self._loop.create_future()
-        self._adjust_pending(header.agent_id, len(rows))
+        if self.failure is not None:  # the writer is gone: nothing would ever answer
+            self.release(header.agent_id, len(rows))
+            future.set_result(self._unavailable())
+            return future
         self._queue.put(Submission(header, digest, rows, agent, future, raw))
         return future
 
@@ -198,27 +192,34 @@ class Ingest:
             self._thread.join(timeout)
 
     def _take_group(self) -> tuple[list[Submission], list[_WriterTask], bool]:
-        """The next commit group, writer tasks apart, and True once told to stop with nothing left.
-
-        Everything queued is sorted into one queue per agent; a group takes one envelope from each agent
-        in turn (envelopes of one agent stay in order) until it holds `_group_budget()` events, and the
-        agents served go to the back. One agent's backlog never sits in front of another's envelope.
-        """
+        """The next commit group, writer tasks apart, and True once told to stop with nothing left."""
         tasks: list[_WriterTask] = []
         self._fill(tasks)
+        return self._group(self._group_budget()), tasks, self._stopping and not self._backlog
+
+    def _group(self, budget: int) -> list[Submission]:
+        """Envelopes for one commit: one from each agent in turn (an agent's stay in order) up to `budget`
+        events. A large envelope that would take the group past the budget waits, first in line for the
+        next group (which takes it whatever its size); a small one (LIGHT_EVENTS at most) always joins,
+        as it is committed first (`_light_first`). Agents served go to the back of the line. One agent's
+        backlog never sits in front of another's envelope, and no commit is much larger than the budget.
+        """
         group: list[Submission] = []
-        events, budget = 0, self._group_budget()
+        events = 0
         while self._backlog and events < budget:
+            taken = 0
             for agent_id in list(self._backlog):
+                size = len(self._backlog[agent_id][0].rows)
+                if group and events + size > budget and size > LIGHT_EVENTS:
+                    continue  # keeps its place at the front
                 waiting = self._backlog.pop(agent_id)
-                sub = waiting.popleft()
-                group.append(sub)
-                events += len(sub.rows)
+                group.append(waiting.popleft())
+                events, taken = events + size, taken + 1
                 if waiting:
                     self._backlog[agent_id] = waiting  # to the back of the line
-                if events >= budget:
-                    break
-        return group, tasks, self._stopping and not self._backlog
+            if not taken:
+                break
+        return group
 
     def _fill(self, tasks: list[_WriterTask]) -> None:
         """Move what is queued into the per-agent backlog (waiting for work when there is none)."""
@@ -256,7 +257,7 @@ class Ingest:
         except BaseException as exc:
             self.failure = exc
             log.critical("ingest writer failed; the hub stops", exc_info=exc)
-            self._answer_queued(Ack(Status.RETRY, "unavailable: hub is restarting", self.config.max_backoff_ms))
+            self._answer_queued(self._unavailable())
             if self._loop is not None and self.on_fatal is not None:
                 self._loop.call_soon_threadsafe(self.on_fatal, exc)
 
@@ -264,11 +265,11 @@ class Ingest:
         stopping = False
         while not stopping:
             group, tasks, stopping = self._take_group()
-            if group:
+            for part in _light_first(group):
                 try:
-                    self._process(group)
+                    self._process(part)
                 except BaseException:
-                    self._resolve([(sub, Ack(Status.RETRY, "unavailable: hub is restarting")) for sub in group])
+                    self._resolve([(sub, self._unavailable()) for sub in group])
                     raise
             for task in tasks:
                 self._run_task(task)
@@ -291,6 +292,9 @@ class Ingest:
         with self._pending_lock:
             self._pending_events = 0
             self._pending_by_agent.clear()
+
+    def _unavailable(self) -> Ack:
+        return retry(Reason.REASON_UNAVAILABLE, "hub is restarting", self.config.max_backoff_ms)
 
     def _run_task(self, task: _WriterTask) -> None:
         try:
@@ -319,16 +323,18 @@ class Ingest:
             seen[(h.agent_id, h.chain_id, h.seq)] = sub.digest
             accepted.append((sub, AcceptedEnvelope(h.agent_id, h.chain_id, h.seq, sub.digest, sub.rows, sub.agent)))
         acks += self._commit(accepted, tentative, alerts)
-        self._finish_group(group, started, acks)
+        self._finish_group(group, started, acks, sum(len(sub.rows) for sub, _ in accepted))
 
-    def _finish_group(self, group: list[Submission], started: float, acks: list[tuple[Submission, Ack]]) -> None:
-        """Release the group's admission budget, learn the drain rate, answer the agents."""
-        events = 0
+    def _finish_group(
+        self, group: list[Submission], started: float, acks: list[tuple[Submission, Ack]], stored: int
+    ) -> None:
+        """Release the group's admission budget, learn the drain rate (of `stored` events: duplicates cost next
+        to nothing, they are no rate), answer the agents."""
         for sub in group:
             self._adjust_pending(sub.header.agent_id, -len(sub.rows))
-            events += len(sub.rows)
-        elapsed = max(time.monotonic() - started, 1e-4)
-        self._drain_rate = 0.8 * self._drain_rate + 0.2 * (events / elapsed)
+        if stored:
+            elapsed = max(time.monotonic() - started, 1e-4)
+            self._drain_rate = 0.8 * self._drain_rate + 0.2 * (stored / elapsed)
         self._resolve(acks)
 
     def _commit(
@@ -350,18 +356,18 @@ class Ingest:
             self.metrics.store_errors.labels(kind).inc()
             log.error("store commit failed; answering RETRY", extra={"error": str(exc), "envelopes": len(items)})
             self._store_down_until = time.monotonic() + self.config.max_backoff_ms / 1000 / 4
-            reason = f"store unavailable: {'disk full' if kind == 'full' else 'I/O error'}"
-            self.metrics.retries.labels("store").inc(len(accepted))
-            return [(sub, Ack(Status.RETRY, reason, self.config.max_backoff_ms)) for sub, _ in accepted]
+            details = "disk full" if kind == "full" else "I/O error"
+            ack = retry(Reason.REASON_STORE_UNAVAILABLE, details, self.config.max_backoff_ms)
+            return [(sub, ack) for sub, _ in accepted]
         self._store_down_until = 0.0
         self.chains.update(tentative)
         stored = sum(len(i.rows) for i in items)
-        self.metrics.events_stored.inc(stored)
+        self.metrics.count_stored(stored)
         self.metrics.commit_batch.observe(stored)
         if self.on_committed is not None and self._loop is not None:
             committed = [Committed(i.agent_id, i.first_cursor, now_ns, i.rows) for i in items if i.rows]
             self._loop.call_soon_threadsafe(self.on_committed, committed)
-        return [(sub, Ack(Status.OK, "", 0, item.seq, item.chain_id)) for sub, item in accepted]
+        return [(sub, ok(Reason.REASON_UNSPECIFIED, item.seq, item.chain_id)) for sub, item in accepted]
 
     def _decide(
         self, sub: Submission, tentative: dict[str, ChainRecord], seen: dict[tuple[str, bytes, int], bytes]
@@ -375,17 +381,15 @@ class Ingest:
             return self._new_chain(sub, state)
         if h.seq <= state.last_seq:
             self.metrics.duplicates.inc()
-            return _Decision(Ack(Status.OK, "already acknowledged", 0, h.seq, h.chain_id))
+            return _Decision(ok(Reason.REASON_ALREADY_ACKNOWLEDGED, h.seq, h.chain_id))
         if h.seq > state.last_seq + 1:
-            self.metrics.retries.labels("out_of_order").inc()
-            reason = f"out_of_order: expected seq {state.last_seq + 1}"
-            return _Decision(Ack(Status.RETRY, reason, 0, state.last_seq, state.chain_id))
+            details = f"expected seq {state.last_seq + 1}"
+            return _Decision(retry(Reason.REASON_OUT_OF_ORDER, details, 0, state.last_seq, state.chain_id))
         if h.prev_hash != state.last_hash:
-            self.metrics.chain_breaks.labels("break").inc()
-            self.metrics.rejected.labels("chain_break").inc()
+            self.metrics.count_chain_break("break")
             summary = f"{h.agent_id}: seq {h.seq} does not link to seq {state.last_seq}"
             alert = self._alert("bus.chain_break", summary, h)
-            ack = Ack(Status.INVALID, "chain_break: prev_hash does not match", 0, state.last_seq)
+            ack = invalid(Reason.REASON_CHAIN_BREAK, "prev_hash does not match", state.last_seq)
             return _Decision(ack, None, alert)
         return _Decision(None, ChainRecord(h.chain_id, h.seq, sub.digest))
 
@@ -393,30 +397,27 @@ class Ingest:
         h = sub.header
         if stored == sub.digest:
             self.metrics.duplicates.inc()
-            return _Decision(Ack(Status.OK, "duplicate", 0, h.seq, h.chain_id))
-        self.metrics.chain_breaks.labels("fork").inc()
-        self.metrics.rejected.labels("fork").inc()
+            return _Decision(ok(Reason.REASON_DUPLICATE, h.seq, h.chain_id))
+        self.metrics.count_chain_break("fork")
         alert = self._alert("bus.fork", f"{h.agent_id}: two different envelopes claim seq {h.seq}", h)
-        return _Decision(Ack(Status.INVALID, f"fork: seq {h.seq} already stored with other content"), None, alert)
+        return _Decision(invalid(Reason.REASON_FORK, f"seq {h.seq} already stored with other content"), None, alert)
 
     def _new_chain(self, sub: Submission, state: ChainRecord | None) -> _Decision:
         h = sub.header
         if h.seq == 1 and h.prev_hash == GENESIS_HASH:
             alert = None
             if state is not None:
-                self.metrics.chain_breaks.labels("reset").inc()
+                self.metrics.count_chain_break("reset")
                 alert = self._alert(
                     "bus.chain_reset", f"{h.agent_id} started a new chain after seq {state.last_seq}", h,
                     events_pb2.SEVERITY_NOTICE,
                 )  # fmt: skip
             return _Decision(None, ChainRecord(h.chain_id, 1, sub.digest), alert)
         if h.seq == 1:
-            self.metrics.rejected.labels("bad_genesis").inc()
-            return _Decision(Ack(Status.INVALID, "chain_start: seq 1 must have a zero prev_hash"))
-        self.metrics.retries.labels("chain_unknown").inc()
+            return _Decision(invalid(Reason.REASON_CHAIN_START, "seq 1 must have a zero prev_hash"))
         last = state.last_seq if state else 0
         chain_id = state.chain_id if state else b""
-        return _Decision(Ack(Status.RETRY, "chain_unknown: expected seq 1 of a new chain", 0, last, chain_id))
+        return _Decision(retry(Reason.REASON_CHAIN_UNKNOWN, "expected seq 1 of a new chain", 0, last, chain_id))
 
     def _alert(
         self, rule: str, summary: str, h: envelope_pb2.EnvelopeHeader, severity: int = events_pb2.SEVERITY_ERROR
@@ -452,6 +453,20 @@ class Ingest:
                     sub.future.set_result(ack)
 
         self._loop.call_soon_threadsafe(resolve)
+
+
+def _light_first(group: list[Submission]) -> list[list[Submission]]:
+    """The group as two commits: first the agents with at most LIGHT_EVENTS events in it, then the rest.
+
+    A light agent's envelope (an agent's ordinary batch) is acked after a commit of its size, not after
+    the commit of another agent's backlog; each agent's envelopes stay in one commit, in order.
+    """
+    events: collections.Counter[str] = collections.Counter()
+    for sub in group:
+        events[sub.header.agent_id] += len(sub.rows)
+    light = [sub for sub in group if events[sub.header.agent_id] <= LIGHT_EVENTS]
+    heavy = [sub for sub in group if events[sub.header.agent_id] > LIGHT_EVENTS]
+    return [part for part in (light, heavy) if part]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

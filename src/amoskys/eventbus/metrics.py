@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from amoskys.eventbus.acks import Ack, Status, label
 from amoskys.v1 import bus_pb2
 
-__all__ = ["BusMetrics", "CertificateExpiry"]
+__all__ = ["BusMetrics", "CertificateExpiry", "Totals"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -39,8 +42,20 @@ class CertificateExpiry(Collector):
         yield agents
 
 
+@dataclass
+class Totals:
+    """What `GetStatus` reports, kept beside the Prometheus counters (never read back from them)."""
+
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)  # by reason label
+    retries: int = 0
+    chain_breaks: int = 0
+    events_stored: int = 0
+    streams: int = 0  # open publish streams
+
+
 class BusMetrics:
     def __init__(self) -> None:
+        self.totals = Totals()
         self.registry = CollectorRegistry()
         r = self.registry
         self.envelopes_received = Counter("amoskys_bus_envelopes_received", "Envelopes received", registry=r)
@@ -78,3 +93,26 @@ class BusMetrics:
             buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000),
             registry=r,
         )
+
+    def count_answer(self, ack: Ack) -> None:
+        """The one place answers are counted by reason (`acks.label`): RETRY in `retries`, INVALID and
+        UNAUTHORIZED in `rejected`; OK in neither (duplicates have their own counter)."""
+        if ack.status == Status.RETRY:
+            self.retries.labels(label(ack.code)).inc()
+            self.totals.retries += 1
+        elif ack.status in (Status.INVALID, Status.UNAUTHORIZED):
+            self.rejected.labels(label(ack.code)).inc()
+            self.totals.rejected[label(ack.code)] += 1
+
+    def count_stored(self, events: int) -> None:
+        self.events_stored.inc(events)
+        self.totals.events_stored += events
+
+    def count_chain_break(self, kind: str) -> None:
+        """A chain "break", "fork" or "reset"."""
+        self.chain_breaks.labels(kind).inc()
+        self.totals.chain_breaks += 1
+
+    def count_stream(self, delta: int) -> None:
+        self.streams.inc(delta)
+        self.totals.streams += delta

@@ -1,4 +1,4 @@
-"""The hub's gRPC service and lifecycle: create_server() builds, Hub.run() serves until SIGTERM."""
+"""The hub's lifecycle: create_server() builds its parts, Hub.run() serves until SIGTERM (SIGHUP reloads)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,18 +17,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import start_http_server
 
-from amoskys import __version__, systemd
+from amoskys import systemd
 from amoskys.config import EventBusConfig, parse_address
 from amoskys.errors import AmoskysError
+from amoskys.eventbus.acks import Ack
 from amoskys.eventbus.admission import Admission
-from amoskys.eventbus.auth import Peer, TrustState, peer_of
-from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
-from amoskys.eventbus.edge import filter_refusal
-from amoskys.eventbus.ingest import Ack, Ingest
+from amoskys.eventbus.auth import Peer, TrustState
+from amoskys.eventbus.broker import Broker
+from amoskys.eventbus.ingest import Ingest
 from amoskys.eventbus.metrics import BusMetrics, CertificateExpiry
+from amoskys.eventbus.service import REPLAY_PAGE, SERVICE_NAME, BusService
 from amoskys.eventbus.store import SqliteStore, Store
-from amoskys.eventbus.streams import OpenStreams, StreamHandle
-from amoskys.v1 import bus_pb2, envelope_pb2
+from amoskys.eventbus.streams import OpenStreams
+from amoskys.eventbus.turns import Turns
+from amoskys.v1 import bus_pb2
 
 if TYPE_CHECKING:
     from amoskys.eventbus.jetstream import JetStreamLog
@@ -38,23 +38,21 @@ if TYPE_CHECKING:
 __all__ = ["SERVICE_NAME", "Hub", "create_server"]
 
 log = logging.getLogger(__name__)
-Status = envelope_pb2.PublishAck.Status
-SERVICE_NAME = "amoskys.v1.EventBus"
-Context = grpc.aio.ServicerContext[Any, Any]
-MAX_PAGE = 1000
 LOOP_WATCH_S = 0.05
-REPLAY_PAGE = 1000
 INDEX_POLL_S = 0.1  # backend jetstream: how often live Subscribe looks for newly indexed events
+TURNS_BUSY_SHARE = 0.5  # steps taking more than this share of the loop's time also mean it is saturated
 
 
 class Hub:
-    """Everything the hub owns: trust, store, ingest, broker, metrics, and the gRPC server."""
+    """Everything the hub owns (trust, store, ingest, broker, metrics), the gRPC server serving `BusService`,
+    and the tasks beside it; start, reload on SIGHUP, drain and stop."""
 
     def __init__(self, config: EventBusConfig) -> None:
         self.config = config
         self.metrics = BusMetrics()
         self.trust = TrustState(config)
-        self.broker = Broker()
+        self.turns = Turns()
+        self.broker = Broker(self.turns)
         self.stream: JetStreamLog | None = None
         self.store: Store
         self.ingest: Ingest
@@ -69,230 +67,24 @@ class Hub:
             self.store = SqliteStore(Path(config.store.path), config.store.synchronous, config.store.text_index)
             self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish, self._fatal)
         self.health = health_aio.HealthServicer()
-        self.started_ns = time.time_ns()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: Any = None
         self._scrape_reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics-reader")
         self._tasks: list[asyncio.Task[None]] = []
-        self._rate_window: list[tuple[float, float]] = []
         self._stop_requested = asyncio.Event()
         self.streams = OpenStreams(config.limits.max_streams_per_identity)
-        self.admission = Admission(config, self.trust, self.ingest, self.metrics)
-
-    # ---- ingest -------------------------------------------------------------------------------
+        self.admission = Admission(config, self.trust, self.ingest, self.metrics, self.turns)
+        self.service = BusService(
+            config, self.metrics, self.trust, self.store, self.broker, self.ingest, self.admission, self.streams
+        )
 
     async def handle_envelope(self, raw: bytes, peer: Peer | None) -> Ack:
-        """Checks in order of cost, then the group commit; every outcome is an ack."""
-        return await self._finish(time.perf_counter(), self._begin(raw, peer))
-
-    def _begin(self, raw: bytes, peer: Peer | None) -> Ack | asyncio.Future[Ack]:
-        """The synchronous part: an immediate ack, or the future of the envelope's commit."""
-        self.metrics.envelopes_received.inc()
-        checked = self.admission.check(raw, peer)
-        if isinstance(checked, Ack):
-            return checked
-        return self.ingest.submit(checked.header, checked.digest, checked.rows, checked.agent, raw)
-
-    async def _finish(self, started: float, outcome: Ack | asyncio.Future[Ack]) -> Ack:
-        ack = outcome if isinstance(outcome, Ack) else await outcome
-        if ack.hold_s:
-            await asyncio.sleep(ack.hold_s)
-        self._count(ack)
-        if not isinstance(outcome, Ack):
-            self.metrics.ack_latency.observe(time.perf_counter() - started)
-        return ack
-
-    def _count(self, ack: Ack) -> None:
-        if ack.status in (Status.INVALID, Status.UNAUTHORIZED) and not ack.reason.startswith(("fork", "chain_")):
-            self.metrics.rejected.labels(ack.reason.split(":")[0]).inc()
-        elif ack.status == Status.RETRY and ack.reason.split(":")[0] in ("draining", "overloaded"):
-            self.metrics.retries.labels(ack.reason.split(":")[0]).inc()
-
-    async def publish(self, raw: bytes, context: Context) -> envelope_pb2.PublishAck:
-        return (await self.handle_envelope(raw, peer_of(context))).message()
-
-    async def publish_stream(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
-        """Acks in order; the next envelope is checked while earlier ones wait for their commit.
-
-        A stream counts against its identity's cap, ends when no envelope came for `stream_idle_s`, and
-        ends at once when a reload revokes its identity.
-        """
-        peer = peer_of(context)
-        handle = await self._open_stream(peer, context)
-        pending: asyncio.Queue[tuple[float, Ack | asyncio.Future[Ack]] | None] = asyncio.Queue(maxsize=64)
-
-        async def read() -> None:
-            try:
-                async for raw in _idle_limited(requests, self.config.limits.stream_idle_s):
-                    await pending.put((time.perf_counter(), self._begin(raw, peer)))
-            except TimeoutError:
-                reason = f"idle: no envelope for {self.config.limits.stream_idle_s:g} s"
-                handle.end(reason, grpc.StatusCode.UNAVAILABLE)
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.ensure_future(read())
-        handle.wake = reader.cancel
-        self.metrics.streams.inc()
-        try:
-            while (item := await pending.get()) is not None:
-                yield (await self._finish(*item)).message().SerializeToString()
-            await asyncio.gather(reader, return_exceptions=True)
-            if handle.reason:
-                await context.abort(handle.code, handle.reason)
-        finally:
-            self.metrics.streams.dec()
-            self.streams.close(handle)
-            reader.cancel()
-
-    async def _open_stream(self, peer: Peer | None, context: Context) -> StreamHandle:
-        """The stream's handle; aborts when the identity already has its share of streams open."""
-        handle = self.streams.open(peer) if peer is not None else None
-        if handle is None:
-            cap = self.config.limits.max_streams_per_identity
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"streams: at most {cap} per identity")
-        assert handle is not None
-        return handle
-
-    # ---- consumers ----------------------------------------------------------------------------
-
-    async def _require_consumer(self, context: Context, flt: bus_pb2.EventFilter | None = None) -> None:
-        """Only configured consumers, and only filters within the documented limits."""
-        peer = peer_of(context)
-        refusal = self.trust.refusal(peer, time.time_ns())
-        if refusal is not None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-        assert peer is not None
-        if peer.cn not in self.config.consumers:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer.cn!r} is not a configured consumer")
-        refusal = filter_refusal(flt) if flt is not None else None
-        if refusal is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
-
-    async def query(self, request: bus_pb2.QueryRequest, context: Context) -> bus_pb2.QueryResponse:
-        await self._require_consumer(context, request.filter)
-        size = min(request.page_size or 100, MAX_PAGE)
-        try:
-            events, token = await asyncio.to_thread(self.store.query, request.filter, size, request.page_token)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return bus_pb2.QueryResponse(events=events, next_page_token=token)
-
-    async def subscribe(self, request: bus_pb2.SubscribeRequest, context: Context) -> None:
-        """Replay, then live events; a consumer that does not read is cut with its resume cursor."""
-        await self._require_consumer(context, request.filter)
-        handle = await self._open_stream(peer_of(context), context)
-        sub = Subscriber(request.filter)
-        handle.wake = functools.partial(_wake, sub)
-        self.broker.subscribers.add(sub)
-        self.metrics.subscribers.inc()
-        sent = _Sent()
-        try:
-            if request.replay or request.after_cursor:
-                async for stored in self._replay(request):
-                    await self._send(context, stored, sent, handle)
-            while True:
-                stored = await sub.queue.get()
-                if handle.reason:
-                    await context.abort(handle.code, handle.reason)
-                if stored is OVERFLOW:
-                    await self._cut(context, sent)
-                if stored.cursor > sent.cursor:
-                    await self._send(context, stored, sent, handle)
-        finally:
-            self.broker.subscribers.discard(sub)
-            self.metrics.subscribers.dec()
-            self.streams.close(handle)
-
-    async def _send(self, context: Context, stored: bus_pb2.StoredEvent, sent: _Sent, handle: StreamHandle) -> None:
-        """One write, within `write_timeout_s`: a consumer that stops reading is cut, never waited for."""
-        if handle.reason:
-            await context.abort(handle.code, handle.reason)
-        try:
-            await asyncio.wait_for(context.write(stored), self.config.limits.write_timeout_s)
-        except TimeoutError:
-            await self._cut(context, sent)
-        sent.cursor = stored.cursor
-
-    async def _cut(self, context: Context, sent: _Sent) -> None:
-        """End a subscriber that fell behind; it resumes from the last cursor it was sent."""
-        self.metrics.subscribers_cut.inc()
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, f"subscriber too slow; resume with after_cursor={sent.cursor}"
-        )
-
-    async def _replay(self, request: bus_pb2.SubscribeRequest) -> AsyncIterator[bus_pb2.StoredEvent]:
-        cursor = request.after_cursor
-        if not cursor and request.filter.since_ns:
-            cursor = await asyncio.to_thread(self.store.first_cursor_since, request.filter.since_ns)
-        while True:
-            page = await asyncio.to_thread(self.store.after_cursor, cursor, request.filter, REPLAY_PAGE)
-            for stored in page:
-                yield stored
-            if len(page) < REPLAY_PAGE:
-                return
-            cursor = page[-1].cursor
-
-    async def list_agents(self, request: bus_pb2.ListAgentsRequest, context: Context) -> bus_pb2.ListAgentsResponse:
-        await self._require_consumer(context)
-        return bus_pb2.ListAgentsResponse(agents=await asyncio.to_thread(self.store.list_agents))
-
-    async def get_status(self, request: bus_pb2.StatusRequest, context: Context) -> bus_pb2.HubStatus:
-        await self._require_consumer(context)
-        return await asyncio.to_thread(self.status)
-
-    def status(self) -> bus_pb2.HubStatus:
-        rejected = {
-            s.labels["reason"]: int(s.value)
-            for metric in self.metrics.rejected.collect()
-            for s in metric.samples
-            if s.name.endswith("_total")
-        }
-        retries = sum(s.value for m in self.metrics.retries.collect() for s in m.samples if s.name.endswith("_total"))
-        breaks = sum(
-            s.value for m in self.metrics.chain_breaks.collect() for s in m.samples if s.name.endswith("_total")
-        )
-        return bus_pb2.HubStatus(
-            version=__version__,
-            started_ns=self.started_ns,
-            events_stored=self.store.count_events(),
-            store_bytes=self.store.size_bytes(),
-            agents=len(self.store.list_agents()),
-            streams=int(self._sample("amoskys_bus_streams")),
-            inflight=self.ingest.pending_events,
-            rejected=rejected,
-            retries=int(retries),
-            chain_breaks=int(breaks),
-            ingest_eps=self._ingest_rate(),
-        )
-
-    def _sample(self, name: str) -> float:
-        return self.metrics.registry.get_sample_value(name) or 0.0
-
-    def _ingest_rate(self) -> float:
-        now = time.monotonic()
-        stored = self._sample("amoskys_bus_events_stored_total")
-        self._rate_window = [(t, v) for t, v in self._rate_window if now - t <= 60] + [(now, stored)]
-        (t0, v0), (t1, v1) = self._rate_window[0], self._rate_window[-1]
-        return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0
+        """One envelope as Publish receives it (for in-process callers: benchmarks, tests)."""
+        return await self.service.handle_envelope(raw, peer)
 
     # ---- lifecycle ----------------------------------------------------------------------------
-
-    def _handlers(self) -> grpc.GenericRpcHandler:
-        ser = lambda message: message.SerializeToString()  # noqa: E731
-        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-            "Publish": grpc.unary_unary_rpc_method_handler(self.publish, response_serializer=ser),
-            "PublishStream": grpc.stream_stream_rpc_method_handler(self.publish_stream),
-            "Subscribe": grpc.unary_stream_rpc_method_handler(self.subscribe, bus_pb2.SubscribeRequest.FromString, ser),
-            "Query": grpc.unary_unary_rpc_method_handler(self.query, bus_pb2.QueryRequest.FromString, ser),
-            "ListAgents": grpc.unary_unary_rpc_method_handler(
-                self.list_agents, bus_pb2.ListAgentsRequest.FromString, ser
-            ),
-            "GetStatus": grpc.unary_unary_rpc_method_handler(self.get_status, bus_pb2.StatusRequest.FromString, ser),
-        }
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     async def start(self) -> None:
         """Bind, start serving, start the writer, metrics and maintenance; READY=1 to systemd."""
@@ -306,7 +98,7 @@ class Hub:
             ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout_s * 1000)),
         ]
         self.server = grpc.aio.server(options=options)
-        self.server.add_generic_rpc_handlers((self._handlers(),))
+        self.server.add_generic_rpc_handlers((self.service.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_secure_port(self.config.listen, self.trust.server_credentials())
         if not self.port:
@@ -365,16 +157,17 @@ class Hub:
             await asyncio.sleep(store_config.prune_interval_s)
 
     async def _watch_loop(self) -> None:
-        """Is the event loop saturated? A timer that fires more than `loop_lag_ms` late says so; admission
-        then shares the loop among identities (README, fair admission) for the next second."""
+        """Is the event loop saturated? A timer that fires more than `loop_lag_ms` late says so, and so do
+        the checks taken in turn (`Turns`) using more than half its time; admission then shares the loop
+        among identities (README, fair admission) for the next second."""
         period, busy_until = LOOP_WATCH_S, 0.0
         limit = self.config.backpressure.loop_lag_ms / 1000
         ticks = 0
         while True:
-            started = time.monotonic()
+            started, stepped = time.monotonic(), self.turns.busy_s
             await asyncio.sleep(period)
             now = time.monotonic()
-            if now - started - period > limit:
+            if now - started - period > limit or self.turns.busy_s - stepped > TURNS_BUSY_SHARE * (now - started):
                 busy_until = now + 1.0
             self.admission.loop_busy = now < busy_until
             ticks += 1
@@ -455,6 +248,7 @@ class Hub:
             await asyncio.sleep(0.01)
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        await self.turns.stop()
         await asyncio.to_thread(self.ingest.stop)
         if self.stream is not None:
             await asyncio.to_thread(self.stream.close)
@@ -477,28 +271,6 @@ class Hub:
             log.critical("eventbus exits after a fatal failure", extra={"error": repr(self.ingest.failure)})
             return 1
         return 0
-
-
-@dataclass(slots=True)
-class _Sent:
-    cursor: int = 0  # the last cursor a subscriber was sent: where it resumes
-
-
-def _wake(sub: Subscriber) -> None:
-    """Get a subscriber's handler to look at its stream's handle (it is waiting on its queue)."""
-    if not sub.queue.full():
-        sub.queue.put_nowait(OVERFLOW)
-
-
-async def _idle_limited(requests: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
-    """The stream's messages; TimeoutError when none came for `idle_s`."""
-    iterator = aiter(requests)
-    while True:
-        try:
-            raw = await asyncio.wait_for(anext(iterator), idle_s)
-        except StopAsyncIteration:
-            return
-        yield raw
 
 
 def create_server(config: EventBusConfig) -> Hub:

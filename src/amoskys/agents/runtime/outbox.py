@@ -325,8 +325,8 @@ class Outbox:
 
     def _sign(self, payload: bytes, count: int) -> tuple[bytes, ChainState]:
         """The signed envelope that would come next in the chain, and the chain after it."""
-        chain = ChainState(self.chain.chain_id, self.chain.last_seq, self.chain.last_hash)
-        return seal(self.agent_id, payload, chain, self.signing_key, count).SerializeToString(), chain
+        envelope, chain = seal(self.agent_id, payload, self.chain, self.signing_key, count)
+        return envelope.SerializeToString(), chain
 
     def _advance(self, db: sqlite3.Connection, chain: ChainState) -> None:
         db.execute("UPDATE chain SET last_seq = ?, last_hash = ? WHERE id = 1", (chain.last_seq, chain.last_hash))

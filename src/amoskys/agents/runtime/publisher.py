@@ -41,13 +41,14 @@ from amoskys.agents.runtime.identity import client_tls_context
 from amoskys.agents.runtime.metrics import AgentMetrics
 from amoskys.agents.runtime.outbox import OutboxError, SealedEnvelope
 from amoskys.config import AgentConfig, TlsConfig, parse_address
-from amoskys.envelope import ChainState
+from amoskys.envelope import ChainState, reason_label
 from amoskys.v1 import envelope_pb2
 
 __all__ = ["Backoff", "Publisher", "SealedQueue", "agent_channel", "wait_event"]
 
 log = logging.getLogger(__name__)
 Status = envelope_pb2.PublishAck.Status
+Reason = envelope_pb2.PublishAck.Reason
 METHOD = "/amoskys.v1.EventBus/PublishStream"
 PublishStream = Stream[bytes, envelope_pb2.PublishAck]
 Inflight = collections.deque[tuple[SealedEnvelope, float]]
@@ -341,10 +342,9 @@ class Publisher:
             if self.on_acked is not None:
                 self.on_acked()
             return None
-        reason = ack.reason.split(":")[0] or "unknown"
         if ack.status == Status.RETRY:
-            self.metrics.retries.labels(reason).inc()
-            if reason == "chain_unknown":
+            self.metrics.retries.labels(reason_label(ack.reason_code)).inc()
+            if ack.reason_code == Reason.REASON_CHAIN_UNKNOWN:
                 log.warning("the hub does not know this chain; starting a new one")
                 self.outbox.restart_chain()
             return hinted(ack.backoff_ms or 500)
