@@ -142,10 +142,9 @@ def _cgroup(raw: bytes) -> tuple[str, str]:
 
 
 def _boot_time_ns() -> int:
-    for line in Path("/proc/stat").read_bytes().splitlines():
-        if line.startswith(b"btime "):
-            return int(line.split()[1]) * 10**9
-    return 0
+    """When the machine booted, by the clock /proc/PID/stat's start times count on (CLOCK_BOOTTIME); to the
+    nanosecond, where /proc/stat's btime is whole seconds (and outside ProcSubset=pid, which the unit keeps)."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
 def missing_fields(read: ProcRead) -> list[str]:
