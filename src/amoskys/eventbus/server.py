@@ -27,7 +27,7 @@ from amoskys.eventbus.broker import Broker
 from amoskys.eventbus.ingest import Ingest
 from amoskys.eventbus.metrics import BusMetrics, CertificateExpiry
 from amoskys.eventbus.service import REPLAY_PAGE, SERVICE_NAME, BusService
-from amoskys.eventbus.store import SqliteStore, Store
+from amoskys.eventbus.store import SqliteStore, Store, StoreReads
 from amoskys.eventbus.streams import OpenStreams
 from amoskys.eventbus.turns import Turns
 from amoskys.v1 import bus_pb2
@@ -67,6 +67,7 @@ class Hub:
             self.store = SqliteStore(Path(config.store.path), config.store.synchronous, config.store.text_index)
             self.ingest = Ingest(self.store, config.backpressure, self.metrics, self.broker.publish, self._fatal)
         self.health = health_aio.HealthServicer()
+        self.reads = StoreReads()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -77,7 +78,15 @@ class Hub:
         self.streams = OpenStreams(config.limits.max_streams_per_identity)
         self.admission = Admission(config, self.trust, self.ingest, self.metrics, self.turns)
         self.service = BusService(
-            config, self.metrics, self.trust, self.store, self.broker, self.ingest, self.admission, self.streams
+            config,
+            self.metrics,
+            self.trust,
+            self.store,
+            self.broker,
+            self.ingest,
+            self.admission,
+            self.streams,
+            self.reads,
         )
 
     async def handle_envelope(self, raw: bytes, peer: Peer | None) -> Ack:
@@ -151,7 +160,7 @@ class Hub:
                 prune = functools.partial(self.store.prune, cutoff, store_config.max_bytes)
                 pruned = await self.ingest.in_writer(prune)
                 self.metrics.pruned.inc(pruned)
-                self.metrics.store_bytes.set(await asyncio.to_thread(self.store.size_bytes))
+                self.metrics.store_bytes.set(await self.reads.run(self.store.size_bytes))
             except Exception:
                 log.exception("retention pass failed")
             await asyncio.sleep(store_config.prune_interval_s)
@@ -178,12 +187,12 @@ class Hub:
         """Backend jetstream: live Subscribe from what the indexer commits (polled; README, lag)."""
         from amoskys.eventbus.cluster import JetStreamStore, committed_from_index
 
-        cursor = await asyncio.to_thread(self.store.last_cursor)
+        cursor = await self.reads.run(self.store.last_cursor)
         index = self.store.index if isinstance(self.store, JetStreamStore) else None
         assert index is not None
         while True:
             try:
-                rows = await asyncio.to_thread(index.rows_after, cursor, REPLAY_PAGE)
+                rows = await self.reads.run(index.rows_after, cursor, REPLAY_PAGE)
             except Exception:
                 log.exception("reading the index failed")
                 rows = []
@@ -198,7 +207,7 @@ class Hub:
         while True:
             await asyncio.sleep(self.config.store.checkpoint_interval_s)
             try:
-                await asyncio.to_thread(self.store.checkpoint)
+                await self.reads.run(self.store.checkpoint)
             except Exception:
                 log.exception("checkpoint failed")
 
@@ -255,6 +264,7 @@ class Hub:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self._scrape_reader.shutdown()
+        await self.reads.finish()  # no read may be under way when the store closes its connections
         self.store.close()
         log.info("eventbus stopped")
 

@@ -21,7 +21,7 @@ from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
 from amoskys.eventbus.edge import filter_refusal
 from amoskys.eventbus.ingest import Ingest
 from amoskys.eventbus.metrics import BusMetrics
-from amoskys.eventbus.store import Store
+from amoskys.eventbus.store import Store, StoreReads
 from amoskys.eventbus.streams import OpenStreams, StreamHandle
 from amoskys.v1 import bus_pb2, envelope_pb2
 
@@ -45,6 +45,7 @@ class BusService:
     ingest: Ingest
     admission: Admission
     streams: OpenStreams
+    reads: StoreReads
     started_ns: int = field(default_factory=time.time_ns)
     _rate_window: list[tuple[float, int]] = field(default_factory=list)  # (when, events stored) over a minute
 
@@ -138,7 +139,7 @@ class BusService:
         await self._require_consumer(context, request.filter)
         size = min(request.page_size or 100, MAX_PAGE)
         try:
-            events, token = await asyncio.to_thread(self.store.query, request.filter, size, request.page_token)
+            events, token = await self.reads.run(self.store.query, request.filter, size, request.page_token)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return bus_pb2.QueryResponse(events=events, next_page_token=token)
@@ -189,9 +190,9 @@ class BusService:
     async def _replay(self, request: bus_pb2.SubscribeRequest) -> AsyncIterator[bus_pb2.StoredEvent]:
         cursor = request.after_cursor
         if not cursor and request.filter.since_ns:
-            cursor = await asyncio.to_thread(self.store.first_cursor_since, request.filter.since_ns)
+            cursor = await self.reads.run(self.store.first_cursor_since, request.filter.since_ns)
         while True:
-            page = await asyncio.to_thread(self.store.after_cursor, cursor, request.filter, REPLAY_PAGE)
+            page = await self.reads.run(self.store.after_cursor, cursor, request.filter, REPLAY_PAGE)
             for stored in page:
                 yield stored
             if len(page) < REPLAY_PAGE:
@@ -200,11 +201,11 @@ class BusService:
 
     async def list_agents(self, request: bus_pb2.ListAgentsRequest, context: Context) -> bus_pb2.ListAgentsResponse:
         await self._require_consumer(context)
-        return bus_pb2.ListAgentsResponse(agents=await asyncio.to_thread(self.store.list_agents))
+        return bus_pb2.ListAgentsResponse(agents=await self.reads.run(self.store.list_agents))
 
     async def get_status(self, request: bus_pb2.StatusRequest, context: Context) -> bus_pb2.HubStatus:
         await self._require_consumer(context)
-        return await asyncio.to_thread(self.status)
+        return await self.reads.run(self.status)
 
     def status(self) -> bus_pb2.HubStatus:
         totals = self.metrics.totals

@@ -6,17 +6,20 @@ which WAL lets run beside the writer. Another sink (e.g. NATS JetStream) impleme
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
+import functools
 import logging
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from amoskys.eventbus.rows import EventRow
 from amoskys.v1 import bus_pb2, events_pb2
@@ -28,6 +31,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreFullError",
+    "StoreReads",
     "StoreUnavailableError",
     "TextIndex",
 ]
@@ -566,3 +570,21 @@ def _insert_params(item: AcceptedEnvelope, now_ns: int) -> Iterator[tuple[object
     agent_id = item.agent_id
     for ts_ns, host, agent, kind, severity, event_id, text, body in item.rows:
         yield (ts_ns, now_ns, host, agent_id, agent, kind, severity, event_id, text, body)
+
+
+T = TypeVar("T")
+
+
+class StoreReads:
+    """The threads the hub reads its store on (queries, replay, the registry, maintenance): a pool of its own,
+    so the hub can wait for every read under way before the store closes its connections (closing a
+    connection while another thread uses it can crash the process)."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="store-read")
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    async def finish(self) -> None:
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
