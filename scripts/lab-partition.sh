@@ -148,11 +148,11 @@ since_s, until_s = start_ns // 10**9 - 1, lambda: time.time_ns() // 10**9 + 2
 deadline = heal_ns / 1e9 + bound
 while True:  # the marks: until all are there or the bound is over
     rows = query(since_s, until_s(), "--host", "web1", "--kind", "auth")
-    users = collections.Counter(r["event"]["auth"]["user"] for r in rows if marker in r["event"]["auth"]["user"])
+    users = collections.Counter(u for r in rows if marker in (u := r["event"].get("auth", {}).get("user", "")))
     if len(users) >= marks or time.time() > deadline:
         break
     time.sleep(0.5)
-last_ns = max((int(r["received_ns"]) for r in rows), default=0)
+last_ns = max((int(r["received_ns"]) for r in rows if marker in json.dumps(r["event"])), default=0)
 print(f"marks|{sum(users.values())}|{len(users)}|{sum(1 for n in users.values() if n > 1)}|"
       f"{(last_ns - heal_ns) / 1e9:.1f}")
 own = collections.defaultdict(list)
