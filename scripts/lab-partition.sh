@@ -31,7 +31,7 @@ watcher=
 heal() { nft delete table bridge "$table" 2>/dev/null || true; }
 cleanup() {
   heal
-  [ -n "$watcher" ] && kill "$watcher" 2>/dev/null && wait "$watcher" 2>/dev/null
+  if [ -n "$watcher" ]; then "$run" web1 touch "$stop_file" 2>/dev/null; wait "$watcher" 2>/dev/null; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -54,30 +54,40 @@ reaches() { "$run" "$1" timeout 3 bash -c "exec 3<>/dev/tcp/$2/22" 2>/dev/null; 
 # Web1's agents and their metrics ports (the registry of agent kinds, as installed on web1); keep those
 # that answer (the kinds enabled there).
 mapfile -t kinds < <("$run" web1 "$amoskys" agent --list --json |
-  python3 -c 'import json, sys; [print(f"{k[\"name\"]}:{k[\"metrics_port\"]}") for k in json.load(sys.stdin)]')
+  python3 -c 'import json, sys; [print(k["name"], k["metrics_port"], sep=":") for k in json.load(sys.stdin)]')
 
 # The watcher: scrapes amoskys_agent_connected of every kind every 0.5 s; prints "T_NS KIND VALUE" (VALUE -1
-# when the port does not answer). Runs on the host, which the partition does not cut off from web1.
-python3 -u - "$web_ip" "${kinds[@]}" >"$work/connected" <<'PY' &
-import sys, time, urllib.request
-address, kinds = sys.argv[1], [k.split(":") for k in sys.argv[2:]]
-while True:
+# when the port does not answer). It runs inside web1 (the partition does not cut it off from the agents),
+# from 127.0.0.1: the agents' units let only localhost and the hub in (IPAddressAllow). It stops when
+# STOP_FILE exists (cleanup makes it) or after MAX_S.
+stop_file=/run/amx-lab-partition.$$.stop
+max_s=$((partition_s + recover_bound + deliver_bound + 120))
+"$run" web1 python3 -u -c '
+import http.client, os, sys, time
+address, stop_file, max_s, kinds = sys.argv[1], sys.argv[2], float(sys.argv[3]), [k.split(":") for k in sys.argv[4:]]
+end = time.monotonic() + max_s
+while time.monotonic() < end and not os.path.exists(stop_file):
     for kind, port in kinds:
         value = -1.0
         try:
-            with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=1) as reply:
-                for line in reply.read().decode().splitlines():
-                    if line.startswith("amoskys_agent_connected "):
-                        value = float(line.split()[1])
+            conn = http.client.HTTPConnection(address, int(port), timeout=1, source_address=("127.0.0.1", 0))
+            conn.request("GET", "/metrics")
+            for line in conn.getresponse().read().decode().splitlines():
+                if line.startswith("amoskys_agent_connected "):
+                    value = float(line.split()[1])
+            conn.close()
         except OSError:
             pass
         print(time.time_ns(), kind, int(value))
     time.sleep(0.5)
-PY
+if os.path.exists(stop_file):
+    os.remove(stop_file)
+' "$web_ip" "$stop_file" "$max_s" "${kinds[@]}" >"$work/connected" &
 watcher=$!
 
 # first_at KIND VALUE AFTER_NS: the first time (ns) KIND's connected metric read VALUE at or after AFTER_NS
 first_at() { awk -v k="$1" -v v="$2" -v t="$3" '$2 == k && $3 == v && $1 >= t {print $1; exit}' "$work/connected"; }
+sleep_until() { sleep "$(awk -v t="$1" -v now="$(date +%s%N)" 'BEGIN{r = (t - now) / 1e9; printf "%.2f", (r > 0 ? r : 0)}')"; }
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", (b - a) / 1e9}'; }
 
 sleep 2
@@ -98,13 +108,13 @@ partition
 cut=yes
 reaches web1 "$hub_ip" && cut="NO: web1 reaches the hub"
 reaches hub "$web_ip" && cut="NO: the hub reaches web1"
-for i in $(seq "$marks"); do   # spread over the partition; the last one well before the heal
-  sleep "$(awk -v p="$partition_s" -v n="$marks" 'BEGIN{printf "%.2f", p / (n + 1)}')"
+for i in $(seq "$marks"); do   # spread over the partition, at start + i/(MARKS+1) of it: the last well before the heal
+  sleep_until "$((start_ns + i * partition_s * 1000000000 / (marks + 1)))"
   "$run" web1 logger -p authpriv.info -t amx-partition \
     "pam_unix(amx-partition:session): session opened for user $marker-$i"
 done
-sleep "$(awk -v p="$partition_s" -v s="$start_ns" -v now="$(date +%s%N)" \
-  'BEGIN{r = p - (now - s) / 1e9; printf "%.2f", r > 0 ? r : 0}')"
+marks_end_ns=$(date +%s%N)
+sleep_until "$((start_ns + partition_s * 1000000000))"
 heal_ns=$(date +%s%N)
 heal
 echo "Healed after $(seconds "$start_ns" "$heal_ns") s; waiting for the agents and the hub"
@@ -189,6 +199,8 @@ for kind in "${agents[@]}"; do
     "$(within "$recover" "$recover_bound"; echo $?)"
 done
 IFS='|' read -r _ stored distinct twice delivered <<<"$(grep '^marks|' <<<"$hub_report")"
+inside=$(awk -v e="$marks_end_ns" -v h="$heal_ns" 'BEGIN{print (e < h ? "yes" : "NO")}')
+check "marks all written before the heal" "$inside" "yes" "$([ "$inside" = yes ] && echo 0 || echo 1)"
 check "marked auth events stored" "$stored" "$marks" "$([ "$stored" = "$marks" ] && echo 0 || echo 1)"
 check "marked auth events distinct" "$distinct" "$marks" "$([ "$distinct" = "$marks" ] && echo 0 || echo 1)"
 check "marked auth events stored twice" "$twice" "0" "$([ "$twice" = 0 ] && echo 0 || echo 1)"
