@@ -7,8 +7,8 @@
 #   - during it, MARKS (default 20) auth lines with a unique marker are logged on web1 (`logger`, a PAM
 #     "session opened" line for user amxpart<run>-<i>: an auth event, no alert);
 #   - every agent on web1 (its metrics ports: `amoskys agent --list --json` on web1) is scraped every 0.5 s from
-#     the host: amoskys_agent_connected must go to 0 within DETECT_BOUND_S (default 30) of the partition's start
-#     and back to 1 within RECOVER_BOUND_S (default 30) of the heal;
+#     inside web1: amoskys_agent_connected must go to 0 within DETECT_BOUND_S (default 30) of the partition's
+#     start and back to 1 within RECOVER_BOUND_S (default 40) of the heal;
 #   - after the heal, from the hub (`amoskys query --json` through scripts/nspawn/nspawn-run.sh): each marked
 #     event stored exactly once within DELIVER_BOUND_S (default 60) of the heal; web1's agents' own events
 #     timed during the partition stored, none twice (by event_id); no bus.chain_break / bus.fork /
@@ -21,8 +21,11 @@ run=scripts/nspawn/nspawn-run.sh
 amoskys=/opt/amoskys/venv/bin/amoskys
 partition_s=${1:-${PARTITION_S:-120}}
 marks=${MARKS:-20}
-detect_bound=${DETECT_BOUND_S:-30} recover_bound=${RECOVER_BOUND_S:-30} deliver_bound=${DELIVER_BOUND_S:-60}
-hub_ip=10.231.12.10 web_ip=10.231.12.11 bridge=br-amx-lab table=amx_lab_partition
+# The bounds follow from the publisher (agents/runtime/publisher.py): a dead hub is found within a keepalive
+# interval plus TCP_USER_TIMEOUT (12 + 10 s: 30 s allowed); after the heal an agent reconnects when its
+# jittered reconnect backoff (capped at 30 s) ends, plus one connection attempt (40 s allowed).
+detect_bound=${DETECT_BOUND_S:-30} recover_bound=${RECOVER_BOUND_S:-40} deliver_bound=${DELIVER_BOUND_S:-60}
+hub_ip=10.231.12.10 web_ip=10.231.12.11 table=amx_lab_partition
 work=$(mktemp -d /tmp/lab-partition.XXXXXX)
 watcher=
 
