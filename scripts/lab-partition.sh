@@ -32,7 +32,8 @@ watcher=
 "$run" hub true 2>/dev/null && "$run" web1 true 2>/dev/null || { echo "the lab is not up: make lab" >&2; exit 2; }
 
 heal() { nft delete table bridge "$table" 2>/dev/null || true; }
-cleanup() {
+cleanup() {  # whatever fails here, the rest still runs
+  set +e
   heal
   if [ -n "$watcher" ]; then "$run" web1 touch "$stop_file" 2>/dev/null; wait "$watcher" 2>/dev/null; fi
   rm -rf "$work"
