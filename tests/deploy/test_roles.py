@@ -61,3 +61,24 @@ def test_alert_rules_use_exported_metrics() -> None:
             base = re.sub(r"_(total|bucket|sum|count)$", "", metric)
             assert base in exported, f"{rule['alert']}: {metric} is not exported by any amoskys component"
         assert re.search(r'component="amoskys_(hub|agent)"', rule["expr"]), rule["alert"]
+
+
+def facts_set_by_tasks() -> set[str]:
+    """Names the roles' tasks set with set_fact: they do not exist before those tasks run."""
+    names: set[str] = set()
+    for path in (ROOT / "roles").glob("*/tasks/*.yml"):
+        for task in load(path) or []:
+            names |= set(task.get("ansible.builtin.set_fact") or {}) - {"cacheable"}
+    return names
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
+def test_defaults_survive_argument_validation(role: Path) -> None:
+    """A role's argument validation (its first task) templates its defaults before any of its tasks ran, so a
+    default built on a fact a task sets must say what it is until then (`| default(...)`): without it
+    `make lab` failed at once ('amoskys_common_agent_kinds' is undefined)."""
+    facts = facts_set_by_tasks()
+    for name, value in (load(role / "defaults" / "main.yml") or {}).items():
+        for fact in facts:
+            for use in re.finditer(rf"\b{re.escape(fact)}\b(?!\s*\|\s*default\()", str(value)):
+                pytest.fail(f"{role.name}: {name} uses {fact} (set by a task) without | default(...): {use.string}")
