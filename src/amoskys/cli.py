@@ -31,7 +31,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    faulthandler.enable()  # a crash in a C extension (gRPC, SQLite) leaves every thread's stack in the log
+    if sys.__stderr__ is not None:  # the process's own stderr (the journal), whatever sys.stderr is replaced by
+        faulthandler.enable(sys.__stderr__)  # a crash in a C extension (gRPC, SQLite) logs every thread's stack
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMAND_MODULES else None
     args = build_parser(command).parse_args(argv)
