@@ -66,7 +66,7 @@ mapfile -t kinds < <("$run" web1 "$amoskys" agent --list --json |
 # STOP_FILE exists (cleanup makes it) or after MAX_S.
 stop_file=/run/amx-lab-partition.$$.stop
 max_s=$((partition_s + recover_bound + deliver_bound + 120))
-"$run" web1 python3 -u -c '
+"$run" web1 python3 -u - "$web_ip" "$stop_file" "$max_s" "${kinds[@]}" >"$work/connected" <<'PY' &
 import http.client, os, sys, time
 address, stop_file, max_s, kinds = sys.argv[1], sys.argv[2], float(sys.argv[3]), [k.split(":") for k in sys.argv[4:]]
 end = time.monotonic() + max_s
@@ -86,7 +86,7 @@ while time.monotonic() < end and not os.path.exists(stop_file):
     time.sleep(0.5)
 if os.path.exists(stop_file):
     os.remove(stop_file)
-' "$web_ip" "$stop_file" "$max_s" "${kinds[@]}" >"$work/connected" &
+PY
 watcher=$!
 
 # first_at KIND VALUE AFTER_NS: the first time (ns) KIND's connected metric read VALUE at or after AFTER_NS
@@ -121,7 +121,8 @@ marks_end_ns=$(date +%s%N)
 sleep_until "$((start_ns + partition_s * 1000000000))"
 heal_ns=$(date +%s%N)
 heal
-echo "Healed after $(seconds "$start_ns" "$heal_ns") s; waiting for the agents and the hub"
+healed_s=$(seconds "$start_ns" "$heal_ns")
+echo "Healed after $healed_s s, waiting for the agents and the hub"
 
 # Recovery: until every agent reads 1 again after the heal (or its bound is over).
 deadline=$((SECONDS + recover_bound + 5))
@@ -186,7 +187,9 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 failed=0
 row() { printf '%-40s %-12s %-10s %s\n' "$@"; }
 check() {  # WHAT MEASURED BOUND OK(0|1) NOTE
-  row "$1" "$2" "$3" "$([ "$4" = 0 ] && echo ok || echo "FAIL${5:+: $5}")"
+  local verdict="FAIL${5:+: $5}"
+  [ "$4" != 0 ] || verdict=ok
+  row "$1" "$2" "$3" "$verdict"
   [ "$4" = 0 ] || failed=1
 }
 within() { awk -v s="$1" -v b="$2" 'BEGIN{exit !(s != "" && s <= b)}'; }

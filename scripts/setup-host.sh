@@ -14,6 +14,7 @@ set -euo pipefail
 read -r -d '' PACKAGES <<'TABLE' || true
 make               | both | make                                  | the README's commands (make test, make lab)
 python3.11-venv    | both | /usr/lib/python3.11/ensurepip         | the Makefile's .venv and .venv-deploy
+python3            | both | python3                               | the system interpreter: proc's reader as an unprivileged user (tests), lab scripts on the machines
 openssl            | test | openssl                               | PKI tests cross-check certificates with openssl
 systemd            | test | systemd-analyze                       | unit exposure checks (offline)
 mount              | test | mount umount                          | full-disk tests on a small tmpfs

@@ -121,7 +121,8 @@ def shell_tools(text: str) -> set[str]:
         for segment in _SPLIT.split(line):
             words = segment.split()
             while words and (words[0] in SHELL_WORDS or re.match(r"^\w+=", words[0])):
-                if words[0] in ("for", "case", "[", "[["):  # the rest is a word list or a condition
+                if words[0] in ("for", "case", "[", "[[", "local", "export", "readonly", "declare"):  # the rest is
+                    # a word list, a condition or variable names (`local start found`)
                     words = []
                     break
                 words = words[1:]
