@@ -6,7 +6,9 @@
 # alert is missing or took more than 10 s. Everything it changes is undone (files, the borrowed address).
 #   1. SSH brute force: web1 tries 6 logins as an unknown user on db1     -> auth.brute_force (db1)
 #   2. web shell: a process named nginx on web1 starts sh, which runs id  -> proc.shell_from_web_daemon (web1)
-#   3. dropper: a fresh binary in /dev/shm runs 1 s and deletes itself     -> proc.exe_in_writable_dir (web1)
+#   3. dropper: a fresh binary in /dev/shm runs 3 s, deleted after 2.5 s   -> proc.exe_in_writable_dir (web1)
+# Steps 2 and 3 last 3 s: the lab machines have network namespaces of their own, where the kernel refuses
+# its process-event connector (init namespace only), so proc polls /proc every 2 s there (README, proc).
 #   4. SNMP: web1 sends a linkDown trap (v2c) to the hub's trap receiver   -> snmp TRAP linkDown (hub), a warning
 #   5. ARP spoof: db1 takes web1's address 10.231.12.11 as well           -> scanner.ip_conflict (hub)
 set -euo pipefail
@@ -74,11 +76,11 @@ brute_force() {
 
 web_shell() {  # a process whose name is nginx (prctl PR_SET_NAME) runs a shell, as a web shell would
   on web1 "python3 -c 'import ctypes, subprocess; ctypes.CDLL(None).prctl(15, b\"nginx\", 0, 0, 0); \
-subprocess.run([\"sh\", \"-c\", \"id; sleep 1\"])'"
+subprocess.run([\"sh\", \"-c\", \"id; sleep 3\"])'"
 }
 
 dropper() {  # a binary written a moment ago to world-writable /dev/shm, run, and gone
-  on web1 'cp /bin/sleep /dev/shm/.lab-dropper && { /dev/shm/.lab-dropper 1 & sleep 0.3; rm -f /dev/shm/.lab-dropper; wait; }'
+  on web1 'cp /bin/sleep /dev/shm/.lab-dropper && { /dev/shm/.lab-dropper 3 & sleep 2.5; rm -f /dev/shm/.lab-dropper; wait; }'
 }
 
 link_down_trap() {  # IF-MIB linkDown for ifIndex 7 (v2c), sent with the agents' pysnmp

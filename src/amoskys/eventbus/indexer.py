@@ -33,7 +33,7 @@ from amoskys.config import IndexerConfig, parse_address
 from amoskys.envelope import GENESIS_HASH, envelope_digest
 from amoskys.eventbus.admission import agent_update
 from amoskys.eventbus.edge import observed_ns
-from amoskys.eventbus.jetstream import HEADER_CERT, HEADER_HOST, HEADER_KIND, connect, ensure_stream
+from amoskys.eventbus.jetstream import HEADER_CERT, HEADER_HOST, HEADER_KIND, connect, ensure_stream, when_ready
 from amoskys.eventbus.rows import to_row
 from amoskys.eventbus.store import AcceptedEnvelope, ChainRecord, SqliteStore, StoreUnavailableError
 from amoskys.v1 import envelope_pb2, events_pb2
@@ -147,11 +147,13 @@ class Indexer:
         """The stream (created if missing) and the durable consumer, ack policy "all"."""
         self._js = js
         await ensure_stream(js, self.config.nats)
-        return await js.pull_subscribe(
-            f"{self.config.nats.subject_prefix}.>",
-            durable=self.config.nats.consumer,
-            stream=self.config.nats.stream,
-            config=api.ConsumerConfig(ack_policy=api.AckPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=-1),
+        return await when_ready(
+            lambda: js.pull_subscribe(
+                f"{self.config.nats.subject_prefix}.>",
+                durable=self.config.nats.consumer,
+                stream=self.config.nats.stream,
+                config=api.ConsumerConfig(ack_policy=api.AckPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=-1),
+            )
         )
 
     async def _step(self, sub: JetStreamContext.PullSubscription) -> None:

@@ -16,7 +16,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ __all__ = [
     "chain_head",
     "connect",
     "ensure_stream",
+    "when_ready",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,16 +116,17 @@ async def connect(config: NatsConfig, name: str) -> NatsClient:
 
 
 async def ensure_stream(js: JetStreamContext, config: NatsConfig, wait_s: float = STREAM_WAIT_S) -> None:
-    """Create the stream unless it exists (its settings are then the operator's: never changed here).
+    """Create the stream unless it exists (its settings are then the operator's: never changed here)."""
+    await when_ready(lambda: _ensure_stream(js, config), wait_s)
 
-    A cluster that is still electing its JetStream leader answers "unavailable" for a few seconds:
-    asked again until `wait_s` has passed.
-    """
+
+async def when_ready(request: Callable[[], Awaitable[T]], wait_s: float = STREAM_WAIT_S) -> T:
+    """`request()`'s answer. A cluster still electing a leader (after a node died: the stream's, or a
+    consumer's) answers "unavailable" or not at all for a few seconds: asked again until `wait_s` passed."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            await _ensure_stream(js, config)
-            return
+            return await request()
         except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, TimeoutError) as exc:
             if time.monotonic() >= deadline:
                 raise
