@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import yaml
 
 from amoskys import keys
 from amoskys.agents import agent_config_type
+from amoskys.agents.proc.connector import ConnectorUnavailable, ProcConnector
 from amoskys.config import AgentConfig, load_config
 from amoskys.errors import ConfigError
 from tests.hubfixture import LiveHub
@@ -51,3 +53,14 @@ def section_error(tmp_path: Path, kind: str, text: str) -> str:
     message = str(caught.value)
     assert message.startswith(f"{path}: "), message
     return message.removeprefix(f"{path}: ")
+
+
+@pytest.fixture
+def connector() -> Iterator[ProcConnector]:
+    """The kernel's process-event connector, or the test skipped where it is unavailable."""
+    try:
+        conn = ProcConnector()
+    except ConnectorUnavailable as exc:
+        pytest.skip(f"no process connector here: {exc}")
+    yield conn
+    conn.close()

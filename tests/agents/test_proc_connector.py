@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from amoskys.agents.proc.connector import (
     NLMSG_ERROR,
     NLMSGHDR,
     ConnectorError,
-    ConnectorUnavailable,
     Exec,
     Exit,
     Fork,
@@ -34,16 +32,6 @@ from amoskys.agents.proc.connector import (
 )
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-@pytest.fixture
-def connector() -> Iterator[ProcConnector]:
-    try:
-        conn = ProcConnector()
-    except ConnectorUnavailable as exc:
-        pytest.skip(f"no process connector here: {exc}")
-    yield conn
-    conn.close()
 
 
 def events_of(conn: ProcConnector, pid: int, until: type, timeout: float = 10.0) -> list[KernelEvent]:

@@ -26,7 +26,6 @@ from amoskys.agents.proc.connector import (
     FRAME,
     PROCFS,
     ConnectorError,
-    ConnectorUnavailable,
     Exec,
     Exit,
     Fork,
@@ -49,16 +48,6 @@ Action = events_pb2.ProcessEvent.Action
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-@pytest.fixture
-def listening() -> Iterator[ProcConnector]:
-    try:
-        conn = ProcConnector()
-    except ConnectorUnavailable as exc:
-        pytest.skip(f"no process connector here: {exc}")
-    yield conn
-    conn.close()
-
-
 def take_until(reader: Reader, done: Callable[[list[Received]], bool], timeout: float = 20.0) -> list[Received]:
     items: list[Received] = []
     deadline = time.monotonic() + timeout
@@ -78,8 +67,8 @@ def started(items: list[Received]) -> ReaderStarted:
     return next(i for i in items if isinstance(i, ReaderStarted))
 
 
-def test_the_reader_runs_at_real_time_priority_and_reads_every_exec(listening: ProcConnector) -> None:
-    reader = Reader(listening, 0.25)
+def test_the_reader_runs_at_real_time_priority_and_reads_every_exec(connector: ProcConnector) -> None:
+    reader = Reader(connector, 0.25)
     try:
         assert started(take_until(reader, lambda items: any(isinstance(i, ReaderStarted) for i in items))) is not None
         assert os.sched_getscheduler(reader.pid) == os.SCHED_FIFO
@@ -105,9 +94,9 @@ def kernel_events_of(items: list[Received], pid: int) -> list[object]:
     return [e for e in events if (e.child_tgid if isinstance(e, Fork) else getattr(e, "tgid", None)) == pid]
 
 
-def test_threads_are_left_out_and_their_process_is_not(listening: ProcConnector) -> None:
+def test_threads_are_left_out_and_their_process_is_not(connector: ProcConnector) -> None:
     code = "import threading\nfor _ in range(20):\n    t = threading.Thread(target=lambda: None); t.start(); t.join()"
-    reader = Reader(listening, 0.5)
+    reader = Reader(connector, 0.5)
     try:
         child = subprocess.Popen([sys.executable, "-c", code])
         child.wait()
@@ -118,10 +107,10 @@ def test_threads_are_left_out_and_their_process_is_not(listening: ProcConnector)
     assert [type(event) for event in events] == [Fork, Exec, Exit], events  # none of its 20 threads' forks and exits
 
 
-def test_the_reader_reads_on_while_the_agent_takes_nothing(listening: ProcConnector) -> None:
+def test_the_reader_reads_on_while_the_agent_takes_nothing(connector: ProcConnector) -> None:
     """More frames than the pipe holds wait in the reader: every exec is still read at once, not when
     the agent comes back (a reader blocked on a full pipe would read the later ones only then)."""
-    reader = Reader(listening, 0.5)
+    reader = Reader(connector, 0.5)
     try:
         take_until(reader, lambda items: any(isinstance(i, ReaderStarted) for i in items))
         pipe_bytes = fcntl.fcntl(reader.frames.fileno(), fcntl.F_GETPIPE_SZ)
@@ -140,8 +129,8 @@ def test_the_reader_reads_on_while_the_agent_takes_nothing(listening: ProcConnec
     assert all(read.read_ns < back for read in reads)
 
 
-def test_without_its_share_the_reader_stays_a_normal_task_and_says_why(listening: ProcConnector) -> None:
-    reader = Reader(listening, 0)
+def test_without_its_share_the_reader_stays_a_normal_task_and_says_why(connector: ProcConnector) -> None:
+    reader = Reader(connector, 0)
     try:
         first = started(take_until(reader, lambda items: any(isinstance(i, ReaderStarted) for i in items)))
         assert first.realtime_refused == "proc.realtime_share is 0"
@@ -150,8 +139,8 @@ def test_without_its_share_the_reader_stays_a_normal_task_and_says_why(listening
         reader.close()
 
 
-def test_over_its_share_the_reader_gives_up_real_time_for_the_rest_of_the_second(listening: ProcConnector) -> None:
-    reader = Reader(listening, 1e-9)  # any batch uses more than this
+def test_over_its_share_the_reader_gives_up_real_time_for_the_rest_of_the_second(connector: ProcConnector) -> None:
+    reader = Reader(connector, 1e-9)  # any batch uses more than this
     try:
         take_until(reader, lambda items: any(isinstance(i, ReaderStarted) for i in items))
 
