@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import signal
@@ -72,7 +71,6 @@ class Hub:
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: Any = None
-        self._scrape_reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics-reader")
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
         self.streams = OpenStreams(config.limits.max_streams_per_identity)
@@ -143,9 +141,8 @@ class Hub:
         self.metrics_port = server.server_port
 
     def _agents_for_scrape(self) -> list[bus_pb2.AgentInfo]:
-        """The registry, read on one thread of its own: every scrape runs on a new thread, and the
-        store keeps a reader connection per thread until it closes."""
-        return self._scrape_reader.submit(self.store.list_agents).result(timeout=10)
+        """The registry, read on the store-read pool (every scrape runs on a new thread)."""
+        return self.reads.call(self.store.list_agents, timeout_s=10)
 
     def _cert_not_after(self) -> float:
         identity = self.trust.identity
@@ -263,7 +260,6 @@ class Hub:
             await asyncio.to_thread(self.stream.close)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        self._scrape_reader.shutdown()
         await self.reads.finish()  # no read may be under way when the store closes its connections
         self.store.close()
         log.info("eventbus stopped")

@@ -586,5 +586,10 @@ class StoreReads:
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
+    def call(self, fn: Callable[..., T], *args: object, timeout_s: float) -> T:
+        """`fn(*args)` on the pool, from a thread outside the event loop (a metrics scrape: a new thread each
+        time, where the store would keep a reader connection per thread until it closes)."""
+        return self._pool.submit(fn, *args).result(timeout=timeout_s)
+
     async def finish(self) -> None:
         await asyncio.to_thread(self._pool.shutdown, wait=True)
