@@ -37,7 +37,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/natscluster: the nats-server nodes
 sys.path.insert(0, str(Path(__file__).parent))
-from hub import proc_stats
+from hub import hub_config, proc_stats
 from tests.natscluster import nats_cluster
 
 from amoskys import keys, pki
@@ -91,25 +91,17 @@ def run(setup: str, params: dict[str, Any]) -> dict[str, Any]:
         pki.init_ca(work / "ca")
         identities = work / "ids"
         ensure_identities(work / "ca", identities, params["agents"])
-        key, cert = pki.issue(pki.load_ca(work / "ca"), work / "tls", "hub", "server", ["localhost"])
-        hub_config: dict[str, Any] = {
-            "listen": "127.0.0.1:0",
-            "tls": {"ca": str(work / "ca" / "ca.crt"), "cert": str(cert), "key": str(key)},
-            "trust_map": str(identities / "trust"),
-            "crl": str(work / "crl.pem"),
-            "store": {"path": str(work / "store" / "events.db")},
-            "metrics": {"listen": ""},
-        }
+        config = hub_config(work, identities, "")
         if setup == "sqlite":
-            return measure(setup, params, work, hub_config, [], None)
+            return measure(setup, params, work, config, [], None)
         with nats_cluster(work / "nats", size=3) as nats:
             section = {"servers": nats.servers, "tls": False, "replicas": 3}
-            hub_config["store"]["backend"] = "jetstream"
-            hub_config["nats"] = section
-            indexer = {"nats": section, "store": hub_config["store"], "metrics": {"listen": ""}}
+            config["store"]["backend"] = "jetstream"
+            config["nats"] = section
+            indexer = {"nats": section, "store": config["store"], "metrics": {"listen": ""}}
             (work / "indexer.yml").write_text(yaml.safe_dump(indexer))
             nats_pids = [node.proc.pid for node in nats.nodes if node.proc is not None]
-            return measure(setup, params, work, hub_config, nats_pids, work / "indexer.yml")
+            return measure(setup, params, work, config, nats_pids, work / "indexer.yml")
 
 
 def measure(
@@ -180,9 +172,9 @@ def sealed_rounds(envelopes: int) -> list[list[tuple[envelope_pb2.EnvelopeHeader
     rounds = []
     for r in range(max(envelopes // COMMIT_AGENTS, 1)):
         wave = []
-        for i, chain in enumerate(chains):
+        for i in range(COMMIT_AGENTS):
             batch = synthetic_events(f"{agent_name(i)}:{r}", simulated_host(i), r, 1)
-            envelope = seal(agent_name(i), batch, chain, signer)
+            envelope, chains[i] = seal(agent_name(i), batch, chains[i], signer)
             header = envelope_pb2.EnvelopeHeader.FromString(envelope.header)
             rows = [to_row(event) for event in batch.events]
             wave.append(

@@ -71,18 +71,23 @@ def open_streams(metrics_port: int) -> int:
     return 0
 
 
-def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+def hub_config(work: Path, identities: Path, metrics_listen: str) -> dict[str, Any]:
+    """A benchmark hub's config: the CA in work/ca, its server certificate (issued once), a fresh store."""
     key, cert = work / "tls" / "hub.key", work / "tls" / "hub.crt"
     if not cert.exists():
         pki.issue(pki.load_ca(work / "ca"), work / "tls", "hub", "server", ["localhost"])
-    config = {
+    return {
         "listen": "127.0.0.1:0",
         "tls": {"ca": str(work / "ca" / "ca.crt"), "cert": str(cert), "key": str(key)},
         "trust_map": str(identities / "trust"),
         "crl": str(work / "crl.pem"),
         "store": {"path": str(work / "store" / "events.db")},
-        "metrics": {"listen": "127.0.0.1:0"},
+        "metrics": {"listen": metrics_listen},
     }
+
+
+def start_hub(work: Path, identities: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    config = hub_config(work, identities, "127.0.0.1:0")
     (work / "eventbus.yml").write_text(yaml.safe_dump(config))
     log = (work / "hub.log").open("wb")
     hub = subprocess.Popen(
