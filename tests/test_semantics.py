@@ -55,6 +55,15 @@ def test_status_and_ui_judge_liveness_alike(
     assert fleet["agents"][state] == 1
 
 
+@pytest.mark.parametrize(("heartbeat_ago", "envelope_ago"), [(600, 1), (5, 300), (None, 42)])
+def test_status_and_ui_show_the_same_heard_age(heartbeat_ago: int | None, envelope_ago: int) -> None:
+    info = agent(heartbeat_ago, envelope_ago, 30)
+    heard_ago_s = heartbeat_ago if heartbeat_ago is not None else envelope_ago
+    assert status.table_row(info, NOW).split()[4] == f"{heard_ago_s}s"
+    assert status.agent_document(info, NOW)["heard_ns"] == str(NOW - heard_ago_s * S)
+    assert model.agent_view(info, NOW)["heard_ago"] == model.ago(heard_ago_s)
+
+
 # ---- times and severities: `amoskys query` and the UI's filter take the same words ----------------
 
 UTC_18H = 1_795_370_400 * S  # 2026-11-22T18:00:00Z

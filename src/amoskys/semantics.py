@@ -14,6 +14,7 @@ __all__ = [
     "LATE_FACTOR",
     "SEVERITIES",
     "STATES",
+    "heard_ns",
     "liveness",
     "parse_time",
     "severity_name",
@@ -29,11 +30,17 @@ TIME_FORMS = "15m, 2h, 7d (s, m, h, d back from now) or an ISO 8601 time such as
 MAX_NS = 2**63 - 1
 
 
+def heard_ns(agent: bus_pb2.AgentInfo) -> int:
+    """When the agent was last heard from, as liveness counts it: its last heartbeat, or its last
+    envelope if it never sent one."""
+    return agent.last_heartbeat_ns or agent.last_seen_ns
+
+
 def liveness(agent: bus_pb2.AgentInfo, now_ns: int) -> str:
-    """up / late / down: the age of the agent's last heartbeat (its last envelope if it never sent one)
-    against its own heartbeat interval; late after LATE_FACTOR intervals, down after twice that."""
+    """up / late / down: the age of `heard_ns` against the agent's own heartbeat interval; late after
+    LATE_FACTOR intervals, down after twice that."""
     interval_s = agent.heartbeat_interval_s or DEFAULT_INTERVAL_S
-    age_s = (now_ns - (agent.last_heartbeat_ns or agent.last_seen_ns)) / 1e9
+    age_s = (now_ns - heard_ns(agent)) / 1e9
     if age_s <= interval_s * LATE_FACTOR:
         return "up"
     return "late" if age_s <= interval_s * 2 * LATE_FACTOR else "down"

@@ -11,7 +11,7 @@ from google.protobuf.json_format import MessageToDict
 
 from amoskys.commands import Subparsers
 from amoskys.commands.hubclient import add_hub_arguments, call_hub
-from amoskys.semantics import liveness
+from amoskys.semantics import heard_ns, liveness
 from amoskys.v1 import bus_pb2
 
 if TYPE_CHECKING:
@@ -27,7 +27,20 @@ def register(subparsers: Subparsers) -> None:
 
 def agent_document(agent: bus_pb2.AgentInfo, now_ns: int) -> dict[str, object]:
     """An agent as `--json` prints it: the hub's fields and its liveness."""
-    return {**MessageToDict(agent, preserving_proto_field_name=True), "liveness": liveness(agent, now_ns)}
+    return {
+        **MessageToDict(agent, preserving_proto_field_name=True),
+        "liveness": liveness(agent, now_ns),
+        "heard_ns": str(heard_ns(agent)),  # as MessageToDict writes 64-bit integers
+    }
+
+
+def table_row(agent: bus_pb2.AgentInfo, now_ns: int) -> str:
+    """An agent as the table prints it; HEARD is the age liveness judges (see `heard_ns`)."""
+    heard_ago_s = (now_ns - heard_ns(agent)) / 1e9
+    return (
+        f"{agent.host:<24} {agent.agent_id:<28} {agent.kind:<8} {liveness(agent, now_ns):<5} {heard_ago_s:>9.0f}s "
+        f"{agent.events_total:>10} {agent.alerts_total:>7}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,11 +60,7 @@ def run(args: argparse.Namespace) -> int:
         f"hub {args.hub}: version {status.version}, {status.events_stored} events, "
         f"{status.store_bytes / 1e6:.1f} MB, {status.ingest_eps:.0f} events/s, {status.streams} streams"
     )
-    print(f"{'HOST':<24} {'AGENT':<28} {'KIND':<8} {'STATE':<5} {'LAST SEEN':>10} {'EVENTS':>10} {'ALERTS':>7}")
+    print(f"{'HOST':<24} {'AGENT':<28} {'KIND':<8} {'STATE':<5} {'HEARD':>10} {'EVENTS':>10} {'ALERTS':>7}")
     for a in agents.agents:
-        ago = (now - max(a.last_seen_ns, a.last_heartbeat_ns)) / 1e9
-        print(
-            f"{a.host:<24} {a.agent_id:<28} {a.kind:<8} {liveness(a, now):<5} {ago:>9.0f}s "
-            f"{a.events_total:>10} {a.alerts_total:>7}"
-        )
+        print(table_row(a, now))
     return 0

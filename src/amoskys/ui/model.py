@@ -16,7 +16,16 @@ from google.protobuf.json_format import MessageToDict
 
 from amoskys import catalog
 from amoskys.bodies import summary_line
-from amoskys.semantics import LATE_FACTOR, SEVERITIES, STATES, liveness, parse_time, severity_name, severity_value
+from amoskys.semantics import (
+    LATE_FACTOR,
+    SEVERITIES,
+    STATES,
+    heard_ns,
+    liveness,
+    parse_time,
+    severity_name,
+    severity_value,
+)
 from amoskys.ui import svg
 from amoskys.v1 import bus_pb2, events_pb2
 
@@ -111,7 +120,6 @@ def ago(seconds: float) -> str:
 
 
 def agent_view(agent: bus_pb2.AgentInfo, now_ns: int) -> dict[str, Any]:
-    heard = agent.last_heartbeat_ns or agent.last_seen_ns
     return {
         "agent_id": clean(agent.agent_id),
         "host": clean(agent.host),
@@ -120,7 +128,7 @@ def agent_view(agent: bus_pb2.AgentInfo, now_ns: int) -> dict[str, Any]:
         "state": liveness(agent, now_ns),
         "last_heartbeat_ns": agent.last_heartbeat_ns,
         "last_seen_ns": agent.last_seen_ns,
-        "heard_ago": ago((now_ns - heard) / 1e9),
+        "heard_ago": ago((now_ns - heard_ns(agent)) / 1e9),
         "heartbeat_interval_s": agent.heartbeat_interval_s,
         "events_total": agent.events_total,
         "alerts_total": agent.alerts_total,
@@ -190,7 +198,7 @@ def fleet(agents: Sequence[bus_pb2.AgentInfo], rates: RateHistory, now_ns: int) 
                 "events_total": sum(a.events_total for a in members),
                 "alerts_total": sum(a.alerts_total for a in members),
                 "last_seen_ns": max(a.last_seen_ns for a in members),
-                "last_heartbeat_ns": max(a.last_heartbeat_ns or a.last_seen_ns for a in members),
+                "last_heartbeat_ns": max(heard_ns(a) for a in members),
                 "rate_eps": rates.rate(shown),
             }
         )
