@@ -1,6 +1,6 @@
 """The agent's side of the process-event reader: the process started, its frames read, it stopped.
 
-The reader itself (connector.py run as a script: `serve`) reads the kernel's process events and
+The reader itself (`connector.reader_command`: its `serve`) reads the kernel's process events and
 each exec's /proc at once, apart from the agent's GIL and at real-time priority where it may.
 """
 
@@ -12,10 +12,8 @@ import fcntl
 import os
 import select
 import subprocess
-import sys
 
-from amoskys.agents.proc import connector
-from amoskys.agents.proc.connector import ConnectorError, FrameDecoder, ProcConnector, Received
+from amoskys.agents.proc.connector import ConnectorError, FrameDecoder, ProcConnector, Received, reader_command
 
 __all__ = ["Reader"]
 
@@ -29,7 +27,7 @@ class Reader:
     def __init__(self, listening: ProcConnector, realtime_share: float) -> None:
         fd = listening.fileno()
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-S", connector.__file__, str(fd), repr(realtime_share)],
+            reader_command(fd, realtime_share),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), bufsize=0,
             start_new_session=True,  # a terminal's ^C goes to the agent, which stops the reader
         )  # fmt: skip
