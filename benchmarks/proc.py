@@ -12,9 +12,7 @@ millisecond) and writes their pids; the hub's store then says which were reporte
 Figures: the share of execs reported (a START event for the pid), with their name, and with exe
 and command line (read from /proc before the process exited); how soon after each exec the reader
 had read them (its histogram); the agent's `gone`/`missing`/`lost` counters; idle CPU of agent and
-reader with the connector running (in 10-s windows, against the machine's own execs); RSS of each
-and their PSS together (the reader is a process of its own only at real-time priority, else a
-thread of the agent); the seconds from a
+reader with the connector running; RSS of each and their PSS together; the seconds from a
 suspicious act (a program run from /tmp, a running program's file deleted) to its alert stored at
 the hub; the load (`uptime`).
 """
@@ -127,26 +125,13 @@ def read_delays(metrics: dict[str, float]) -> dict[str, float]:
     return {f"<= {le} s": round(100 * count / total, 2) for le, count in buckets.items() if le != "+Inf"}
 
 
-def reader_of(agent_pid: int) -> int | None:
-    """The agent's reader process (its only child); None when the reader is a thread of the agent."""
+def reader_of(agent_pid: int) -> int:
+    """The agent's reader process (its only child)."""
     for task in Path(f"/proc/{agent_pid}/task").iterdir():
         children = (task / "children").read_text().split()
         if children:
             return int(children[0])
-    if not any(
-        (task / "comm").read_text().strip() == "proc-reader" for task in Path(f"/proc/{agent_pid}/task").iterdir()
-    ):
-        raise SystemExit("the agent has no reader (polling?)")
-    return None
-
-
-def reader_thread_cpu_s(agent_pid: int) -> float:
-    """CPU seconds of the agent's reader thread (0 if it has none)."""
-    for task in Path(f"/proc/{agent_pid}/task").iterdir():
-        if (task / "comm").read_text().strip() == "proc-reader":
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+    raise SystemExit("the agent has no reader process (polling?)")
 
 
 def pss_mb(pid: int) -> float:
@@ -156,15 +141,13 @@ def pss_mb(pid: int) -> float:
     return 0.0
 
 
-def both_stats(agent_pid: int, reader_pid: int | None) -> dict[str, float]:
-    """CPU seconds of agent and reader together (and the reader's: its process or thread); RSS and PSS (MB)."""
-    agent = proc_stats(agent_pid)
-    reader = proc_stats(reader_pid) if reader_pid is not None else {"cpu_s": 0.0, "rss_mb": 0.0}
-    reader_cpu = reader["cpu_s"] if reader_pid is not None else reader_thread_cpu_s(agent_pid)
+def both_stats(agent_pid: int, reader_pid: int) -> dict[str, float]:
+    """CPU seconds of agent and reader together; RSS and PSS of each (MB)."""
+    agent, reader = proc_stats(agent_pid), proc_stats(reader_pid)
     return {
-        "cpu_s": agent["cpu_s"] + reader["cpu_s"], "reader_cpu_s": reader_cpu,
+        "cpu_s": agent["cpu_s"] + reader["cpu_s"], "reader_cpu_s": reader["cpu_s"],
         "rss_mb": agent["rss_mb"], "peak_rss_mb": agent["peak_rss_mb"], "reader_rss_mb": reader["rss_mb"],
-        "pss_mb": pss_mb(agent_pid) + (pss_mb(reader_pid) if reader_pid is not None else 0.0),
+        "pss_mb": pss_mb(agent_pid) + pss_mb(reader_pid),
     }  # fmt: skip
 
 
@@ -207,9 +190,7 @@ def run_execs(count: int, rate: float, program: str, workers: int) -> tuple[list
 IDLE_WINDOW_S = 10.0
 
 
-def idle_windows(
-    agent_pid: int, reader_pid: int | None, metrics_port: int, seconds: float
-) -> list[tuple[float, float]]:
+def idle_windows(agent_pid: int, reader_pid: int, metrics_port: int, seconds: float) -> list[tuple[float, float]]:
     """(the machine's execs per second, CPU % of one core of agent and reader) in each window of the idle time."""
 
     def sample() -> tuple[float, float]:
@@ -276,7 +257,6 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "read_within_percent": read_delays(metrics),
         "realtime_share": args.realtime_share,
         "reader_realtime": metrics.get("amoskys_agent_proc_reader_realtime"),
-        "reader": "process" if reader is not None else "thread of the agent",
         "throttled_counter": metrics.get("amoskys_agent_proc_throttled"),
         "gone_counter": metrics.get("amoskys_agent_proc_gone"),
         "missing_counters": missing,

@@ -2,8 +2,8 @@
 
 At start every running process is reported once (`SNAPSHOT`). Then the kernel's process-event
 connector (`connector`) says when a process calls exec(), exits, or changes its uid/gid. A
-reader (`reader`: a process of its own at real-time priority where allowed, else a thread) reads
-each exec's command line and executable at once, then its fds, cwd, stat, uids and cgroup; what /proc no
+reader process of its own (`reader`, at real-time priority where allowed) reads each exec's
+command line and executable at once, then its fds, cwd, stat, uids and cgroup; what /proc no
 longer had (the process had exited) is named in the event's `missing` (and `gone` set), with
 the pid and ppid the kernel gave, never guessed.
 Events carry the kernel's timestamp. Where the connector is unavailable (no CAP_NET_ADMIN on an
@@ -404,7 +404,7 @@ class ProcAgent(Agent[ProcAgentConfig]):
         return self._report(change, monotonic_to_wall_ns(kernel.ts_ns))
 
     def follow(self, reader: Reader, deliver: Deliver, stop: threading.Event) -> None:
-        """Kernel events until `stop`, from the reader that read each exec's /proc at once:
+        """Kernel events until `stop`, from the reader process that read each exec's /proc at once:
         the events, rules and alerts for them; a loss (ENOBUFS) counted and rescanned; deleted
         executables rechecked."""
         recheck_at = time.monotonic() + self.config.proc.recheck_s
@@ -433,8 +433,8 @@ class ProcAgent(Agent[ProcAgentConfig]):
             self.realtime = not item.realtime_refused
             if item.realtime_refused:
                 log.warning(
-                    "proc: the process-event reader runs without real-time priority (a thread of the agent); "
-                    "short-lived processes may exit before their command line and executable are read",
+                    "proc: the process-event reader runs without real-time priority; short-lived processes "
+                    "may exit before their command line and executable are read",
                     extra={"error": item.realtime_refused},
                 )
         elif isinstance(item, Throttled):

@@ -46,8 +46,6 @@ __all__ = [
     "read_proc",
     "read_procfs",
     "reader_command",
-    "realtime_refusal",
-    "run_reader",
 ]
 
 NETLINK_CONNECTOR = 11
@@ -415,19 +413,6 @@ def decode_procfs(payload: bytes) -> ProcRead:
     return ProcRead(*values)  # type: ignore[arg-type]
 
 
-def realtime_refusal(share: float) -> str:
-    """Why the reader may not take real-time priority ("" if it may try): no share, or no permission.
-
-    Without permission it is not even tried: it would fail, and the agent's unit without its
-    real-time drop-in denies sched_setscheduler (SystemCallFilter=~@resources), which kills the
-    process that calls it (SIGSYS)."""
-    if share <= 0:
-        return "proc.realtime_share is 0"
-    if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] < RT_PRIORITY and not has_capability(CAP_SYS_NICE):
-        return "no real-time allowed: RLIMIT_RTPRIO is 0 (the unit's LimitRTPRIO) and no CAP_SYS_NICE"
-    return ""
-
-
 def has_capability(bit: int) -> bool:
     """Whether this process has the capability numbered `bit` in its effective set."""
     with open("/proc/self/status", "rb") as status:
@@ -450,9 +435,12 @@ class _Realtime:
 
     def start(self) -> str:
         """ "" when the reader now runs at real-time priority, else why not."""
-        refused = realtime_refusal(self.share)
-        if refused:
-            return refused
+        if self.share <= 0:
+            return "proc.realtime_share is 0"
+        if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] < RT_PRIORITY and not has_capability(CAP_SYS_NICE):
+            # Not even tried: it would fail, and the agent's unit without its real-time drop-in denies
+            # sched_setscheduler (SystemCallFilter=~@resources), which kills the process that calls it.
+            return "no real-time allowed: RLIMIT_RTPRIO is 0 (the unit's LimitRTPRIO) and no CAP_SYS_NICE"
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
         except OSError as exc:
@@ -552,16 +540,9 @@ def _drain(connector: ProcConnector, out: _FrameWriter) -> None:
 
 
 def serve(sock_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1) -> None:
-    """The reader's loop: batches of frames to `out_fd` until `control` reaches its end (the agent).
-    It closes `sock_fd` (without unsubscribing: the agent's socket may be the same one) when it ends."""
+    """The reader's loop: batches of frames to `out_fd` until `control` reaches its end (the agent)."""
     connector = ProcConnector.inherit(sock_fd)
-    try:
-        _serve(connector, _FrameWriter(out_fd), realtime_share, control)
-    finally:
-        connector.sock.close()
-
-
-def _serve(connector: ProcConnector, out: _FrameWriter, realtime_share: float, control: int) -> None:
+    out = _FrameWriter(out_fd)
     realtime = _Realtime(realtime_share)
     out.add(STARTED, realtime.start().encode())
     out.add(END)
@@ -575,7 +556,7 @@ def _serve(connector: ProcConnector, out: _FrameWriter, realtime_share: float, c
         if out.backlog < BACKLOG_MAX:
             poller.register(sock, select.POLLIN)
         if out.backlog:
-            poller.register(out.fd, select.POLLOUT)
+            poller.register(out_fd, select.POLLOUT)
         ready = dict(poller.poll())
         if control in ready:
             return
@@ -603,18 +584,13 @@ def reader_command(sock_fd: int, realtime_share: float) -> list[str]:
 def reader_main(argv: list[str]) -> int:
     """`reader_command` (reader.Reader starts it; `python -I -S connector.py SOCKET_FD REALTIME_SHARE` does
     the same): the kernel's socket inherited, stdin the agent's control pipe, stdout the frames."""
-    return run_reader(int(argv[1]), float(argv[2]), 0, 1)
-
-
-def run_reader(sock_fd: int, realtime_share: float, control: int, out_fd: int) -> int:
-    """`serve`; a failure told to the agent in a FAILED frame. 0 once the agent said stop (or is gone), else 1."""
     try:
-        serve(sock_fd, realtime_share, control, out_fd)
+        serve(int(argv[1]), float(argv[2]))
     except BrokenPipeError:  # the agent is gone
         return 0
     except Exception as exc:  # told to the agent, which raises it (and the runtime restarts the collector)
         with contextlib.suppress(OSError):
-            out = _FrameWriter(out_fd)
+            out = _FrameWriter(1)
             out.add(FAILED, f"{type(exc).__name__}: {exc}".encode())
             out.add(END)
             out.flush_all()
