@@ -12,7 +12,9 @@ millisecond) and writes their pids; the hub's store then says which were reporte
 Figures: the share of execs reported (a START event for the pid), with their name, and with exe
 and command line (read from /proc before the process exited); how soon after each exec the reader
 had read them (its histogram); the agent's `gone`/`missing`/`lost` counters; idle CPU of agent and
-reader with the connector running; RSS of each and their PSS together; the seconds from a
+reader with the connector running (in 10-s windows, against the machine's own exec rate), and of
+the agent alone while no event reaches it (the reader stopped, last: as on a host where nothing
+starts); RSS of each and their PSS together; the seconds from a
 suspicious act (a program run from /tmp, a running program's file deleted) to its alert stored at
 the hub; the load (`uptime`).
 """
@@ -218,6 +220,19 @@ def idle_fit(windows: list[tuple[float, float]]) -> dict[str, float] | None:
     return {"at_zero_execs_percent": round(mean_y - slope * mean_x, 2), "percent_per_exec_per_s": round(slope, 3)}
 
 
+def agent_cpu_without_events(agent_pid: int, reader_pid: int, seconds: float) -> float:
+    """The agent's CPU (% of one core) while no process event reaches it: its reader stopped (SIGSTOP),
+    as on a host where nothing starts. The reader's own cost there is nil: it sleeps in poll()."""
+    os.kill(reader_pid, signal.SIGSTOP)
+    try:
+        time.sleep(1)  # what the reader had sent is handled
+        before = proc_stats(agent_pid)["cpu_s"]
+        time.sleep(seconds)
+        return round(100 * (proc_stats(agent_pid)["cpu_s"] - before) / seconds, 2)
+    finally:
+        os.kill(reader_pid, signal.SIGCONT)
+
+
 def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     hub, hub_port, _ = start_hub(work, work / "ids")
     agent, metrics_port = start_agent(work, hub, hub_port, args.realtime_share)
@@ -236,6 +251,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         after = both_stats(agent.pid, reader)
         metrics = agent_metrics(metrics_port)
         latencies = alert_latencies(work)
+        quiet_cpu_percent = agent_cpu_without_events(agent.pid, reader, args.quiet_seconds)
     finally:
         agent.terminate()
         agent.wait(30)
@@ -267,6 +283,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "other_execs_per_s_while_idle": round((execs_idle - execs_before) / args.idle_seconds, 1),
         "idle_windows_execs_per_s_and_cpu_percent": [(round(x, 1), round(y, 2)) for x, y in windows],
         "idle_cpu_fit": idle_fit(windows),
+        "agent_cpu_percent_without_events": quiet_cpu_percent,
         "rss_mb_idle": round(idle["rss_mb"], 1),
         "rss_mb_after_load": round(after["rss_mb"], 1),
         "peak_rss_mb": round(after["peak_rss_mb"], 1),
@@ -284,6 +301,7 @@ def main() -> int:
     parser.add_argument("--program", default="/bin/true", help="what each exec runs (no arguments)")
     parser.add_argument("--workers", type=int, default=4, help="spawner processes sharing the rate")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--quiet-seconds", type=float, default=60.0, help="the agent with no events (reader stopped)")
     parser.add_argument(
         "--realtime-share", type=float, default=0.0,
         help="proc.realtime_share: 0 runs the reader as the default unit does (no real-time priority)",
