@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """proc on kernel process events: short-lived execs reported, idle CPU, RSS (agent and its reader).
 
-    python benchmarks/proc.py                           # 10,000 execs of /bin/true at 500/s
+    python benchmarks/proc.py                           # 10,000 execs of /bin/true at 500/s, as the unit runs
+    python benchmarks/proc.py --realtime-share 0.5      # with the opt-in real-time reader (the drop-in)
     python benchmarks/proc.py --execs 2000 --rate 200 --idle-seconds 10
 
 Everything runs for real and as root (as the unit does: CAP_NET_ADMIN, nice -10): `amoskys
@@ -11,7 +12,9 @@ millisecond) and writes their pids; the hub's store then says which were reporte
 Figures: the share of execs reported (a START event for the pid), with their name, and with exe
 and command line (read from /proc before the process exited); how soon after each exec the reader
 had read them (its histogram); the agent's `gone`/`missing`/`lost` counters; idle CPU of agent and
-reader with the connector running; RSS of each and their PSS together; the seconds from a
+reader with the connector running (in 10-s windows, against the machine's own exec rate), and of
+the agent alone while no event reaches it (the reader stopped, last: as on a host where nothing
+starts); RSS of each and their PSS together; the seconds from a
 suspicious act (a program run from /tmp, a running program's file deleted) to its alert stored at
 the hub; the load (`uptime`).
 """
@@ -150,8 +153,11 @@ def both_stats(agent_pid: int, reader_pid: int) -> dict[str, float]:
     }  # fmt: skip
 
 
-def start_agent(work: Path, hub: subprocess.Popen[bytes], hub_port: int) -> tuple[subprocess.Popen[bytes], int]:
-    config = write_agent_config(work, "proc", hub_port, metrics={"listen": "127.0.0.1:0"})
+def start_agent(
+    work: Path, hub: subprocess.Popen[bytes], hub_port: int, realtime_share: float
+) -> tuple[subprocess.Popen[bytes], int]:
+    proc = {"realtime_share": realtime_share}
+    config = write_agent_config(work, "proc", hub_port, metrics={"listen": "127.0.0.1:0"}, proc=proc)
     hub.send_signal(signal.SIGHUP)  # the hub learns the agent's key
     time.sleep(0.5)
     log_path = work / "agent-proc.log"
@@ -183,14 +189,58 @@ def run_execs(count: int, rate: float, program: str, workers: int) -> tuple[list
     return pids, len(pids) / (time.monotonic() - started)
 
 
+IDLE_WINDOW_S = 10.0
+
+
+def idle_windows(agent_pid: int, reader_pid: int, metrics_port: int, seconds: float) -> list[tuple[float, float]]:
+    """(the machine's execs per second, CPU % of one core of agent and reader) in each window of the idle time."""
+
+    def sample() -> tuple[float, float]:
+        return both_stats(agent_pid, reader_pid)["cpu_s"], agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
+
+    windows = []
+    cpu, execs = sample()
+    for _ in range(max(1, round(seconds / IDLE_WINDOW_S))):
+        time.sleep(IDLE_WINDOW_S)  # "idle": no load of ours; the machine's own execs go on
+        cpu_now, execs_now = sample()
+        windows.append(((execs_now - execs) / IDLE_WINDOW_S, 100 * (cpu_now - cpu) / IDLE_WINDOW_S))
+        cpu, execs = cpu_now, execs_now
+    return windows
+
+
+def idle_fit(windows: list[tuple[float, float]]) -> dict[str, float] | None:
+    """Least squares over the windows: CPU % = at_zero + per_exec_s * execs per second (a host with no execs:
+    at_zero). None when the machine's exec rate did not vary enough to tell the two apart."""
+    n = len(windows)
+    mean_x, mean_y = sum(x for x, _ in windows) / n, sum(y for _, y in windows) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in windows)
+    if n < 3 or sxx < 1.0:
+        return None
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in windows) / sxx
+    return {"at_zero_execs_percent": round(mean_y - slope * mean_x, 2), "percent_per_exec_per_s": round(slope, 3)}
+
+
+def agent_cpu_without_events(agent_pid: int, reader_pid: int, seconds: float) -> float:
+    """The agent's CPU (% of one core) while no process event reaches it: its reader stopped (SIGSTOP),
+    as on a host where nothing starts. The reader's own cost there is nil: it sleeps in poll()."""
+    os.kill(reader_pid, signal.SIGSTOP)
+    try:
+        time.sleep(1)  # what the reader had sent is handled
+        before = proc_stats(agent_pid)["cpu_s"]
+        time.sleep(seconds)
+        return round(100 * (proc_stats(agent_pid)["cpu_s"] - before) / seconds, 2)
+    finally:
+        os.kill(reader_pid, signal.SIGCONT)
+
+
 def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     hub, hub_port, _ = start_hub(work, work / "ids")
-    agent, metrics_port = start_agent(work, hub, hub_port)
+    agent, metrics_port = start_agent(work, hub, hub_port, args.realtime_share)
     try:
         time.sleep(5)  # the snapshot and its publishing settle
         reader = reader_of(agent.pid)
         before, execs_before = both_stats(agent.pid, reader), agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
-        time.sleep(args.idle_seconds)  # "idle": no load of ours; the machine's own execs go on
+        windows = idle_windows(agent.pid, reader, metrics_port, args.idle_seconds)
         idle, execs_idle = both_stats(agent.pid, reader), agent_metrics(metrics_port)["amoskys_agent_proc_execs"]
         pids, achieved_rate = run_execs(args.execs, args.rate, args.program, args.workers)
         deadline = time.monotonic() + 120
@@ -201,6 +251,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         after = both_stats(agent.pid, reader)
         metrics = agent_metrics(metrics_port)
         latencies = alert_latencies(work)
+        quiet_cpu_percent = agent_cpu_without_events(agent.pid, reader, args.quiet_seconds)
     finally:
         agent.terminate()
         agent.wait(30)
@@ -220,6 +271,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "with_exe_and_cmdline_percent": share(sum(bool(p.exe and p.cmdline) for p in reported)),
         "gone_and_missing_named_percent": share(sum(p.gone and bool(p.missing) for p in reported)),
         "read_within_percent": read_delays(metrics),
+        "realtime_share": args.realtime_share,
         "reader_realtime": metrics.get("amoskys_agent_proc_reader_realtime"),
         "throttled_counter": metrics.get("amoskys_agent_proc_throttled"),
         "gone_counter": metrics.get("amoskys_agent_proc_gone"),
@@ -229,6 +281,9 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "idle_cpu_percent_of_one_core": round(100 * (idle["cpu_s"] - before["cpu_s"]) / args.idle_seconds, 2),
         "idle_cpu_percent_reader": round(100 * (idle["reader_cpu_s"] - before["reader_cpu_s"]) / args.idle_seconds, 2),
         "other_execs_per_s_while_idle": round((execs_idle - execs_before) / args.idle_seconds, 1),
+        "idle_windows_execs_per_s_and_cpu_percent": [(round(x, 1), round(y, 2)) for x, y in windows],
+        "idle_cpu_fit": idle_fit(windows),
+        "agent_cpu_percent_without_events": quiet_cpu_percent,
         "rss_mb_idle": round(idle["rss_mb"], 1),
         "rss_mb_after_load": round(after["rss_mb"], 1),
         "peak_rss_mb": round(after["peak_rss_mb"], 1),
@@ -245,7 +300,12 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="execs per second")
     parser.add_argument("--program", default="/bin/true", help="what each exec runs (no arguments)")
     parser.add_argument("--workers", type=int, default=4, help="spawner processes sharing the rate")
-    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--quiet-seconds", type=float, default=60.0, help="the agent with no events (reader stopped)")
+    parser.add_argument(
+        "--realtime-share", type=float, default=0.0,
+        help="proc.realtime_share: 0 runs the reader as the default unit does (no real-time priority)",
+    )  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the agent gets CAP_NET_ADMIN and nice -10 as its unit gives it")

@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,9 @@ from amoskys.agents.proc.connector import (
     Received,
     Throttled,
     encode_procfs,
+    has_capability,
     read_procfs,
+    reader_command,
 )
 from amoskys.agents.proc.reader import Reader
 from amoskys.v1 import events_pb2
@@ -169,7 +171,7 @@ import os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 import connector
 c = connector.ProcConnector()
-reader = subprocess.Popen([sys.executable, "-I", "-S", connector.__file__, str(c.fileno()), "0.25"],
+reader = subprocess.Popen(connector.reader_command(c.fileno(), 0.25),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(c.fileno(),))
 decoder, items = connector.FrameDecoder(), []
 while not items:
@@ -184,11 +186,12 @@ UNPRIVILEGED = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-grou
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable  # one an unprivileged user can run
 
 
-def as_the_unit_runs_proc(rtprio: int | None) -> subprocess.CompletedProcess[str]:
+def as_the_unit_runs_proc(rtprio: int | None, tracer: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """RT_PROBE as an unprivileged user with CAP_NET_ADMIN, under an RLIMIT_RTPRIO of `rtprio` (None: as is)."""
     limit = [] if rtprio is None else ["prlimit", f"--rtprio={rtprio}"]
+    probe = [SYSTEM_PYTHON, "-I", "-S", "-c", RT_PROBE, str(Path(connector_module.__file__).parent)]
     return subprocess.run(
-        [*limit, *UNPRIVILEGED, SYSTEM_PYTHON, "-I", "-S", "-c", RT_PROBE, str(Path(connector_module.__file__).parent)],
+        [*tracer, *limit, *UNPRIVILEGED, *probe],
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
 
@@ -201,7 +204,22 @@ def test_without_permission_for_real_time_the_reader_says_so_and_reads_on() -> N
     if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] > 0:
         pytest.skip("RLIMIT_RTPRIO is above 0 here")
     result = as_the_unit_runs_proc(None)
-    assert result.stdout.strip() == "'sched_setscheduler(SCHED_FIFO): Operation not permitted' False", result
+    refused = "no real-time allowed: RLIMIT_RTPRIO is 0 (the unit's LimitRTPRIO) and no CAP_SYS_NICE"
+    assert result.stdout.strip() == f"{refused!r} False", result
+
+
+@needs_setpriv
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_without_permission_for_real_time_the_reader_does_not_even_ask(tmp_path: Path) -> None:
+    """The unit without its real-time drop-in denies sched_setscheduler (SystemCallFilter=~@resources): a
+    process that calls it is killed (SIGSYS), so the reader must not call it where it would be refused."""
+    if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] > 0:
+        pytest.skip("RLIMIT_RTPRIO is above 0 here")
+    trace = tmp_path / "syscalls"
+    tracer = ["strace", "--follow-forks", "--quiet=all", "--trace=sched_setscheduler", f"--output={trace}"]
+    result = as_the_unit_runs_proc(None, tracer)
+    assert result.returncode == 0 and result.stdout.endswith("False\n"), result
+    assert "sched_setscheduler" not in trace.read_text()
 
 
 @needs_setpriv
@@ -211,11 +229,6 @@ def test_as_the_unit_runs_it_an_rtprio_limit_of_1_is_enough_for_real_time() -> N
         pytest.skip("cannot raise RLIMIT_RTPRIO here (no CAP_SYS_RESOURCE: a container)")
     result = as_the_unit_runs_proc(1)
     assert result.stdout.strip() == "'' True", result
-
-
-def has_capability(bit: int) -> bool:
-    effective = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapEff"))
-    return bool(int(effective.split()[1], 16) >> bit & 1)
 
 
 def test_the_reader_ends_when_the_agent_is_killed(tmp_path: Path) -> None:
@@ -243,7 +256,7 @@ def test_a_reader_that_fails_says_why_and_exits_with_an_error() -> None:
     read_end, write_end = os.pipe()
     try:
         result = subprocess.run(
-            [sys.executable, "-I", "-S", connector_module.__file__, str(read_end), "0.25"], pass_fds=(read_end,),
+            reader_command(read_end, 0.25), pass_fds=(read_end,),
             capture_output=True, stdin=subprocess.DEVNULL, check=False, timeout=60,
         )  # fmt: skip
     finally:

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import errno
 import os
+import resource
 import select
 import socket
 import struct
@@ -39,10 +40,12 @@ __all__ = [
     "ReaderStarted",
     "Received",
     "Throttled",
+    "has_capability",
     "monotonic_to_wall_ns",
     "parse",
     "read_proc",
     "read_procfs",
+    "reader_command",
 ]
 
 NETLINK_CONNECTOR = 11
@@ -285,7 +288,7 @@ class ProcConnector:
 # A short-lived process keeps its command line and executable for about half a millisecond after
 # its exec (/bin/true here: 0.59 ms from the kernel's exec event to its exit event, at the median),
 # and a thread of the agent often got the CPU and the GIL later than that (BENCHMARKS.md, proc).
-# The reader is a fresh interpreter that imports only this module (`python -I -S connector.py`),
+# The reader is a fresh interpreter that imports only this module (`reader_command`),
 # with no GIL shared with the agent's publishing and rules, at real-time priority (SCHED_FIFO)
 # where it may; for each exec it reads the command line and executable first, the rest of what
 # /proc loses when a process exits after the socket is drained, and hands the kernel's datagrams
@@ -294,6 +297,7 @@ class ProcConnector:
 READ_MAX = 65536  # of a /proc file: a longer command line is cut there
 DRAIN_MAX = 256  # datagrams read before the later /proc reads and the frames are written
 RT_PRIORITY = 1  # the lowest SCHED_FIFO priority: above every normal task, below the kernel's own
+CAP_SYS_NICE = 23  # include/uapi/linux/capability.h
 FIRST = ("cmdline", "exe", "exe_id")  # gone when the process exits (exit_mm)
 LATER = ("stdin", "stdout", "cwd", "stat", "status", "cgroup")  # gone at exit (fds, cwd) or when reaped
 PROC_PATHS = {"cmdline": "cmdline", "exe": "exe", "stdin": "fd/0", "stdout": "fd/1", "cwd": "cwd",
@@ -409,6 +413,15 @@ def decode_procfs(payload: bytes) -> ProcRead:
     return ProcRead(*values)  # type: ignore[arg-type]
 
 
+def has_capability(bit: int) -> bool:
+    """Whether this process has the capability numbered `bit` in its effective set."""
+    with open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
 class _Realtime:
     """SCHED_FIFO for the reader where allowed; given up for the rest of a second once the reader
     used `share` of that second's CPU (an exec storm must not starve the host's own work)."""
@@ -424,6 +437,10 @@ class _Realtime:
         """ "" when the reader now runs at real-time priority, else why not."""
         if self.share <= 0:
             return "proc.realtime_share is 0"
+        if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] < RT_PRIORITY and not has_capability(CAP_SYS_NICE):
+            # Not even tried: it would fail, and the agent's unit without its real-time drop-in denies
+            # sched_setscheduler (SystemCallFilter=~@resources), which kills the process that calls it.
+            return "no real-time allowed: RLIMIT_RTPRIO is 0 (the unit's LimitRTPRIO) and no CAP_SYS_NICE"
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
         except OSError as exc:
@@ -551,9 +568,22 @@ def serve(sock_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1
         out.flush()
 
 
+# Imports this module as it was compiled at install (its cached bytecode): run as a script it would be
+# compiled at every start, which leaves the reader 1.5 MB larger.
+READER_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); import connector; sys.exit(connector.reader_main(sys.argv))"
+)
+
+
+def reader_command(sock_fd: int, realtime_share: float) -> list[str]:
+    """The reader's command line: a fresh interpreter that imports this module and nothing else of the agent."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [sys.executable, "-I", "-S", "-c", READER_BOOT, here, str(sock_fd), repr(realtime_share)]
+
+
 def reader_main(argv: list[str]) -> int:
-    """`python -I -S connector.py SOCKET_FD REALTIME_SHARE` (reader.Reader starts it): the kernel's
-    socket inherited, stdin the agent's control pipe, stdout the frames."""
+    """`reader_command` (reader.Reader starts it; `python -I -S connector.py SOCKET_FD REALTIME_SHARE` does
+    the same): the kernel's socket inherited, stdin the agent's control pipe, stdout the frames."""
     try:
         serve(int(argv[1]), float(argv[2]))
     except BrokenPipeError:  # the agent is gone
@@ -579,7 +609,7 @@ class FrameDecoder:
         self.batch: list[Received] = []
         self.reads: dict[tuple[int, int], ProcRead] = {}
 
-    def feed(self, data: bytes) -> list[Received]:
+    def feed(self, data: bytes | memoryview) -> list[Received]:
         """What the completed batches in `data` (and earlier partial data) hold, in order."""
         self.buffer += data
         done: list[Received] = []

@@ -1,6 +1,6 @@
 """The agent's side of the process-event reader: the process started, its frames read, it stopped.
 
-The reader itself (connector.py run as a script: `serve`) reads the kernel's process events and
+The reader itself (`connector.reader_command`: its `serve`) reads the kernel's process events and
 each exec's /proc at once, apart from the agent's GIL and at real-time priority where it may.
 """
 
@@ -12,14 +12,13 @@ import fcntl
 import os
 import select
 import subprocess
-import sys
 
-from amoskys.agents.proc import connector
-from amoskys.agents.proc.connector import ConnectorError, FrameDecoder, ProcConnector, Received
+from amoskys.agents.proc.connector import ConnectorError, FrameDecoder, ProcConnector, Received, reader_command
 
 __all__ = ["Reader"]
 
 PIPE_BYTES = 1 << 20  # the pipe from the reader holds a burst while the agent is busy (1 MiB: Linux's default cap)
+READ_BYTES = 1 << 16  # taken from the pipe at a time, into one buffer (os.read mapped and unmapped 1 MiB each time)
 STOP_TIMEOUT_S = 5.0
 
 
@@ -29,7 +28,7 @@ class Reader:
     def __init__(self, listening: ProcConnector, realtime_share: float) -> None:
         fd = listening.fileno()
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-S", connector.__file__, str(fd), repr(realtime_share)],
+            reader_command(fd, realtime_share),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), bufsize=0,
             start_new_session=True,  # a terminal's ^C goes to the agent, which stops the reader
         )  # fmt: skip
@@ -38,6 +37,7 @@ class Reader:
         self.control, self.frames = self.process.stdin, self.process.stdout
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.frames.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self.buffer = bytearray(READ_BYTES)
         self.decoder = FrameDecoder()
 
     @property
@@ -48,11 +48,11 @@ class Reader:
         """What the reader reported within `timeout` seconds ([] if nothing); ConnectorError if it ended."""
         if not select.select([self.frames], [], [], timeout)[0]:
             return []
-        data = os.read(self.frames.fileno(), PIPE_BYTES)
-        if not data:
+        size = os.readv(self.frames.fileno(), [self.buffer])
+        if not size:
             code = self.process.wait()
             raise ConnectorError(errno.EPIPE, f"the process-event reader exited with status {code}")
-        return self.decoder.feed(data)
+        return self.decoder.feed(memoryview(self.buffer)[:size])
 
     def close(self) -> None:
         """Stop the reader (its control pipe closed: it sees the end) and wait for it."""
