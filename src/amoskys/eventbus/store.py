@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
@@ -313,6 +313,7 @@ class SqliteStore:
         self._all_readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._reserved_through = 0  # the highest event id handed out (a commit in parts reserves its ids ahead)
+        self._stranded: list[int] = []  # `pending_parts` of failed commits not deleted yet (disk full)
         with self._writer:
             self._writer.executescript(SCHEMA)
         self._apply_text_index()
@@ -440,6 +441,7 @@ class SqliteStore:
     ) -> None:
         """Write envelopes, their events, chain heads and registry rows in one transaction; with `position`
         (stream, sequence), also how far the indexer has read that stream (`stream_position`)."""
+        self._discard_stranded()
         with self._transaction() as conn:
             if position is not None:
                 conn.execute(
@@ -464,14 +466,15 @@ class SqliteStore:
 
         The last part records the envelopes, the chain heads and the registry rows and ends the reservation;
         until then nothing of it counts as stored: `pending_parts` holds its range, which queries and
-        Subscribe replay leave out and a store opened after a crash deletes. A part that fails deletes the
-        parts before it and raises StoreUnavailableError (RuntimeError if that delete fails too: the next
-        open deletes them). Abandoned between parts, the parts stay pending until the store opens again.
+        Subscribe replay leave out and a store opened after a crash deletes. A part that fails raises
+        StoreUnavailableError once the parts before it are deleted (should that fail too, a full disk, the
+        next commit deletes them first). Abandoned between parts, they stay pending until the store opens.
         """
         rows = [(item.agent_id, row) for item in accepted for row in item.rows]
         if len(rows) <= part_events:
             self.commit(accepted, chains, now_ns)
             return
+        self._discard_stranded()
         first = 0
         try:
             for start in range(0, len(rows), part_events):
@@ -487,19 +490,20 @@ class SqliteStore:
                         conn.execute("DELETE FROM pending_parts WHERE first_id = ?", (first,))
                 if not last_part:
                     yield
-        except StoreUnavailableError as exc:
-            self._discard_failed(first, exc)
+        except StoreUnavailableError:
+            self._stranded.append(first)
+            with suppress(StoreUnavailableError):
+                self._discard_stranded()
             raise
 
-    def _discard_failed(self, first: int, failure: StoreUnavailableError) -> None:
-        """After a failed part: delete the parts committed before it (none when the first part failed)."""
-        row = self._writer.execute("SELECT last_id FROM pending_parts WHERE first_id = ?", (first,)).fetchone()
-        if row is None:
-            return
-        try:
-            self._discard(first, int(row[0]))
-        except StoreUnavailableError as exc:
-            raise RuntimeError(f"parts of a failed commit not deleted ({failure}); the next open deletes them") from exc
+    def _discard_stranded(self) -> None:
+        """Delete the parts committed before a failed one (StoreUnavailableError while that fails)."""
+        while self._stranded:
+            first = self._stranded[0]
+            row = self._writer.execute("SELECT last_id FROM pending_parts WHERE first_id = ?", (first,)).fetchone()
+            if row is not None:
+                self._discard(first, int(row[0]))
+            self._stranded.pop(0)
 
     def _reserve(self, conn: sqlite3.Connection, accepted: Sequence[AcceptedEnvelope], count: int) -> int:
         """Reserve `count` ids for a commit in parts (a `pending_parts` row), give each envelope its
@@ -630,7 +634,7 @@ class SqliteStore:
 
     def last_cursor(self) -> int:
         """The last cursor Subscribe may pass: below every commit still in parts."""
-        row = self._reader().execute(f"SELECT min(coalesce(max(id), 0), {HORIZON} - 1) FROM events").fetchone()  # noqa: S608
+        row = self._reader().execute(f"SELECT min(coalesce((SELECT max(id) FROM events), 0), {HORIZON} - 1)").fetchone()  # noqa: S608
         return int(row[0])
 
     def list_agents(self) -> list[bus_pb2.AgentInfo]:
