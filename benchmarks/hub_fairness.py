@@ -3,12 +3,15 @@
 
     python benchmarks/hub_fairness.py                  # 60 s
     python benchmarks/hub_fairness.py --duration 20
+    python benchmarks/hub_fairness.py --agent-process  # the well-behaved agent in a process of its own
 
 The hub runs as its own process (`amoskys eventbus`, default limits and backpressure). Two
 enrolled identities flood it: each keeps `--senders` publishes of 1000-event envelopes in flight
 and ignores RETRY and its backoff. Twenty configured consumers subscribe and never read (and
 subscribe again when cut). Meanwhile a well-behaved agent publishes 1,000 events/s in envelopes
-of 10 on one PublishStream, one envelope in flight, honouring RETRY. Prints one JSON object: the
+of 10 on one PublishStream, one envelope in flight, honouring RETRY (on the event loop that drives the
+floods, so its latency includes that loop's delays; `--agent-process` runs it in a process of its
+own, as an agent on another host). Prints one JSON object: the
 well-behaved agent's ack latency percentiles (target p99 < 50 ms) and its answers, the floods'
 answers and what of them was stored, consumers cut, hub CPU.
 
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import sqlite3
 import sys
@@ -32,7 +37,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/hostile: the client and the hub process
 
-from tests.hostile.client import HostileAgent, next_ack, publish_stream
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from tests.hostile.client import Credentials, HostileAgent, next_ack, publish_stream
 from tests.hostile.hub import HubProcess, new_pki
 from tests.hostile.pressure import Pressure
 
@@ -81,6 +88,25 @@ async def well_behaved(agent: HostileAgent, address: str, duration: float, rate:
     }
 
 
+def _well_behaved_alone(
+    identity: tuple[str, str, str, Credentials], key: bytes, address: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """`well_behaved` in this (child) process; `key` is the agent's raw signing key (a key object does not pickle)."""
+    agent = HostileAgent(*identity, key=Ed25519PrivateKey.from_private_bytes(key))
+    return asyncio.run(well_behaved(agent, address, args.duration, args.rate, args.batch))
+
+
+async def _measure(agent: HostileAgent, address: str, args: argparse.Namespace) -> dict[str, Any]:
+    if not args.agent_process:
+        return await well_behaved(agent, address, args.duration, args.rate, args.batch)
+    key = agent.key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    identity = (agent.agent_id, agent.host, agent.kind, agent.tls)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        future = pool.submit(_well_behaved_alone, identity, key, address, args)
+        return await asyncio.wrap_future(future)
+
+
 def _hub_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -113,7 +139,7 @@ async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         async with Pressure(hub, flooders, stalled, senders=args.senders, pool=args.pool) as pressure:
             await asyncio.sleep(args.warmup)
             cpu0, t0 = _hub_cpu_s(hub.proc.pid), time.monotonic()
-            result = await well_behaved(good, hub.address, args.duration, args.rate, args.batch)
+            result = await _measure(good, hub.address, args)
             cpu = (_hub_cpu_s(hub.proc.pid) - cpu0) / (time.monotonic() - t0)
             floods = dict(pressure.answers)
             counters = _counters(hub.metrics_port)
@@ -123,6 +149,7 @@ async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     flood_stored = sum(v for k, v in stored.items() if k.startswith("flood"))
     return {
         "scenario": "baseline (no attack)" if args.baseline else "fairness",
+        "agent_process": args.agent_process,
         "well_behaved": {"rate_eps": args.rate, "batch": args.batch, **result, "stored": stored.get("good1-proc", 0)},
         "floods": {
             "identities": len(flooders), "in_flight_each": args.senders, "answers": floods,
@@ -144,6 +171,7 @@ def main() -> int:
     parser.add_argument("--senders", type=int, default=32, help="publishes each flooder keeps in flight")
     parser.add_argument("--pool", type=int, default=100, help="distinct 1000-event envelopes per flooder")
     parser.add_argument("--baseline", action="store_true", help="the well-behaved agent alone, for comparison")
+    parser.add_argument("--agent-process", action="store_true", help="the well-behaved agent in its own process")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="amoskys-fairness-") as tmp:
         print(json.dumps(asyncio.run(scenario(Path(tmp), args)), indent=2))

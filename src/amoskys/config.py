@@ -123,6 +123,7 @@ class BackpressureConfig(Section, frozen=True):
     commit_target_ms: Positive = 25  # a commit group holds what the writer commits in about this time...
     commit_min_events: Positive = 1_000  # ...but at least this many (when waiting)...
     commit_max_events: Positive = 10_000  # ...and at most this many
+    commit_part_events: Positive = 250  # a larger commit is written in transactions of this many events
     loop_lag_ms: Positive = 20  # a timer this late means the event loop is saturated: share it among identities
     commit_max_delay_ms: NonNegative = 0  # extra wait to grow a group; 0: commit what is queued now
     base_backoff_ms: Positive = 50

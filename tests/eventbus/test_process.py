@@ -226,9 +226,11 @@ async def test_backpressure_answers_retry_and_loses_nothing(test_pki: TestPki, t
 
 
 @pytest.mark.root
-async def test_full_disk_answers_retry_then_recovers(test_pki: TestPki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("part_events", [250, 20])  # 20: each envelope committed in 10 parts
+async def test_full_disk_answers_retry_then_recovers(test_pki: TestPki, tmp_path: Path, part_events: int) -> None:
     with small_tmpfs(tmp_path / "small", "3m") as mount:
-        config = hub_config(test_pki, tmp_path, store={"path": str(mount / "events.db"), "prune_interval_s": 3600})
+        store = {"path": str(mount / "events.db"), "prune_interval_s": 3600}
+        config = hub_config(test_pki, tmp_path, store=store, backpressure={"commit_part_events": part_events})
         hub = create_server(config)
         await hub.start()
         live = LiveHub(hub, test_pki, config)
@@ -255,3 +257,5 @@ async def test_full_disk_answers_retry_then_recovers(test_pki: TestPki, tmp_path
         await hub.stop()
         stored = stored_ids(mount / "events.db")
         assert len(stored) == len(set(stored)) == acked + 200
+        with sqlite3.connect(mount / "events.db") as conn:
+            assert conn.execute("SELECT count(*) FROM pending_parts").fetchone()[0] == 0

@@ -126,8 +126,8 @@ def test_a_store_from_before_the_index_gets_it_on_open(tmp_path: Path, caplog: p
     with sqlite3.connect(path) as conn:  # the schema and insert of the store before the text index
         conn.executescript(SCHEMA)
         rows = auth_rows(SSHD_LINES, time.time_ns())
-        conn.executemany(INSERT_EVENT, [(r.ts_ns, 1, r.host, "a", r.agent, r.kind, r.severity, r.event_id, r.text,
-                                         r.body) for r in rows])  # fmt: skip
+        conn.executemany(INSERT_EVENT, [(n, r.ts_ns, 1, r.host, "a", r.agent, r.kind, r.severity, r.event_id,
+                                         r.text, r.body) for n, r in enumerate(rows, 1)])  # fmt: skip
     with caplog.at_level(logging.INFO, logger="amoskys.eventbus.store"):
         store = SqliteStore(path)
     assert [r.getMessage() for r in caplog.records] == ["building the text index", "text index built"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import nats.errors
@@ -67,6 +67,11 @@ class JetStreamStore:
         now_ns: int,
         position: tuple[str, int] | None = None,
     ) -> None:
+        raise NotImplementedError("a jetstream hub appends to the stream; the indexer commits")
+
+    def commit_parts(
+        self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int, part_events: int
+    ) -> Iterator[None]:
         raise NotImplementedError("a jetstream hub appends to the stream; the indexer commits")
 
     def query(self, flt: bus_pb2.EventFilter, page_size: int, page_token: str) -> tuple[list[bus_pb2.StoredEvent], str]:

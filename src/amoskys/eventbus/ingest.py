@@ -2,7 +2,10 @@
 
 Handlers verify what needs no state (size, version, identity, signature, payload) and submit;
 the writer takes everything queued, checks each envelope against its agent's chain, commits all
-accepted envelopes in one transaction, and only then resolves their acks. Admission is bounded:
+accepted envelopes at once, and only then resolves their acks. A commit of more than
+`commit_part_events` events is written in parts (`SqliteStore.commit_parts`), and what light agents
+sent meanwhile is committed between the parts, so an ordinary envelope never waits behind more
+than one part. Admission is bounded:
 above the high-water mark a submission is answered RETRY with a backoff that grows with the
 backlog, so memory stays bounded whatever the clients do.
 """
@@ -102,6 +105,9 @@ class Ingest:
         self._pending_events = 0
         self._pending_by_agent: dict[str, int] = {}
         self._backlog: dict[str, collections.deque[Submission]] = {}  # writer thread only
+        self._deferred: list[_WriterTask] = []  # writer tasks that arrived between parts of a commit
+        self._parting = False  # a commit in parts is under way (writer thread)
+        self._held: list[Committed] = []  # committed between its parts: fanned out after it, in cursor order
         self._stopping = False
         self._pending_lock = threading.Lock()
         self._drain_rate = 50_000.0  # events/s, EWMA of observed commits
@@ -193,7 +199,7 @@ class Ingest:
 
     def _take_group(self) -> tuple[list[Submission], list[_WriterTask], bool]:
         """The next commit group, writer tasks apart, and True once told to stop with nothing left."""
-        tasks: list[_WriterTask] = []
+        tasks, self._deferred = self._deferred, []
         self._fill(tasks)
         return self._group(self._group_budget()), tasks, self._stopping and not self._backlog
 
@@ -224,7 +230,7 @@ class Ingest:
     def _fill(self, tasks: list[_WriterTask]) -> None:
         """Move what is queued into the per-agent backlog (waiting for work when there is none)."""
         deadline = None
-        if not self._backlog and not self._stopping:
+        if not self._backlog and not self._stopping and not tasks:
             self._stash(self._queue.get(), tasks)
             deadline = time.monotonic() + self.config.commit_max_delay_ms / 1000
         while True:
@@ -350,8 +356,9 @@ class Ingest:
             return []
         now_ns = time.time_ns()
         try:
-            self.store.commit(items, tentative, now_ns)
+            self._store(items, tentative, now_ns, {sub.header.agent_id for sub, _ in accepted})
         except StoreUnavailableError as exc:
+            self._fan_out([])
             kind = "full" if isinstance(exc, StoreFullError) else "error"
             self.metrics.store_errors.labels(kind).inc()
             log.error("store commit failed; answering RETRY", extra={"error": str(exc), "envelopes": len(items)})
@@ -364,10 +371,65 @@ class Ingest:
         stored = sum(len(i.rows) for i in items)
         self.metrics.count_stored(stored)
         self.metrics.commit_batch.observe(stored)
-        if self.on_committed is not None and self._loop is not None:
-            committed = [Committed(i.agent_id, i.first_cursor, now_ns, i.rows) for i in items if i.rows]
-            self._loop.call_soon_threadsafe(self.on_committed, committed)
+        self._fan_out([Committed(i.agent_id, i.first_cursor, now_ns, i.rows) for i in items if i.rows])
         return [(sub, ok(Reason.REASON_UNSPECIFIED, item.seq, item.chain_id)) for sub, item in accepted]
+
+    def _store(
+        self, items: list[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int, agents: set[str]
+    ) -> None:
+        """Commit `items`; more than `commit_part_events` events in parts, with the envelopes light agents
+        sent meanwhile committed between them (`agents`, those of this commit, wait: theirs stay in order)."""
+        part_events = self.config.commit_part_events
+        if self._parting or sum(len(item.rows) for item in items) <= part_events:
+            self.store.commit(items, chains, now_ns)
+            return
+        self._parting = True
+        try:
+            for _ in self.store.commit_parts(items, chains, now_ns, part_events):
+                self._between_parts(agents)
+        finally:
+            self._parting = False
+
+    def _between_parts(self, busy: set[str]) -> None:
+        """Commit (in one transaction) the next envelope of each agent not in `busy` whose next envelope is
+        light (LIGHT_EVENTS at most), up to `commit_part_events` events (at least one envelope)."""
+        self._drain_queue()
+        light: list[Submission] = []
+        events = 0
+        for agent_id, waiting in list(self._backlog.items()):
+            size = len(waiting[0].rows)
+            if agent_id in busy or size > LIGHT_EVENTS or (light and events + size > self.config.commit_part_events):
+                continue
+            light.append(waiting.popleft())
+            events += size
+            if not waiting:
+                del self._backlog[agent_id]
+        if not light:
+            return
+        try:
+            self._process(light)
+        except BaseException:
+            self._resolve([(sub, self._unavailable()) for sub in light])
+            raise
+
+    def _drain_queue(self) -> None:
+        """Move what is queued into the backlog without waiting; writer tasks wait for the next group."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._stash(item, self._deferred)
+
+    def _fan_out(self, committed: list[Committed]) -> None:
+        """Hand committed events to the subscribers in cursor order: what is committed while a commit is in
+        parts (whose ids come after that commit's) is held until that commit's last part."""
+        if self._parting:
+            self._held += committed
+            return
+        committed, self._held = committed + self._held, []
+        if committed and self.on_committed is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_committed, committed)
 
     def _decide(
         self, sub: Submission, tentative: dict[str, ChainRecord], seen: dict[tuple[str, bytes, int], bytes]

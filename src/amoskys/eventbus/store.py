@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
@@ -93,7 +93,15 @@ CREATE TABLE IF NOT EXISTS stream_positions (
     stream TEXT PRIMARY KEY,
     seq INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_parts (
+    first_id INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
 """
+# `pending_parts`: the event ids reserved by a commit made in parts (`commit_parts`) whose last part has not
+# committed yet. Written with its first part, deleted with its last; a row found when the store opens is a
+# commit cut short (a crash): its events are deleted, and as its envelopes were neither recorded nor acked,
+# their agents send them again.
 
 # Text search index: every 3-character sequence of `events.text` (already lower-cased, so case_sensitive 1),
 # without positions (detail=none: half the size and twice the insert rate of detail=full); a needle
@@ -111,7 +119,9 @@ INSERT INTO events_fts (events_fts) VALUES ('rebuild');
 COMMIT;
 """
 DROP_TEXT_INDEX = "DROP TABLE events_fts"
-INDEX_NEW_EVENTS = "INSERT INTO events_fts (rowid, text) SELECT id, text FROM events WHERE id > ? AND text != ''"
+INDEX_NEW_EVENTS = (
+    "INSERT INTO events_fts (rowid, text) SELECT id, text FROM events WHERE id BETWEEN ? AND ? AND text != ''"
+)
 PRUNE_OLD = "SELECT id FROM events WHERE received_ns < ? ORDER BY id LIMIT ?"
 PRUNE_OLDEST = "SELECT id FROM events ORDER BY id LIMIT ?"
 TRIGRAM = 3
@@ -119,9 +129,12 @@ MAX_NEEDLE_TRIGRAMS = 16  # a longer needle is narrowed by its first 16 distinct
 INDEX_PROBE = 5000  # more candidates than this: scan newest-first with `instr` (a common word fills a page fast)
 
 INSERT_EVENT = (
-    "INSERT INTO events (ts_ns, received_ns, host, agent_id, agent, kind, severity, event_id, text, body) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (id, ts_ns, received_ns, host, agent_id, agent, kind, severity, event_id, text, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# The first id a commit may not show yet (Subscribe replay stops before it): the lowest id reserved by a
+# commit still in parts. Ids are handed out in order, so every id below it is final.
+HORIZON = "(SELECT coalesce(min(first_id), 9223372036854775807) FROM pending_parts)"
 UPSERT_AGENT = """
 INSERT INTO agents (agent_id, host, kind, version, first_seen_ns, last_seen_ns, last_heartbeat_ns,
                     heartbeat_interval_s, events_total, envelopes_total, alerts_total, last_seq,
@@ -206,6 +219,9 @@ class Store(Protocol):
         now_ns: int,
         position: tuple[str, int] | None = None,
     ) -> None: ...
+    def commit_parts(
+        self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int, part_events: int
+    ) -> Iterator[None]: ...
     def query(
         self, flt: bus_pb2.EventFilter, page_size: int, page_token: str
     ) -> tuple[list[bus_pb2.StoredEvent], str]: ...
@@ -296,9 +312,28 @@ class SqliteStore:
         self._readers = threading.local()
         self._all_readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._reserved_through = 0  # the highest event id handed out (a commit in parts reserves its ids ahead)
+        self._stranded: list[int] = []  # `pending_parts` of failed commits not deleted yet (disk full)
         with self._writer:
             self._writer.executescript(SCHEMA)
         self._apply_text_index()
+        self._discard_unfinished()
+
+    def _discard_unfinished(self) -> None:
+        """Delete the events of commits in parts that were cut short (a crash between parts): none of their
+        envelopes was recorded or acked, so their agents send them again and they are stored once."""
+        ranges = self._writer.execute("SELECT first_id, last_id FROM pending_parts").fetchall()
+        if not ranges:
+            return
+        deleted = sum(self._discard(first, last) for first, last in ranges)
+        log.warning("deleted the events of a commit cut short between its parts", extra={"events": deleted})
+
+    def _discard(self, first: int, last: int) -> int:
+        """Delete the events reserved from `first` to `last` and the reservation, in one transaction."""
+        with self._transaction() as conn:
+            deleted = self._delete(conn, "SELECT id FROM events WHERE id BETWEEN ? AND ?", (first, last))
+            conn.execute("DELETE FROM pending_parts WHERE first_id = ?", (first,))
+        return deleted
 
     def _apply_text_index(self) -> None:
         """Build the text index once when it is wanted and missing (a store from before it); drop it when not."""
@@ -377,8 +412,8 @@ class SqliteStore:
         """(cursor, agent_id, received_ns, row) of the events after `cursor`, in store order: what another
         process committed, for live Subscribe."""
         sql = (
-            "SELECT id, agent_id, received_ns, ts_ns, host, agent, kind, severity, event_id, text, body "
-            "FROM events WHERE id > ? ORDER BY id LIMIT ?"
+            "SELECT id, agent_id, received_ns, ts_ns, host, agent, kind, severity, event_id, text, body "  # noqa: S608
+            f"FROM events WHERE id > ? AND id < {HORIZON} ORDER BY id LIMIT ?"
         )
         rows = self._reader().execute(sql, (cursor, limit)).fetchall()
         return [(r[0], r[1], r[2], EventRow(r[3], r[4], r[5], r[6], r[7], r[8], r[9], bytes(r[10]))) for r in rows]
@@ -406,6 +441,7 @@ class SqliteStore:
     ) -> None:
         """Write envelopes, their events, chain heads and registry rows in one transaction; with `position`
         (stream, sequence), also how far the indexer has read that stream (`stream_position`)."""
+        self._discard_stranded()
         with self._transaction() as conn:
             if position is not None:
                 conn.execute(
@@ -413,24 +449,104 @@ class SqliteStore:
                     "ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq",
                     position,
                 )
-            last_before = self._last_id(conn)
+            first = next_id = self._next_id(conn)
             for item in accepted:
-                conn.executemany(INSERT_EVENT, _insert_params(item, now_ns))
-                item.first_cursor = self._first_cursor(conn, len(item.rows))
-                if item.seq:
-                    conn.execute(
-                        "INSERT INTO envelopes (agent_id, chain_id, seq, digest, received_ns) VALUES (?, ?, ?, ?, ?)",
-                        (item.agent_id, item.chain_id, item.seq, item.digest, now_ns),
-                    )
-                    self._upsert_agent(conn, item, now_ns)
-            conn.executemany(
-                "INSERT INTO chains (agent_id, chain_id, last_seq, last_hash) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (agent_id) DO UPDATE SET chain_id = excluded.chain_id, "
-                "last_seq = excluded.last_seq, last_hash = excluded.last_hash",
-                [(agent, c.chain_id, c.last_seq, c.last_hash) for agent, c in chains.items()],
-            )
-            if self.text_index == "trigram":
-                conn.execute(INDEX_NEW_EVENTS, (last_before,))
+                item.first_cursor = next_id if item.rows else 0
+                conn.executemany(INSERT_EVENT, _insert_params(item.agent_id, item.rows, next_id, now_ns))
+                next_id += len(item.rows)
+            self._index_text(conn, first, next_id - 1)
+            self._record(conn, accepted, chains, now_ns)
+
+    def commit_parts(
+        self, accepted: Sequence[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int, part_events: int
+    ) -> Iterator[None]:
+        """`commit` as transactions of at most `part_events` events each: each step of the generator commits
+        one part, and it yields between parts, where the caller may commit other envelopes (their ids come
+        after the range this commit reserves with its first part, so each envelope's ids stay contiguous).
+
+        The last part records the envelopes, the chain heads and the registry rows and ends the reservation;
+        until then nothing of it counts as stored: `pending_parts` holds its range, which queries and
+        Subscribe replay leave out and a store opened after a crash deletes. A part that fails raises
+        StoreUnavailableError once the parts before it are deleted (should that fail too, a full disk, the
+        next commit deletes them first). Abandoned between parts, they stay pending until the store opens.
+        """
+        rows = [(item.agent_id, row) for item in accepted for row in item.rows]
+        if len(rows) <= part_events:
+            self.commit(accepted, chains, now_ns)
+            return
+        self._discard_stranded()
+        first = 0
+        try:
+            for start in range(0, len(rows), part_events):
+                last_part = start + part_events >= len(rows)
+                with self._transaction() as conn:
+                    if start == 0:
+                        first = self._reserve(conn, accepted, len(rows))
+                    part = rows[start : start + part_events]
+                    conn.executemany(INSERT_EVENT, _part_params(part, first + start, now_ns))
+                    self._index_text(conn, first + start, first + start + len(part) - 1)
+                    if last_part:
+                        self._record(conn, accepted, chains, now_ns)
+                        conn.execute("DELETE FROM pending_parts WHERE first_id = ?", (first,))
+                if not last_part:
+                    yield
+        except StoreUnavailableError:
+            self._stranded.append(first)
+            with suppress(StoreUnavailableError):
+                self._discard_stranded()
+            raise
+
+    def _discard_stranded(self) -> None:
+        """Delete the parts committed before a failed one (StoreUnavailableError while that fails)."""
+        while self._stranded:
+            first = self._stranded[0]
+            row = self._writer.execute("SELECT last_id FROM pending_parts WHERE first_id = ?", (first,)).fetchone()
+            if row is not None:
+                self._discard(first, int(row[0]))
+            self._stranded.pop(0)
+
+    def _reserve(self, conn: sqlite3.Connection, accepted: Sequence[AcceptedEnvelope], count: int) -> int:
+        """Reserve `count` ids for a commit in parts (a `pending_parts` row), give each envelope its
+        `first_cursor` in them; return the first."""
+        first = self._next_id(conn)
+        conn.execute("INSERT INTO pending_parts (first_id, last_id) VALUES (?, ?)", (first, first + count - 1))
+        self._reserved_through = first + count - 1
+        next_id = first
+        for item in accepted:
+            item.first_cursor = next_id if item.rows else 0
+            next_id += len(item.rows)
+        return first
+
+    def _next_id(self, conn: sqlite3.Connection) -> int:
+        """The next free event id: past every stored one and every one reserved by a commit in parts."""
+        self._reserved_through = max(self._reserved_through, self._last_id(conn))
+        return self._reserved_through + 1
+
+    def _index_text(self, conn: sqlite3.Connection, first: int, last: int) -> None:
+        if self.text_index == "trigram" and last >= first:
+            conn.execute(INDEX_NEW_EVENTS, (first, last))
+
+    def _record(
+        self,
+        conn: sqlite3.Connection,
+        accepted: Sequence[AcceptedEnvelope],
+        chains: dict[str, ChainRecord],
+        now_ns: int,
+    ) -> None:
+        """The envelopes' records, their agents' registry rows and the chain heads."""
+        for item in accepted:
+            if item.seq:
+                conn.execute(
+                    "INSERT INTO envelopes (agent_id, chain_id, seq, digest, received_ns) VALUES (?, ?, ?, ?, ?)",
+                    (item.agent_id, item.chain_id, item.seq, item.digest, now_ns),
+                )
+                self._upsert_agent(conn, item, now_ns)
+        conn.executemany(
+            "INSERT INTO chains (agent_id, chain_id, last_seq, last_hash) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (agent_id) DO UPDATE SET chain_id = excluded.chain_id, "
+            "last_seq = excluded.last_seq, last_hash = excluded.last_hash",
+            [(agent, c.chain_id, c.last_seq, c.last_hash) for agent, c in chains.items()],
+        )
 
     @staticmethod
     def _last_id(conn: sqlite3.Connection) -> int:
@@ -442,13 +558,6 @@ class SqliteStore:
             unindex = f"INSERT INTO events_fts (events_fts, rowid, text) SELECT 'delete', id, text FROM events WHERE id IN ({selection}) AND text != ''"  # noqa: E501, S608
             conn.execute(unindex, params)
         return conn.execute(f"DELETE FROM events WHERE id IN ({selection})", params).rowcount  # noqa: S608
-
-    @staticmethod
-    def _first_cursor(conn: sqlite3.Connection, count: int) -> int:
-        if not count:
-            return 0
-        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        return int(last) - count + 1
 
     @staticmethod
     def _upsert_agent(conn: sqlite3.Connection, item: AcceptedEnvelope, now_ns: int) -> None:
@@ -463,25 +572,40 @@ class SqliteStore:
         )  # fmt: skip
 
     def query(self, flt: bus_pb2.EventFilter, page_size: int, page_token: str) -> tuple[list[bus_pb2.StoredEvent], str]:
-        """Newest first, keyset-paged on (ts_ns, id)."""
-        conn = self._reader()
-        source, clauses, params = self._filter(conn, flt)
-        if page_token:
-            ts_ns, cursor = _decode_token(page_token)
-            clauses.append("(ts_ns < ? OR (ts_ns = ? AND id < ?))")
-            params += [ts_ns, ts_ns, cursor]
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT {EVENT_COLUMNS}, ts_ns FROM {source} {where} ORDER BY ts_ns DESC, id DESC LIMIT ?"  # noqa: S608
-        rows = conn.execute(sql, [*params, page_size + 1]).fetchall()
+        """Newest first, keyset-paged on (ts_ns, id): every committed envelope's events, none of a commit
+        still in parts (`commit_parts`)."""
+        ts_ns, cursor = _decode_token(page_token) if page_token else (0, 0)
+        with self._snapshot() as conn:
+            source, clauses, params = self._filter(conn, flt)
+            if page_token:
+                clauses.append("(ts_ns < ? OR (ts_ns = ? AND id < ?))")
+                params += [ts_ns, ts_ns, cursor]
+            for first, last in conn.execute("SELECT first_id, last_id FROM pending_parts").fetchall():
+                clauses.append("id NOT BETWEEN ? AND ?")
+                params += [first, last]
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            sql = f"SELECT {EVENT_COLUMNS}, ts_ns FROM {source} {where} ORDER BY ts_ns DESC, id DESC LIMIT ?"  # noqa: S608
+            rows = conn.execute(sql, [*params, page_size + 1]).fetchall()
         events = [_stored(row[:4]) for row in rows[:page_size]]
         token = _encode_token(rows[page_size - 1][4], rows[page_size - 1][0]) if len(rows) > page_size else ""
         return events, token
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """This thread's reader in a read transaction: its statements see one state of the store."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
     def after_cursor(self, cursor: int, flt: bus_pb2.EventFilter, limit: int) -> list[bus_pb2.StoredEvent]:
-        """Stored events after `cursor` in store order (for Subscribe replay)."""
+        """Stored events after `cursor` in store order (for Subscribe replay), up to the first id of a commit
+        still in parts: a cursor never passes an event that is yet to show."""
         conn = self._reader()
         source, clauses, params = self._filter(conn, flt, after=cursor)
-        clauses.append("id > ?")
+        clauses.append(f"id > ? AND id < {HORIZON}")
         sql = f"SELECT {EVENT_COLUMNS} FROM {source} WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
         return [_stored(row) for row in conn.execute(sql, [*params, cursor, limit])]
 
@@ -509,7 +633,8 @@ class SqliteStore:
         return int(row[0]) - 1 if row and row[0] else self.last_cursor()
 
     def last_cursor(self) -> int:
-        row = self._reader().execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
+        """The last cursor Subscribe may pass: below every commit still in parts."""
+        row = self._reader().execute(f"SELECT min(coalesce((SELECT max(id) FROM events), 0), {HORIZON} - 1)").fetchone()  # noqa: S608
         return int(row[0])
 
     def list_agents(self) -> list[bus_pb2.AgentInfo]:
@@ -566,10 +691,16 @@ class SqliteStore:
         self._writer.close()
 
 
-def _insert_params(item: AcceptedEnvelope, now_ns: int) -> Iterator[tuple[object, ...]]:
-    agent_id = item.agent_id
-    for ts_ns, host, agent, kind, severity, event_id, text, body in item.rows:
-        yield (ts_ns, now_ns, host, agent_id, agent, kind, severity, event_id, text, body)
+def _insert_params(agent_id: str, rows: Sequence[EventRow], first_id: int, now_ns: int) -> Iterator[tuple[object, ...]]:
+    """INSERT_EVENT's parameters for one envelope's rows, ids from `first_id`."""
+    for event_id, (ts_ns, host, agent, kind, severity, source_id, text, body) in enumerate(rows, first_id):
+        yield (event_id, ts_ns, now_ns, host, agent_id, agent, kind, severity, source_id, text, body)
+
+
+def _part_params(part: Sequence[tuple[str, EventRow]], first_id: int, now_ns: int) -> Iterator[tuple[object, ...]]:
+    """INSERT_EVENT's parameters for (agent_id, row) pairs, ids from `first_id`."""
+    for event_id, (agent_id, (ts_ns, host, agent, kind, severity, source_id, text, body)) in enumerate(part, first_id):
+        yield (event_id, ts_ns, now_ns, host, agent_id, agent, kind, severity, source_id, text, body)
 
 
 T = TypeVar("T")
