@@ -373,10 +373,12 @@ class Ingest:
         self, sub: Submission, tentative: dict[str, ChainRecord], seen: dict[tuple[str, bytes, int], bytes]
     ) -> _Decision:
         h = sub.header
-        stored = seen.get((h.agent_id, h.chain_id, h.seq)) or self.store.stored_digest(h.agent_id, h.chain_id, h.seq)
-        if stored is not None:
-            return self._resent(sub, stored)
         state = tentative.get(h.agent_id) or self.chains.get(h.agent_id)
+        if state is None or state.chain_id != h.chain_id or h.seq <= state.last_seq:  # else not stored yet
+            key = (h.agent_id, h.chain_id, h.seq)
+            stored = seen.get(key) or self.store.stored_digest(*key)
+            if stored is not None:
+                return self._resent(sub, stored)
         if state is None or state.chain_id != h.chain_id:
             return self._new_chain(sub, state)
         if h.seq <= state.last_seq:
