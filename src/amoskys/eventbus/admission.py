@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from amoskys.config import EventBusConfig
 from amoskys.envelope import PROTOCOL_VERSION, verify_signature
 from amoskys.errors import VerificationError
-from amoskys.eventbus.acks import Ack, Reason, Status, invalid, retry, unauthorized
+from amoskys.eventbus.acks import STATUS_RETRY, Ack, Reason, invalid, retry, unauthorized
 from amoskys.eventbus.auth import Peer, TrustState
 from amoskys.eventbus.edge import MAX_HEADER_BYTES, event_refusal, header_refusal, observed_ns
 from amoskys.eventbus.ingest import Ingest
@@ -134,7 +134,7 @@ class Admission:
             return None
         hold = min(remaining, MAX_HOLD_S)
         backoff_ms = max(int(remaining * 2000), 1)
-        return Ack(Status.RETRY, Reason.REASON_BACKING_OFF, "wait the backoff you were given", backoff_ms, hold_s=hold)
+        return Ack(STATUS_RETRY, Reason.REASON_BACKING_OFF, "wait the backoff you were given", backoff_ms, hold_s=hold)
 
     def _precheck(
         self, raw: bytes, peer: Peer | None
@@ -183,7 +183,7 @@ class Admission:
 
     def _told_to_wait(self, peer: Peer | None, ack: Ack) -> Ack:
         """Note a RETRY with a backoff: a compliant agent waits at least half of it (its jitter is +-50 %)."""
-        if peer is not None and ack.status == Status.RETRY and ack.backoff_ms:
+        if peer is not None and ack.status == STATUS_RETRY and ack.backoff_ms:
             self._retry_until[peer.cn] = time.monotonic() + ack.backoff_ms / 2000
         return ack
 
