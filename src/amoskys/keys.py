@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from nacl.signing import VerifyKey
 
 from amoskys.catalog import AGENT_KINDS, split_agent_id
 from amoskys.errors import IdentityError
@@ -172,6 +173,11 @@ class Enrolment:
     key: ed25519.Ed25519PublicKey
     host: str
     kind: str
+    verify_key: VerifyKey = field(init=False, repr=False, compare=False)  # the key for libsodium (the hub's checks)
+
+    def __post_init__(self) -> None:
+        raw = self.key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        object.__setattr__(self, "verify_key", VerifyKey(raw))
 
 
 def _enrolment(agent_id: str, entry: object, origin: str) -> Enrolment:

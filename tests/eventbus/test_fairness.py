@@ -134,6 +134,20 @@ async def test_an_idle_publish_stream_is_ended(tight_hub: LiveHub) -> None:
     assert "idle" in (caught.value.details() or "")
 
 
+async def test_a_publish_stream_that_keeps_sending_outlives_the_idle_limit(tight_hub: LiveHub) -> None:
+    """The idle limit counts from the last envelope: one every 0.4 s keeps a stream up for 2.5 idle limits."""
+    agent = tight_hub.agent("web1-proc")
+    async with tight_hub.channel(agent.tls) as channel:
+        call = hub_stub(channel).PublishStream()
+        for _ in range(7):
+            await call.write(agent.seal(make_events(1)))
+            assert (await call.read()).status == Ack.OK
+            await asyncio.sleep(0.4)
+        await call.write(agent.seal(make_events(1)))
+        assert (await call.read()).status == Ack.OK
+        call.cancel()
+
+
 async def test_revocation_ends_open_streams_on_reload(tight_hub: LiveHub) -> None:
     agent = tight_hub.agent("web1-proc")
     async with tight_hub.channel(agent.tls) as channel, tight_hub.channel(tight_hub.consumer_tls()) as consumer:

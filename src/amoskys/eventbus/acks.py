@@ -8,11 +8,30 @@ from typing import NamedTuple
 from amoskys.envelope import reason_label
 from amoskys.v1 import envelope_pb2
 
-__all__ = ["Ack", "Reason", "Refusal", "Status", "invalid", "label", "ok", "retry", "unauthorized"]
+__all__ = [
+    "NO_REASON",
+    "STATUS_INVALID",
+    "STATUS_OK",
+    "STATUS_RETRY",
+    "STATUS_UNAUTHORIZED",
+    "Ack",
+    "Reason",
+    "Refusal",
+    "Status",
+    "invalid",
+    "label",
+    "ok",
+    "retry",
+    "unauthorized",
+]
 
 Status = envelope_pb2.PublishAck.Status
 Reason = envelope_pb2.PublishAck.Reason
 label = reason_label
+# The values every envelope's answer uses, looked up once (a protobuf enum's attributes are found by Python code).
+STATUS_OK, STATUS_RETRY = Status.OK, Status.RETRY
+STATUS_INVALID, STATUS_UNAUTHORIZED = Status.INVALID, Status.UNAUTHORIZED
+NO_REASON = Reason.REASON_UNSPECIFIED
 
 
 class Refusal(NamedTuple):
@@ -25,7 +44,7 @@ class Refusal(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class Ack:
     status: int
-    code: int = Reason.REASON_UNSPECIFIED
+    code: int = NO_REASON
     details: str = ""  # for people; the text is "<label>: <details>"
     backoff_ms: int = 0
     acked_seq: int = 0
@@ -34,7 +53,7 @@ class Ack:
 
     @property
     def reason(self) -> str:
-        if self.code == Reason.REASON_UNSPECIFIED:
+        if self.code == NO_REASON:
             return self.details
         return f"{label(self.code)}: {self.details}" if self.details else label(self.code)
 
@@ -50,16 +69,16 @@ class Ack:
 
 
 def ok(code: int, acked_seq: int, chain_id: bytes) -> Ack:
-    return Ack(Status.OK, code, "", 0, acked_seq, chain_id)
+    return Ack(STATUS_OK, code, "", 0, acked_seq, chain_id)
 
 
 def retry(code: int, details: str, backoff_ms: int, acked_seq: int = 0, chain_id: bytes = b"") -> Ack:
-    return Ack(Status.RETRY, code, details, backoff_ms, acked_seq, chain_id)
+    return Ack(STATUS_RETRY, code, details, backoff_ms, acked_seq, chain_id)
 
 
 def invalid(code: int, details: str, acked_seq: int = 0) -> Ack:
-    return Ack(Status.INVALID, code, details, acked_seq=acked_seq)
+    return Ack(STATUS_INVALID, code, details, acked_seq=acked_seq)
 
 
 def unauthorized(code: int, details: str) -> Ack:
-    return Ack(Status.UNAUTHORIZED, code, details)
+    return Ack(STATUS_UNAUTHORIZED, code, details)

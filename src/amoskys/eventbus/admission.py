@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 from google.protobuf.message import DecodeError
 
 from amoskys.config import EventBusConfig
-from amoskys.envelope import PROTOCOL_VERSION, envelope_digest, verify_signature
+from amoskys.envelope import PROTOCOL_VERSION, verify_signature
 from amoskys.errors import VerificationError
-from amoskys.eventbus.acks import Ack, Reason, Status, invalid, retry, unauthorized
+from amoskys.eventbus.acks import STATUS_RETRY, Ack, Reason, invalid, retry, unauthorized
 from amoskys.eventbus.auth import Peer, TrustState
 from amoskys.eventbus.edge import MAX_HEADER_BYTES, event_refusal, header_refusal, observed_ns
 from amoskys.eventbus.ingest import Ingest
@@ -134,7 +134,7 @@ class Admission:
             return None
         hold = min(remaining, MAX_HOLD_S)
         backoff_ms = max(int(remaining * 2000), 1)
-        return Ack(Status.RETRY, Reason.REASON_BACKING_OFF, "wait the backoff you were given", backoff_ms, hold_s=hold)
+        return Ack(STATUS_RETRY, Reason.REASON_BACKING_OFF, "wait the backoff you were given", backoff_ms, hold_s=hold)
 
     def _precheck(
         self, raw: bytes, peer: Peer | None
@@ -152,9 +152,9 @@ class Admission:
         """The signature and the payload's size; then, at once, the sender's room in the writer's backlog
         (taken now: the checks of its other envelopes may be under way); then its events in steps. The
         last step hands the envelope to the writer."""
-        refusal = self._signature(envelope, header)
-        if refusal is not None:
-            return refusal
+        digest = self._signature(envelope, header)
+        if isinstance(digest, Ack):
+            return digest
         yield
         batch = _batch(envelope, header)
         if isinstance(batch, Ack):
@@ -164,7 +164,7 @@ class Admission:
             return refusal
         submitted = False
         try:
-            checked = yield from self._unpack(envelope, batch, header, peer)
+            checked = yield from self._unpack(batch, header, digest, peer)
             if isinstance(checked, Ack):
                 return checked
             submitted = True
@@ -183,7 +183,7 @@ class Admission:
 
     def _told_to_wait(self, peer: Peer | None, ack: Ack) -> Ack:
         """Note a RETRY with a backoff: a compliant agent waits at least half of it (its jitter is +-50 %)."""
-        if peer is not None and ack.status == Status.RETRY and ack.backoff_ms:
+        if peer is not None and ack.status == STATUS_RETRY and ack.backoff_ms:
             self._retry_until[peer.cn] = time.monotonic() + ack.backoff_ms / 2000
         return ack
 
@@ -219,12 +219,12 @@ class Admission:
             return retry(Reason.REASON_OVERLOADED, "backlog above high-water mark", backoff)
         return None
 
-    def _signature(self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> Ack | None:
+    def _signature(self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> Ack | bytes:
+        """The envelope's digest once its signature verifies with the sender's key, else INVALID."""
         try:
-            verify_signature(envelope, self.trust.agents[header.agent_id].key)
+            return verify_signature(envelope, self.trust.agents[header.agent_id].verify_key)
         except VerificationError:
             return invalid(Reason.REASON_BAD_SIGNATURE, "signature does not verify with the agent's key")
-        return None
 
     def _identity_refusal(self, header: envelope_pb2.EnvelopeHeader, peer: Peer | None) -> Ack | None:
         reason = self.trust.refusal(peer, time.time_ns())
@@ -240,11 +240,7 @@ class Admission:
         return None
 
     def _unpack(
-        self,
-        envelope: envelope_pb2.Envelope,
-        batch: events_pb2.EventBatch,
-        header: envelope_pb2.EnvelopeHeader,
-        peer: Peer | None,
+        self, batch: events_pb2.EventBatch, header: envelope_pb2.EnvelopeHeader, digest: bytes, peer: Peer | None
     ) -> Generator[None, None, Ack | Checked]:
         """Every event against the sender's enrolment, and its row, STEP_EVENTS a step."""
         enrolment = self.trust.agents[header.agent_id]
@@ -263,7 +259,7 @@ class Admission:
         self.metrics.events_received.inc(len(rows))
         rows = self._file_times(rows)
         update = agent_update(batch, rows, enrolment.host, enrolment.kind, peer.not_after_ns if peer else 0)
-        return Checked(header, rows, update, envelope_digest(envelope.header, envelope.payload))
+        return Checked(header, rows, update, digest)
 
     def _file_times(self, rows: list[EventRow]) -> list[EventRow]:
         """Events that claim to be further ahead than the allowed skew are filed at the hub's time (counted)."""

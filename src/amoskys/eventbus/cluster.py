@@ -25,7 +25,7 @@ import nats.js.errors
 
 from amoskys.config import EventBusConfig
 from amoskys.envelope import GENESIS_HASH
-from amoskys.eventbus.acks import Ack, Reason, ok, retry
+from amoskys.eventbus.acks import NO_REASON, STATUS_OK, Ack, Reason, ok, retry
 from amoskys.eventbus.ingest import Committed, Ingest, Submission
 from amoskys.eventbus.jetstream import Head, JetStreamLog, WrongLastSequenceError
 from amoskys.eventbus.metrics import BusMetrics
@@ -36,7 +36,6 @@ from amoskys.v1 import bus_pb2, envelope_pb2, events_pb2
 __all__ = ["ClusterIngest", "JetStreamStore"]
 
 log = logging.getLogger(__name__)
-Status = envelope_pb2.PublishAck.Status
 MAX_RACES = 8  # re-decisions of one envelope after "wrong last sequence" before answering RETRY
 NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
 
@@ -126,7 +125,7 @@ class ClusterIngest(Ingest):
     def _process(self, group: list[Submission]) -> None:
         started = time.monotonic()
         acks = self.stream.call(self._append_group(group))
-        stored = sum(len(sub.rows) for sub, ack in acks if ack.status == Status.OK and not ack.reason)
+        stored = sum(len(sub.rows) for sub, ack in acks if ack.status == STATUS_OK and not ack.reason)
         self.metrics.events_stored.inc(stored)
         self.metrics.commit_batch.observe(stored)
         self._finish_group(group, started, acks, stored)
@@ -181,7 +180,7 @@ class ClusterIngest(Ingest):
             return self._resent_at(sub, await self.stream.digest_at(pub.seq))
         self.chains[agent_id], self._head_seq[agent_id] = chain, pub.seq
         self._store_down_until = 0.0
-        return ok(Reason.REASON_UNSPECIFIED, chain.last_seq, chain.chain_id)
+        return ok(NO_REASON, chain.last_seq, chain.chain_id)
 
     def _resent_at(self, sub: Submission, stored: bytes | None) -> Ack:
         decision = self._resent(sub, stored or b"")

@@ -26,7 +26,7 @@ from typing import Any
 from amoskys.catalog import HUB_AGENT
 from amoskys.config import BackpressureConfig
 from amoskys.envelope import GENESIS_HASH
-from amoskys.eventbus.acks import Ack, Reason, invalid, ok, retry
+from amoskys.eventbus.acks import NO_REASON, Ack, Reason, invalid, ok, retry
 from amoskys.eventbus.metrics import BusMetrics
 from amoskys.eventbus.rows import EventRow, to_row
 from amoskys.eventbus.store import (
@@ -151,10 +151,10 @@ class Ingest:
     def reserve(self, agent_id: str, events: int) -> None:
         """Count `events` of `agent_id` as waiting for commit once `overload_backoff` let them in (their
         checks may still be under way); then `submit` them, or `release` them if refused after all."""
-        self._adjust_pending(agent_id, events)
+        self._adjust_pending({agent_id: events})
 
     def release(self, agent_id: str, events: int) -> None:
-        self._adjust_pending(agent_id, -events)
+        self._adjust_pending({agent_id: -events})
 
     def submit(
         self,
@@ -181,14 +181,16 @@ class Ingest:
         self._queue.put(_WriterTask(fn, future))
         return await future
 
-    def _adjust_pending(self, agent_id: str, delta: int) -> None:
+    def _adjust_pending(self, deltas: dict[str, int]) -> None:
+        """Add to the events each agent has waiting for commit (one lock for a whole commit group)."""
         with self._pending_lock:
-            self._pending_events += delta
-            mine = self._pending_by_agent.get(agent_id, 0) + delta
-            if mine > 0:
-                self._pending_by_agent[agent_id] = mine
-            else:
-                self._pending_by_agent.pop(agent_id, None)
+            for agent_id, delta in deltas.items():
+                self._pending_events += delta
+                mine = self._pending_by_agent.get(agent_id, 0) + delta
+                if mine > 0:
+                    self._pending_by_agent[agent_id] = mine
+                else:
+                    self._pending_by_agent.pop(agent_id, None)
             self.metrics.inflight_events.set(self._pending_events)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -336,8 +338,10 @@ class Ingest:
     ) -> None:
         """Release the group's admission budget, learn the drain rate (of `stored` events: duplicates cost next
         to nothing, they are no rate), answer the agents."""
+        released: collections.Counter[str] = collections.Counter()
         for sub in group:
-            self._adjust_pending(sub.header.agent_id, -len(sub.rows))
+            released[sub.header.agent_id] -= len(sub.rows)
+        self._adjust_pending(released)
         if stored:
             elapsed = max(time.monotonic() - started, 1e-4)
             self._drain_rate = 0.8 * self._drain_rate + 0.2 * (stored / elapsed)
@@ -372,7 +376,7 @@ class Ingest:
         self.metrics.count_stored(stored)
         self.metrics.commit_batch.observe(stored)
         self._fan_out([Committed(i.agent_id, i.first_cursor, now_ns, i.rows) for i in items if i.rows])
-        return [(sub, ok(Reason.REASON_UNSPECIFIED, item.seq, item.chain_id)) for sub, item in accepted]
+        return [(sub, ok(NO_REASON, item.seq, item.chain_id)) for sub, item in accepted]
 
     def _store(
         self, items: list[AcceptedEnvelope], chains: dict[str, ChainRecord], now_ns: int, agents: set[str]
@@ -435,10 +439,12 @@ class Ingest:
         self, sub: Submission, tentative: dict[str, ChainRecord], seen: dict[tuple[str, bytes, int], bytes]
     ) -> _Decision:
         h = sub.header
-        stored = seen.get((h.agent_id, h.chain_id, h.seq)) or self.store.stored_digest(h.agent_id, h.chain_id, h.seq)
-        if stored is not None:
-            return self._resent(sub, stored)
         state = tentative.get(h.agent_id) or self.chains.get(h.agent_id)
+        if state is None or state.chain_id != h.chain_id or h.seq <= state.last_seq:  # else not stored yet
+            key = (h.agent_id, h.chain_id, h.seq)
+            stored = seen.get(key) or self.store.stored_digest(*key)
+            if stored is not None:
+                return self._resent(sub, stored)
         if state is None or state.chain_id != h.chain_id:
             return self._new_chain(sub, state)
         if h.seq <= state.last_seq:

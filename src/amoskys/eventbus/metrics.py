@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from amoskys.eventbus.acks import Ack, Status, label
+from amoskys.eventbus.acks import STATUS_INVALID, STATUS_OK, STATUS_RETRY, STATUS_UNAUTHORIZED, Ack, label
 from amoskys.v1 import bus_pb2
 
 __all__ = ["BusMetrics", "CertificateExpiry", "Totals"]
@@ -97,10 +97,12 @@ class BusMetrics:
     def count_answer(self, ack: Ack) -> None:
         """The one place answers are counted by reason (`acks.label`): RETRY in `retries`, INVALID and
         UNAUTHORIZED in `rejected`; OK in neither (duplicates have their own counter)."""
-        if ack.status == Status.RETRY:
+        if ack.status == STATUS_OK:
+            return
+        if ack.status == STATUS_RETRY:
             self.retries.labels(label(ack.code)).inc()
             self.totals.retries += 1
-        elif ack.status in (Status.INVALID, Status.UNAUTHORIZED):
+        elif ack.status in (STATUS_INVALID, STATUS_UNAUTHORIZED):
             self.rejected.labels(label(ack.code)).inc()
             self.totals.rejected[label(ack.code)] += 1
 

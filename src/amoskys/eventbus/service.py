@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,14 +86,17 @@ class BusService:
         peer = peer_of(context)
         handle = await self._open_stream(peer, context)
         pending: asyncio.Queue[tuple[float, Ack | asyncio.Future[Any]] | None] = asyncio.Queue(maxsize=64)
+        idle_s = self.config.limits.stream_idle_s
+        idle = _IdleTimer(
+            idle_s, lambda: handle.end(f"idle: no envelope for {idle_s:g} s", grpc.StatusCode.UNAVAILABLE)
+        )
 
         async def read() -> None:
             try:
-                async for raw in _idle_limited(requests, self.config.limits.stream_idle_s):
+                async for raw in requests:
+                    idle.waiting_since = None
                     await pending.put((time.perf_counter(), self._begin(raw, peer)))
-            except TimeoutError:
-                reason = f"idle: no envelope for {self.config.limits.stream_idle_s:g} s"
-                handle.end(reason, grpc.StatusCode.UNAVAILABLE)
+                    idle.waiting_since = idle.loop.time()
             finally:
                 await pending.put(None)
 
@@ -107,6 +110,7 @@ class BusService:
             if handle.reason:
                 await context.abort(handle.code, handle.reason)
         finally:
+            idle.cancel()
             self.metrics.count_stream(-1)
             self.streams.close(handle)
             reader.cancel()
@@ -255,12 +259,23 @@ def _wake(sub: Subscriber) -> None:
         sub.queue.put_nowait(OVERFLOW)
 
 
-async def _idle_limited(requests: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
-    """The stream's messages; TimeoutError when none came for `idle_s`."""
-    iterator = aiter(requests)
-    while True:
-        try:
-            raw = await asyncio.wait_for(anext(iterator), idle_s)
-        except StopAsyncIteration:
-            return
-        yield raw
+class _IdleTimer:
+    """Calls `on_idle` once the stream's reader has waited `idle_s` for a message: one timer per stream,
+    re-armed when it fires (`asyncio.wait_for` around each read cost a task, a future and a timer per envelope)."""
+
+    def __init__(self, idle_s: float, on_idle: Callable[[], object]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.idle_s, self.on_idle = idle_s, on_idle
+        self.waiting_since: float | None = self.loop.time()  # None while a message is being handled
+        self._timer = self.loop.call_later(idle_s, self._check)
+
+    def _check(self) -> None:
+        since = self.waiting_since
+        remaining = self.idle_s if since is None else since + self.idle_s - self.loop.time()
+        if remaining > 0:
+            self._timer = self.loop.call_later(remaining, self._check)
+        else:
+            self.on_idle()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
