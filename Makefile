@@ -47,6 +47,7 @@ $(DEPLOY_STAMP): requirements-deploy.txt
 molecule: $(DEPLOY_STAMP) proto
 	$(DEPLOY_PATH) molecule test -s default
 	$(DEPLOY_PATH) molecule test -s fleet
+	$(DEPLOY_PATH) molecule test -s cluster
 
 # The lab fleet (hub, web1, db1 on br-amx-lab) with site.yml; `make lab-down` removes it.
 lab: host-lab $(DEPLOY_STAMP) proto

@@ -13,10 +13,10 @@ from fleet import (
     HUB,
     LEGACY_USER,
     SHARED_GROUP,
-    effective_config,
     ids,
     machine,
     main_pid,
+    private_keys,
     service_user,
     unit_config_path,
     unit_kind,
@@ -33,10 +33,7 @@ DROPIN_GROUPS = {"auth": {"adm", "systemd-journal"}}
 
 def secrets_of(name: str, unit: str) -> list[str]:
     """Files only this unit may read: its private keys, its configuration, the hub's trust map."""
-    config = effective_config(name, unit)
-    paths = [config["tls"]["key"], unit_config_path(unit)]
-    if "signing_key" in config:
-        paths.append(config["signing_key"])
+    paths = [*private_keys(name, unit), unit_config_path(unit)]
     if unit == EVENTBUS:
         paths.append(TRUST_MAP)
     return paths
