@@ -114,8 +114,10 @@ def test_listening_ports(name: str, unit: str) -> None:
     held = {(addr, port) for addr, port, pids in listeners(name) if pid in pids}
     for role, listen in ports.items():
         addr, _, port = listen.rpartition(":")
-        wanted = {ANY_ADDRESS: "*"}.get(addr, addr)
-        assert (wanted, int(port)) in held, f"{unit} {role} {listen}: not held by its main process {pid}: {held}"
+        wanted = {"*", ANY_ADDRESS} if addr == ANY_ADDRESS else {addr}  # gRPC binds [::] (ss: *), NATS 0.0.0.0
+        assert {(a, int(port)) for a in wanted} & held, (
+            f"{unit} {role} {listen}: not held by its main process {pid}: {held}"
+        )
 
 
 # The UI serves no metrics; NATS's monitoring endpoint (loopback, JSON) is not Prometheus's format.
