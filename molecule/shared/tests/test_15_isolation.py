@@ -11,8 +11,11 @@ from fleet import (
     EVENTBUS,
     HOST_UNITS,
     HUB,
+    INDEXER,
+    INDEXER_HOSTS,
     LEGACY_USER,
     SHARED_GROUP,
+    UI,
     ids,
     machine,
     main_pid,
@@ -122,3 +125,16 @@ def test_ptrace_capability_does_not_reach_other_processes_memory(name: str, unit
     assert "cap_sys_ptrace" in unit_property(name, unit, "AmbientCapabilities")
     assert "read" in allowed, allowed[:20]  # an allow list, as systemd resolved it
     assert not {"process_vm_readv", "process_vm_writev"} & set(allowed)
+
+
+INDEX = "/var/lib/amoskys/index/events.db"  # a hub cluster's index: the indexer writes it, the hub there reads it
+
+
+@pytest.mark.parametrize("name", INDEXER_HOSTS)
+def test_only_the_hub_and_the_indexer_read_the_index(name: str) -> None:
+    assert read_as(name, INDEXER, [INDEX]) == {INDEX: "read"}
+    assert read_as(name, EVENTBUS, [INDEX]) == {INDEX: "read"}
+    if name == HUB:
+        assert read_as(name, UI, [INDEX]) == {INDEX: "denied"}
+    directory = machine(name).file(INDEX.rpartition("/")[0])
+    assert (directory.user, directory.group, directory.mode) == ("amoskys-indexer", "amoskys-hub", 0o2750)
