@@ -34,7 +34,7 @@ from fleet import (
 pytestmark = pytest.mark.skipif(not NATS_HOSTS, reason="a single hub: no NATS cluster in this scenario")
 MONITOR = f"http://127.0.0.1:{NATS_MONITOR_PORT}"
 INDEX = "/var/lib/amoskys/index/events.db"
-VENV_PYTHON = AMOSKYS.replace("/amoskys", "/python")
+VENV_PYTHON = AMOSKYS.rpartition("/")[0] + "/python"  # the venv has nats-py
 # Connect to a NATS node with a client certificate of this host; prints "connected" or the error's class name.
 NATS_CONNECT = """
 import asyncio, ssl, sys
@@ -69,7 +69,7 @@ def test_nats_node_routed_to_every_other_and_jetstream_ready(name: str) -> None:
 
 def test_stream_replicated_on_every_node() -> None:
     """The hubs' stream (created by the indexer or the first hub) has min(3, nodes) current replicas."""
-    details = monitor(NATS_HOSTS[0], "/jsz?streams=true")
+    details = monitor(NATS_HOSTS[0], "/jsz?streams=true&config=true")
     streams = [s for account in details["account_details"] for s in account.get("stream_detail", [])]
     stream = next(s for s in streams if s["name"] == "AMOSKYS")
     assert stream["config"]["num_replicas"] == min(3, len(NATS_HOSTS))
