@@ -3,7 +3,7 @@
 # up: boot the lab fleet (hub, web1, db1: systemd-nspawn machines on br-amx-lab 10.231.12.0/24), run
 # `ansible-playbook -i inventories/lab playbooks/lab.yml` (the lab's snmpd on every machine, then site.yml),
 # print how to reach it. Running it again keeps the machines and re-runs the playbook. CLUSTER=1: the hub cluster
-# instead of one hub (hub2 and hub3 join hub as NATS + hub nodes, hub is also the indexer: inventories/lab-cluster.yml
+# instead of one hub (hub2 and hub3 join hub as NATS + hub nodes, hub is also the indexer: inventories/lab-cluster
 # over inventories/lab; README, The hub cluster).
 # quiet: 20 SSH logins to every machine, then count the alerts the hub stored since SINCE (an ISO time, UTC;
 # default: the logins' start) for every host: fails unless there are none (issue 12: quiet by default).
@@ -20,7 +20,7 @@ cluster_machines=(hub2:10.231.12.13 hub3:10.231.12.14)
 inventory=(-i inventories/lab)
 if [ "${CLUSTER:-0}" != 0 ] && [ "${1:-}" != down ]; then
   machines+=("${cluster_machines[@]}")
-  inventory+=(-i inventories/lab-cluster.yml)
+  inventory+=(-i inventories/lab-cluster)
 fi
 key=.lab/id_ed25519
 ssh_opts="-i $key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
