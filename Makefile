@@ -47,10 +47,13 @@ $(DEPLOY_STAMP): requirements-deploy.txt
 molecule: $(DEPLOY_STAMP) proto
 	$(DEPLOY_PATH) molecule test -s default
 	$(DEPLOY_PATH) molecule test -s fleet
+	$(DEPLOY_PATH) molecule test -s cluster
 
-# The lab fleet (hub, web1, db1 on br-amx-lab) with site.yml; `make lab-down` removes it.
+# The lab fleet (hub, web1, db1 on br-amx-lab) with site.yml; `make lab-down` removes it. CLUSTER=1: a hub
+# cluster (hub2, hub3 join hub as NATS + hub nodes; README, The hub cluster).
+CLUSTER ?= 0
 lab: host-lab $(DEPLOY_STAMP) proto
-	$(DEPLOY_PATH) scripts/lab.sh up
+	$(DEPLOY_PATH) CLUSTER=$(CLUSTER) scripts/lab.sh up
 
 lab-down:
 	scripts/lab.sh down

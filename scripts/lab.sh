@@ -2,7 +2,9 @@
 # Usage: scripts/lab.sh up|down|quiet [SINCE]   (make lab / make lab-down / make lab-verify)
 # up: boot the lab fleet (hub, web1, db1: systemd-nspawn machines on br-amx-lab 10.231.12.0/24), run
 # `ansible-playbook -i inventories/lab playbooks/lab.yml` (the lab's snmpd on every machine, then site.yml),
-# print how to reach it. Running it again keeps the machines and re-runs the playbook.
+# print how to reach it. Running it again keeps the machines and re-runs the playbook. CLUSTER=1: the hub cluster
+# instead of one hub (hub2 and hub3 join hub as NATS + hub nodes, hub is also the indexer: inventories/lab-cluster
+# over inventories/lab; README, The hub cluster).
 # quiet: 20 SSH logins to every machine, then count the alerts the hub stored since SINCE (an ISO time, UTC;
 # default: the logins' start) for every host: fails unless there are none (issue 12: quiet by default).
 # down: power the machines off (their overlays are discarded),
@@ -14,6 +16,12 @@ nspawn=scripts/nspawn
 rootfs=${LAB_ROOTFS:-/var/cache/nspawn-rootfs/amoskys-bookworm}
 bridge=br-amx-lab subnet=10.231.12.0/24 gateway=10.231.12.1
 machines=(hub:10.231.12.10 web1:10.231.12.11 db1:10.231.12.12)
+cluster_machines=(hub2:10.231.12.13 hub3:10.231.12.14)
+inventory=(-i inventories/lab)
+if [ "${CLUSTER:-0}" != 0 ] && [ "${1:-}" != down ]; then
+  machines+=("${cluster_machines[@]}")
+  inventory+=(-i inventories/lab-cluster)
+fi
 key=.lab/id_ed25519
 ssh_opts="-i $key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
 
@@ -36,11 +44,12 @@ up() {
     done
   done
   local start=$SECONDS
-  ansible-playbook -i inventories/lab playbooks/lab.yml
+  ansible-playbook "${inventory[@]}" playbooks/lab.yml
   echo "site.yml on the lab took $((SECONDS - start)) s"
   cat <<INFO
 
-Lab fleet is up: hub 10.231.12.10 (hub, UI, Prometheus, agents), web1 10.231.12.11, db1 10.231.12.12.
+Lab fleet is up: hub 10.231.12.10 (hub, UI, Prometheus, agents), web1 10.231.12.11, db1 10.231.12.12$(
+  [ "${CLUSTER:-0}" = 0 ] || echo "; a hub cluster: NATS + hub on hub, hub2 10.231.12.13, hub3 10.231.12.14 (hub: the indexer)").
   UI (127.0.0.1:8080 inside hub) and Prometheus (9090 on hub), through an SSH tunnel:
       ssh $ssh_opts -N -L 8080:127.0.0.1:8080 -L 9090:127.0.0.1:9090 root@10.231.12.10
       then open http://127.0.0.1:8080/ (UI) and http://127.0.0.1:9090/targets (Prometheus)
@@ -80,7 +89,7 @@ PY
 }
 
 down() {
-  "$nspawn/nspawn-stop.sh" "${machines[@]%%:*}"
+  "$nspawn/nspawn-stop.sh" "${machines[@]%%:*}" "${cluster_machines[@]%%:*}"
   "$nspawn/net-down.sh" "$bridge" "$subnet"
 }
 

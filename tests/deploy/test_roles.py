@@ -60,7 +60,7 @@ def test_alert_rules_use_exported_metrics() -> None:
         for metric in re.findall(r"(?<![\"\w])amoskys_\w+", rule["expr"]):
             base = re.sub(r"_(total|bucket|sum|count)$", "", metric)
             assert base in exported, f"{rule['alert']}: {metric} is not exported by any amoskys component"
-        assert re.search(r'component="amoskys_(hub|agent)"', rule["expr"]), rule["alert"]
+        assert re.search(r'component="amoskys_(hub|agent|indexer)"', rule["expr"]), rule["alert"]
 
 
 def facts_set_by_tasks() -> set[str]:

@@ -22,8 +22,10 @@ def granted_raw_packets(kind: str) -> bool:
 
 
 NETWORK_SENSORS = sorted(kind for kind in AGENT_KINDS if granted_raw_packets(kind))
-# Every unit: the hub, the UI and one per agent kind of the registry (a new kind is measured as it comes).
-THRESHOLDS = {"amoskys-eventbus.service": CEILING, "amoskys-ui.service": CEILING} | {
+# Every unit: the hub, the UI, the hub cluster's NATS node and indexer, and one per agent kind of the registry (a
+# new kind is measured as it comes).
+SERVICES = ["amoskys-eventbus.service", "amoskys-ui.service", "amoskys-nats.service", "amoskys-indexer.service"]
+THRESHOLDS = dict.fromkeys(SERVICES, CEILING) | {
     f"amoskys-agent@{kind}.service": SENSOR_CEILING if kind in NETWORK_SENSORS else CEILING for kind in AGENT_KINDS
 }
 

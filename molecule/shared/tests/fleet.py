@@ -1,7 +1,7 @@
 """What the scenario's inventory says runs where, and small helpers the verify tests share.
 
-Every expectation comes from Molecule's inventory (groups amoskys_hub / amoskys_agents, the per-host
-amoskys_agents_enabled list), so one suite verifies every scenario.
+Every expectation comes from Molecule's inventory (groups amoskys_hub / amoskys_agents, in a hub cluster also
+amoskys_nats / amoskys_indexer, the per-host amoskys_agents_enabled list), so one suite verifies every scenario.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 AMOSKYS = "/opt/amoskys/venv/bin/amoskys"
 # One user per service (systemd/*.service User=), each also in the shared group that reaches /etc/amoskys.
 HUB_USER, UI_USER, AGENT_USER_PREFIX = "amoskys-hub", "amoskys-ui", "amoskys-agent-"
+NATS_USER, INDEXER_USER = "amoskys-nats", "amoskys-indexer"
 SHARED_GROUP = "amoskys"
 LEGACY_USER = "amoskys"  # the one user of earlier releases, retired by site.yml
 SOURCE = Path(__file__).resolve().parents[3]  # the repository: its venv (`make`) is the build the roles deploy
@@ -49,7 +50,10 @@ DEFAULT_AGENTS = [kind["name"] for kind in AGENT_KINDS if kind["default"]]  # am
 AGENT_METRICS_PORT = {kind["name"]: kind["metrics_port"] for kind in AGENT_KINDS}
 AGENT_EVENT_KIND = {kind["name"]: kind["main_body"] for kind in AGENT_KINDS}  # what each reports on its own
 HUB_PORT, HUB_METRICS_PORT, UI_PORT = 50051, 9124, 8080
+NATS_PORT, NATS_ROUTE_PORT, NATS_MONITOR_PORT, INDEXER_METRICS_PORT = 4222, 6222, 8222, 9127
 EVENTBUS, UI = "amoskys-eventbus.service", "amoskys-ui.service"
+NATS, INDEXER = "amoskys-nats.service", "amoskys-indexer.service"
+SERVICE_USERS = {EVENTBUS: HUB_USER, UI: UI_USER, NATS: NATS_USER, INDEXER: INDEXER_USER}
 # CAP_NET_RAW (the unit's drop-ins grant it): the issue allows these network sensors a higher exposure
 NETWORK_SENSORS = {
     kind for kind in KINDS
@@ -63,14 +67,14 @@ def agent_unit(kind: str) -> str:
 
 
 def unit_kind(unit: str) -> str:
-    """'amoskys-agent@flow.service' -> 'flow'; hub and UI -> 'eventbus' / 'ui'."""
+    """'amoskys-agent@flow.service' -> 'flow'; hub, UI, NATS, indexer -> 'eventbus' / 'ui' / 'nats' / 'indexer'."""
     name = unit.removesuffix(".service")
     return name.split("@", 1)[1] if "@" in name else name.removeprefix("amoskys-")
 
 
 def service_user(unit: str) -> str:
-    """The user (and group) the unit runs as: amoskys-hub, amoskys-ui, amoskys-agent-KIND."""
-    return {EVENTBUS: HUB_USER, UI: UI_USER}.get(unit) or AGENT_USER_PREFIX + unit_kind(unit)
+    """The user (and group) the unit runs as: amoskys-hub, -ui, -nats, -indexer, amoskys-agent-KIND."""
+    return SERVICE_USERS.get(unit) or AGENT_USER_PREFIX + unit_kind(unit)
 
 
 def exposure_limit(unit: str) -> float:
@@ -81,9 +85,12 @@ def group(name: str) -> list[str]:
     return sorted(RUNNER.get_hosts(name))
 
 
-HUB = group("amoskys_hub")[0]
+HUBS = group("amoskys_hub")
+NATS_HOSTS = group("amoskys_nats")  # a hub cluster: its NATS nodes (none for a single hub)
+INDEXER_HOSTS = group("amoskys_indexer") if NATS_HOSTS else []
+HUB = (INDEXER_HOSTS or HUBS)[0]  # the console: the hub queries are answered by, the UI, Prometheus, the operator
 AGENT_HOSTS = group("amoskys_agents")
-ALL_HOSTS = sorted(set(group("amoskys_hub")) | set(AGENT_HOSTS))
+ALL_HOSTS = sorted(set(HUBS) | set(AGENT_HOSTS) | set(NATS_HOSTS))
 
 
 @functools.cache
@@ -107,8 +114,13 @@ def agents_on(name: str) -> list[str]:
 
 
 def units_on(name: str) -> list[str]:
-    hub_units = [EVENTBUS, UI] if name in group("amoskys_hub") else []
-    return hub_units + [agent_unit(kind) for kind in agents_on(name)]
+    services = [
+        *([NATS] if name in NATS_HOSTS else []),
+        *([INDEXER] if name in INDEXER_HOSTS else []),
+        *([EVENTBUS] if name in HUBS else []),
+        *([UI] if name == HUB else []),
+    ]
+    return services + [agent_unit(kind) for kind in agents_on(name)]
 
 
 def agent_ids() -> list[str]:
@@ -151,13 +163,31 @@ def main_pid(name: str, unit: str) -> int:
 
 def unit_config_path(unit: str) -> str:
     kind = unit_kind(unit)
-    return f"/etc/amoskys/{kind}.yml" if unit in (EVENTBUS, UI) else f"/etc/amoskys/agent-{kind}.yml"
+    if unit == NATS:
+        return "/etc/amoskys/nats.conf"
+    return f"/etc/amoskys/{kind}.yml" if unit in (EVENTBUS, UI, INDEXER) else f"/etc/amoskys/agent-{kind}.yml"
+
+
+NATS_KEY = "/etc/amoskys/tls/nats.key"  # the NATS node's server and route key (nats.conf)
+
+
+def private_keys(name: str, unit: str) -> list[str]:
+    """The unit's private keys: its TLS key, its NATS client key (hub cluster), an agent's signing key."""
+    if unit == NATS:
+        return [NATS_KEY]
+    config = effective_config(name, unit)
+    keys = [config["tls"]["key"]] if "tls" in config else []
+    if unit == INDEXER or config.get("store", {}).get("backend") == "jetstream":
+        keys.append(config["nats"]["key"])
+    if "signing_key" in config:
+        keys.append(config["signing_key"])
+    return keys
 
 
 @functools.cache
 def effective_config(name: str, unit: str) -> dict[str, Any]:
     """The unit's configuration as the program sees it (`amoskys config check`, defaults filled in)."""
-    component = {EVENTBUS: "eventbus", UI: "ui"}.get(unit, "agent")
+    component = {EVENTBUS: "eventbus", UI: "ui", INDEXER: "indexer"}.get(unit, "agent")
     out = machine(name).check_output(f"{AMOSKYS} config check --component {component} {unit_config_path(unit)}")
     return dict(yaml.safe_load(out))
 

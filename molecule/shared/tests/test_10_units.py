@@ -16,6 +16,12 @@ from fleet import (
     HUB,
     HUB_METRICS_PORT,
     HUB_PORT,
+    INDEXER,
+    INDEXER_METRICS_PORT,
+    NATS,
+    NATS_MONITOR_PORT,
+    NATS_PORT,
+    NATS_ROUTE_PORT,
     UI,
     UI_PORT,
     address,
@@ -27,6 +33,7 @@ from fleet import (
     listeners,
     machine,
     main_pid,
+    private_keys,
     service_user,
     unit_kind,
     unit_property,
@@ -75,7 +82,13 @@ def test_exposure_within_threshold(name: str, unit: str) -> None:
 
 
 def _expected_ports(name: str, unit: str) -> dict[str, str]:
-    """{role: "address:port"} the unit must hold, from its effective configuration."""
+    """{role: "address:port"} the unit must hold, from its effective configuration (NATS: the role's defaults)."""
+    if unit == NATS:
+        return {
+            "client": f"{ANY_ADDRESS}:{NATS_PORT}",
+            "route": f"{ANY_ADDRESS}:{NATS_ROUTE_PORT}",
+            "monitor": f"127.0.0.1:{NATS_MONITOR_PORT}",
+        }
     config = effective_config(name, unit)
     if unit == EVENTBUS:
         return {"grpc": config["listen"], "metrics": config["metrics"]["listen"]}
@@ -93,17 +106,22 @@ def test_listening_ports(name: str, unit: str) -> None:
         assert ports["metrics"].endswith(f":{HUB_METRICS_PORT}")
     elif unit == UI:
         assert ports["http"] == f"127.0.0.1:{UI_PORT}", "the UI listens on loopback only by default"
-    else:
+    elif unit == INDEXER:
+        assert ports["metrics"].endswith(f":{INDEXER_METRICS_PORT}"), ports
+    elif unit != NATS:
         assert ports["metrics"].endswith(f":{AGENT_METRICS_PORT[kind]}"), ports
     pid = main_pid(name, unit)
     held = {(addr, port) for addr, port, pids in listeners(name) if pid in pids}
     for role, listen in ports.items():
         addr, _, port = listen.rpartition(":")
-        wanted = {ANY_ADDRESS: "*"}.get(addr, addr)
-        assert (wanted, int(port)) in held, f"{unit} {role} {listen}: not held by its main process {pid}: {held}"
+        wanted = {"*", ANY_ADDRESS} if addr == ANY_ADDRESS else {addr}  # gRPC binds [::] (ss: *), NATS 0.0.0.0
+        assert {(a, int(port)) for a in wanted} & held, (
+            f"{unit} {role} {listen}: not held by its main process {pid}: {held}"
+        )
 
 
-METRICS_UNITS = [(name, unit) for name, unit in HOST_UNITS if unit != UI]  # the UI serves no metrics
+# The UI serves no metrics; NATS's monitoring endpoint (loopback, JSON) is not Prometheus's format.
+METRICS_UNITS = [(name, unit) for name, unit in HOST_UNITS if unit not in (UI, NATS)]
 
 
 @pytest.mark.parametrize(("name", "unit"), METRICS_UNITS, ids=ids(METRICS_UNITS))
@@ -113,22 +131,14 @@ def test_metrics_endpoint_answers(name: str, unit: str) -> None:
     listen = listen.replace(ANY_ADDRESS, address(name))
     status, body = http_get(HUB, f"http://{listen}/metrics")
     assert status == 200, body
-    prefix = "amoskys_bus_" if unit == EVENTBUS else "amoskys_agent_"
+    prefix = {EVENTBUS: "amoskys_bus_", INDEXER: "amoskys_indexer_"}.get(unit, "amoskys_agent_")
     assert prefix in body
-
-
-def _private_keys(name: str, unit: str) -> list[str]:
-    config = effective_config(name, unit)
-    keys = [config["tls"]["key"]]
-    if "signing_key" in config:
-        keys.append(config["signing_key"])
-    return keys
 
 
 @pytest.mark.parametrize(("name", "unit"), HOST_UNITS, ids=ids(HOST_UNITS))
 def test_private_keys_0600_owned_by_service_user(name: str, unit: str) -> None:
     host = machine(name)
-    for path in _private_keys(name, unit):
+    for path in private_keys(name, unit):
         key = host.file(path)
         assert key.exists, path
         assert key.mode == 0o600, f"{path}: {oct(key.mode)}"

@@ -11,12 +11,15 @@ from fleet import (
     EVENTBUS,
     HOST_UNITS,
     HUB,
+    INDEXER,
+    INDEXER_HOSTS,
     LEGACY_USER,
     SHARED_GROUP,
-    effective_config,
+    UI,
     ids,
     machine,
     main_pid,
+    private_keys,
     service_user,
     unit_config_path,
     unit_kind,
@@ -33,10 +36,7 @@ DROPIN_GROUPS = {"auth": {"adm", "systemd-journal"}}
 
 def secrets_of(name: str, unit: str) -> list[str]:
     """Files only this unit may read: its private keys, its configuration, the hub's trust map."""
-    config = effective_config(name, unit)
-    paths = [config["tls"]["key"], unit_config_path(unit)]
-    if "signing_key" in config:
-        paths.append(config["signing_key"])
+    paths = [*private_keys(name, unit), unit_config_path(unit)]
     if unit == EVENTBUS:
         paths.append(TRUST_MAP)
     return paths
@@ -125,3 +125,16 @@ def test_ptrace_capability_does_not_reach_other_processes_memory(name: str, unit
     assert "cap_sys_ptrace" in unit_property(name, unit, "AmbientCapabilities")
     assert "read" in allowed, allowed[:20]  # an allow list, as systemd resolved it
     assert not {"process_vm_readv", "process_vm_writev"} & set(allowed)
+
+
+INDEX = "/var/lib/amoskys/index/events.db"  # a hub cluster's index: the indexer writes it, the hub there reads it
+
+
+@pytest.mark.parametrize("name", INDEXER_HOSTS)
+def test_only_the_hub_and_the_indexer_read_the_index(name: str) -> None:
+    assert read_as(name, INDEXER, [INDEX]) == {INDEX: "read"}
+    assert read_as(name, EVENTBUS, [INDEX]) == {INDEX: "read"}
+    if name == HUB:
+        assert read_as(name, UI, [INDEX]) == {INDEX: "denied"}
+    directory = machine(name).file(INDEX.rpartition("/")[0])
+    assert (directory.user, directory.group, directory.mode) == ("amoskys-indexer", "amoskys-hub", 0o2750)

@@ -16,6 +16,9 @@ from fleet import (
     HOST_AGENTS,
     HUB,
     HUB_METRICS_PORT,
+    HUBS,
+    INDEXER_HOSTS,
+    INDEXER_METRICS_PORT,
     PROC_HOSTS,
     address,
     agents_on,
@@ -74,8 +77,9 @@ def prometheus(path: str) -> dict:
 
 
 def expected_scrape_ports() -> Counter[int]:
-    """How many targets Prometheus should scrape per port: the hub's metrics, then each agent."""
-    ports = Counter({HUB_METRICS_PORT: 1})
+    """How many targets Prometheus should scrape per port: every hub's metrics, the indexer's, then each agent."""
+    ports = Counter({HUB_METRICS_PORT: len(HUBS)})
+    ports.update(INDEXER_METRICS_PORT for _ in INDEXER_HOSTS)
     for name in AGENT_HOSTS:
         ports.update(AGENT_METRICS_PORT[kind] for kind in agents_on(name))
     return ports
@@ -96,8 +100,8 @@ def test_prometheus_scrapes_every_target_from_file_sd() -> None:
     targets = wait_until(all_up, timeout=90, interval=3, what=f"targets up per port {dict(expected)}")
     print("\n".join(f"{t['scrapeUrl']} {t['health']} {t['discoveredLabels']['__meta_filepath']}" for t in targets))
     stored = prometheus("/api/v1/query?query=amoskys_bus_events_stored_total")["data"]["result"]
-    assert stored, "Prometheus has no amoskys_bus_events_stored_total"
-    assert float(stored[0]["value"][1]) > 0, stored
+    assert len(stored) == len(HUBS), stored  # one series per hub
+    assert sum(float(series["value"][1]) for series in stored) > 0, stored
 
 
 def test_promtool_checks_config_and_shipped_rules() -> None:
