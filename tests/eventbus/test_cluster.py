@@ -16,6 +16,8 @@ import pytest_asyncio
 from amoskys.client import hub_stub
 from amoskys.config import IndexerConfig, NatsConfig, StoreConfig
 from amoskys.envelope import ChainState
+from amoskys.errors import AmoskysError
+from amoskys.eventbus import jetstream
 from amoskys.eventbus.indexer import Indexer
 from amoskys.eventbus.server import create_server
 from amoskys.v1 import bus_pb2, envelope_pb2
@@ -292,3 +294,18 @@ async def test_a_stale_head_is_caught_by_the_expected_last_sequence(cluster: Clu
 
 async def _all(call: AsyncIterator[envelope_pb2.PublishAck]) -> list[envelope_pb2.PublishAck]:
     return [ack async for ack in call]
+
+
+async def test_a_stream_the_nodes_cannot_hold_is_refused_with_the_reason(tmp_path: Path) -> None:
+    with nats_cluster(tmp_path / "nats", size=1) as nats:
+        fits = msgspec.convert({**nats_section(nats.servers), "stream": "FITS"}, NatsConfig)
+        too_big = msgspec.convert({**nats_section(nats.servers), "stream": "HUGE", "max_bytes": 1 << 60}, NatsConfig)
+        client = await jetstream.connect(fits, "test")
+        try:
+            js = client.jetstream()
+            await jetstream.ensure_stream(js, fits)
+            await jetstream.ensure_stream(js, fits)  # already there (another hub made it): nothing to do
+            with pytest.raises(AmoskysError, match=r"refused to create stream 'HUGE'.*error \d+"):
+                await jetstream.ensure_stream(js, too_big)
+        finally:
+            await client.close()

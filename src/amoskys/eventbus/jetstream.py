@@ -27,6 +27,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 
 from amoskys.config import NatsConfig
+from amoskys.errors import AmoskysError
 from amoskys.eventbus.store import AgentUpdate, ChainRecord
 
 __all__ = [
@@ -56,6 +57,7 @@ MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 STREAM_WAIT_S = 30.0  # how long a starting hub or indexer waits for JetStream to have a leader
 UNAVAILABLE = 503
+STREAM_NAME_IN_USE = 10058  # JetStream's JSStreamNameExistErr: another hub created the stream meanwhile
 WRONG_LAST_SEQUENCE = 10071  # JetStream's JSStreamWrongLastSequenceErrF: another writer appended first
 NATS_SUBJECT_ESCAPE = str.maketrans({".": "~"})  # '~' is never in an agent id, '.' separates subject tokens
 
@@ -156,8 +158,16 @@ async def _ensure_stream(js: JetStreamContext, config: NatsConfig) -> None:
     )
     try:
         await js.add_stream(stream)
-    except nats.js.errors.BadRequestError:  # another hub created it meanwhile
-        await js.stream_info(config.stream)
+    except nats.js.errors.APIError as exc:
+        if exc.code == UNAVAILABLE or isinstance(exc, nats.js.errors.ServiceUnavailableError):
+            raise  # electing a leader: `when_ready` asks again
+        if exc.err_code != STREAM_NAME_IN_USE:  # e.g. max_bytes more than the nodes' JetStream storage
+            raise AmoskysError(
+                f"jetstream refused to create stream {config.stream!r} ({config.replicas} replicas, "
+                f"max_bytes {config.max_bytes}): {exc.description} (error {exc.err_code})"
+            ) from exc
+        await js.stream_info(config.stream)  # another hub created it meanwhile
+        return
     log.info("jetstream stream created", extra={"stream": config.stream, "replicas": config.replicas})
 
 
