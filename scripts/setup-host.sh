@@ -24,6 +24,7 @@ iputils-ping       | test | ping                                  | traffic for 
 snmpd              | test | snmpd                                 | the snmp agent's real peer
 snmp               | test | snmpget snmptrap snmpinform            | snmp tests query snmpd and send traps and informs
 curl               | test | curl                                  | proc: a download piped into a shell
+strace             | test | strace                                | proc: the reader under the unit's user makes no sched_setscheduler call
 tcpdump            | test | tcpdump                               | flow tests: MPLS and fragment captures
 tshark             | test | tshark                                | ...checked against Wireshark's dissectors
 logrotate          | test | logrotate                             | auth tests rotate logs the way Debian does
