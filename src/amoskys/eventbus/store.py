@@ -449,12 +449,11 @@ class SqliteStore:
                     "ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq",
                     position,
                 )
-            first = next_id = self._next_id(conn)
-            for item in accepted:
-                item.first_cursor = next_id if item.rows else 0
-                conn.executemany(INSERT_EVENT, _insert_params(item.agent_id, item.rows, next_id, now_ns))
-                next_id += len(item.rows)
-            self._index_text(conn, first, next_id - 1)
+            first = self._next_id(conn)
+            _place(accepted, first)
+            rows = _event_rows(accepted)
+            conn.executemany(INSERT_EVENT, _insert_params(rows, first, now_ns))
+            self._index_text(conn, first, first + len(rows) - 1)
             self._record(conn, accepted, chains, now_ns)
 
     def commit_parts(
@@ -470,7 +469,7 @@ class SqliteStore:
         StoreUnavailableError once the parts before it are deleted (should that fail too, a full disk, the
         next commit deletes them first). Abandoned between parts, they stay pending until the store opens.
         """
-        rows = [(item.agent_id, row) for item in accepted for row in item.rows]
+        rows = _event_rows(accepted)
         if len(rows) <= part_events:
             self.commit(accepted, chains, now_ns)
             return
@@ -481,9 +480,10 @@ class SqliteStore:
                 last_part = start + part_events >= len(rows)
                 with self._transaction() as conn:
                     if start == 0:
-                        first = self._reserve(conn, accepted, len(rows))
+                        first = self._reserve(conn, len(rows))
+                        _place(accepted, first)
                     part = rows[start : start + part_events]
-                    conn.executemany(INSERT_EVENT, _part_params(part, first + start, now_ns))
+                    conn.executemany(INSERT_EVENT, _insert_params(part, first + start, now_ns))
                     self._index_text(conn, first + start, first + start + len(part) - 1)
                     if last_part:
                         self._record(conn, accepted, chains, now_ns)
@@ -505,16 +505,11 @@ class SqliteStore:
                 self._discard(first, int(row[0]))
             self._stranded.pop(0)
 
-    def _reserve(self, conn: sqlite3.Connection, accepted: Sequence[AcceptedEnvelope], count: int) -> int:
-        """Reserve `count` ids for a commit in parts (a `pending_parts` row), give each envelope its
-        `first_cursor` in them; return the first."""
+    def _reserve(self, conn: sqlite3.Connection, count: int) -> int:
+        """Reserve `count` ids for a commit in parts (a `pending_parts` row); return the first."""
         first = self._next_id(conn)
         conn.execute("INSERT INTO pending_parts (first_id, last_id) VALUES (?, ?)", (first, first + count - 1))
         self._reserved_through = first + count - 1
-        next_id = first
-        for item in accepted:
-            item.first_cursor = next_id if item.rows else 0
-            next_id += len(item.rows)
         return first
 
     def _next_id(self, conn: sqlite3.Connection) -> int:
@@ -691,15 +686,22 @@ class SqliteStore:
         self._writer.close()
 
 
-def _insert_params(agent_id: str, rows: Sequence[EventRow], first_id: int, now_ns: int) -> Iterator[tuple[object, ...]]:
-    """INSERT_EVENT's parameters for one envelope's rows, ids from `first_id`."""
-    for event_id, (ts_ns, host, agent, kind, severity, source_id, text, body) in enumerate(rows, first_id):
-        yield (event_id, ts_ns, now_ns, host, agent_id, agent, kind, severity, source_id, text, body)
+def _place(accepted: Sequence[AcceptedEnvelope], first_id: int) -> None:
+    """Give each envelope its `first_cursor`: its events take the ids from `first_id` on, in order."""
+    next_id = first_id
+    for item in accepted:
+        item.first_cursor = next_id if item.rows else 0
+        next_id += len(item.rows)
 
 
-def _part_params(part: Sequence[tuple[str, EventRow]], first_id: int, now_ns: int) -> Iterator[tuple[object, ...]]:
+def _event_rows(accepted: Sequence[AcceptedEnvelope]) -> list[tuple[str, EventRow]]:
+    """The envelopes' (agent_id, row) pairs, in the order `_place` gives them ids."""
+    return [(item.agent_id, row) for item in accepted for row in item.rows]
+
+
+def _insert_params(rows: Sequence[tuple[str, EventRow]], first_id: int, now_ns: int) -> Iterator[tuple[object, ...]]:
     """INSERT_EVENT's parameters for (agent_id, row) pairs, ids from `first_id`."""
-    for event_id, (agent_id, (ts_ns, host, agent, kind, severity, source_id, text, body)) in enumerate(part, first_id):
+    for event_id, (agent_id, (ts_ns, host, agent, kind, severity, source_id, text, body)) in enumerate(rows, first_id):
         yield (event_id, ts_ns, now_ns, host, agent_id, agent, kind, severity, source_id, text, body)
 
 
