@@ -141,6 +141,7 @@ def test_shell_started_by_a_web_daemon(agent: ProcAgent, tmp_bin: Path) -> None:
         (["env", "DB_PASSWORD=s3cret", "run"], ["env", "DB_PASSWORD=***", "run"]),
         (["curl", "https://bob:pw@example.org/x"], ["curl", "https://bob:***@example.org/x"]),
         (["ls", "-la", "/tmp"], ["ls", "-la", "/tmp"]),
+        (["mysql", "--pa\u017fs", "hunter2"], ["mysql", "--pa\u017fs", "***"]),  # re.I folds the long s to s
     ],
 )
 def test_secrets_are_masked(argv: list[str], expected: list[str]) -> None:

@@ -74,6 +74,7 @@ SECRET_ASSIGN = re.compile(
 URL_CREDENTIALS = re.compile(r"(://[^/:@\s]+:)[^@\s]+@")
 # One of these is in every argument the three patterns above mask: looking for them in the whole command
 # line spares most execs the three patterns for each argument (the agent's largest cost for a command line).
+# In the casefold: re.I also takes the long s (U+017F) for "s" and the Kelvin sign for "k"; lower() keeps both.
 SECRET_HINTS = ("pass", "pwd", "secret", "token", "api", "access", "auth", "://")
 CONTAINER_ID = re.compile(r"([0-9a-f]{64})")
 MASK = "***"
@@ -89,7 +90,7 @@ Deliver = Callable[[list[events_pb2.Event]], object]
 
 def mask_cmdline(argv: list[str]) -> list[str]:
     """Mask the values of password/token-like flags and assignments, and passwords in URLs."""
-    text = "\0".join(argv).lower()
+    text = "\0".join(argv).casefold()
     if not any(hint in text for hint in SECRET_HINTS):
         return argv
     masked: list[str] = []
