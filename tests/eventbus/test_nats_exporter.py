@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import nats
+import nats.js.errors
 import pytest
-from nats.js import api
+from nats.js import JetStreamContext, api
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +27,7 @@ from amoskys.eventbus.natsmetrics import NatsCollector, NatsExporter
 from tests.natscluster import NatsNode, nats_cluster
 
 T = TypeVar("T")
+NO_SUITABLE_PEERS = 10005  # JetStream's err_code
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -86,12 +88,25 @@ def wait_for(probe: Callable[[], T], ready: Callable[[T], bool], timeout: float 
         time.sleep(0.2)
 
 
+async def add_stream(js: JetStreamContext, name: str, replicas: int, wait_s: float = 20) -> None:
+    """A new cluster is healthy before its meta leader knows every peer: "no suitable peers" is asked again."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            await js.add_stream(name=name, subjects=[f"{name.lower()}.>"], num_replicas=replicas)
+            return
+        except nats.js.errors.BadRequestError as error:
+            if error.err_code != NO_SUITABLE_PEERS or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
 async def fill_stream(server: str, name: str, replicas: int, messages: int) -> None:
     """A stream of `replicas` with `messages` messages and a durable consumer that has read none."""
     client = await nats.connect(server)
     try:
         js = client.jetstream(timeout=10)
-        await js.add_stream(name=name, subjects=[f"{name.lower()}.>"], num_replicas=replicas)
+        await add_stream(js, name, replicas)
         for n in range(messages):
             await js.publish(f"{name.lower()}.x", b"%d" % n)
         await js.add_consumer(name, api.ConsumerConfig(durable_name="reader", ack_policy=api.AckPolicy.EXPLICIT))
