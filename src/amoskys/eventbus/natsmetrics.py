@@ -30,6 +30,7 @@ __all__ = ["NatsCollector", "NatsExporter", "NodeView", "read_node"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+UP_HELP = "1 when the node's monitoring endpoint answered this scrape"
 
 
 class _Json(msgspec.Struct, frozen=True):
@@ -146,40 +147,46 @@ def read_node(base_url: str, timeout_s: float) -> NodeView:
     )
 
 
-def _gauge(name: str, documentation: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(f"amoskys_nats_{name}", documentation, labels=list(labels or {}))
-    family.add_metric(list((labels or {}).values()), value)
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
     return family
 
 
 def _node_metrics(node: NodeView) -> Iterator[Metric]:
     varz = node.varz
-    yield _gauge("healthy", "1 when /healthz says ok (JetStream current, the node routed)", node.healthz.status == "ok")
-    yield _gauge("routes", "Cluster routes of this node", node.routez.num_routes)
-    yield _gauge("connections", "Client connections (hubs, indexer)", varz.connections)
+    yield _gauge(
+        "amoskys_nats_healthy",
+        "1 when /healthz says ok (JetStream current, the node routed)",
+        node.healthz.status == "ok",
+    )
+    yield _gauge("amoskys_nats_routes", "Cluster routes of this node", node.routez.num_routes)
+    yield _gauge("amoskys_nats_connections", "Client connections (hubs, indexer)", varz.connections)
     slow = CounterMetricFamily("amoskys_nats_slow_consumers", "Clients cut for not reading fast enough")
     slow.add_metric([], varz.slow_consumers)
     yield slow
-    yield _gauge("mem_bytes", "Resident memory of nats-server", varz.mem)
-    yield _gauge("cpu_percent", "CPU use of nats-server as /varz gives it (percent of one core)", varz.cpu)
-    yield _gauge("jetstream_enabled", "1 when JetStream runs on this node", node.jetstream)
+    yield _gauge("amoskys_nats_mem_bytes", "Resident memory of nats-server", varz.mem)
+    yield _gauge("amoskys_nats_cpu_percent", "CPU use of nats-server as /varz gives it (percent of one core)", varz.cpu)
+    yield _gauge("amoskys_nats_jetstream_enabled", "1 when JetStream runs on this node", node.jetstream)
 
 
 def _jetstream_metrics(jsz: Jsz) -> Iterator[Metric]:
     limits = jsz.config or JetStreamLimits()
     for name, what, memory, file in (
-        ("used_bytes", "JetStream storage used", jsz.memory, jsz.storage),
-        ("reserved_bytes", "JetStream storage reserved by stream limits", jsz.reserved_memory, jsz.reserved_storage),
-        ("max_bytes", "JetStream storage this node may use", limits.max_memory, limits.max_storage),
-    ):
-        family = GaugeMetricFamily(f"amoskys_nats_jetstream_{name}", f"{what}, by store", labels=["store"])
+        ("amoskys_nats_jetstream_used_bytes", "JetStream storage used", jsz.memory, jsz.storage),
+        ("amoskys_nats_jetstream_reserved_bytes", "JetStream storage reserved by stream limits",
+         jsz.reserved_memory, jsz.reserved_storage),
+        ("amoskys_nats_jetstream_max_bytes", "JetStream storage this node may use", limits.max_memory,
+         limits.max_storage),
+    ):  # fmt: skip
+        family = GaugeMetricFamily(name, f"{what}, by store", labels=["store"])
         family.add_metric(["memory"], memory)
         family.add_metric(["file"], file)
         yield family
-    yield _gauge("jetstream_streams", "Streams on this node", jsz.streams)
-    yield _gauge("jetstream_consumers", "Consumers on this node", jsz.consumers)
-    yield _gauge("jetstream_messages", "Messages in this node's streams", jsz.messages)
-    yield _gauge("jetstream_bytes", "Bytes in this node's streams", jsz.bytes)
+    yield _gauge("amoskys_nats_jetstream_streams", "Streams on this node", jsz.streams)
+    yield _gauge("amoskys_nats_jetstream_consumers", "Consumers on this node", jsz.consumers)
+    yield _gauge("amoskys_nats_jetstream_messages", "Messages in this node's streams", jsz.messages)
+    yield _gauge("amoskys_nats_jetstream_bytes", "Bytes in this node's streams", jsz.bytes)
 
 
 def _stream_metrics(node: NodeView) -> Iterator[Metric]:
@@ -229,10 +236,10 @@ class NatsCollector(Collector):
             node = read_node(self.monitor_url, self.timeout_s)
         except (OSError, ValueError, http.client.HTTPException, msgspec.DecodeError) as error:
             self._note(False, error)
-            yield _gauge("up", "1 when the node's monitoring endpoint answered this scrape", 0)
+            yield _gauge("amoskys_nats_up", UP_HELP, 0)
             return
         self._note(True, None)
-        yield _gauge("up", "1 when the node's monitoring endpoint answered this scrape", 1)
+        yield _gauge("amoskys_nats_up", UP_HELP, 1)
         yield from _node_metrics(node)
         if node.jetstream:
             yield from _jetstream_metrics(node.jsz)
