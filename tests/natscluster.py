@@ -34,6 +34,7 @@ class NatsNode:
     root: Path
     client_port: int = field(default_factory=_free_port)
     route_port: int = field(default_factory=_free_port)
+    monitor_port: int = field(default_factory=_free_port)  # HTTP monitoring: /varz, /routez, /jsz, /healthz
     tls: tuple[Path, Path, Path] | None = None  # (ca, cert, key): clients must present a certificate of `ca`
     proc: subprocess.Popen[bytes] | None = None
 
@@ -54,7 +55,7 @@ class NatsNode:
             tls = f'tls {{ ca_file: "{ca}", cert_file: "{cert}", key_file: "{key}", verify: true }}'
         config = self.root / f"{self.name}.conf"
         config.write_text(
-            f"server_name: {self.name}\nlisten: 127.0.0.1:{self.client_port}\n"
+            f"server_name: {self.name}\nlisten: 127.0.0.1:{self.client_port}\nhttp: 127.0.0.1:{self.monitor_port}\n"
             f"jetstream {{ store_dir: {self.root / self.name} }}\n{cluster}\n{tls}\n"
         )
         return config

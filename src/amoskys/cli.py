@@ -14,7 +14,10 @@ from amoskys.errors import AmoskysError
 __all__ = ["main"]
 
 # Each module has register(subparsers); a subcommand is listed only once it really works.
-COMMAND_MODULES = ("pki", "config", "eventbus", "indexer", "status", "query", "loadgen", "agent", "ui")
+# (module nats_exporter: command nats-exporter)
+COMMAND_MODULES = (
+    "pki", "config", "eventbus", "indexer", "nats_exporter", "status", "query", "loadgen", "agent", "ui",
+)  # fmt: skip
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -34,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.__stderr__ is not None:  # the process's own stderr (the journal), whatever sys.stderr is replaced by
         faulthandler.enable(sys.__stderr__)  # a crash in a C extension (gRPC, SQLite) logs every thread's stack
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in COMMAND_MODULES else None
+    module = argv[0].replace("-", "_") if argv else ""
+    command = module if module in COMMAND_MODULES else None
     args = build_parser(command).parse_args(argv)
     try:
         result: int = args.func(args)

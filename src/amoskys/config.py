@@ -33,6 +33,7 @@ __all__ = [
     "EventBusConfig",
     "IndexerConfig",
     "NatsConfig",
+    "NatsExporterConfig",
     "Section",
     "UiConfig",
     "check_address",
@@ -199,6 +200,19 @@ class IndexerConfig(Section, frozen=True):
     max_clock_skew_s: Seconds = 300.0  # as the hubs' limits.max_clock_skew_s: later stamps are filed at stream time
     metrics: MetricsConfig = MetricsConfig(listen="127.0.0.1:9127")
     logging: LoggingConfig = LoggingConfig()
+
+
+class NatsExporterConfig(Section, frozen=True):
+    """`amoskys nats-exporter`: the local NATS node's monitoring endpoint (JSON) as Prometheus metrics."""
+
+    monitor_url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s/]+(/\S*)?\Z")] = "http://127.0.0.1:8222"
+    timeout_s: Seconds = 2.0  # a scrape asks the node at most this long (all its requests), then reports up 0
+    metrics: MetricsConfig = MetricsConfig(listen="127.0.0.1:9128")
+    logging: LoggingConfig = LoggingConfig()
+
+    def __post_init__(self) -> None:
+        if not self.metrics.listen:
+            raise ValueError("metrics: listen must not be empty (the exporter serves its metrics there)")
 
 
 class OutboxConfig(Section, frozen=True):

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+from amoskys.catalog import AGENT_KINDS
+
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = sorted(p for p in (ROOT / "roles").iterdir() if (p / "tasks" / "main.yml").exists())
 RULES = ROOT / "roles" / "amoskys_prometheus" / "files" / "amoskys.rules.yml"
@@ -43,24 +45,28 @@ def test_role_shape(role: Path) -> None:
 
 
 def exported_metrics() -> set[str]:
-    """Metric names the code declares (prometheus_client Counter/Gauge/Histogram/GaugeMetricFamily first arguments)."""
+    """Metric names the code declares (first arguments of prometheus_client's Counter, Gauge, Histogram,
+    GaugeMetricFamily, CounterMetricFamily, and of the NATS exporter's _gauge)."""
     names = set()
     for path in (ROOT / "src" / "amoskys").rglob("*.py"):
-        declared = r"\b(?:Counter|Gauge|Histogram|GaugeMetricFamily)\(\s*\"(amoskys_\w+)\""
+        declared = r"\b(?:Counter|Gauge|Histogram|GaugeMetricFamily|CounterMetricFamily|_gauge)\(\s*\"(amoskys_\w+)\""
         names |= set(re.findall(declared, path.read_text()))
     return names
 
 
 def test_alert_rules_use_exported_metrics() -> None:
     exported = exported_metrics()
-    assert {"amoskys_bus_rejected", "amoskys_agent_connected"} <= exported  # the scan itself works
+    assert {"amoskys_bus_rejected", "amoskys_agent_connected", "amoskys_nats_up"} <= exported  # the scan works
     rules = [rule for group in load(RULES)["groups"] for rule in group["rules"]]
-    assert {r["alert"] for r in rules} >= {"AmoskysHubDown", "AmoskysAgentDown", "AmoskysAgentEventsDropped"}
+    assert {r["alert"] for r in rules} >= {
+        "AmoskysHubDown", "AmoskysAgentDown", "AmoskysAgentEventsDropped",
+        "AmoskysNatsDown", "AmoskysNatsRoutesMissing", "AmoskysNatsJetStreamUnhealthy",
+    }  # fmt: skip
     for rule in rules:
         for metric in re.findall(r"(?<![\"\w])amoskys_\w+", rule["expr"]):
             base = re.sub(r"_(total|bucket|sum|count)$", "", metric)
             assert base in exported, f"{rule['alert']}: {metric} is not exported by any amoskys component"
-        assert re.search(r'component="amoskys_(hub|agent|indexer)"', rule["expr"]), rule["alert"]
+        assert re.search(r'component="amoskys_(hub|agent|indexer|nats)"', rule["expr"]), rule["alert"]
 
 
 def facts_set_by_tasks() -> set[str]:
@@ -82,3 +88,20 @@ def test_defaults_survive_argument_validation(role: Path) -> None:
         for fact in facts:
             for use in re.finditer(rf"\b{re.escape(fact)}\b(?!\s*\|\s*default\()", str(value)):
                 pytest.fail(f"{role.name}: {name} uses {fact} (set by a task) without | default(...): {use.string}")
+
+
+def test_metrics_ports_do_not_collide() -> None:
+    """The hub, indexer, NATS (client, route, monitoring) and its exporter, and every agent kind: a port each."""
+    defaults = load(ROOT / "roles" / "amoskys_common" / "defaults" / "main.yml")
+    defaults |= load(ROOT / "roles" / "amoskys_nats" / "defaults" / "main.yml")
+    ports = [value for name, value in defaults.items() if name.endswith("_port") and isinstance(value, int)]
+    ports.append(int(defaults["amoskys_nats_monitor_listen"].rpartition(":")[2]))
+    ports += [kind.metrics_port for kind in AGENT_KINDS.values()]
+    assert defaults["amoskys_common_nats_exporter_metrics_port"] in ports
+    assert len(ports) == len(set(ports)), sorted(ports)
+
+
+def test_nats_exporter_user_is_the_units() -> None:
+    users = load(ROOT / "roles" / "amoskys_common" / "vars" / "main.yml")
+    unit = (ROOT / "systemd" / "amoskys-nats-exporter.service").read_text()
+    assert f"\nUser={users['amoskys_common_nats_exporter_user']}\n" in unit

@@ -22,9 +22,12 @@ def granted_raw_packets(kind: str) -> bool:
 
 
 NETWORK_SENSORS = sorted(kind for kind in AGENT_KINDS if granted_raw_packets(kind))
-# Every unit: the hub, the UI, the hub cluster's NATS node and indexer, and one per agent kind of the registry (a
-# new kind is measured as it comes).
-SERVICES = ["amoskys-eventbus.service", "amoskys-ui.service", "amoskys-nats.service", "amoskys-indexer.service"]
+# Every unit: the hub, the UI, the hub cluster's NATS node, its exporter and the indexer, and one per agent kind of
+# the registry (a new kind is measured as it comes).
+SERVICES = [
+    "amoskys-eventbus.service", "amoskys-ui.service", "amoskys-nats.service", "amoskys-nats-exporter.service",
+    "amoskys-indexer.service",
+]  # fmt: skip
 THRESHOLDS = dict.fromkeys(SERVICES, CEILING) | {
     f"amoskys-agent@{kind}.service": SENSOR_CEILING if kind in NETWORK_SENSORS else CEILING for kind in AGENT_KINDS
 }
@@ -105,3 +108,13 @@ def test_ptrace_capability_cannot_read_other_processes_memory() -> None:
         if "CAP_SYS_PTRACE" in text:
             denied = set(" ".join(re.findall(r"^SystemCallFilter=~(.*)$", text, re.M)).split())
             assert {"process_vm_readv", "process_vm_writev"} <= denied, dropins.name
+
+
+def test_nats_exporter_unit_has_its_own_user_no_capabilities_and_loopback_only() -> None:
+    """The drop-in (amoskys_nats role) adds the hubs and scrapers; the unit itself reaches only loopback."""
+    text = (SYSTEMD / "amoskys-nats-exporter.service").read_text()
+    settings = re.findall(r"^(\w+)=(.*)$", text, re.M)
+    assert ("User", "amoskys-nats-exporter") in settings
+    assert ("CapabilityBoundingSet", "") in settings
+    assert [value for key, value in settings if key.startswith("IPAddress")] == ["any", "localhost"]
+    assert "ReadWritePaths" not in dict(settings)

@@ -31,7 +31,7 @@ RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 AMOSKYS = "/opt/amoskys/venv/bin/amoskys"
 # One user per service (systemd/*.service User=), each also in the shared group that reaches /etc/amoskys.
 HUB_USER, UI_USER, AGENT_USER_PREFIX = "amoskys-hub", "amoskys-ui", "amoskys-agent-"
-NATS_USER, INDEXER_USER = "amoskys-nats", "amoskys-indexer"
+NATS_USER, NATS_EXPORTER_USER, INDEXER_USER = "amoskys-nats", "amoskys-nats-exporter", "amoskys-indexer"
 SHARED_GROUP = "amoskys"
 LEGACY_USER = "amoskys"  # the one user of earlier releases, retired by site.yml
 SOURCE = Path(__file__).resolve().parents[3]  # the repository: its venv (`make`) is the build the roles deploy
@@ -51,9 +51,14 @@ AGENT_METRICS_PORT = {kind["name"]: kind["metrics_port"] for kind in AGENT_KINDS
 AGENT_EVENT_KIND = {kind["name"]: kind["main_body"] for kind in AGENT_KINDS}  # what each reports on its own
 HUB_PORT, HUB_METRICS_PORT, UI_PORT = 50051, 9124, 8080
 NATS_PORT, NATS_ROUTE_PORT, NATS_MONITOR_PORT, INDEXER_METRICS_PORT = 4222, 6222, 8222, 9127
+NATS_EXPORTER_METRICS_PORT = (
+    9128  # amoskys nats-exporter on every NATS node (amoskys_common_nats_exporter_metrics_port)
+)
 EVENTBUS, UI = "amoskys-eventbus.service", "amoskys-ui.service"
-NATS, INDEXER = "amoskys-nats.service", "amoskys-indexer.service"
-SERVICE_USERS = {EVENTBUS: HUB_USER, UI: UI_USER, NATS: NATS_USER, INDEXER: INDEXER_USER}
+NATS, NATS_EXPORTER, INDEXER = "amoskys-nats.service", "amoskys-nats-exporter.service", "amoskys-indexer.service"
+SERVICE_USERS = {
+    EVENTBUS: HUB_USER, UI: UI_USER, NATS: NATS_USER, NATS_EXPORTER: NATS_EXPORTER_USER, INDEXER: INDEXER_USER,
+}  # fmt: skip
 # CAP_NET_RAW (the unit's drop-ins grant it): the issue allows these network sensors a higher exposure
 NETWORK_SENSORS = {
     kind for kind in KINDS
@@ -67,13 +72,14 @@ def agent_unit(kind: str) -> str:
 
 
 def unit_kind(unit: str) -> str:
-    """'amoskys-agent@flow.service' -> 'flow'; hub, UI, NATS, indexer -> 'eventbus' / 'ui' / 'nats' / 'indexer'."""
+    """'amoskys-agent@flow.service' -> 'flow'; hub, UI, NATS, its exporter, indexer -> 'eventbus' / 'ui' / 'nats' /
+    'nats-exporter' / 'indexer'."""
     name = unit.removesuffix(".service")
     return name.split("@", 1)[1] if "@" in name else name.removeprefix("amoskys-")
 
 
 def service_user(unit: str) -> str:
-    """The user (and group) the unit runs as: amoskys-hub, -ui, -nats, -indexer, amoskys-agent-KIND."""
+    """The user (and group) the unit runs as: amoskys-hub, -ui, -nats, -nats-exporter, -indexer, amoskys-agent-KIND."""
     return SERVICE_USERS.get(unit) or AGENT_USER_PREFIX + unit_kind(unit)
 
 
@@ -115,7 +121,7 @@ def agents_on(name: str) -> list[str]:
 
 def units_on(name: str) -> list[str]:
     services = [
-        *([NATS] if name in NATS_HOSTS else []),
+        *([NATS, NATS_EXPORTER] if name in NATS_HOSTS else []),
         *([INDEXER] if name in INDEXER_HOSTS else []),
         *([EVENTBUS] if name in HUBS else []),
         *([UI] if name == HUB else []),
@@ -165,14 +171,16 @@ def unit_config_path(unit: str) -> str:
     kind = unit_kind(unit)
     if unit == NATS:
         return "/etc/amoskys/nats.conf"
-    return f"/etc/amoskys/{kind}.yml" if unit in (EVENTBUS, UI, INDEXER) else f"/etc/amoskys/agent-{kind}.yml"
+    own = (EVENTBUS, UI, INDEXER, NATS_EXPORTER)
+    return f"/etc/amoskys/{kind}.yml" if unit in own else f"/etc/amoskys/agent-{kind}.yml"
 
 
 NATS_KEY = "/etc/amoskys/tls/nats.key"  # the NATS node's server and route key (nats.conf)
 
 
 def private_keys(name: str, unit: str) -> list[str]:
-    """The unit's private keys: its TLS key, its NATS client key (hub cluster), an agent's signing key."""
+    """The unit's private keys: its TLS key, its NATS client key (hub cluster), an agent's signing key (the NATS
+    exporter has none)."""
     if unit == NATS:
         return [NATS_KEY]
     config = effective_config(name, unit)
@@ -187,7 +195,7 @@ def private_keys(name: str, unit: str) -> list[str]:
 @functools.cache
 def effective_config(name: str, unit: str) -> dict[str, Any]:
     """The unit's configuration as the program sees it (`amoskys config check`, defaults filled in)."""
-    component = {EVENTBUS: "eventbus", UI: "ui", INDEXER: "indexer"}.get(unit, "agent")
+    component = {EVENTBUS: "eventbus", UI: "ui", INDEXER: "indexer", NATS_EXPORTER: "nats-exporter"}.get(unit, "agent")
     out = machine(name).check_output(f"{AMOSKYS} config check --component {component} {unit_config_path(unit)}")
     return dict(yaml.safe_load(out))
 

@@ -19,6 +19,8 @@ from fleet import (
     INDEXER,
     INDEXER_METRICS_PORT,
     NATS,
+    NATS_EXPORTER,
+    NATS_EXPORTER_METRICS_PORT,
     NATS_MONITOR_PORT,
     NATS_PORT,
     NATS_ROUTE_PORT,
@@ -108,6 +110,8 @@ def test_listening_ports(name: str, unit: str) -> None:
         assert ports["http"] == f"127.0.0.1:{UI_PORT}", "the UI listens on loopback only by default"
     elif unit == INDEXER:
         assert ports["metrics"].endswith(f":{INDEXER_METRICS_PORT}"), ports
+    elif unit == NATS_EXPORTER:
+        assert ports["metrics"].endswith(f":{NATS_EXPORTER_METRICS_PORT}"), ports
     elif unit != NATS:
         assert ports["metrics"].endswith(f":{AGENT_METRICS_PORT[kind]}"), ports
     pid = main_pid(name, unit)
@@ -120,7 +124,7 @@ def test_listening_ports(name: str, unit: str) -> None:
         )
 
 
-# The UI serves no metrics; NATS's monitoring endpoint (loopback, JSON) is not Prometheus's format.
+# The UI serves no metrics; NATS's monitoring endpoint (loopback, JSON) is not Prometheus's format: its exporter's is.
 METRICS_UNITS = [(name, unit) for name, unit in HOST_UNITS if unit not in (UI, NATS)]
 
 
@@ -131,7 +135,8 @@ def test_metrics_endpoint_answers(name: str, unit: str) -> None:
     listen = listen.replace(ANY_ADDRESS, address(name))
     status, body = http_get(HUB, f"http://{listen}/metrics")
     assert status == 200, body
-    prefix = {EVENTBUS: "amoskys_bus_", INDEXER: "amoskys_indexer_"}.get(unit, "amoskys_agent_")
+    prefixes = {EVENTBUS: "amoskys_bus_", INDEXER: "amoskys_indexer_", NATS_EXPORTER: "amoskys_nats_up 1"}
+    prefix = prefixes.get(unit, "amoskys_agent_")
     assert prefix in body
 
 

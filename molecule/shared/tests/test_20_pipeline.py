@@ -19,6 +19,8 @@ from fleet import (
     HUBS,
     INDEXER_HOSTS,
     INDEXER_METRICS_PORT,
+    NATS_EXPORTER_METRICS_PORT,
+    NATS_HOSTS,
     PROC_HOSTS,
     address,
     agents_on,
@@ -77,9 +79,11 @@ def prometheus(path: str) -> dict:
 
 
 def expected_scrape_ports() -> Counter[int]:
-    """How many targets Prometheus should scrape per port: every hub's metrics, the indexer's, then each agent."""
+    """How many targets Prometheus should scrape per port: every hub's metrics, the indexer's, each NATS node's
+    exporter, then each agent."""
     ports = Counter({HUB_METRICS_PORT: len(HUBS)})
     ports.update(INDEXER_METRICS_PORT for _ in INDEXER_HOSTS)
+    ports.update(NATS_EXPORTER_METRICS_PORT for _ in NATS_HOSTS)
     for name in AGENT_HOSTS:
         ports.update(AGENT_METRICS_PORT[kind] for kind in agents_on(name))
     return ports

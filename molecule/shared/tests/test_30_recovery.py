@@ -7,6 +7,7 @@ from fleet import (
     AUTH_HOSTS,
     HOST_UNITS,
     INDEXER,
+    NATS_EXPORTER,
     PROC_HOSTS,
     every_agent_up,
     failed_ssh_login_reaches_hub,
@@ -26,8 +27,8 @@ def active_with_pid(name: str, unit: str) -> int | None:
     return main_pid(name, unit) or None
 
 
-# The indexer has no reload (ExecReload=): a new identity or config restarts it.
-RELOADABLE = [(name, unit) for name, unit in HOST_UNITS if unit != INDEXER]
+# The indexer and the NATS exporter have no reload (ExecReload=): a new identity or config restarts them.
+RELOADABLE = [(name, unit) for name, unit in HOST_UNITS if unit not in (INDEXER, NATS_EXPORTER)]
 
 
 @pytest.mark.parametrize(("name", "unit"), RELOADABLE, ids=ids(RELOADABLE))

@@ -25,6 +25,7 @@ from fleet import (
     INDEXER_HOSTS,
     INDEXER_METRICS_PORT,
     NATS,
+    NATS_EXPORTER_METRICS_PORT,
     NATS_HOSTS,
     NATS_MONITOR_PORT,
     NATS_PORT,
@@ -75,6 +76,21 @@ def test_nats_node_routed_to_every_other_and_jetstream_ready(name: str) -> None:
     routes = monitor(name, "/routez")["routes"]
     assert {route["ip"] for route in routes} == {address(other) for other in NATS_HOSTS if other != name}, routes
     assert monitor(name, "/healthz")["status"] == "ok"
+
+
+@pytest.mark.parametrize("name", NATS_HOSTS)
+def test_nats_exporter_scraped_from_prometheus_host(name: str) -> None:
+    """Each node's exporter, asked from the Prometheus host as Prometheus does: up, routed to every other, healthy."""
+
+    def node_state() -> list[float] | None:
+        state = [
+            metric_sum(name, NATS_EXPORTER_METRICS_PORT, f"amoskys_nats_{m} ") for m in ("up", "routes", "healthy")
+        ]
+        return state if state == [1, len(NATS_HOSTS) - 1, 1] else None
+
+    wait_until(
+        node_state, timeout=60, interval=2, what=f"{name}'s exporter: up 1, {len(NATS_HOSTS) - 1} routes, healthy 1"
+    )
 
 
 def stream_view(node: str) -> dict:

@@ -7,11 +7,21 @@ from pathlib import Path
 
 from amoskys.catalog import AGENT_KINDS
 from amoskys.commands import Subparsers
-from amoskys.config import AgentConfig, EventBusConfig, IndexerConfig, Section, UiConfig, dump_config, load_config
+from amoskys.config import (
+    AgentConfig,
+    EventBusConfig,
+    IndexerConfig,
+    NatsExporterConfig,
+    Section,
+    UiConfig,
+    dump_config,
+    load_config,
+)
 
 SCHEMAS: dict[str, type[Section]] = {
     "eventbus": EventBusConfig,
     "indexer": IndexerConfig,
+    "nats-exporter": NatsExporterConfig,
     "agent": AgentConfig,
     "ui": UiConfig,
 }
@@ -44,7 +54,7 @@ def _agent_component(path: Path) -> str:
 
 def _guess_component(path: Path) -> str:
     name = path.name.lower()
-    for component in ("eventbus", "indexer", "ui"):
+    for component in ("eventbus", "indexer", "nats-exporter", "ui"):
         if name.startswith(component):
             return component
     return _agent_component(path)
