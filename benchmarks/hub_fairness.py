@@ -4,6 +4,7 @@
     python benchmarks/hub_fairness.py                  # 60 s
     python benchmarks/hub_fairness.py --duration 20
     python benchmarks/hub_fairness.py --agent-process  # the well-behaved agent in a process of its own
+    python benchmarks/hub_fairness.py --part-events 100  # large commits written in parts of 100 events
 
 The hub runs as its own process (`amoskys eventbus`, default limits and backpressure). Two
 enrolled identities flood it: each keeps `--senders` publishes of 1000-event envelopes in flight
@@ -129,7 +130,10 @@ def _stored(db: Path) -> dict[str, int]:
 
 
 async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    hub = HubProcess(root, new_pki(root / "pki"), consumers=["ui", *STALLED], metrics={"listen": "127.0.0.1:0"})
+    parts = {"backpressure": {"commit_part_events": args.part_events}} if args.part_events else {}
+    hub = HubProcess(
+        root, new_pki(root / "pki"), consumers=["ui", *STALLED], metrics={"listen": "127.0.0.1:0"}, **parts
+    )
     flooders = [hub.enrol(f"flood{n}-proc", f"flood{n}", "proc") for n in (1, 2)] if not args.baseline else []
     stalled = STALLED if not args.baseline else []
     good = hub.enrol("good1-proc", "good1", "proc")
@@ -150,6 +154,7 @@ async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "scenario": "baseline (no attack)" if args.baseline else "fairness",
         "agent_process": args.agent_process,
+        "commit_part_events": args.part_events or "default",
         "well_behaved": {"rate_eps": args.rate, "batch": args.batch, **result, "stored": stored.get("good1-proc", 0)},
         "floods": {
             "identities": len(flooders), "in_flight_each": args.senders, "answers": floods,
@@ -172,6 +177,7 @@ def main() -> int:
     parser.add_argument("--pool", type=int, default=100, help="distinct 1000-event envelopes per flooder")
     parser.add_argument("--baseline", action="store_true", help="the well-behaved agent alone, for comparison")
     parser.add_argument("--agent-process", action="store_true", help="the well-behaved agent in its own process")
+    parser.add_argument("--part-events", type=int, help="the hub's backpressure.commit_part_events (default: its own)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="amoskys-fairness-") as tmp:
         print(json.dumps(asyncio.run(scenario(Path(tmp), args)), indent=2))
