@@ -3,7 +3,9 @@
 # Partitions web1 from the hub for SECONDS (default 120), heals, and checks with exact counts what the hub
 # stored (issue 15: a silent partition is found in seconds and loses nothing):
 #   - the partition: nft drop rules on the host's lab bridge (table bridge amx_lab_partition) for IPv4 between
-#     the hub (10.231.12.10) and web1 (10.231.12.11), both ways; checked by TCP connects both ways (must fail);
+#     the hub (10.231.12.10) and web1 (10.231.12.11), both ways; checked by TCP connects both ways (must fail).
+#     In the cluster lab (make lab CLUSTER=1: hub2 10.231.12.13 and hub3 10.231.12.14 up) web1 is cut off from
+#     all three hubs: with one left it would fail over to it (the cluster's own partition test is Molecule's);
 #   - during it, MARKS (default 20) auth lines with a unique marker are logged on web1 (`logger`, a PAM
 #     "session opened" line for user amxpart<run>-<i>: an auth event, no alert);
 #   - every agent on web1 (its metrics ports: `amoskys agent --list --json` on web1) is scraped every 0.5 s from
@@ -26,6 +28,11 @@ marks=${MARKS:-20}
 # jittered reconnect backoff (capped at 30 s) ends, plus one connection attempt (40 s allowed).
 detect_bound=${DETECT_BOUND_S:-30} recover_bound=${RECOVER_BOUND_S:-40} deliver_bound=${DELIVER_BOUND_S:-60}
 hub_ip=10.231.12.10 web_ip=10.231.12.11 table=amx_lab_partition
+hub_ips=("$hub_ip")   # every hub web1's agents may dial: the cluster lab's other hubs when they are up
+for other in hub2:10.231.12.13 hub3:10.231.12.14; do
+  "$run" "${other%%:*}" true 2>/dev/null && hub_ips+=("${other#*:}")
+done
+hub_set="{ $(IFS=,; echo "${hub_ips[*]}") }"
 work=$(mktemp -d /tmp/lab-partition.XXXXXX)
 watcher=
 
@@ -45,8 +52,8 @@ partition() {
 table bridge $table {
   chain forward {
     type filter hook forward priority -200; policy accept;
-    ip saddr $hub_ip ip daddr $web_ip drop
-    ip saddr $web_ip ip daddr $hub_ip drop
+    ip saddr $hub_set ip daddr $web_ip drop
+    ip saddr $web_ip ip daddr $hub_set drop
   }
 }
 NFT
@@ -105,12 +112,12 @@ reaches web1 "$hub_ip" && reaches hub "$web_ip" || { echo "web1 and the hub do n
 
 marker="amxpart$(date +%s)"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "Partitioning web1 from the hub for ${partition_s} s (${marks} marked auth lines, marker ${marker};" \
+echo "Partitioning web1 from the hub(s) ${hub_ips[*]} for ${partition_s} s (${marks} marked auth lines, marker ${marker};" \
   "agents: ${agents[*]}; load ${load_before})"
 start_ns=$(date +%s%N)
 partition
 cut=yes
-reaches web1 "$hub_ip" && cut="NO: web1 reaches the hub"
+for ip in "${hub_ips[@]}"; do reaches web1 "$ip" && cut="NO: web1 reaches the hub at $ip"; done
 reaches hub "$web_ip" && cut="NO: the hub reaches web1"
 for i in $(seq "$marks"); do   # spread over the partition, at start + i/(MARKS+1) of it: the last well before the heal
   sleep_until "$((start_ns + i * partition_s * 1000000000 / (marks + 1)))"
