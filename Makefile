@@ -10,20 +10,17 @@ DEPLOY_PATH := PATH=$(abspath $(DEPLOY_VENV))/bin:$$PATH
 
 # The host's Debian packages come from scripts/setup-host.sh (root: through sudo when not root).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-STAGES := lint typecheck unit ansible-lint molecule
 
 .PHONY: test lint typecheck unit proto bench clean molecule lab lab-down lab-attack lab-partition lab-verify ansible-lint host-test host-lab
 
-# Every stage runs even when one fails; a summary at the end; the run fails if any stage did.
+# Two lanes side by side (scripts/test-lanes.sh): the host's checks and unit tests, and the deployment's
+# (ansible-lint, Molecule). Every stage runs even when one fails; a summary at the end; the run fails if any
+# stage did. The venvs and generated code are made first, once, for both.
+HOST_STAGES := lint typecheck unit
+DEPLOY_STAGES := ansible-lint molecule
 test: host-test
-	@results=""; failed=0; \
-	for stage in $(STAGES); do \
-	  start=$$(date +%s); \
-	  if $(MAKE) --no-print-directory $$stage; then verdict=pass; else verdict=FAIL; failed=1; fi; \
-	  results="$$results$$(printf '  %-13s %s  (%s s)' $$stage $$verdict $$(( $$(date +%s) - start )))\n"; \
-	done; \
-	printf '\nmake test, by stage:\n%b' "$$results"; \
-	exit $$failed
+	@$(MAKE) --no-print-directory proto $(DEPLOY_STAMP)
+	@MAKE="$(MAKE)" scripts/test-lanes.sh "$(HOST_STAGES)" "$(DEPLOY_STAGES)"
 
 host-test:
 	$(SUDO) scripts/setup-host.sh --for test
