@@ -83,9 +83,8 @@ def test_nats_exporter_scraped_from_prometheus_host(name: str) -> None:
     """Each node's exporter, asked from the Prometheus host as Prometheus does: up, routed to every other, healthy."""
 
     def node_state() -> list[float] | None:
-        state = [
-            metric_sum(name, NATS_EXPORTER_METRICS_PORT, f"amoskys_nats_{m} ") for m in ("up", "routes", "healthy")
-        ]
+        page = scrape(name, NATS_EXPORTER_METRICS_PORT)
+        state = [metric_sum(page, f"amoskys_nats_{m} ") for m in ("up", "routes", "healthy")]
         return state if state == [1, len(NATS_HOSTS) - 1, 1] else None
 
     wait_until(
@@ -105,10 +104,11 @@ def replicas_seen_by_the_leader() -> dict | None:
 
     Only the leader hears from every replica: a follower's view of another follower goes stale after ~10 s.
     """
-    leader = stream_view(NATS_HOSTS[0])["cluster"].get("leader")
+    first = stream_view(NATS_HOSTS[0])
+    leader = first["cluster"].get("leader")
     if leader not in NATS_HOSTS:
         return None
-    cluster = stream_view(leader)["cluster"]
+    cluster = (first if leader == NATS_HOSTS[0] else stream_view(leader))["cluster"]
     replicas = cluster.get("replicas", [])
     expected = {node for node in NATS_HOSTS if node != leader}
     if cluster.get("leader") != leader or {replica["name"] for replica in replicas} != expected:
@@ -152,10 +152,15 @@ def index_duplicates() -> int:
     return int(machine(HUB).check_output(f"python3 -c {shlex.quote(script)}"))
 
 
-def metric_sum(name: str, port: int, metric: str) -> float:
+def scrape(name: str, port: int) -> str:
+    """The metrics page at `name`:`port`, asked from the Prometheus host."""
     status, body = http_get(HUB, f"http://{address(name)}:{port}/metrics")
     assert status == 200, body
-    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(metric))
+    return body
+
+
+def metric_sum(page: str, metric: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(metric))
 
 
 def start_marked_process(name: str) -> tuple[str, str]:
@@ -193,9 +198,9 @@ def assert_each_indexed_once(started: list[tuple[str, str, str]], timeout: float
             machine(name).run(f"kill {int(pid)}")
     assert index_duplicates() == 0
     for indexer in INDEXER_HOSTS:
-        assert metric_sum(indexer, INDEXER_METRICS_PORT, "amoskys_indexer_chain_gaps_total") == 0
+        assert metric_sum(scrape(indexer, INDEXER_METRICS_PORT), "amoskys_indexer_chain_gaps_total") == 0
     for hub in HUBS:
-        assert metric_sum(hub, HUB_METRICS_PORT, "amoskys_bus_chain_breaks_total") == 0, hub
+        assert metric_sum(scrape(hub, HUB_METRICS_PORT), "amoskys_bus_chain_breaks_total") == 0, hub
 
 
 def agent_streams(hub: str) -> int:
