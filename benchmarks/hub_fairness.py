@@ -5,6 +5,8 @@
     python benchmarks/hub_fairness.py --duration 20
     python benchmarks/hub_fairness.py --agent-process  # the well-behaved agent in a process of its own
     python benchmarks/hub_fairness.py --part-events 100  # large commits written in parts of 100 events
+    python benchmarks/hub_fairness.py --without floods   # only the 20 stalled consumers
+    python benchmarks/hub_fairness.py --busy-pending 20000  # no tighter cap per identity while the hub is busy
 
 The hub runs as its own process (`amoskys eventbus`, default limits and backpressure). Two
 enrolled identities flood it: each keeps `--senders` publishes of 1000-event envelopes in flight
@@ -130,12 +132,14 @@ def _stored(db: Path) -> dict[str, int]:
 
 
 async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    parts = {"backpressure": {"commit_part_events": args.part_events}} if args.part_events else {}
+    backpressure = {"commit_part_events": args.part_events, "busy_pending_per_agent": args.busy_pending}
+    parts = {"backpressure": {k: v for k, v in backpressure.items() if v}}
     hub = HubProcess(
         root, new_pki(root / "pki"), consumers=["ui", *STALLED], metrics={"listen": "127.0.0.1:0"}, **parts
     )
-    flooders = [hub.enrol(f"flood{n}-proc", f"flood{n}", "proc") for n in (1, 2)] if not args.baseline else []
-    stalled = STALLED if not args.baseline else []
+    attacks = {"floods", "stalls"} - set(args.without) if not args.baseline else set()
+    flooders = [hub.enrol(f"flood{n}-proc", f"flood{n}", "proc") for n in (1, 2)] if "floods" in attacks else []
+    stalled = STALLED if "stalls" in attacks else []
     good = hub.enrol("good1-proc", "good1", "proc")
     hub.start()
     assert hub.proc is not None
@@ -152,9 +156,10 @@ async def scenario(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     stored = _stored(root / "store" / "events.db")
     flood_stored = sum(v for k, v in stored.items() if k.startswith("flood"))
     return {
-        "scenario": "baseline (no attack)" if args.baseline else "fairness",
+        "scenario": "baseline (no attack)" if args.baseline else " without ".join(["fairness", *args.without]),
         "agent_process": args.agent_process,
         "commit_part_events": args.part_events or "default",
+        "busy_pending_per_agent": args.busy_pending or "default",
         "well_behaved": {"rate_eps": args.rate, "batch": args.batch, **result, "stored": stored.get("good1-proc", 0)},
         "floods": {
             "identities": len(flooders), "in_flight_each": args.senders, "answers": floods,
@@ -176,8 +181,18 @@ def main() -> int:
     parser.add_argument("--senders", type=int, default=32, help="publishes each flooder keeps in flight")
     parser.add_argument("--pool", type=int, default=100, help="distinct 1000-event envelopes per flooder")
     parser.add_argument("--baseline", action="store_true", help="the well-behaved agent alone, for comparison")
+    parser.add_argument(
+        "--without",
+        action="append",
+        choices=["floods", "stalls"],
+        default=[],
+        help="leave out one attack, to see the other's cost",
+    )
     parser.add_argument("--agent-process", action="store_true", help="the well-behaved agent in its own process")
     parser.add_argument("--part-events", type=int, help="the hub's backpressure.commit_part_events (default: its own)")
+    parser.add_argument(
+        "--busy-pending", type=int, help="the hub's backpressure.busy_pending_per_agent (default: its own)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="amoskys-fairness-") as tmp:
         print(json.dumps(asyncio.run(scenario(Path(tmp), args)), indent=2))

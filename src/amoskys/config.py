@@ -121,6 +121,7 @@ class LimitsConfig(Section, frozen=True):
 class BackpressureConfig(Section, frozen=True):
     high_water_events: Positive = 100_000
     max_pending_per_agent: Positive = 20_000  # one identity's events waiting for commit, at most
+    busy_pending_per_agent: Positive = 2_000  # ...while the event loop is saturated (an envelope at least)
     commit_target_ms: Positive = 25  # a commit group holds what the writer commits in about this time...
     commit_min_events: Positive = 1_000  # ...but at least this many (when waiting)...
     commit_max_events: Positive = 10_000  # ...and at most this many

@@ -189,3 +189,30 @@ async def test_a_consumer_that_stops_reading_is_cut(tight_hub: LiveHub) -> None:
         assert _sample(tight_hub, "amoskys_bus_subscribers_cut_total") == 1
         assert _sample(tight_hub, "amoskys_bus_subscribers") == 0
         stalled.cancel()
+
+
+async def test_a_consumer_whose_writes_wait_is_cut_with_a_cursor_it_resumes_from(tight_hub: LiveHub) -> None:
+    """Large events, far fewer than the subscriber's queue holds: the write deadline, not the queue, cuts."""
+    agent = tight_hub.agent("web1-proc")
+    async with tight_hub.channel(tight_hub.consumer_tls()) as consumer:
+        stalled = hub_stub(consumer).Subscribe(bus_pb2.SubscribeRequest())
+        await asyncio.sleep(0.2)  # subscribed; never reads from here on
+        published = 0
+        while not _sample(tight_hub, "amoskys_bus_subscribers_cut_total") and published < 2000:
+            events = make_events(10, start=published)
+            for event in events:
+                event.labels["pad"] = "x" * 40_000  # ~ 400 KB an envelope: transport buffers fill in a few
+            assert (await tight_hub.publish(agent, agent.seal(events))).status == Ack.OK
+            published += len(events)
+            await asyncio.sleep(0.05)
+        assert _sample(tight_hub, "amoskys_bus_subscribers_cut_total") == 1
+        assert published < 10_000  # the queue never overflowed
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stalled:
+                pass
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        cursor = int((caught.value.details() or "").rpartition("after_cursor=")[2])
+        resumed = hub_stub(consumer).Subscribe(bus_pb2.SubscribeRequest(after_cursor=cursor))
+        ids = [(await resumed.read()).event.event_id for _ in range(published - cursor)]
+        resumed.cancel()
+    assert ids == [f"web1-proc-{n}" for n in range(cursor, published)]

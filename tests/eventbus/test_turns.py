@@ -99,3 +99,21 @@ def test_run_now_takes_every_step_at_once() -> None:
     log: list[str] = []
     assert run_now(_job(log, "x", 3)) == "x"
     assert log == ["x0", "x1", "x2"]
+
+
+def test_while_busy_an_identity_holds_fewer_events_waiting_but_always_one_envelope(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "events.db")
+    config = BackpressureConfig(max_pending_per_agent=20_000, busy_pending_per_agent=2_000)
+    ingest = Ingest(store, config, BusMetrics())
+    try:
+        ingest.reserve("flood", 2_000)
+        assert ingest.overload_backoff("flood", 1_000) is None  # not busy: up to max_pending_per_agent
+        assert ingest.overload_backoff("flood", 1_000, busy=True) is not None
+        assert ingest.overload_backoff("good", 10, busy=True) is None  # another identity is not held back
+        assert ingest.overload_backoff("big", 5_000, busy=True) is None  # nothing waiting: one envelope, any size
+        ingest.reserve("big", 5_000)
+        assert ingest.overload_backoff("big", 10, busy=True) is not None
+        ingest.release("flood", 2_000)
+        assert ingest.overload_backoff("flood", 1_000, busy=True) is None
+    finally:
+        store.close()

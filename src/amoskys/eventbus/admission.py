@@ -175,7 +175,7 @@ class Admission:
 
     def _reserve(self, header: envelope_pb2.EnvelopeHeader, peer: Peer | None) -> Ack | None:
         """Room for the envelope's events among those waiting for commit (fair admission), or RETRY."""
-        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count)
+        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count, self.loop_busy)
         if backoff is None:
             self.ingest.reserve(header.agent_id, header.event_count)
             return None
@@ -214,7 +214,7 @@ class Admission:
         limit = self.config.limits.max_events_per_batch
         if header.event_count > limit:
             return invalid(Reason.REASON_TOO_MANY_EVENTS, f"{header.event_count} > {limit}")
-        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count)
+        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count, self.loop_busy)
         if backoff is not None:
             return retry(Reason.REASON_OVERLOADED, "backlog above high-water mark", backoff)
         return None

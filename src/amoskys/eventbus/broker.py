@@ -11,10 +11,24 @@ from amoskys.eventbus.rows import EventRow
 from amoskys.eventbus.turns import Steps, Turns
 from amoskys.v1 import bus_pb2, events_pb2
 
-__all__ = ["OVERFLOW", "Broker", "Subscriber", "matches"]
+__all__ = ["OVERFLOW", "Broker", "Outgoing", "Subscriber", "matches"]
 
 log = logging.getLogger(__name__)
-OVERFLOW = bus_pb2.StoredEvent()  # sentinel: the subscriber fell behind and must resume from its cursor
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One event as subscribers are sent it: its cursor and its `StoredEvent`, serialized once for all of them."""
+
+    cursor: int
+    raw: bytes
+
+    @classmethod
+    def of(cls, stored: bus_pb2.StoredEvent) -> Outgoing:
+        return cls(stored.cursor, stored.SerializeToString())
+
+
+OVERFLOW = Outgoing(-1, b"")  # sentinel: the subscriber fell behind and must resume from its cursor
 
 
 def matches(flt: bus_pb2.EventFilter, agent_id: str, row: EventRow) -> bool:
@@ -34,7 +48,7 @@ def matches(flt: bus_pb2.EventFilter, agent_id: str, row: EventRow) -> bool:
 @dataclass(eq=False)
 class Subscriber:
     flt: bus_pb2.EventFilter
-    queue: asyncio.Queue[bus_pb2.StoredEvent] = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
+    queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
     overflowed: bool = False
 
 
@@ -54,7 +68,7 @@ class Broker:
             self.turns.add(FANOUT, self._fan_out(committed)).add_done_callback(_log_failure)
 
     def _fan_out(self, committed: list[Committed]) -> Steps:
-        """Each stored event is decoded once, for all the subscribers it matches."""
+        """Each stored event is decoded and serialized once, for all the subscribers it matches."""
         subscribers, budget = self._live(), STEP_OFFERS
         for item in committed:
             for offset, row in enumerate(item.rows):
@@ -64,18 +78,20 @@ class Broker:
                 if not subscribers:
                     return
                 budget -= len(subscribers)
-                stored: bus_pb2.StoredEvent | None = None
+                outgoing: Outgoing | None = None
                 for sub in subscribers:
                     if sub.overflowed or not matches(sub.flt, item.agent_id, row):
                         continue
-                    if stored is None:
-                        stored = bus_pb2.StoredEvent(
-                            cursor=item.first_cursor + offset,
-                            agent_id=item.agent_id,
-                            received_ns=item.received_ns,
-                            event=events_pb2.Event.FromString(row.body),
+                    if outgoing is None:
+                        outgoing = Outgoing.of(
+                            bus_pb2.StoredEvent(
+                                cursor=item.first_cursor + offset,
+                                agent_id=item.agent_id,
+                                received_ns=item.received_ns,
+                                event=events_pb2.Event.FromString(row.body),
+                            )
                         )
-                    _offer(sub, stored)
+                    _offer(sub, outgoing)
 
     def _live(self) -> list[Subscriber]:
         return [sub for sub in self.subscribers if not sub.overflowed]
@@ -86,10 +102,10 @@ def _log_failure(done: asyncio.Future[None]) -> None:
         log.error("fan-out to subscribers failed", exc_info=done.exception())
 
 
-def _offer(sub: Subscriber, stored: bus_pb2.StoredEvent) -> None:
+def _offer(sub: Subscriber, outgoing: Outgoing) -> None:
     """Queue one event for a subscriber; a full queue marks it overflowed (it is cut with its cursor)."""
     try:
-        sub.queue.put_nowait(stored)
+        sub.queue.put_nowait(outgoing)
     except asyncio.QueueFull:
         sub.overflowed = True
         while not sub.queue.empty():

@@ -123,12 +123,13 @@ class Ingest:
     def pending_events(self) -> int:
         return self._pending_events
 
-    def overload_backoff(self, agent_id: str, events: int) -> int | None:
+    def overload_backoff(self, agent_id: str, events: int, busy: bool = False) -> int | None:
         """None when `agent_id` may add `events` now, else the backoff (ms) to advise.
 
-        Fair admission: no agent holds more than `max_pending_per_agent` events in the queue, and above
-        the high-water mark only agents below their fair share of it are admitted (up to twice the mark),
-        so identities that flood cannot starve the others.
+        Fair admission: no agent holds more than `max_pending_per_agent` events in the queue (while the
+        hub is `busy`, `busy_pending_per_agent`; an agent with none waiting may always add one envelope),
+        and above the high-water mark only agents below their fair share of it are admitted (up to twice
+        the mark), so identities that flood cannot starve the others.
         """
         if self.failure is not None or time.monotonic() < self._store_down_until:
             return self.config.max_backoff_ms
@@ -139,7 +140,10 @@ class Ingest:
                 len(self._pending_by_agent),
             )
         high_water = self.config.high_water_events
-        if mine + events <= self.config.max_pending_per_agent:
+        cap = self.config.max_pending_per_agent
+        if busy:
+            cap = min(cap, self.config.busy_pending_per_agent)
+        if not mine or mine + events <= cap:
             if total + events <= high_water:
                 return None
             fair_share = high_water / max(active, 1)

@@ -17,7 +17,7 @@ from amoskys.config import EventBusConfig
 from amoskys.eventbus.acks import Ack
 from amoskys.eventbus.admission import Admission
 from amoskys.eventbus.auth import Peer, TrustState, peer_of
-from amoskys.eventbus.broker import OVERFLOW, Broker, Subscriber
+from amoskys.eventbus.broker import OVERFLOW, Broker, Outgoing, Subscriber
 from amoskys.eventbus.edge import filter_refusal
 from amoskys.eventbus.ingest import Ingest
 from amoskys.eventbus.metrics import BusMetrics
@@ -87,7 +87,7 @@ class BusService:
         handle = await self._open_stream(peer, context)
         pending: asyncio.Queue[tuple[float, Ack | asyncio.Future[Any]] | None] = asyncio.Queue(maxsize=64)
         idle_s = self.config.limits.stream_idle_s
-        idle = _IdleTimer(
+        idle = _WaitTimer(
             idle_s, lambda: handle.end(f"idle: no envelope for {idle_s:g} s", grpc.StatusCode.UNAVAILABLE)
         )
 
@@ -157,32 +157,45 @@ class BusService:
         self.broker.subscribers.add(sub)
         self.metrics.subscribers.inc()
         sent = _Sent()
+        task = asyncio.current_task()
+        assert task is not None
+        stall = _WaitTimer(self.config.limits.write_timeout_s, functools.partial(_overdue, sent, task), waiting=False)
         try:
             if request.replay or request.after_cursor:
                 async for stored in self._replay(request):
-                    await self._send(context, stored, sent, handle)
+                    await self._send(context, Outgoing.of(stored), sent, handle, stall)
             while True:
-                stored = await sub.queue.get()
+                outgoing = await sub.queue.get()
                 if handle.reason:
                     await context.abort(handle.code, handle.reason)
-                if stored is OVERFLOW:
+                if outgoing is OVERFLOW:
                     await self._cut(context, sent)
-                if stored.cursor > sent.cursor:
-                    await self._send(context, stored, sent, handle)
+                if outgoing.cursor > sent.cursor:
+                    await self._send(context, outgoing, sent, handle, stall)
         finally:
+            stall.cancel()
             self.broker.subscribers.discard(sub)
             self.metrics.subscribers.dec()
             self.streams.close(handle)
 
-    async def _send(self, context: Context, stored: bus_pb2.StoredEvent, sent: _Sent, handle: StreamHandle) -> None:
-        """One write, within `write_timeout_s`: a consumer that stops reading is cut, never waited for."""
+    async def _send(
+        self, context: Context, outgoing: Outgoing, sent: _Sent, handle: StreamHandle, stall: _WaitTimer
+    ) -> None:
+        """One write; a consumer that does not take it within `write_timeout_s` is cut (`stall`), never waited
+        for. The timer is the stream's own: `asyncio.wait_for` cost a task, a future and a timer per event."""
         if handle.reason:
             await context.abort(handle.code, handle.reason)
+        stall.waiting_since = stall.loop.time()
         try:
-            await asyncio.wait_for(context.write(stored), self.config.limits.write_timeout_s)
-        except TimeoutError:
+            await context.write(outgoing.raw)
+        except asyncio.CancelledError:
+            if not sent.overdue:
+                raise
+            _consume_cancel()
             await self._cut(context, sent)
-        sent.cursor = stored.cursor
+        finally:
+            stall.waiting_since = None
+        sent.cursor = outgoing.cursor
 
     async def _cut(self, context: Context, sent: _Sent) -> None:
         """End a subscriber that fell behind; it resumes from the last cursor it was sent."""
@@ -238,7 +251,9 @@ class BusService:
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Publish": grpc.unary_unary_rpc_method_handler(self.publish, response_serializer=ser),
             "PublishStream": grpc.stream_stream_rpc_method_handler(self.publish_stream),
-            "Subscribe": grpc.unary_stream_rpc_method_handler(self.subscribe, bus_pb2.SubscribeRequest.FromString, ser),
+            "Subscribe": grpc.unary_stream_rpc_method_handler(  # writes `Outgoing.raw`: serialized once per event
+                self.subscribe, bus_pb2.SubscribeRequest.FromString
+            ),
             "Query": grpc.unary_unary_rpc_method_handler(self.query, bus_pb2.QueryRequest.FromString, ser),
             "ListAgents": grpc.unary_unary_rpc_method_handler(
                 self.list_agents, bus_pb2.ListAgentsRequest.FromString, ser
@@ -251,6 +266,20 @@ class BusService:
 @dataclass(slots=True)
 class _Sent:
     cursor: int = 0  # the last cursor a subscriber was sent: where it resumes
+    overdue: bool = False  # a write waited `write_timeout_s`: the subscriber is cut
+
+
+def _consume_cancel() -> None:
+    """The cancellation `_overdue` asked for has been handled: the task goes on (to end its stream)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _overdue(sent: _Sent, task: asyncio.Task[Any]) -> None:
+    """A subscriber's write waited too long: interrupt it (its handler cuts the stream)."""
+    sent.overdue = True
+    task.cancel()
 
 
 def _wake(sub: Subscriber) -> None:
@@ -259,23 +288,24 @@ def _wake(sub: Subscriber) -> None:
         sub.queue.put_nowait(OVERFLOW)
 
 
-class _IdleTimer:
-    """Calls `on_idle` once the stream's reader has waited `idle_s` for a message: one timer per stream,
-    re-armed when it fires (`asyncio.wait_for` around each read cost a task, a future and a timer per envelope)."""
+class _WaitTimer:
+    """Calls `on_expiry` once a wait has lasted `limit_s`: a PublishStream's reader waiting for the next
+    envelope, or a Subscribe's write waiting for the consumer to take it. One timer per stream, re-armed
+    when it fires; `waiting_since` is None while nothing waits."""
 
-    def __init__(self, idle_s: float, on_idle: Callable[[], object]) -> None:
+    def __init__(self, limit_s: float, on_expiry: Callable[[], object], waiting: bool = True) -> None:
         self.loop = asyncio.get_running_loop()
-        self.idle_s, self.on_idle = idle_s, on_idle
-        self.waiting_since: float | None = self.loop.time()  # None while a message is being handled
-        self._timer = self.loop.call_later(idle_s, self._check)
+        self.limit_s, self.on_expiry = limit_s, on_expiry
+        self.waiting_since: float | None = self.loop.time() if waiting else None
+        self._timer = self.loop.call_later(limit_s, self._check)
 
     def _check(self) -> None:
         since = self.waiting_since
-        remaining = self.idle_s if since is None else since + self.idle_s - self.loop.time()
+        remaining = self.limit_s if since is None else since + self.limit_s - self.loop.time()
         if remaining > 0:
             self._timer = self.loop.call_later(remaining, self._check)
         else:
-            self.on_idle()
+            self.on_expiry()
 
     def cancel(self) -> None:
         self._timer.cancel()
