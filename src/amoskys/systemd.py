@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import time
 
-__all__ = ["notify", "reloading", "watchdog_interval", "watchdog_loop"]
+__all__ = ["notify", "reloading", "wait_while_alive", "watchdog_interval", "watchdog_loop"]
+
+THREAD_CHECK_S = 1.0  # how often `wait_while_alive` looks at the serving thread
 
 
 def _address() -> str | None:
@@ -62,3 +65,16 @@ async def watchdog_loop() -> None:
     while True:
         notify("WATCHDOG=1")
         await asyncio.sleep(interval)
+
+
+def wait_while_alive(stop: threading.Event, serving: threading.Thread) -> bool:
+    """Block until `stop` is set (True) or the `serving` thread has ended (False: the caller exits
+    non-zero and systemd restarts it), pinging the watchdog meanwhile."""
+    interval = watchdog_interval()
+    period = THREAD_CHECK_S if interval is None else min(interval, THREAD_CHECK_S)
+    while not stop.wait(period):
+        if not serving.is_alive():
+            return False
+        if interval is not None:
+            notify("WATCHDOG=1")
+    return True

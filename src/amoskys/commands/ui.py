@@ -30,8 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, UiConfig)
     setup_logging(config.logging)
-    serve(config, args.config)
-    return 0
+    return serve(config, args.config)
 
 
 def hash_password(args: argparse.Namespace) -> int:

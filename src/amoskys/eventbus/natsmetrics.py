@@ -279,13 +279,10 @@ class NatsExporter:
                 signal.signal(sig, lambda _sig, _frame: self._stop.set())
         systemd.notify("READY=1", f"STATUS=exporting {self.config.monitor_url} on port {self.port}")
         log.info("nats exporter running", extra={"monitor_url": self.config.monitor_url, "port": self.port})
-        interval = systemd.watchdog_interval()
         try:
-            while not self._stop.wait(interval):
-                if not self._thread.is_alive():
-                    log.error("the metrics server stopped")
-                    return 1
-                systemd.notify("WATCHDOG=1")
+            if not systemd.wait_while_alive(self._stop, self._thread):
+                log.error("the metrics server stopped")
+                return 1
         finally:
             systemd.notify("STOPPING=1")
             self._server.shutdown()

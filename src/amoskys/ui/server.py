@@ -136,16 +136,9 @@ def reload(config_path: Path | None, server: wsgi.Server) -> None:
     systemd.notify("READY=1")
 
 
-def _wait_for_stop(stop: threading.Event, server_thread: threading.Thread) -> None:
-    """Block until asked to stop; meanwhile ping systemd's watchdog while the server thread lives."""
-    interval = systemd.watchdog_interval()
-    while not stop.wait(interval):
-        if server_thread.is_alive():
-            systemd.notify("WATCHDOG=1")
-
-
-def serve(config: UiConfig, config_path: Path | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop the server and the hub client; SIGHUP reloads."""
+def serve(config: UiConfig, config_path: Path | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then stop the server and the hub client; SIGHUP reloads. 1 when the
+    server thread ended without being asked (systemd restarts the UI), else 0."""
     check_exposure(config)
     metrics = UiMetrics()
     auth = authenticator(config, metrics)
@@ -162,8 +155,11 @@ def serve(config: UiConfig, config_path: Path | None = None) -> None:
         thread.start()
         systemd.notify("READY=1", f"STATUS=serving on port {bound_port(server)}")
         log.info("ui serving", extra={"listen": config.listen, "port": bound_port(server), "hub": config.hub})
-        _wait_for_stop(stop, thread)
+        asked = systemd.wait_while_alive(stop, thread)
+        if not asked:
+            log.error("the ui server thread ended; exiting")
         systemd.notify("STOPPING=1")
         server.stop()
         thread.join(10)
     log.info("ui stopped")
+    return 0 if asked else 1
