@@ -87,7 +87,7 @@ class BusService:
         handle = await self._open_stream(peer, context)
         pending: asyncio.Queue[tuple[float, Ack | asyncio.Future[Any]] | None] = asyncio.Queue(maxsize=64)
         idle_s = self.config.limits.stream_idle_s
-        idle = _WaitTimer(
+        idle = _IdleTimer(
             idle_s, lambda: handle.end(f"idle: no envelope for {idle_s:g} s", grpc.StatusCode.UNAVAILABLE)
         )
 
@@ -157,52 +157,49 @@ class BusService:
         self.broker.subscribers.add(sub)
         self.metrics.subscribers.inc()
         sent = _Sent()
-        task = asyncio.current_task()
-        assert task is not None
-        stall = _WaitTimer(self.config.limits.write_timeout_s, functools.partial(_overdue, sent, task), waiting=False)
         try:
             if request.replay or request.after_cursor:
                 async for stored in self._replay(request):
-                    await self._send(context, Outgoing.of(stored), sent, handle, stall)
+                    if not await self._send(context, Outgoing.of(stored), sent, handle):
+                        await self._cut(context, sent, sub, handle)
             while True:
                 outgoing = await sub.queue.get()
                 if handle.reason:
                     await context.abort(handle.code, handle.reason)
                 if outgoing is OVERFLOW:
-                    await self._cut(context, sent)
-                if outgoing.cursor > sent.cursor:
-                    await self._send(context, outgoing, sent, handle, stall)
+                    await self._cut(context, sent, sub, handle)
+                if outgoing.cursor > sent.cursor and not await self._send(context, outgoing, sent, handle):
+                    await self._cut(context, sent, sub, handle)
         finally:
-            stall.cancel()
-            self.broker.subscribers.discard(sub)
-            self.metrics.subscribers.dec()
-            self.streams.close(handle)
+            self._leave(sub, handle)
 
-    async def _send(
-        self, context: Context, outgoing: Outgoing, sent: _Sent, handle: StreamHandle, stall: _WaitTimer
-    ) -> None:
-        """One write; a consumer that does not take it within `write_timeout_s` is cut (`stall`), never waited
-        for. The timer is the stream's own: `asyncio.wait_for` cost a task, a future and a timer per event."""
+    async def _send(self, context: Context, outgoing: Outgoing, sent: _Sent, handle: StreamHandle) -> bool:
+        """One write, within `write_timeout_s`; False when the consumer did not take it (it is to be cut,
+        never waited for)."""
         if handle.reason:
             await context.abort(handle.code, handle.reason)
-        stall.waiting_since = stall.loop.time()
         try:
-            await context.write(outgoing.raw)
-        except asyncio.CancelledError:
-            if not sent.overdue:
-                raise
-            _consume_cancel()
-            await self._cut(context, sent)
-        finally:
-            stall.waiting_since = None
+            await asyncio.wait_for(context.write(outgoing.raw), self.config.limits.write_timeout_s)
+        except TimeoutError:
+            return False
         sent.cursor = outgoing.cursor
+        return True
 
-    async def _cut(self, context: Context, sent: _Sent) -> None:
-        """End a subscriber that fell behind; it resumes from the last cursor it was sent."""
+    async def _cut(self, context: Context, sent: _Sent, sub: Subscriber, handle: StreamHandle) -> None:
+        """End a subscriber that fell behind; it resumes from the last cursor it was sent. Its place is
+        given up first: the status may wait behind data that a consumer which stopped reading never takes."""
         self.metrics.subscribers_cut.inc()
+        self._leave(sub, handle)
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED, f"subscriber too slow; resume with after_cursor={sent.cursor}"
         )
+
+    def _leave(self, sub: Subscriber, handle: StreamHandle) -> None:
+        """Once per subscriber: out of the fan-out, the gauge and its identity's stream count."""
+        if sub in self.broker.subscribers:
+            self.broker.subscribers.discard(sub)
+            self.metrics.subscribers.dec()
+            self.streams.close(handle)
 
     async def _replay(self, request: bus_pb2.SubscribeRequest) -> AsyncIterator[bus_pb2.StoredEvent]:
         cursor = request.after_cursor
@@ -266,20 +263,6 @@ class BusService:
 @dataclass(slots=True)
 class _Sent:
     cursor: int = 0  # the last cursor a subscriber was sent: where it resumes
-    overdue: bool = False  # a write waited `write_timeout_s`: the subscriber is cut
-
-
-def _consume_cancel() -> None:
-    """The cancellation `_overdue` asked for has been handled: the task goes on (to end its stream)."""
-    task = asyncio.current_task()
-    if task is not None:
-        task.uncancel()
-
-
-def _overdue(sent: _Sent, task: asyncio.Task[Any]) -> None:
-    """A subscriber's write waited too long: interrupt it (its handler cuts the stream)."""
-    sent.overdue = True
-    task.cancel()
 
 
 def _wake(sub: Subscriber) -> None:
@@ -288,24 +271,23 @@ def _wake(sub: Subscriber) -> None:
         sub.queue.put_nowait(OVERFLOW)
 
 
-class _WaitTimer:
-    """Calls `on_expiry` once a wait has lasted `limit_s`: a PublishStream's reader waiting for the next
-    envelope, or a Subscribe's write waiting for the consumer to take it. One timer per stream, re-armed
-    when it fires; `waiting_since` is None while nothing waits."""
+class _IdleTimer:
+    """Calls `on_idle` once the stream's reader has waited `idle_s` for a message: one timer per stream,
+    re-armed when it fires (`asyncio.wait_for` around each read cost a task, a future and a timer per envelope)."""
 
-    def __init__(self, limit_s: float, on_expiry: Callable[[], object], waiting: bool = True) -> None:
+    def __init__(self, idle_s: float, on_idle: Callable[[], object]) -> None:
         self.loop = asyncio.get_running_loop()
-        self.limit_s, self.on_expiry = limit_s, on_expiry
-        self.waiting_since: float | None = self.loop.time() if waiting else None
-        self._timer = self.loop.call_later(limit_s, self._check)
+        self.idle_s, self.on_idle = idle_s, on_idle
+        self.waiting_since: float | None = self.loop.time()  # None while a message is being handled
+        self._timer = self.loop.call_later(idle_s, self._check)
 
     def _check(self) -> None:
         since = self.waiting_since
-        remaining = self.limit_s if since is None else since + self.limit_s - self.loop.time()
+        remaining = self.idle_s if since is None else since + self.idle_s - self.loop.time()
         if remaining > 0:
             self._timer = self.loop.call_later(remaining, self._check)
         else:
-            self.on_expiry()
+            self.on_idle()
 
     def cancel(self) -> None:
         self._timer.cancel()
