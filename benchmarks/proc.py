@@ -154,7 +154,7 @@ def both_stats(agent_pid: int, reader_pid: int) -> dict[str, float]:
 
 
 def start_agent(
-    work: Path, hub: subprocess.Popen[bytes], hub_port: int, realtime_share: float
+    work: Path, hub: subprocess.Popen[bytes], hub_port: int, realtime_share: float, nice: int
 ) -> tuple[subprocess.Popen[bytes], int]:
     proc = {"realtime_share": realtime_share}
     config = write_agent_config(work, "proc", hub_port, metrics={"listen": "127.0.0.1:0"}, proc=proc)
@@ -162,7 +162,7 @@ def start_agent(
     time.sleep(0.5)
     log_path = work / "agent-proc.log"
     agent = subprocess.Popen(
-        ["nice", "-n", "-10", sys.executable, "-m", "amoskys", "agent", "proc", "--config", str(config)],
+        ["nice", "-n", str(nice), sys.executable, "-m", "amoskys", "agent", "proc", "--config", str(config)],
         stderr=log_path.open("wb"),
     )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -235,7 +235,7 @@ def agent_cpu_without_events(agent_pid: int, reader_pid: int, seconds: float) ->
 
 def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     hub, hub_port, _ = start_hub(work, work / "ids")
-    agent, metrics_port = start_agent(work, hub, hub_port, args.realtime_share)
+    agent, metrics_port = start_agent(work, hub, hub_port, args.realtime_share, args.nice)
     try:
         time.sleep(5)  # the snapshot and its publishing settle
         reader = reader_of(agent.pid)
@@ -306,6 +306,7 @@ def main() -> int:
         "--realtime-share", type=float, default=0.0,
         help="proc.realtime_share: 0 runs the reader as the default unit does (no real-time priority)",
     )  # fmt: skip
+    parser.add_argument("--nice", type=int, default=-10, help="the agent's and its reader's nice (the unit's Nice=)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the agent gets CAP_NET_ADMIN and nice -10 as its unit gives it")

@@ -36,20 +36,9 @@ def test_a_serving_thread_that_ends_unasked_is_seen_and_the_pings_stop(watched: 
     ending.set()  # the serving thread ends, nobody asked it to
     waiter.join(5)
     assert result == [False]
-    _drain(watched)  # pings sent before the end was seen
+    watched.drain()  # pings sent before the end was seen
     with pytest.raises(AssertionError):
         watched.wait_for("WATCHDOG=1", timeout=0.6)
-
-
-def _drain(sock: NotifySocket) -> None:
-    sock.sock.setblocking(False)
-    try:
-        while True:
-            sock.sock.recv(4096)
-    except BlockingIOError:
-        pass
-    finally:
-        sock.sock.settimeout(0.2)
 
 
 def test_a_stop_request_returns_true_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -244,6 +244,17 @@ class NotifySocket:
                     return line
         raise AssertionError(f"no {prefix} from the UI within {timeout} s")
 
+    def drain(self) -> None:
+        """Drop what was sent so far (a later `wait_for` sees only what comes after)."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.sock.recv(4096)
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.settimeout(0.2)
+
     def close(self) -> None:
         self.sock.close()
 

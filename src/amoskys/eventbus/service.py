@@ -8,7 +8,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -160,32 +160,31 @@ class BusService:
         try:
             if request.replay or request.after_cursor:
                 async for stored in self._replay(request):
-                    if not await self._send(context, Outgoing.of(stored), sent, handle):
-                        await self._cut(context, sent, sub, handle)
+                    await self._send(context, Outgoing.of(stored), sent, sub, handle)
             while True:
                 outgoing = await sub.queue.get()
                 if handle.reason:
                     await context.abort(handle.code, handle.reason)
                 if outgoing is OVERFLOW:
                     await self._cut(context, sent, sub, handle)
-                if outgoing.cursor > sent.cursor and not await self._send(context, outgoing, sent, handle):
-                    await self._cut(context, sent, sub, handle)
+                if outgoing.cursor > sent.cursor:
+                    await self._send(context, outgoing, sent, sub, handle)
         finally:
             self._leave(sub, handle)
 
-    async def _send(self, context: Context, outgoing: Outgoing, sent: _Sent, handle: StreamHandle) -> bool:
-        """One write, within `write_timeout_s`; False when the consumer did not take it (it is to be cut,
-        never waited for)."""
+    async def _send(
+        self, context: Context, outgoing: Outgoing, sent: _Sent, sub: Subscriber, handle: StreamHandle
+    ) -> None:
+        """One write, within `write_timeout_s`: a consumer that stops reading is cut, never waited for."""
         if handle.reason:
             await context.abort(handle.code, handle.reason)
         try:
             await asyncio.wait_for(context.write(outgoing.raw), self.config.limits.write_timeout_s)
         except TimeoutError:
-            return False
+            await self._cut(context, sent, sub, handle)
         sent.cursor = outgoing.cursor
-        return True
 
-    async def _cut(self, context: Context, sent: _Sent, sub: Subscriber, handle: StreamHandle) -> None:
+    async def _cut(self, context: Context, sent: _Sent, sub: Subscriber, handle: StreamHandle) -> NoReturn:
         """End a subscriber that fell behind; it resumes from the last cursor it was sent. Its place is
         given up first: the status may wait behind data that a consumer which stopped reading never takes."""
         self.metrics.subscribers_cut.inc()
