@@ -19,9 +19,13 @@ from amoskys.agents.proc.connector import (
     NLMSG_DONE,
     NLMSG_ERROR,
     NLMSGHDR,
+    TASKSTATS_TYPE_AGGR_PID,
+    TASKSTATS_TYPE_PID,
+    TASKSTATS_TYPE_STATS,
     ConnectorError,
     Exec,
     Exit,
+    ExitRecord,
     Fork,
     IdChange,
     KernelEvent,
@@ -29,9 +33,13 @@ from amoskys.agents.proc.connector import (
     ProcConnector,
     monotonic_to_wall_ns,
     parse,
+    parse_exits,
 )
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+ENV = {**os.environ, "PYTHONPATH": str(SRC)}
+USER = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]  # the unit's: a user of its own
+CAPABLE = [*USER, "--inh-caps", "+net_admin", "--ambient-caps", "+net_admin"]  # and CAP_NET_ADMIN, ambient
 
 
 def events_of(conn: ProcConnector, pid: int, until: type, timeout: float = 10.0) -> list[KernelEvent]:
@@ -122,13 +130,80 @@ def test_the_units_capability_is_enough_to_listen_with_the_full_buffer() -> None
         "import socket\nfrom amoskys.agents.proc.connector import ProcConnector\n"
         "c = ProcConnector()\nprint(c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))\nc.close()\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    user = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
-    capable = [*user, "--inh-caps", "+net_admin", "--ambient-caps", "+net_admin"]
     result = subprocess.run(
-        [*capable, sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+        [*CAPABLE, sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, check=True
     )
     assert int(result.stdout) == 2 * (8 << 20)
+
+
+EXIT_RECORD_PROBE = """
+import subprocess, time
+from amoskys.agents.proc.connector import ConnectorUnavailable, ExitRecord, ExitRecords
+try:
+    records = ExitRecords()
+except ConnectorUnavailable as exc:
+    print("unavailable:", exc)
+    raise SystemExit(0)
+child = subprocess.Popen(["/bin/sleep", "0"])
+child.wait()
+time.sleep(0.1)
+records.drain()
+print(ExitRecord.unpack(records.kept[child.pid]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_the_units_capability_is_enough_for_exit_records_and_none_is_refused_clearly() -> None:
+    """As the unit runs proc (nobody with CAP_NET_ADMIN): the record of a reaped child names it, its
+    parent and its ids. Without the capability the kernel takes the registration and sends nothing: the
+    agent does not ask, and says why."""
+    capable = subprocess.run(
+        [*CAPABLE, sys.executable, "-c", EXIT_RECORD_PROBE], capture_output=True, text=True, env=ENV, check=True
+    )
+    parent = capable.stdout  # the probe's pid is the child's parent
+    assert "ExitRecord(comm='sleep', uid=65534, gid=65534, ppid=" in parent, capable
+    bare = subprocess.run(
+        [*USER, sys.executable, "-c", EXIT_RECORD_PROBE], capture_output=True, text=True, env=ENV, check=True
+    )
+    assert bare.stdout.startswith("unavailable: [Errno 1] exit records (taskstats) need CAP_NET_ADMIN"), bare
+
+
+def taskstats_message(pid: int, stats: bytes, *, sender_length: int | None = None) -> bytes:
+    """A taskstats exit datagram as the kernel builds it: nlmsghdr, genlmsghdr, AGGR_PID{PID, STATS}."""
+    inner = nla(TASKSTATS_TYPE_PID, struct.pack("=I", pid)) + nla(TASKSTATS_TYPE_STATS, stats)
+    body = struct.pack("=BBH", 3, 1, 0) + nla(TASKSTATS_TYPE_AGGR_PID, inner)
+    length = NLMSGHDR.size + len(body) if sender_length is None else sender_length
+    return NLMSGHDR.pack(length, 22, 0, 0, 0) + body
+
+
+def nla(kind: int, payload: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
+
+
+def taskstats(comm: bytes, uid: int, gid: int, pid: int, ppid: int) -> bytes:
+    return bytes(80) + comm.ljust(32, b"\0") + bytes(8) + struct.pack("=IIII", uid, gid, pid, ppid) + bytes(280)
+
+
+def test_an_exit_record_is_read_by_pid() -> None:
+    record = parse_exits(memoryview(taskstats_message(42, taskstats(b"true", 1000, 100, 42, 7))))
+    assert {pid: ExitRecord.unpack(raw) for pid, raw in record.items()} == {42: ExitRecord("true", 1000, 100, 7)}
+
+
+@pytest.mark.parametrize(
+    "datagram",
+    [
+        taskstats_message(42, taskstats(b"true", 0, 0, 42, 7))[:30],  # cut in the attributes
+        taskstats_message(42, taskstats(b"true", 0, 0, 42, 7), sender_length=4096),  # longer than it is
+        taskstats_message(42, taskstats(b"true", 0, 0, 42, 7)[:100]),  # stats shorter than the record
+        taskstats_message(42, b""),  # no stats
+        b"\0" * 7,  # shorter than a header
+        NLMSGHDR.pack(8, 22, 0, 0, 0) + bytes(12),  # a length shorter than its own header
+    ],
+    ids=["cut-attributes", "length-beyond-datagram", "short-stats", "no-stats", "tiny", "short-length"],
+)
+def test_a_cut_exit_record_is_left_out(datagram: bytes) -> None:
+    """What no record can be read from gives none (a name is then said missing), and never an error."""
+    assert parse_exits(memoryview(datagram)) == {}
 
 
 def test_parse_reads_each_event_kind() -> None:

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from amoskys.agents.proc.connector import Exec, Exit, ProcConnector, read_procfs
+from amoskys.agents.proc.connector import (
+    Exec,
+    Exit,
+    ExitRecords,
+    Fork,
+    KernelEvent,
+    ProcConnector,
+    ProcRead,
+    read_procfs,
+)
 from amoskys.agents.proc.reader import Reader
 from amoskys.v1 import events_pb2
 from tests.agents.proc_running import Running, new_agent, running_agent
@@ -43,7 +52,8 @@ async def test_a_thousand_short_lived_processes_are_all_reported(running: Runnin
     for pid in pids:
         (start,) = running.processes(pid, Action.START)
         assert start.ppid == os.getpid(), start
-        assert start.gone or (start.name == "true" and start.exe.endswith("/true") and start.cmdline == ["/bin/true"])
+        assert start.name == "true", start  # read from /proc, or from the exit record once reaped
+        assert start.gone or (start.exe.endswith("/true") and start.cmdline == ["/bin/true"])
         assert start.gone == bool(start.missing)
         assert start.exe or "exe" in start.missing
     complete = sum(not p.gone for pid in pids for p in running.processes(pid, Action.START))
@@ -106,23 +116,43 @@ async def test_a_uid_change_is_reported(running: Running) -> None:
         child.wait()
 
 
-def test_a_process_gone_before_proc_was_read_is_reported_with_what_the_kernel_gave(tmp_path: Path) -> None:
+def of_pid(kernel: KernelEvent, pid: int) -> bool:
+    """The kernel event is about process `pid` (its fork, exec or exit); others' are left out: the
+    machine runs more than this test."""
+    return (kernel.child_pid if isinstance(kernel, Fork) else getattr(kernel, "pid", 0)) == pid
+
+
+@pytest.mark.parametrize("exit_records", [False, True])
+def test_a_process_gone_before_proc_was_read_is_reported_with_what_the_kernel_gave(
+    tmp_path: Path, exit_records: bool
+) -> None:
+    """Reaped before /proc was read: pid, ppid and time from the connector; its name and real ids from the
+    kernel's exit record where taskstats is heard; the rest named as missing, never guessed."""
     agent = new_agent(tmp_path)
     connector = ProcConnector()
+    exits = ExitRecords() if exit_records else None
     try:
         child = subprocess.Popen(["/bin/true"])
         child.wait()  # reaped: /proc has nothing left to read
-        batch = []
+        batch: list[tuple[KernelEvent, ProcRead | None]] = []
         while not any(isinstance(k, Exit) and k.pid == child.pid for k, _ in batch):
-            batch += [
-                (kernel, read_procfs(kernel.pid) if isinstance(kernel, Exec) else None) for kernel in connector.read(5)
-            ]
+            batch += [(k, read_procfs(k.pid) if isinstance(k, Exec) else None) for k in connector.read(5)]
+        batch = [(k, read) for k, read in batch if of_pid(k, child.pid)]
+        if exits is not None:
+            exits.drain()
+            batch = [(k, read and read._replace(exited=exits.kept.get(read.pid))) for k, read in batch]
     finally:
         connector.close()
-    events = [e.process for e in agent.on_kernel_events(batch) if e.process.pid == child.pid]
-    start, exit_ = events
-    assert (start.action, start.gone, start.ppid, start.exe, start.name) == (Action.START, True, os.getpid(), "", "")
-    assert start.missing == ["cmdline", "exe", "cwd", "name", "uid", "cgroup"]
+        if exits is not None:
+            exits.close()
+    start, exit_ = [e.process for e in agent.on_kernel_events(batch) if e.process.pid == child.pid]
+    assert (start.action, start.gone, start.ppid, start.exe) == (Action.START, True, os.getpid(), "")
+    if exit_records:
+        assert (start.name, start.uid, start.gid, start.user) == ("true", os.getuid(), os.getgid(), "root")
+        assert start.missing == ["cmdline", "exe", "cwd", "euid", "cgroup"]
+    else:
+        assert (start.name, start.uid) == ("", -1)
+        assert start.missing == ["cmdline", "exe", "cwd", "name", "uid", "cgroup"]
     assert exit_.action == Action.EXIT and exit_.gone
     assert agent.counts["gone"] == 1 and agent.missing["exe"] == 1
 
@@ -156,8 +186,16 @@ def test_lost_events_are_counted_and_rescanned(tmp_path: Path) -> None:
         survivor.wait()
 
 
+def subscribe_until(stop: threading.Event) -> None:
+    """Listen and stop listening, over and over (each listen is acked to every listener)."""
+    while not stop.wait(0.05):
+        ProcConnector().close()
+
+
 def test_without_the_connector_it_polls_and_says_so_once(tmp_path: Path) -> None:
-    """In a new PID namespace the kernel does not answer: the agent polls, logs once, says it in a metric."""
+    """In a new PID namespace the kernel does not answer: the agent polls, logs once, says it in a metric.
+    Meanwhile another process here keeps subscribing: the kernel's acks to it reach every listener's socket
+    (the namespaced one's too), and none of them is taken for an answer."""
     probe = f"""
 import asyncio, logging, msgspec
 from pathlib import Path
@@ -182,10 +220,17 @@ asyncio.run(main())
 print(generate_latest(registry).decode())
 """
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    result = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", probe], capture_output=True, text=True,
-        env=env, check=False, timeout=60,
-    )  # fmt: skip
+    stop = threading.Event()
+    subscriber = threading.Thread(target=subscribe_until, args=(stop,))
+    subscriber.start()
+    try:
+        result = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", probe], capture_output=True, text=True,
+            env=env, check=False, timeout=60,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        subscriber.join()
     if "unshare failed" in result.stderr:
         pytest.skip("cannot create a PID namespace here")
     assert result.returncode == 0, result.stderr

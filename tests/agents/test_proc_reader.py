@@ -171,7 +171,7 @@ import os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 import connector
 c = connector.ProcConnector()
-reader = subprocess.Popen(connector.reader_command(c.fileno(), 0.25),
+reader = subprocess.Popen(connector.reader_command(c.fileno(), -1, 0.25),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(c.fileno(),))
 decoder, items = connector.FrameDecoder(), []
 while not items:
@@ -256,7 +256,7 @@ def test_a_reader_that_fails_says_why_and_exits_with_an_error() -> None:
     read_end, write_end = os.pipe()
     try:
         result = subprocess.run(
-            reader_command(read_end, 0.25), pass_fds=(read_end,),
+            reader_command(read_end, -1, 0.25), pass_fds=(read_end,),
             capture_output=True, stdin=subprocess.DEVNULL, check=False, timeout=60,
         )  # fmt: skip
     finally:

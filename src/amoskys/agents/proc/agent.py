@@ -3,9 +3,10 @@
 At start every running process is reported once (`SNAPSHOT`). Then the kernel's process-event
 connector (`connector`) says when a process calls exec(), exits, or changes its uid/gid. A
 reader process of its own (`reader`, at real-time priority where allowed) reads each exec's
-command line and executable at once, then its fds, cwd, stat, uids and cgroup; what /proc no
-longer had (the process had exited) is named in the event's `missing` (and `gone` set), with
-the pid and ppid the kernel gave, never guessed.
+command line and executable at once, then its fds, cwd, stat, uids and cgroup; a process already
+reaped gets its name, parent and real ids from the kernel's exit record (taskstats). What neither
+had is named in the event's `missing` (and `gone` set), with the pid and ppid the kernel gave,
+never guessed.
 Events carry the kernel's timestamp. Where the connector is unavailable (no CAP_NET_ADMIN on an
 older kernel, a container's PID namespace) the agent says so once in its log and compares the
 process table every `proc.interval_s` instead; `amoskys_agent_proc_mode` says which runs. When
@@ -41,6 +42,8 @@ from amoskys.agents.proc.connector import (
     EventsLost,
     Exec,
     Exit,
+    ExitRecord,
+    ExitRecords,
     Fork,
     IdChange,
     KernelEvent,
@@ -164,10 +167,10 @@ def missing_fields(read: ProcRead) -> list[str]:
     missing = [field for field in ("exe", "cwd") if getattr(read, field) is None]
     if read.cmdline is None or (not read.cmdline and read.exe is None):
         missing.insert(0, "cmdline")
-    if read.stat is None:
+    if read.stat is None and read.exited is None:
         missing.append("name")
     if read.status is None:
-        missing.append("uid")
+        missing.append("uid" if read.exited is None else "euid")  # the exit record has the real ids only
     if read.cgroup is None:
         missing.append("cgroup")
     return missing
@@ -186,12 +189,17 @@ class Captured:
 
 
 def capture(read: ProcRead) -> Captured | None:
-    """A process as /proc showed it (no hashing, no name lookups); None if nothing was readable."""
-    if read.stat is None and read.exe is None:
+    """A process as /proc showed it, or as the kernel's exit record did once /proc had nothing left (no
+    hashing, no name lookups); None if neither had anything."""
+    if read.stat is None and read.exe is None and read.exited is None:
         return None
+    exited = ExitRecord.unpack(read.exited) if read.exited is not None else None
     name, ppid, start_ticks = parse_stat(read.stat) if read.stat else ("", 0, 0)
-    link = _text(read.exe)
     uid, euid, gid, egid = _ids(read.status) if read.status is not None else (-1, -1, -1, -1)
+    if exited is not None:
+        name, ppid = (name, ppid) if read.stat else (exited.comm, exited.ppid)
+        uid, gid = (uid, gid) if read.status is not None else (exited.uid, exited.gid)
+    link = _text(read.exe)
     info = events_pb2.ProcessEvent(
         pid=read.pid, ppid=ppid, name=name, exe=link.removesuffix(" (deleted)"),
         exe_deleted=link.endswith(" (deleted)"), cmdline=mask_cmdline(_text(read.cmdline).split("\0")[:-1]),
@@ -222,6 +230,7 @@ class ProcAgent(Agent[ProcAgentConfig]):
         self.read_delays = [0] * len(READ_DELAY_BUCKETS)  # exec -> command line and executable read
         self.read_delay_sum_s = 0.0
         self.realtime = False  # the reader runs at real-time priority
+        self.exit_records = False  # the kernel's exit records are heard (taskstats)
 
     # ---- enriching a captured process -----------------------------------------------------------
 
@@ -465,12 +474,29 @@ class ProcAgent(Agent[ProcAgentConfig]):
         self.mode = "connector"
         return connector
 
+    def _open_exit_records(self) -> ExitRecords | None:
+        """The kernel's exit records (the name of a process reaped before it was read); None, said once, if
+        the kernel has no taskstats."""
+        try:
+            exits = ExitRecords()
+        except ConnectorUnavailable as exc:
+            log.warning(
+                "proc: no exit records (taskstats); a process reaped before it is read is reported without its name",
+                extra={"error": str(exc)},
+            )
+            return None
+        self.exit_records = True
+        return exits
+
     async def collect(self) -> AsyncIterator[events_pb2.Event]:
         # Listening and the reader start before the snapshot: nothing falls between, and the execs
         # meanwhile are read at once (their events wait in the reader's pipe).
         connector = await asyncio.to_thread(self._open_connector)
+        exits = None if connector is None else await asyncio.to_thread(self._open_exit_records)
         reader = (
-            None if connector is None else await asyncio.to_thread(Reader, connector, self.config.proc.realtime_share)
+            None
+            if connector is None
+            else await asyncio.to_thread(Reader, connector, self.config.proc.realtime_share, exits)
         )
         try:
             for event in await asyncio.to_thread(self.scan, Action.SNAPSHOT):
@@ -483,6 +509,8 @@ class ProcAgent(Agent[ProcAgentConfig]):
                 await asyncio.to_thread(reader.close)
             if connector is not None:
                 connector.close()
+            if exits is not None:
+                exits.close()
 
     async def _poll(self) -> AsyncIterator[events_pb2.Event]:
         while True:
@@ -582,12 +610,17 @@ class _ProcMetrics:
         missing = CounterMetricFamily(
             "amoskys_agent_proc_missing", "Execs reported without this field: the process had exited", labels=["field"]
         )
-        for field in (*EXEC_FIELDS, "ppid", "exe_sha256"):
+        for field in (*EXEC_FIELDS, "euid", "ppid", "exe_sha256"):
             missing.add_metric([field], agent.missing[field])
         yield missing
         yield GaugeMetricFamily(
             "amoskys_agent_proc_reader_realtime", "1 if the reader runs at real-time priority (SCHED_FIFO)",
             value=1 if agent.realtime else 0,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "amoskys_agent_proc_exit_records",
+            "1 if the kernel's exit records (taskstats) name the processes reaped before they were read",
+            value=1 if agent.exit_records else 0,
         )  # fmt: skip
         yield _read_delay_histogram(agent, HistogramMetricFamily)
 

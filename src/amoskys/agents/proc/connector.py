@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import itertools
 import os
 import resource
 import select
@@ -30,6 +31,8 @@ __all__ = [
     "EventsLost",
     "Exec",
     "Exit",
+    "ExitRecord",
+    "ExitRecords",
     "Fork",
     "FrameDecoder",
     "IdChange",
@@ -103,7 +106,11 @@ class Exit(NamedTuple):
 
 
 class Ack(NamedTuple):
+    """The kernel's answer to a listen request: multicast, so also heard by every other listener;
+    `ack` is the request's cn_msg.ack plus one (its seq is not kept), which tells whose it is."""
+
     err: int
+    ack: int
 
 
 KernelEvent = Fork | Exec | IdChange | Exit | Ack
@@ -130,7 +137,7 @@ def monotonic_to_wall_ns(monotonic_ns: int) -> int:
     return monotonic_ns + time.time_ns() - time.monotonic_ns()
 
 
-def _payload(what: int, ts_ns: int, data: memoryview) -> KernelEvent | None:
+def _payload(what: int, ts_ns: int, data: memoryview, ack: int) -> KernelEvent | None:
     if what == PROC_EVENT_EXEC:
         return Exec(ts_ns, *EXEC.unpack_from(data))
     if what == PROC_EVENT_FORK:
@@ -142,21 +149,21 @@ def _payload(what: int, ts_ns: int, data: memoryview) -> KernelEvent | None:
     if what in (PROC_EVENT_UID, PROC_EVENT_GID):
         return IdChange(ts_ns, what == PROC_EVENT_GID, *ID.unpack_from(data))
     if what == PROC_EVENT_NONE:
-        return Ack(*ACK.unpack_from(data))
+        return Ack(ACK.unpack_from(data)[0], ack)
     return None  # sid, ptrace, comm, coredump: not asked for (older kernels send them anyway)
 
 
 def _connector_message(body: memoryview) -> KernelEvent | None:
     if len(body) < CN_MSG.size:
         raise MalformedMessage(f"connector message of {len(body)} bytes is shorter than struct cn_msg")
-    idx, val, _, _, length, _ = CN_MSG.unpack_from(body)
+    idx, val, _, ack, length, _ = CN_MSG.unpack_from(body)
     if (idx, val) != (CN_IDX_PROC, CN_VAL_PROC):
         return None  # another connector user's message
     data = body[CN_MSG.size :]
     if length > len(data) or length < PROC_EVENT.size + UNION_BYTES:
         raise MalformedMessage(f"proc_event of {length} bytes ({len(data)} received); expected at least 40")
     what, _, ts_ns = PROC_EVENT.unpack_from(data)
-    return _payload(what, ts_ns, data[PROC_EVENT.size : length])
+    return _payload(what, ts_ns, data[PROC_EVENT.size : length], ack)
 
 
 def parse(datagram: bytes | bytearray | memoryview) -> list[KernelEvent]:
@@ -184,9 +191,10 @@ def parse(datagram: bytes | bytearray | memoryview) -> list[KernelEvent]:
 
 
 def _request(operation: int, event_types: int | None, portid: int) -> bytes:
-    """A PROC_CN_MCAST_* request: the 4-byte form (every kernel), or struct proc_input with a filter."""
+    """A PROC_CN_MCAST_* request: the 4-byte form (every kernel), or struct proc_input with a filter.
+    Its ack field is the socket's port id (unique among live sockets): the kernel's ack carries it plus one."""
     data = struct.pack("=I", operation) if event_types is None else struct.pack("=II", operation, event_types)
-    connector = CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(data), 0) + data
+    connector = CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, portid, len(data), 0) + data
     return NLMSGHDR.pack(NLMSGHDR.size + len(connector), NLMSG_DONE, 0, 0, portid) + connector
 
 
@@ -203,6 +211,7 @@ class ProcConnector:
             self._set_receive_buffer(receive_buffer_bytes)
             self.sock.bind((0, CN_IDX_PROC))
             self.portid = self.sock.getsockname()[0]
+            self.answer = (self.portid + 1) & 0xFFFFFFFF  # the ack field of the kernel's answer to this socket
             self._subscribe()
         except OSError as exc:
             self.sock.close()
@@ -226,7 +235,9 @@ class ProcConnector:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
     def _subscribe(self) -> None:
-        """Listen (answered by an ack on every kernel), then narrow to the wanted events (6.6+)."""
+        """Listen (answered by an ack on every kernel, to every listener: only the one for this socket's
+        request counts), then narrow to the wanted events (6.6+). A process outside the initial PID and
+        user namespaces gets no answer, though its socket hears the others' events and acks."""
         self.sock.sendto(_request(PROC_CN_MCAST_LISTEN, None, self.portid), (0, 0))
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while True:
@@ -236,7 +247,7 @@ class ProcConnector:
                     errno.ETIMEDOUT, "the process connector did not answer (not in the initial PID/user namespace?)"
                 )
             try:
-                acks = [event for event in self.read(remaining) if isinstance(event, Ack)]
+                acks = [event for event in self.read(remaining) if isinstance(event, Ack) and event.ack == self.answer]
             except MalformedMessage:
                 continue
             if acks:
@@ -283,6 +294,177 @@ class ProcConnector:
         self.sock.close()
 
 
+# ---- exit records: the kernel's taskstats of each process that ends ---------------------------------
+#
+# The connector's exec event carries no name, and a process that is reaped before the reader gets to
+# /proc leaves nothing there. The kernel's taskstats (include/uapi/linux/taskstats.h) sends a record at
+# every task's exit to the listeners of its CPU (generic netlink family "TASKSTATS", a cpumask
+# registered: CAP_NET_ADMIN, the initial PID and user namespaces) with its name, parent and ids. It is
+# sent in do_exit before the process's memory is released, so when /proc no longer has a process's
+# command line its record is already waiting on this socket.
+
+NETLINK_GENERIC = 16
+CAP_NET_ADMIN = 12  # include/uapi/linux/capability.h
+GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 16, 3, 1, 2
+TASKSTATS_CMD_GET, TASKSTATS_CMD_ATTR_REGISTER_CPUMASK = 1, 3
+TASKSTATS_TYPE_PID, TASKSTATS_TYPE_STATS, TASKSTATS_TYPE_AGGR_PID = 1, 3, 4
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+GENLMSGHDR = struct.Struct("=BBH")  # cmd, version, reserved
+NLATTR = struct.Struct("=HH")  # nla_len, nla_type
+NLA_F_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+# struct taskstats from ac_comm (offset 80, fixed since version 1: fields are only ever appended):
+# ac_comm[32], ac_sched, ac_pad[3], 4 bytes of alignment, ac_uid, ac_gid, ac_pid, ac_ppid.
+EXIT_RECORD = struct.Struct("=32s8xIIII")
+EXIT_RECORD_OFFSET = 80
+EXITS_KEPT = 4096  # the latest exits looked up by pid: seconds of them at 500 execs/s; a pid comes back
+# only after the kernel has allocated its way through pid_max (>= 32768) others
+
+
+class ExitRecord(NamedTuple):
+    """What the kernel said about a process as it ended."""
+
+    comm: str
+    uid: int
+    gid: int
+    ppid: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> ExitRecord:
+        comm, uid, gid, _, ppid = EXIT_RECORD.unpack(raw)
+        return cls(comm.split(b"\0", 1)[0].decode(errors="replace"), uid, gid, ppid)
+
+
+def _attributes(data: memoryview) -> dict[int, memoryview]:
+    """A netlink message's attributes by type (their payloads); a cut-short one ends the list."""
+    found: dict[int, memoryview] = {}
+    offset = 0
+    while len(data) - offset >= NLATTR.size:
+        length, kind = NLATTR.unpack_from(data, offset)
+        if length < NLATTR.size or offset + length > len(data):
+            break
+        found[kind & NLA_F_TYPE_MASK] = data[offset + NLATTR.size : offset + length]
+        offset += (length + 3) & ~3  # NLA_ALIGN
+    return found
+
+
+def _attribute(kind: int, payload: bytes) -> bytes:
+    length = NLATTR.size + len(payload)
+    return NLATTR.pack(length, kind) + payload + bytes(-length % 4)
+
+
+def parse_exits(datagram: memoryview) -> dict[int, bytes]:
+    """pid -> its EXIT_RECORD bytes, for each process or thread exit in a taskstats datagram."""
+    records: dict[int, bytes] = {}
+    offset = 0
+    while len(datagram) - offset >= NLMSGHDR.size + GENLMSGHDR.size:
+        length = NLMSGHDR.unpack_from(datagram, offset)[0]
+        if length < NLMSGHDR.size or offset + length > len(datagram):
+            break
+        body = datagram[offset + NLMSGHDR.size + GENLMSGHDR.size : offset + length]
+        aggregate = _attributes(body).get(TASKSTATS_TYPE_AGGR_PID)
+        if aggregate is not None:
+            inner = _attributes(aggregate)
+            pid, stats = inner.get(TASKSTATS_TYPE_PID), inner.get(TASKSTATS_TYPE_STATS)
+            if pid is not None and len(pid) >= 4 and stats is not None and len(stats) >= EXIT_RECORD_OFFSET + 56:
+                records[struct.unpack_from("=I", pid)[0]] = bytes(stats[EXIT_RECORD_OFFSET : EXIT_RECORD_OFFSET + 56])
+        offset += (length + 3) & ~3
+    return records
+
+
+class ExitRecords:
+    """A taskstats socket listening to every CPU's exits; `drain` keeps the latest EXITS_KEPT by pid."""
+
+    def __init__(self, receive_buffer_bytes: int = 4 << 20) -> None:
+        if not has_capability(CAP_NET_ADMIN):  # the kernel takes the registration without it, then sends nothing
+            raise ConnectorUnavailable(errno.EPERM, "exit records (taskstats) need CAP_NET_ADMIN")
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_GENERIC)
+        except OSError as exc:
+            raise ConnectorUnavailable(exc.errno, f"no generic netlink socket: {exc.strerror}") from exc
+        try:
+            with contextlib.suppress(PermissionError):
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer_bytes)
+            self.sock.bind((0, 0))
+            family = self._ask(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_NAME, b"TASKSTATS\0")
+            family_id = _attributes(family).get(CTRL_ATTR_FAMILY_ID)
+            if family_id is None or len(family_id) < 2:
+                raise ConnectorUnavailable(errno.ENOENT, "the kernel has no TASKSTATS family (CONFIG_TASKSTATS)")
+            cpus = _possible_cpus().encode() + b"\0"
+            self._ask(
+                struct.unpack_from("=H", family_id)[0], TASKSTATS_CMD_GET, TASKSTATS_CMD_ATTR_REGISTER_CPUMASK, cpus
+            )
+        except OSError as exc:
+            self.sock.close()
+            if isinstance(exc, ConnectorError):
+                raise
+            raise ConnectorUnavailable(exc.errno, f"cannot listen to exit records: {exc.strerror}") from exc
+        self.kept: dict[int, bytes] = {}
+
+    @classmethod
+    def inherit(cls, fileno: int) -> ExitRecords:
+        """The registered socket `fileno` another process opened and handed down (the reader's)."""
+        records = cls.__new__(cls)
+        records.sock = socket.socket(fileno=fileno)
+        records.kept = {}
+        return records
+
+    def _ask(self, family: int, command: int, attribute: int, value: bytes) -> memoryview:
+        """One request and its answer's attributes (an ack's are empty); ConnectorUnavailable if refused."""
+        payload = GENLMSGHDR.pack(command, 1, 0) + _attribute(attribute, value)
+        self.sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(payload), family, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + payload)
+        answer = memoryview(bytearray(65536))
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            size = self.sock.recv_into(answer)
+            length, kind, _, sequence, _ = NLMSGHDR.unpack_from(answer)
+            if sequence != 1 or size < length:
+                continue  # an exit record already (the registration was answered before it)
+            body = answer[NLMSGHDR.size : length]
+            if kind == NLMSG_ERROR:
+                (error,) = NLMSGERR.unpack_from(body)
+                if error:
+                    raise ConnectorUnavailable(-error, f"taskstats refused: {errno.errorcode.get(-error, -error)}")
+                return memoryview(b"")
+            return body[GENLMSGHDR.size :]
+        raise ConnectorUnavailable(errno.ETIMEDOUT, "the kernel did not answer a taskstats request")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self) -> None:
+        """Take every record waiting (an overflow loses only names: nothing else depends on them); one
+        not sent by the kernel (any local process may send here) is left out."""
+        buffer = bytearray(65536)
+        while True:
+            try:
+                size, (sender, _) = self.sock.recvfrom_into(buffer, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    continue
+                raise
+            if sender != 0:
+                continue
+            for pid, raw in parse_exits(memoryview(buffer)[:size]).items():
+                self.kept.pop(pid, None)  # the latest exit of a pid is the last one kept
+                self.kept[pid] = raw
+        for pid in list(itertools.islice(self.kept, max(0, len(self.kept) - EXITS_KEPT))):
+            del self.kept[pid]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _possible_cpus() -> str:
+    """The CPUs the kernel may ever run on, as a cpulist ("0-1"): the mask taskstats is registered for."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as possible:
+            return possible.read().strip()
+    except OSError:
+        return f"0-{(os.cpu_count() or 1) - 1}"
+
+
 # ---- the reader: the connector read by a process of its own ---------------------------------------
 #
 # A short-lived process keeps its command line and executable for about half a millisecond after
@@ -327,6 +509,7 @@ class ProcRead(NamedTuple):
     stat: bytes | None
     status: bytes | None
     cgroup: bytes | None
+    exited: bytes | None = None  # its EXIT_RECORD, when it had been reaped (no stat) and taskstats is heard
 
 
 class ReaderStarted:
@@ -516,9 +699,9 @@ def _of_a_process(event: KernelEvent) -> bool:
     return isinstance(event, Exec)
 
 
-def _drain(connector: ProcConnector, out: _FrameWriter) -> None:
-    """Read what the socket holds: each exec's first fields at once, the later ones after, one batch
-    (threads' events left out: the agent reports processes)."""
+def _drain(connector: ProcConnector, exits: ExitRecords | None, out: _FrameWriter) -> None:
+    """Read what the socket holds: each exec's first fields at once, the later ones after, and the exit
+    record of any process already reaped; one batch (threads' events left out: the agent reports processes)."""
     firsts = []
     for _ in range(DRAIN_MAX):
         try:
@@ -533,15 +716,21 @@ def _drain(connector: ProcConnector, out: _FrameWriter) -> None:
             continue  # a thread started or ended (most events on a busy host): nothing the agent reports
         firsts += [read_first(event.pid, event.ts_ns) for event in events if isinstance(event, Exec)]
         out.add(DATAGRAM, datagram)
-    for first in firsts:
-        out.add(PROCFS, encode_procfs(read_later(first)))
+    reads = [read_later(first) for first in firsts]
+    if exits is not None and any(read.stat is None for read in reads):
+        exits.drain()  # the reaped ones' records were sent before their /proc went
+        reads = [read._replace(exited=exits.kept.get(read.pid)) if read.stat is None else read for read in reads]
+    for read in reads:
+        out.add(PROCFS, encode_procfs(read))
     if out.frames:
         out.add(END)
 
 
-def serve(sock_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1) -> None:
-    """The reader's loop: batches of frames to `out_fd` until `control` reaches its end (the agent)."""
+def serve(sock_fd: int, exits_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1) -> None:
+    """The reader's loop: batches of frames to `out_fd` until `control` reaches its end (the agent);
+    `exits_fd` the ExitRecords socket (-1: none)."""
     connector = ProcConnector.inherit(sock_fd)
+    exits = ExitRecords.inherit(exits_fd) if exits_fd >= 0 else None
     out = _FrameWriter(out_fd)
     realtime = _Realtime(realtime_share)
     out.add(STARTED, realtime.start().encode())
@@ -557,11 +746,15 @@ def serve(sock_fd: int, realtime_share: float, control: int = 0, out_fd: int = 1
             poller.register(sock, select.POLLIN)
         if out.backlog:
             poller.register(out_fd, select.POLLOUT)
+        if exits is not None:
+            poller.register(exits_fd, select.POLLIN)
         ready = dict(poller.poll())
         if control in ready:
             return
+        if exits_fd in ready and exits is not None:
+            exits.drain()  # each exit on the host: kept a while for a process the next batch finds reaped
         if sock in ready:
-            _drain(connector, out)
+            _drain(connector, exits, out)
             if realtime.after_batch():
                 out.add(THROTTLED)
                 out.add(END)
@@ -575,17 +768,17 @@ READER_BOOT = (
 )
 
 
-def reader_command(sock_fd: int, realtime_share: float) -> list[str]:
+def reader_command(sock_fd: int, exits_fd: int, realtime_share: float) -> list[str]:
     """The reader's command line: a fresh interpreter that imports this module and nothing else of the agent."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return [sys.executable, "-I", "-S", "-c", READER_BOOT, here, str(sock_fd), repr(realtime_share)]
+    return [sys.executable, "-I", "-S", "-c", READER_BOOT, here, str(sock_fd), str(exits_fd), repr(realtime_share)]
 
 
 def reader_main(argv: list[str]) -> int:
-    """`reader_command` (reader.Reader starts it; `python -I -S connector.py SOCKET_FD REALTIME_SHARE` does
-    the same): the kernel's socket inherited, stdin the agent's control pipe, stdout the frames."""
+    """`reader_command` (reader.Reader starts it; `python -I -S connector.py SOCKET_FD EXITS_FD REALTIME_SHARE`
+    does the same): the kernel's sockets inherited, stdin the agent's control pipe, stdout the frames."""
     try:
-        serve(int(argv[1]), float(argv[2]))
+        serve(int(argv[1]), int(argv[2]), float(argv[3]))
     except BrokenPipeError:  # the agent is gone
         return 0
     except Exception as exc:  # told to the agent, which raises it (and the runtime restarts the collector)

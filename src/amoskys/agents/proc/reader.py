@@ -13,7 +13,14 @@ import os
 import select
 import subprocess
 
-from amoskys.agents.proc.connector import ConnectorError, FrameDecoder, ProcConnector, Received, reader_command
+from amoskys.agents.proc.connector import (
+    ConnectorError,
+    ExitRecords,
+    FrameDecoder,
+    ProcConnector,
+    Received,
+    reader_command,
+)
 
 __all__ = ["Reader"]
 
@@ -23,13 +30,15 @@ STOP_TIMEOUT_S = 5.0
 
 
 class Reader:
-    """The reader process for an open connector; `take` returns what it reported."""
+    """The reader process for an open connector (and the exit records, where heard); `take` returns
+    what it reported."""
 
-    def __init__(self, listening: ProcConnector, realtime_share: float) -> None:
-        fd = listening.fileno()
+    def __init__(self, listening: ProcConnector, realtime_share: float, exits: ExitRecords | None = None) -> None:
+        fd, exits_fd = listening.fileno(), -1 if exits is None else exits.fileno()
         self.process = subprocess.Popen(
-            reader_command(fd, realtime_share),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), bufsize=0,
+            reader_command(fd, exits_fd, realtime_share),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+            pass_fds=(fd,) if exits_fd < 0 else (fd, exits_fd),
             start_new_session=True,  # a terminal's ^C goes to the agent, which stops the reader
         )  # fmt: skip
         assert self.process.stdin is not None
