@@ -177,7 +177,7 @@ def test_lost_events_are_counted_and_rescanned(tmp_path: Path) -> None:
             agent.follow(reader, deliver, stop)
         finally:
             reader.close()
-        assert agent.counts["lost"] == 1
+        assert agent.counts["lost"] >= 1  # more than once when the host's own execs overflow it again meanwhile
         (start,) = [e.process for e in delivered if e.process.pid == survivor.pid]
         assert start.action == Action.START and start.name == "sleep"
     finally:

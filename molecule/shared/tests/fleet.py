@@ -147,6 +147,19 @@ def machine(name: str) -> Any:
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
 
 
+class NotYet:
+    """A probe's falsy answer that keeps what it saw: wait_until's timeout shows the last one."""
+
+    def __init__(self, seen: object) -> None:
+        self.seen = seen
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"not yet: {self.seen!r}"
+
+
 def wait_until(probe: Callable[[], T | None], timeout: float, interval: float = 1.0, what: str = "") -> T:
     """The first truthy result of probe() within timeout seconds; AssertionError naming what and the last value."""
     deadline = time.monotonic() + timeout
