@@ -509,7 +509,7 @@ class ProcRead(NamedTuple):
     stat: bytes | None
     status: bytes | None
     cgroup: bytes | None
-    exited: bytes | None = None  # its EXIT_RECORD, when it had been reaped (no stat) and taskstats is heard
+    exited: bytes | None = None  # its EXIT_RECORD, when it was reaped before its stat or status was read
 
 
 class ReaderStarted:
@@ -699,6 +699,11 @@ def _of_a_process(event: KernelEvent) -> bool:
     return isinstance(event, Exec)
 
 
+def _reaped(read: ProcRead) -> bool:
+    """Reaped before its stat or its ids were read (read in that order: the exit record has both)."""
+    return read.stat is None or read.status is None
+
+
 def _drain(connector: ProcConnector, exits: ExitRecords | None, out: _FrameWriter) -> None:
     """Read what the socket holds: each exec's first fields at once, the later ones after, and the exit
     record of any process already reaped; one batch (threads' events left out: the agent reports processes)."""
@@ -717,9 +722,9 @@ def _drain(connector: ProcConnector, exits: ExitRecords | None, out: _FrameWrite
         firsts += [read_first(event.pid, event.ts_ns) for event in events if isinstance(event, Exec)]
         out.add(DATAGRAM, datagram)
     reads = [read_later(first) for first in firsts]
-    if exits is not None and any(read.stat is None for read in reads):
+    if exits is not None and any(map(_reaped, reads)):
         exits.drain()  # the reaped ones' records were sent before their /proc went
-        reads = [read._replace(exited=exits.kept.get(read.pid)) if read.stat is None else read for read in reads]
+        reads = [read._replace(exited=exits.kept.get(read.pid)) if _reaped(read) else read for read in reads]
     for read in reads:
         out.add(PROCFS, encode_procfs(read))
     if out.frames:
