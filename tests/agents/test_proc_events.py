@@ -250,6 +250,8 @@ async def test_the_metrics_say_how_the_reader_runs_and_how_soon_it_read(running:
     text = generate_latest(registry).decode()
     assert running.agent.realtime == (os.geteuid() == 0)  # root may take SCHED_FIFO
     assert f"amoskys_agent_proc_reader_realtime {float(running.agent.realtime)}" in text
+    assert running.agent.exit_records == (os.geteuid() == 0)  # root has CAP_NET_ADMIN for taskstats
+    assert f"amoskys_agent_proc_exit_records {float(running.agent.exit_records)}" in text
     reads = int(float(text.split("amoskys_agent_proc_read_delay_seconds_count ")[1].split()[0]))
     assert reads >= 20 and sum(running.agent.read_delays) == reads
     gone = sum(p.gone for pid in pids for p in running.processes(pid, Action.START))
