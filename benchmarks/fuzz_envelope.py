@@ -144,8 +144,12 @@ class Fuzzer:
         """Adopt the hub's chain whenever it moved (an input was stored, or won a race): the next
         inputs then reach the checks that need a chain to be where it is."""
         if record is not None and record is not self.synced:
-            self.synced = record
-            self.chain = ChainState(record.chain_id, record.last_seq, record.last_hash)
+            self.adopt(record)
+
+    def adopt(self, record: ChainRecord) -> None:
+        """Go on from where the hub's chain is."""
+        self.synced = record
+        self.chain = ChainState(record.chain_id, record.last_seq, record.last_hash)
 
     def _sign(self, header: bytes, payload: bytes) -> bytes:
         sig = self.key.sign(signing_message(header, payload))
@@ -317,7 +321,7 @@ async def _publish_as_an_agent(hub: Hub, peer: Peer, fuzzer: Fuzzer) -> tuple[en
     backoff, for up to FINAL_WITHIN_S."""
     record = hub.ingest.chains.get(AGENT_ID)
     if record is not None:
-        fuzzer.chain = ChainState(record.chain_id, record.last_seq, record.last_hash)
+        fuzzer.adopt(record)
     final = fuzzer.valid(advance=True)
     deadline = time.monotonic() + FINAL_WITHIN_S
     while True:

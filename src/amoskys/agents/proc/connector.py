@@ -22,7 +22,10 @@ import socket
 import struct
 import sys
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 __all__ = [
     "Ack",
@@ -166,10 +169,8 @@ def _connector_message(body: memoryview) -> KernelEvent | None:
     return _payload(what, ts_ns, data[PROC_EVENT.size : length], ack)
 
 
-def parse(datagram: bytes | bytearray | memoryview) -> list[KernelEvent]:
-    """The process events in one netlink datagram (possibly several messages); MalformedMessage if cut short."""
-    view = memoryview(datagram)
-    events: list[KernelEvent] = []
+def _messages(view: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(nlmsg_type, body) of each message in a netlink datagram; MalformedMessage where one is cut short."""
     offset = 0
     while offset < len(view):
         if len(view) - offset < NLMSGHDR.size:
@@ -177,7 +178,14 @@ def parse(datagram: bytes | bytearray | memoryview) -> list[KernelEvent]:
         length, kind, _, _, _ = NLMSGHDR.unpack_from(view, offset)
         if length < NLMSGHDR.size or offset + length > len(view):
             raise MalformedMessage(f"nlmsg_len {length} at offset {offset} overruns the {len(view)}-byte datagram")
-        body = view[offset + NLMSGHDR.size : offset + length]
+        yield kind, view[offset + NLMSGHDR.size : offset + length]
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
+
+
+def parse(datagram: bytes | bytearray | memoryview) -> list[KernelEvent]:
+    """The process events in one netlink datagram (possibly several messages); MalformedMessage if cut short."""
+    events: list[KernelEvent] = []
+    for kind, body in _messages(memoryview(datagram)):
         if kind == NLMSG_ERROR and len(body) >= NLMSGERR.size:
             (error,) = NLMSGERR.unpack_from(body)
             if error:
@@ -186,7 +194,6 @@ def parse(datagram: bytes | bytearray | memoryview) -> list[KernelEvent]:
             event = _connector_message(body)
             if event is not None:
                 events.append(event)
-        offset += (length + 3) & ~3  # NLMSG_ALIGN
     return events
 
 
@@ -211,7 +218,6 @@ class ProcConnector:
             self._set_receive_buffer(receive_buffer_bytes)
             self.sock.bind((0, CN_IDX_PROC))
             self.portid = self.sock.getsockname()[0]
-            self.answer = (self.portid + 1) & 0xFFFFFFFF  # the ack field of the kernel's answer to this socket
             self._subscribe()
         except OSError as exc:
             self.sock.close()
@@ -239,6 +245,7 @@ class ProcConnector:
         request counts), then narrow to the wanted events (6.6+). A process outside the initial PID and
         user namespaces gets no answer, though its socket hears the others' events and acks."""
         self.sock.sendto(_request(PROC_CN_MCAST_LISTEN, None, self.portid), (0, 0))
+        answer = (self.portid + 1) & 0xFFFFFFFF  # the ack field of the kernel's answer to this socket's request
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while True:
             remaining = deadline - time.monotonic()
@@ -247,7 +254,7 @@ class ProcConnector:
                     errno.ETIMEDOUT, "the process connector did not answer (not in the initial PID/user namespace?)"
                 )
             try:
-                acks = [event for event in self.read(remaining) if isinstance(event, Ack) and event.ack == self.answer]
+                acks = [event for event in self.read(remaining) if isinstance(event, Ack) and event.ack == answer]
             except MalformedMessage:
                 continue
             if acks:
@@ -316,6 +323,7 @@ NLA_F_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 # ac_comm[32], ac_sched, ac_pad[3], 4 bytes of alignment, ac_uid, ac_gid, ac_pid, ac_ppid.
 EXIT_RECORD = struct.Struct("=32s8xIIII")
 EXIT_RECORD_OFFSET = 80
+EXIT_RECORD_END = EXIT_RECORD_OFFSET + EXIT_RECORD.size
 EXITS_KEPT = 4096  # the latest exits looked up by pid: seconds of them at 500 execs/s; a pid comes back
 # only after the kernel has allocated its way through pid_max (>= 32768) others
 
@@ -353,21 +361,16 @@ def _attribute(kind: int, payload: bytes) -> bytes:
 
 
 def parse_exits(datagram: memoryview) -> dict[int, bytes]:
-    """pid -> its EXIT_RECORD bytes, for each process or thread exit in a taskstats datagram."""
+    """pid -> its EXIT_RECORD bytes, for each process or thread exit in a taskstats datagram (up to a
+    message cut short: a record lost costs only a name)."""
     records: dict[int, bytes] = {}
-    offset = 0
-    while len(datagram) - offset >= NLMSGHDR.size + GENLMSGHDR.size:
-        length = NLMSGHDR.unpack_from(datagram, offset)[0]
-        if length < NLMSGHDR.size or offset + length > len(datagram):
-            break
-        body = datagram[offset + NLMSGHDR.size + GENLMSGHDR.size : offset + length]
-        aggregate = _attributes(body).get(TASKSTATS_TYPE_AGGR_PID)
-        if aggregate is not None:
-            inner = _attributes(aggregate)
+    with contextlib.suppress(MalformedMessage):
+        for _, body in _messages(datagram):
+            aggregate = _attributes(body[GENLMSGHDR.size :]).get(TASKSTATS_TYPE_AGGR_PID)
+            inner = _attributes(aggregate) if aggregate is not None else {}
             pid, stats = inner.get(TASKSTATS_TYPE_PID), inner.get(TASKSTATS_TYPE_STATS)
-            if pid is not None and len(pid) >= 4 and stats is not None and len(stats) >= EXIT_RECORD_OFFSET + 56:
-                records[struct.unpack_from("=I", pid)[0]] = bytes(stats[EXIT_RECORD_OFFSET : EXIT_RECORD_OFFSET + 56])
-        offset += (length + 3) & ~3
+            if pid is not None and len(pid) >= 4 and stats is not None and len(stats) >= EXIT_RECORD_END:
+                records[struct.unpack_from("=I", pid)[0]] = bytes(stats[EXIT_RECORD_OFFSET:EXIT_RECORD_END])
     return records
 
 
@@ -381,6 +384,8 @@ class ExitRecords:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_GENERIC)
         except OSError as exc:
             raise ConnectorUnavailable(exc.errno, f"no generic netlink socket: {exc.strerror}") from exc
+        self.buffer = bytearray(65536)
+        self.kept: dict[int, bytes] = {}
         try:
             with contextlib.suppress(PermissionError):
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer_bytes)
@@ -398,13 +403,13 @@ class ExitRecords:
             if isinstance(exc, ConnectorError):
                 raise
             raise ConnectorUnavailable(exc.errno, f"cannot listen to exit records: {exc.strerror}") from exc
-        self.kept: dict[int, bytes] = {}
 
     @classmethod
     def inherit(cls, fileno: int) -> ExitRecords:
         """The registered socket `fileno` another process opened and handed down (the reader's)."""
         records = cls.__new__(cls)
         records.sock = socket.socket(fileno=fileno)
+        records.buffer = bytearray(65536)
         records.kept = {}
         return records
 
@@ -412,7 +417,7 @@ class ExitRecords:
         """One request and its answer's attributes (an ack's are empty); ConnectorUnavailable if refused."""
         payload = GENLMSGHDR.pack(command, 1, 0) + _attribute(attribute, value)
         self.sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(payload), family, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + payload)
-        answer = memoryview(bytearray(65536))
+        answer = memoryview(self.buffer)
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
             size = self.sock.recv_into(answer)
@@ -434,10 +439,9 @@ class ExitRecords:
     def drain(self) -> None:
         """Take every record waiting (an overflow loses only names: nothing else depends on them); one
         not sent by the kernel (any local process may send here) is left out."""
-        buffer = bytearray(65536)
         while True:
             try:
-                size, (sender, _) = self.sock.recvfrom_into(buffer, 0, socket.MSG_DONTWAIT)
+                size, (sender, _) = self.sock.recvfrom_into(self.buffer, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -446,7 +450,7 @@ class ExitRecords:
                 raise
             if sender != 0:
                 continue
-            for pid, raw in parse_exits(memoryview(buffer)[:size]).items():
+            for pid, raw in parse_exits(memoryview(self.buffer)[:size]).items():
                 self.kept.pop(pid, None)  # the latest exit of a pid is the last one kept
                 self.kept[pid] = raw
         for pid in list(itertools.islice(self.kept, max(0, len(self.kept) - EXITS_KEPT))):
