@@ -2,11 +2,11 @@
 """proc on kernel process events: short-lived execs reported, idle CPU, RSS (agent and its reader).
 
     python benchmarks/proc.py                           # 10,000 execs of /bin/true at 500/s, as the unit runs
-    python benchmarks/proc.py --realtime-share 0.5      # with the opt-in real-time reader (the drop-in)
+    python benchmarks/proc.py --no-realtime             # as on a host where the role found no real-time priority
     python benchmarks/proc.py --execs 2000 --rate 200 --idle-seconds 10
 
-Everything runs for real and as root (as the unit does: CAP_NET_ADMIN, nice -10): `amoskys
-eventbus` and `amoskys agent proc` as separate processes over loopback mTLS. A spawner process
+Everything runs for real and as root (as the unit does: CAP_NET_ADMIN, nice -10, started at SCHED_FIFO 1
+by its real-time drop-in): `amoskys eventbus` and `amoskys agent proc` as separate processes over loopback mTLS. A spawner process
 starts the execs at a steady rate (posix_spawn, each reaped at once: /bin/true lives about a
 millisecond) and writes their pids; the hub's store then says which were reported, with what.
 Figures: the share of execs reported (a START event for the pid), with their name, and with exe
@@ -154,15 +154,17 @@ def both_stats(agent_pid: int, reader_pid: int) -> dict[str, float]:
 
 
 def start_agent(
-    work: Path, hub: subprocess.Popen[bytes], hub_port: int, realtime_share: float, nice: int
+    work: Path, hub: subprocess.Popen[bytes], hub_port: int, args: argparse.Namespace
 ) -> tuple[subprocess.Popen[bytes], int]:
-    proc = {"realtime_share": realtime_share}
+    proc = {"realtime_share": args.realtime_share}
     config = write_agent_config(work, "proc", hub_port, metrics={"listen": "127.0.0.1:0"}, proc=proc)
     hub.send_signal(signal.SIGHUP)  # the hub learns the agent's key
     time.sleep(0.5)
     log_path = work / "agent-proc.log"
+    policy = [] if args.no_realtime else ["chrt", "--fifo", "1"]  # the drop-in's CPUSchedulingPolicy=fifo
     agent = subprocess.Popen(
-        ["nice", "-n", str(nice), sys.executable, "-m", "amoskys", "agent", "proc", "--config", str(config)],
+        ["nice", "-n", str(args.nice), *policy, sys.executable, "-m", "amoskys", "agent", "proc", "--config",
+         str(config)],
         stderr=log_path.open("wb"),
     )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -235,7 +237,7 @@ def agent_cpu_without_events(agent_pid: int, reader_pid: int, seconds: float) ->
 
 def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     hub, hub_port, _ = start_hub(work, work / "ids")
-    agent, metrics_port = start_agent(work, hub, hub_port, args.realtime_share, args.nice)
+    agent, metrics_port = start_agent(work, hub, hub_port, args)
     try:
         time.sleep(5)  # the snapshot and its publishing settle
         reader = reader_of(agent.pid)
@@ -271,6 +273,7 @@ def measure(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "with_exe_and_cmdline_percent": share(sum(bool(p.exe and p.cmdline) for p in reported)),
         "gone_and_missing_named_percent": share(sum(p.gone and bool(p.missing) for p in reported)),
         "read_within_percent": read_delays(metrics),
+        "started_realtime": not args.no_realtime,
         "realtime_share": args.realtime_share,
         "reader_realtime": metrics.get("amoskys_agent_proc_reader_realtime"),
         "throttled_counter": metrics.get("amoskys_agent_proc_throttled"),
@@ -303,9 +306,10 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--quiet-seconds", type=float, default=60.0, help="the agent with no events (reader stopped)")
     parser.add_argument(
-        "--realtime-share", type=float, default=0.0,
-        help="proc.realtime_share: 0 runs the reader as the default unit does (no real-time priority)",
+        "--no-realtime", action="store_true",
+        help="start the agent as a normal task, as its unit does where the role installed no real-time drop-in",
     )  # fmt: skip
+    parser.add_argument("--realtime-share", type=float, default=0.5, help="proc.realtime_share")
     parser.add_argument("--nice", type=int, default=-10, help="the agent's and its reader's nice (the unit's Nice=)")
     args = parser.parse_args()
     if os.geteuid() != 0:

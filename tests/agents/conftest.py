@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import yaml
 from amoskys import keys
 from amoskys.agents import agent_config_type
 from amoskys.agents.proc.connector import ConnectorUnavailable, ProcConnector
+from amoskys.agents.runtime.realtime import keep_for_helpers
 from amoskys.config import AgentConfig, load_config
 from amoskys.errors import ConfigError
 from tests.hubfixture import LiveHub
@@ -64,3 +67,19 @@ def connector() -> Iterator[ProcConnector]:
         pytest.skip(f"no process connector here: {exc}")
     yield conn
     conn.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def realtime_as_proc_unit_gives_it() -> None:
+    """As proc's unit starts the agent (CPUSchedulingPolicy=fifo, where root may): the helpers the agents start
+    here (proc's reader) run at real-time priority, the rest of the tests as normal tasks."""
+    if os.geteuid() != 0:
+        return
+
+    def keep() -> None:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        keep_for_helpers()
+
+    starter = threading.Thread(target=keep, name="as-proc-unit")
+    starter.start()
+    starter.join()

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.request import urlopen
 
+import msgspec
 import pytest
+import yaml
 
 from amoskys.agents.proc.connector import (
     Exec,
@@ -25,7 +30,9 @@ from amoskys.agents.proc.connector import (
 )
 from amoskys.agents.proc.reader import Reader
 from amoskys.v1 import events_pb2
+from tests.agents.conftest import agent_config
 from tests.agents.proc_running import Running, new_agent, running_agent
+from tests.hubfixture import LiveHub
 
 Action = events_pb2.ProcessEvent.Action
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -248,7 +255,7 @@ async def test_the_metrics_say_how_the_reader_runs_and_how_soon_it_read(running:
     registry = CollectorRegistry()
     running.agent.register_metrics(registry)
     text = generate_latest(registry).decode()
-    assert running.agent.realtime == (os.geteuid() == 0)  # root may take SCHED_FIFO
+    assert running.agent.realtime == (os.geteuid() == 0)  # root: started at SCHED_FIFO, as the unit (conftest)
     assert f"amoskys_agent_proc_reader_realtime {float(running.agent.realtime)}" in text
     assert running.agent.exit_records == (os.geteuid() == 0)  # root has CAP_NET_ADMIN for taskstats
     assert f"amoskys_agent_proc_exit_records {float(running.agent.exit_records)}" in text
@@ -258,3 +265,61 @@ async def test_the_metrics_say_how_the_reader_runs_and_how_soon_it_read(running:
     assert running.agent.counts["gone"] >= gone
     assert 'amoskys_agent_proc_missing_total{field="exe"}' in text
     assert "amoskys_agent_proc_throttled_total 0.0" in text
+
+
+def policies(pid: int) -> dict[int, int]:
+    """Each thread of process `pid`: its scheduling policy."""
+    return {int(tid): os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def children(pid: int) -> list[int]:
+    """The processes process `pid` started, from any of its threads."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
+
+
+def read_url(url: str) -> str:
+    with urlopen(url) as response:
+        return str(response.read().decode())
+
+
+def metrics_port_from(log: Path) -> int:
+    for line in log.read_text().splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("msg") == "agent running":
+            return int(entry["metrics_port"])
+    return 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chrt") is None, reason="needs root (SCHED_FIFO) and chrt")
+async def test_started_at_real_time_priority_the_agent_keeps_it_only_for_its_reader(
+    live_hub: LiveHub, tmp_path: Path
+) -> None:
+    """As proc's unit starts it (CPUSchedulingPolicy=fifo): the reader runs at SCHED_FIFO, and of the agent's own
+    threads only the idle one that started it; publishing, rules and gRPC run as normal tasks."""
+    config = agent_config(live_hub, tmp_path, "proc", metrics={"listen": "127.0.0.1:0"}, logging={"format": "json"})
+    path = tmp_path / "agent-proc.yml"
+    path.write_text(yaml.safe_dump(msgspec.to_builtins(config)))
+    log = tmp_path / "agent.log"
+    command = ["chrt", "--fifo", "1", sys.executable, "-m", "amoskys", "agent", "proc", "--config", str(path)]
+    with log.open("wb") as err:
+        agent = subprocess.Popen(command, stderr=err, env={**os.environ, "PYTHONPATH": str(SRC)})
+    try:
+        body = ""
+        for _ in range(300):
+            port = metrics_port_from(log)
+            if port:
+                body = await asyncio.to_thread(read_url, f"http://127.0.0.1:{port}/metrics")
+                if "amoskys_agent_proc_reader_realtime 1.0" in body:
+                    break
+            await asyncio.sleep(0.1)
+        assert "amoskys_agent_proc_reader_realtime 1.0" in body, log.read_text()
+        (reader,) = children(agent.pid)
+        assert set(policies(reader).values()) == {os.SCHED_FIFO}
+        threads = policies(agent.pid)
+        assert sorted(threads.values()).count(os.SCHED_FIFO) == 1, threads
+        assert threads[agent.pid] == os.SCHED_OTHER  # the main thread: the event loop
+        assert len(threads) > 2  # the gRPC and worker threads made since, all normal
+    finally:
+        agent.terminate()
+        await asyncio.to_thread(agent.wait, 20)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import resource
 import shutil
 import signal
 import struct
@@ -37,7 +36,6 @@ from amoskys.agents.proc.connector import (
     Received,
     Throttled,
     encode_procfs,
-    has_capability,
     read_procfs,
     reader_command,
 )
@@ -131,36 +129,27 @@ def test_the_reader_reads_on_while_the_agent_takes_nothing(connector: ProcConnec
     assert all(read.read_ns < back for read in reads)
 
 
-def test_without_its_share_the_reader_stays_a_normal_task_and_says_why(connector: ProcConnector) -> None:
-    reader = Reader(connector, 0)
-    try:
-        first = started(take_until(reader, lambda items: any(isinstance(i, ReaderStarted) for i in items)))
-        assert first.realtime_refused == "proc.realtime_share is 0"
-        assert os.sched_getscheduler(reader.pid) == os.SCHED_OTHER
-    finally:
-        reader.close()
-
-
-def test_over_its_share_the_reader_gives_up_real_time_for_the_rest_of_the_second(connector: ProcConnector) -> None:
-    reader = Reader(connector, 1e-9)  # any batch uses more than this: every second it throttles once
+def test_over_its_share_the_reader_pauses_for_the_rest_of_the_second(connector: ProcConnector) -> None:
+    """Started at real-time priority (the session's agent helpers, as proc's unit gives them), it keeps it:
+    once a batch used its share it pauses, then reads what waited in the socket meanwhile."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a helper at real-time priority, as the unit starts it")
+    reader = Reader(connector, 1e-9)  # any batch uses more than this: every second it pauses once
     try:
         take_until(reader, lambda items: any(isinstance(i, ReaderStarted) for i in items))
-
-        def throttled_after_execs(items: list[Received]) -> bool:
-            subprocess.run(["/bin/true"], check=True)
-            return any(isinstance(i, Throttled) for i in items)
-
-        take_until(reader, throttled_after_execs)
-        assert os.sched_getscheduler(reader.pid) == os.SCHED_OTHER
-        # Only a real-time reader can throttle: throttles in later seconds show it took real-time
-        # back (its SCHED_FIFO lasts only until its next batch here, too short to poll for), and
-        # never more than one per second of execs.
-        started_at = time.monotonic()
-        throttles = 0
+        assert os.sched_getscheduler(reader.pid) == os.SCHED_FIFO
+        started_at, throttles, pids, items = time.monotonic(), 0, set(), []
         while time.monotonic() - started_at < 3.0:
-            subprocess.run(["/bin/true"], check=True)
-            throttles += sum(isinstance(i, Throttled) for i in reader.take(0.05))
-        assert 2 <= throttles <= 4
+            child = subprocess.Popen(["/bin/true"])
+            child.wait()
+            pids.add(child.pid)
+            taken = reader.take(0.05)
+            throttles += sum(isinstance(i, Throttled) for i in taken)
+            items += taken
+        assert 2 <= throttles <= 4  # never more than one per second of execs
+        assert os.sched_getscheduler(reader.pid) == os.SCHED_FIFO  # paused, not given up: it could not take it back
+        items += take_until(reader, lambda more: len(reads_of(items + more, pids)) == len(pids))
+        assert set(reads_of(items, pids)) == pids  # the execs during the pauses were read after them
     finally:
         reader.close()
 
@@ -171,7 +160,7 @@ import os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 import connector
 c = connector.ProcConnector()
-reader = subprocess.Popen(connector.reader_command(c.fileno(), -1, 0.25),
+reader = subprocess.Popen(connector.reader_command(c.fileno(), -1, float(sys.argv[2])),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(c.fileno(),))
 decoder, items = connector.FrameDecoder(), []
 while not items:
@@ -184,51 +173,52 @@ c.close()
 UNPRIVILEGED = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps", "+net_admin",
                 "--ambient-caps", "+net_admin"]  # fmt: skip
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable  # one an unprivileged user can run
+NOT_GIVEN = "the unit gives no real-time priority (its drop-in sets CPUSchedulingPolicy=fifo)"
 
 
-def as_the_unit_runs_proc(rtprio: int | None, tracer: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
-    """RT_PROBE as an unprivileged user with CAP_NET_ADMIN, under an RLIMIT_RTPRIO of `rtprio` (None: as is)."""
-    limit = [] if rtprio is None else ["prlimit", f"--rtprio={rtprio}"]
-    probe = [SYSTEM_PYTHON, "-I", "-S", "-c", RT_PROBE, str(Path(connector_module.__file__).parent)]
+def as_the_unit_runs_proc(
+    *, realtime: bool, share: float = 0.25, tracer: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """RT_PROBE as an unprivileged user with CAP_NET_ADMIN, started at SCHED_FIFO 1 (CPUSchedulingPolicy=fifo)
+    or as a normal task."""
+    policy = ["chrt", "--fifo", "1"] if realtime else []
+    probe = [SYSTEM_PYTHON, "-I", "-S", "-c", RT_PROBE, str(Path(connector_module.__file__).parent), str(share)]
     return subprocess.run(
-        [*tracer, *limit, *UNPRIVILEGED, *probe],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
+        [*tracer, *policy, *UNPRIVILEGED, *probe], capture_output=True, text=True, check=False, timeout=60
+    )
 
 
 needs_setpriv = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root, setpriv")
 
 
 @needs_setpriv
-def test_without_permission_for_real_time_the_reader_says_so_and_reads_on() -> None:
-    if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] > 0:
-        pytest.skip("RLIMIT_RTPRIO is above 0 here")
-    result = as_the_unit_runs_proc(None)
-    refused = "no real-time allowed: RLIMIT_RTPRIO is 0 (the unit's LimitRTPRIO) and no CAP_SYS_NICE"
-    assert result.stdout.strip() == f"{refused!r} False", result
+def test_started_at_real_time_priority_the_reader_keeps_it() -> None:
+    result = as_the_unit_runs_proc(realtime=True)
+    assert result.stdout.strip() == "'' True", result
+
+
+@needs_setpriv
+def test_without_its_share_the_reader_gives_real_time_up_and_says_why() -> None:
+    result = as_the_unit_runs_proc(realtime=True, share=0)
+    assert result.stdout.strip() == "'proc.realtime_share is 0' False", result
+
+
+@needs_setpriv
+def test_started_as_a_normal_task_the_reader_says_so_and_reads_on() -> None:
+    result = as_the_unit_runs_proc(realtime=False)
+    assert result.stdout.strip() == f"{NOT_GIVEN!r} False", result
 
 
 @needs_setpriv
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-def test_without_permission_for_real_time_the_reader_does_not_even_ask(tmp_path: Path) -> None:
+def test_started_as_a_normal_task_the_reader_does_not_call_sched_setscheduler(tmp_path: Path) -> None:
     """The unit without its real-time drop-in denies sched_setscheduler (SystemCallFilter=~@resources): a
-    process that calls it is killed (SIGSYS), so the reader must not call it where it would be refused."""
-    if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] > 0:
-        pytest.skip("RLIMIT_RTPRIO is above 0 here")
+    process that calls it is killed (SIGSYS), so the reader must not call it, even with no share."""
     trace = tmp_path / "syscalls"
     tracer = ["strace", "--follow-forks", "--quiet=all", "--trace=sched_setscheduler", f"--output={trace}"]
-    result = as_the_unit_runs_proc(None, tracer)
+    result = as_the_unit_runs_proc(realtime=False, share=0, tracer=tracer)
     assert result.returncode == 0 and result.stdout.endswith("False\n"), result
     assert "sched_setscheduler" not in trace.read_text()
-
-
-@needs_setpriv
-def test_as_the_unit_runs_it_an_rtprio_limit_of_1_is_enough_for_real_time() -> None:
-    """LimitRTPRIO=1 in the unit: no CAP_SYS_NICE needed."""
-    if resource.getrlimit(resource.RLIMIT_RTPRIO)[1] < 1 and not has_capability(24):  # CAP_SYS_RESOURCE
-        pytest.skip("cannot raise RLIMIT_RTPRIO here (no CAP_SYS_RESOURCE: a container)")
-    result = as_the_unit_runs_proc(1)
-    assert result.stdout.strip() == "'' True", result
 
 
 def test_the_reader_ends_when_the_agent_is_killed(tmp_path: Path) -> None:

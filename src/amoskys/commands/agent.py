@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from amoskys.agents import AGENTS, agent_config_type
+from amoskys.agents.runtime.realtime import keep_for_helpers
 from amoskys.catalog import describe
 from amoskys.commands import Subparsers
 from amoskys.config import AgentConfig, load_config
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"name an agent ({', '.join(sorted(AGENTS))}) or use --list")
     if args.pcap is not None and args.name != "flow":
         raise ConfigError(f"--pcap is an option of the flow agent, not of {args.name}")
+    keep_for_helpers()  # before any thread is made: only the agent's helpers keep a real-time priority
     path = args.config or Path(f"/etc/amoskys/agent-{args.name}.yml")
     config = load_config(path, agent_config_type(args.name))
     if args.pcap is not None:

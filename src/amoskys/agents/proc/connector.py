@@ -15,8 +15,8 @@ import collections
 import contextlib
 import errno
 import itertools
+import math
 import os
-import resource
 import select
 import socket
 import struct
@@ -474,16 +474,15 @@ def _possible_cpus() -> str:
 # A short-lived process keeps its command line and executable for about half a millisecond after
 # its exec (/bin/true here: 0.59 ms from the kernel's exec event to its exit event, at the median),
 # and a thread of the agent often got the CPU and the GIL later than that (BENCHMARKS.md, proc).
-# The reader is a fresh interpreter that imports only this module (`reader_command`),
-# with no GIL shared with the agent's publishing and rules, at real-time priority (SCHED_FIFO)
-# where it may; for each exec it reads the command line and executable first, the rest of what
-# /proc loses when a process exits after the socket is drained, and hands the kernel's datagrams
-# and those reads to the agent over a pipe, as frames (FRAME: kind, payload length; then payload).
+# The reader is a fresh interpreter that imports only this module (`reader_command`), with no GIL
+# shared with the agent's publishing and rules, at the real-time priority (SCHED_FIFO) the unit gave
+# the agent, where it did (the agent starts it from the thread that kept it); for each exec it reads
+# the command line and executable first, the rest of what /proc loses when a process exits after the
+# socket is drained, and hands the kernel's datagrams and those reads to the agent over a pipe, as
+# frames (FRAME: kind, payload length; then payload).
 
 READ_MAX = 65536  # of a /proc file: a longer command line is cut there
 DRAIN_MAX = 256  # datagrams read before the later /proc reads and the frames are written
-RT_PRIORITY = 1  # the lowest SCHED_FIFO priority: above every normal task, below the kernel's own
-CAP_SYS_NICE = 23  # include/uapi/linux/capability.h
 FIRST = ("cmdline", "exe", "exe_id")  # gone when the process exits (exit_mm)
 LATER = ("stdin", "stdout", "cwd", "stat", "status", "cgroup")  # gone at exit (fds, cwd) or when reaped
 PROC_PATHS = {"cmdline": "cmdline", "exe": "exe", "stdin": "fd/0", "stdout": "fd/1", "cwd": "cwd",
@@ -526,7 +525,7 @@ class ReaderStarted:
 
 
 class Throttled:
-    """The reader used its real-time share of a second and runs as a normal task for the rest of it."""
+    """The reader used its real-time share of a second and pauses for the rest of it."""
 
     __slots__ = ()
 
@@ -610,49 +609,40 @@ def has_capability(bit: int) -> bool:
 
 
 class _Realtime:
-    """SCHED_FIFO for the reader where allowed; given up for the rest of a second once the reader
-    used `share` of that second's CPU (an exec storm must not starve the host's own work)."""
+    """The real-time priority the reader was started with (the unit's drop-in: the agent keeps it for its
+    helpers, runtime.realtime); once the reader used `share` of a second's CPU it pauses for the rest of
+    that second (an exec storm must not starve the host's own work), as it could not take the priority
+    back once given up (RestrictRealtime=yes)."""
 
     def __init__(self, share: float) -> None:
         self.share = share
-        self.allowed = False
-        self.throttled = False
+        self.kept = False
         self.window_end = 0.0
         self.cpu_at_start = 0.0
 
     def start(self) -> str:
-        """ "" when the reader now runs at real-time priority, else why not."""
+        """ "" when the reader runs at real-time priority, else why not."""
+        policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK  # runtime.realtime's test: not imported here
+        if policy not in (os.SCHED_FIFO, os.SCHED_RR):
+            # Nothing to give up, and nothing asked: the unit without its drop-in denies sched_setscheduler
+            # (SystemCallFilter=~@resources), which kills the process that calls it.
+            return "the unit gives no real-time priority (its drop-in sets CPUSchedulingPolicy=fifo)"
         if self.share <= 0:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # giving up is always allowed
             return "proc.realtime_share is 0"
-        if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] < RT_PRIORITY and not has_capability(CAP_SYS_NICE):
-            # Not even tried: it would fail, and the agent's unit without its real-time drop-in denies
-            # sched_setscheduler (SystemCallFilter=~@resources), which kills the process that calls it.
-            return "no real-time allowed: RLIMIT_RTPRIO is 0 (the unit's LimitRTPRIO) and no CAP_SYS_NICE"
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
-        except OSError as exc:
-            return f"sched_setscheduler(SCHED_FIFO): {exc.strerror}"
-        self.allowed = True
+        self.kept = True
         return ""
 
-    def after_batch(self) -> bool:
-        """Account for a batch's CPU; True when the reader just gave up real-time for this second."""
-        if not self.allowed:
-            return False
+    def pause_after_batch(self) -> float:
+        """Account for a batch's CPU: the seconds to pause for when it used up this second's share, else 0."""
+        if not self.kept:
+            return 0.0
         now = time.monotonic()
         if now >= self.window_end:
-            if self.throttled:
-                self.throttled = False
-                try:
-                    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
-                except OSError:  # no longer allowed (the limit lowered meanwhile): a normal task from now on
-                    self.allowed = False
             self.window_end, self.cpu_at_start = now + 1.0, time.process_time()
-        elif not self.throttled and time.process_time() - self.cpu_at_start > self.share:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # giving up is always allowed
-            self.throttled = True
-            return True
-        return False
+        elif time.process_time() - self.cpu_at_start > self.share:
+            return self.window_end - now
+        return 0.0
 
 
 class _FrameWriter:
@@ -746,25 +736,30 @@ def serve(sock_fd: int, exits_fd: int, realtime_share: float, control: int = 0, 
     out.add(END)
     out.flush()
     sock = connector.fileno()
+    resume_at = 0.0  # while paused (its real-time share used up), the socket waits
     while True:
-        # The socket while the backlog has room (an overflow meanwhile is counted: ENOBUFS); the
-        # pipe while frames wait for it; and the control pipe, whose end (or hang-up) says stop.
+        # The socket while the backlog has room (an overflow meanwhile is counted: ENOBUFS) and the reader
+        # is not paused; the pipe while frames wait for it; and the control pipe, whose end (or hang-up)
+        # says stop.
         poller = select.poll()
         poller.register(control, select.POLLIN)
-        if out.backlog < BACKLOG_MAX:
+        pause_ms = max(0, math.ceil((resume_at - time.monotonic()) * 1000))
+        if out.backlog < BACKLOG_MAX and not pause_ms:
             poller.register(sock, select.POLLIN)
         if out.backlog:
             poller.register(out_fd, select.POLLOUT)
         if exits is not None:
             poller.register(exits_fd, select.POLLIN)
-        ready = dict(poller.poll())
+        ready = dict(poller.poll(pause_ms or None))
         if control in ready:
             return
         if exits_fd in ready and exits is not None:
             exits.drain()  # each exit on the host: kept a while for a process the next batch finds reaped
         if sock in ready:
             _drain(connector, exits, out)
-            if realtime.after_batch():
+            pause = realtime.pause_after_batch()
+            if pause:
+                resume_at = time.monotonic() + pause
                 out.add(THROTTLED)
                 out.add(END)
         out.flush()

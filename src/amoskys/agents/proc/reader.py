@@ -1,7 +1,8 @@
 """The agent's side of the process-event reader: the process started, its frames read, it stopped.
 
 The reader itself (`connector.reader_command`: its `serve`) reads the kernel's process events and
-each exec's /proc at once, apart from the agent's GIL and at real-time priority where it may.
+each exec's /proc at once, apart from the agent's GIL and at the real-time priority the unit gave
+the agent, where it did: it is started from the agent's thread that kept it (runtime.realtime).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from amoskys.agents.proc.connector import (
     Received,
     reader_command,
 )
+from amoskys.agents.runtime.realtime import start_helper
 
 __all__ = ["Reader"]
 
@@ -35,11 +37,13 @@ class Reader:
 
     def __init__(self, listening: ProcConnector, realtime_share: float, exits: ExitRecords | None = None) -> None:
         fd, exits_fd = listening.fileno(), -1 if exits is None else exits.fileno()
-        self.process = subprocess.Popen(
-            reader_command(fd, exits_fd, realtime_share),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-            pass_fds=(fd,) if exits_fd < 0 else (fd, exits_fd),
-            start_new_session=True,  # a terminal's ^C goes to the agent, which stops the reader
+        self.process = start_helper(
+            lambda: subprocess.Popen(
+                reader_command(fd, exits_fd, realtime_share),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                pass_fds=(fd,) if exits_fd < 0 else (fd, exits_fd),
+                start_new_session=True,  # a terminal's ^C goes to the agent, which stops the reader
+            )
         )  # fmt: skip
         assert self.process.stdin is not None
         assert self.process.stdout is not None
