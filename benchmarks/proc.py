@@ -6,9 +6,10 @@
     python benchmarks/proc.py --execs 2000 --rate 200 --idle-seconds 10
 
 Everything runs for real and as root (as the unit does: CAP_NET_ADMIN, nice -10, started at SCHED_FIFO 1
-by its real-time drop-in): `amoskys eventbus` and `amoskys agent proc` as separate processes over loopback mTLS. A spawner process
-starts the execs at a steady rate (posix_spawn, each reaped at once: /bin/true lives about a
-millisecond) and writes their pids; the hub's store then says which were reported, with what.
+by its real-time drop-in): `amoskys eventbus` and `amoskys agent proc` as separate processes over
+loopback mTLS. A spawner process starts the execs at a steady rate (posix_spawn, each reaped at
+once: /bin/true lives about a millisecond) and writes their pids; the hub's store then says which
+were reported, with what.
 Figures: the share of execs reported (a START event for the pid), with their name, and with exe
 and command line (read from /proc before the process exited); how soon after each exec the reader
 had read them (its histogram); the agent's `gone`/`missing`/`lost` counters; idle CPU of agent and
