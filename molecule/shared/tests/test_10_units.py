@@ -83,6 +83,24 @@ def test_exposure_within_threshold(name: str, unit: str) -> None:
     assert exposure <= exposure_limit(unit), f"{unit}: {exposure} > {exposure_limit(unit)}"
 
 
+PROC_UNITS = [(name, unit) for name, unit in HOST_UNITS if unit_kind(unit) == "proc"]
+
+
+@pytest.mark.parametrize(("name", "unit"), PROC_UNITS, ids=ids(PROC_UNITS))
+def test_proc_keeps_real_time_priority_only_for_its_reader(name: str, unit: str) -> None:
+    """The role's real-time drop-in (systemd started a real-time service here first): systemd starts proc at
+    SCHED_FIFO; under its syscall filter and RestrictRealtime=yes the agent gave it up for every thread but one,
+    the idle one that starts the event reader (which runs at SCHED_FIFO where the kernel's process events are
+    heard: not in these machines' own network namespaces, where proc polls)."""
+    host = machine(name)
+    assert unit_property(name, unit, "CPUSchedulingPolicy") == "1"  # SCHED_FIFO
+    pid = main_pid(name, unit)
+    threads = host.check_output(f"ps -L -o cls= -p {pid}").split()  # TS: a normal task; FF: SCHED_FIFO
+    assert sorted(threads) == ["FF"] + ["TS"] * (len(threads) - 1), threads
+    readers = host.run(f"ps -o cls= --ppid {pid}").stdout.split()
+    assert set(readers) <= {"FF"}, readers
+
+
 def _expected_ports(name: str, unit: str) -> dict[str, str]:
     """{role: "address:port"} the unit must hold, from its effective configuration (NATS: the role's defaults)."""
     if unit == NATS:
