@@ -320,6 +320,10 @@ async def test_started_at_real_time_priority_the_agent_keeps_it_only_for_its_rea
         assert sorted(threads.values()).count(os.SCHED_FIFO) == 1, threads
         assert threads[agent.pid] == os.SCHED_OTHER  # the main thread: the event loop
         assert len(threads) > 2  # the gRPC and worker threads made since, all normal
-    finally:
         agent.terminate()
-        await asyncio.to_thread(agent.wait, 20)
+        assert await asyncio.to_thread(agent.wait, 20) == 0, log.read_text()[-2000:]
+        assert not Path(f"/proc/{reader}").exists()  # the reader stopped with it, and was reaped
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            await asyncio.to_thread(agent.wait, 20)
