@@ -107,13 +107,29 @@ def test_while_busy_an_identity_holds_fewer_events_waiting_but_always_one_envelo
     ingest = Ingest(store, config, BusMetrics())
     try:
         ingest.reserve("flood", 2_000)
-        assert ingest.overload_backoff("flood", 1_000) is None  # not busy: up to max_pending_per_agent
-        assert ingest.overload_backoff("flood", 1_000, busy=True) is not None
-        assert ingest.overload_backoff("good", 10, busy=True) is None  # another identity is not held back
-        assert ingest.overload_backoff("big", 5_000, busy=True) is None  # nothing waiting: one envelope, any size
+        assert ingest.overload("flood", 1_000) is None  # not busy: up to max_pending_per_agent
+        refused = ingest.overload("flood", 1_000, busy=True)
+        assert refused is not None
+        assert refused.why == "2000 events of this agent already wait for commit (at most 2000 while busy)"
+        assert ingest.overload("good", 10, busy=True) is None  # another identity is not held back
+        assert ingest.overload("big", 5_000, busy=True) is None  # nothing waiting: one envelope, any size
         ingest.reserve("big", 5_000)
-        assert ingest.overload_backoff("big", 10, busy=True) is not None
+        assert ingest.overload("big", 10, busy=True) is not None
         ingest.release("flood", 2_000)
-        assert ingest.overload_backoff("flood", 1_000, busy=True) is None
+        assert ingest.overload("flood", 1_000, busy=True) is None
+    finally:
+        store.close()
+
+
+def test_above_the_high_water_mark_the_retry_says_so(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "events.db")
+    ingest = Ingest(store, BackpressureConfig(high_water_events=1_000), BusMetrics())
+    try:
+        ingest.reserve("flood", 900)
+        ingest.reserve("good", 100)
+        refused = ingest.overload("flood", 200)
+        assert refused is not None
+        assert refused.why == "backlog above high-water mark (1000 events wait; this agent holds 900)"
+        assert ingest.overload("good", 200) is None  # below its fair share (500), under twice the mark
     finally:
         store.close()

@@ -175,11 +175,11 @@ class Admission:
 
     def _reserve(self, header: envelope_pb2.EnvelopeHeader, peer: Peer | None) -> Ack | None:
         """Room for the envelope's events among those waiting for commit (fair admission), or RETRY."""
-        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count, self.loop_busy)
-        if backoff is None:
+        overload = self.ingest.overload(header.agent_id, header.event_count, self.loop_busy)
+        if overload is None:
             self.ingest.reserve(header.agent_id, header.event_count)
             return None
-        return self._told_to_wait(peer, retry(Reason.REASON_OVERLOADED, "backlog above high-water mark", backoff))
+        return self._told_to_wait(peer, retry(Reason.REASON_OVERLOADED, overload.why, overload.backoff_ms))
 
     def _told_to_wait(self, peer: Peer | None, ack: Ack) -> Ack:
         """Note a RETRY with a backoff: a compliant agent waits at least half of it (its jitter is +-50 %)."""
@@ -214,10 +214,8 @@ class Admission:
         limit = self.config.limits.max_events_per_batch
         if header.event_count > limit:
             return invalid(Reason.REASON_TOO_MANY_EVENTS, f"{header.event_count} > {limit}")
-        backoff = self.ingest.overload_backoff(header.agent_id, header.event_count, self.loop_busy)
-        if backoff is not None:
-            return retry(Reason.REASON_OVERLOADED, "backlog above high-water mark", backoff)
-        return None
+        overload = self.ingest.overload(header.agent_id, header.event_count, self.loop_busy)
+        return None if overload is None else retry(Reason.REASON_OVERLOADED, overload.why, overload.backoff_ms)
 
     def _signature(self, envelope: envelope_pb2.Envelope, header: envelope_pb2.EnvelopeHeader) -> Ack | bytes:
         """The envelope's digest once its signature verifies with the sender's key, else INVALID."""

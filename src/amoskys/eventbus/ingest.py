@@ -39,7 +39,7 @@ from amoskys.eventbus.store import (
 )
 from amoskys.v1 import envelope_pb2, events_pb2
 
-__all__ = ["Ack", "Committed", "Ingest", "Submission"]
+__all__ = ["Ack", "Committed", "Ingest", "Overload", "Submission"]
 
 log = logging.getLogger(__name__)
 LIGHT_EVENTS = 100  # an agent with at most this many events in a commit group is committed first
@@ -54,6 +54,14 @@ class Submission:
     agent: AgentUpdate
     future: asyncio.Future[Ack] = field(repr=False)
     raw: bytes = field(default=b"", repr=False)  # the envelope as received (the jetstream backend appends it)
+
+
+@dataclass(frozen=True, slots=True)
+class Overload:
+    """Why an agent's events are not admitted now, and the backoff (ms) to advise."""
+
+    backoff_ms: int
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +131,8 @@ class Ingest:
     def pending_events(self) -> int:
         return self._pending_events
 
-    def overload_backoff(self, agent_id: str, events: int, busy: bool = False) -> int | None:
-        """None when `agent_id` may add `events` now, else the backoff (ms) to advise.
+    def overload(self, agent_id: str, events: int, busy: bool = False) -> Overload | None:
+        """None when `agent_id` may add `events` now, else why not and the backoff to advise.
 
         Fair admission: no agent holds more than `max_pending_per_agent` events in the queue (while the
         hub is `busy`, `busy_pending_per_agent`; an agent with none waiting may always add one envelope),
@@ -132,7 +140,7 @@ class Ingest:
         the mark), so identities that flood cannot starve the others.
         """
         if self.failure is not None or time.monotonic() < self._store_down_until:
-            return self.config.max_backoff_ms
+            return Overload(self.config.max_backoff_ms, "the store is failing")
         with self._pending_lock:
             total, mine, active = (
                 self._pending_events,
@@ -143,17 +151,19 @@ class Ingest:
         cap = self.config.max_pending_per_agent
         if busy:
             cap = min(cap, self.config.busy_pending_per_agent)
-        if not mine or mine + events <= cap:
-            if total + events <= high_water:
-                return None
-            fair_share = high_water / max(active, 1)
-            if mine + events <= fair_share and total + events <= 2 * high_water:
-                return None
+        if mine and mine + events > cap:
+            why = f"{mine} events of this agent already wait for commit (at most {cap}{' while busy' if busy else ''})"
+        elif total + events <= high_water:
+            return None
+        elif mine + events <= high_water / max(active, 1) and total + events <= 2 * high_water:
+            return None  # below its fair share of the high-water mark
+        else:
+            why = f"backlog above high-water mark ({total} events wait; this agent holds {mine})"
         drain_ms = int(1000 * (total + mine) / max(self._drain_rate, 1.0))
-        return max(self.config.base_backoff_ms, min(self.config.max_backoff_ms, drain_ms))
+        return Overload(max(self.config.base_backoff_ms, min(self.config.max_backoff_ms, drain_ms)), why)
 
     def reserve(self, agent_id: str, events: int) -> None:
-        """Count `events` of `agent_id` as waiting for commit once `overload_backoff` let them in (their
+        """Count `events` of `agent_id` as waiting for commit once `overload` let them in (their
         checks may still be under way); then `submit` them, or `release` them if refused after all."""
         self._adjust_pending({agent_id: events})
 
