@@ -604,7 +604,7 @@ class _ProcMetrics:
             ("gone", "Execs reported without some of /proc: the process had exited (their `missing` says what)"),
             ("lost", "Times the kernel dropped process events (socket overflow, ENOBUFS); each is rescanned"),
             ("rejected", "Connector messages refused (cut short, or not sent by the kernel)"),
-            ("throttled", "Times the reader used its real-time share of a second and ran as a normal task"),
+            ("throttled", "Times the reader used its real-time share of a second and paused for the rest of it"),
         ):
             yield CounterMetricFamily(f"amoskys_agent_proc_{name}", text, value=agent.counts[name])
         missing = CounterMetricFamily(

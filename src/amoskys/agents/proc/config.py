@@ -73,7 +73,8 @@ class ProcConfig(Section, frozen=True):
     interval_s: Seconds = 2.0  # polling, where kernel process events are unavailable
     recheck_s: Seconds = 1.0  # how often running executables are checked for deletion
     hash_max_bytes: NonNegative = 64 * MiB
-    # the event reader's CPU share per second at real-time priority, then a normal task (0: never real-time)
+    # the event reader's CPU share per second at real-time priority (where the unit gives it), then it pauses for
+    # the rest of the second (0: it gives real-time up at its start)
     realtime_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
     rules: ProcRules = ProcRules()
 
