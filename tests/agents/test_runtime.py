@@ -390,3 +390,50 @@ async def test_a_runtime_task_that_dies_stops_the_agent(live_hub: LiveHub, tmp_p
     runtime.publisher.run = broken_publisher  # type: ignore[method-assign]
     await asyncio.wait_for(runtime.run(), 30)
     assert isinstance(runtime.failure, OSError)
+
+
+KEEP_PROBE = """
+import os, subprocess, threading
+from amoskys.agents.runtime.realtime import keep_for_helpers, runs_realtime, start_helper
+keep_for_helpers()
+later = []
+thread = threading.Thread(target=lambda: later.append(runs_realtime()))
+thread.start()
+thread.join()
+helper = start_helper(lambda: subprocess.Popen(["sleep", "0.2"]))
+threads = map(int, os.listdir("/proc/self/task"))
+print(runs_realtime(), later[0], runs_realtime(helper.pid), sum(map(runs_realtime, threads)))
+helper.wait()
+"""
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        pytest.param(["chrt", "--fifo", "1"], "False False True 1", id="started-real-time"),
+        pytest.param([], "False False False 0", id="started-normal"),
+    ],
+)
+def test_real_time_priority_from_the_unit_is_kept_for_helpers_only(
+    policy: list[str], expected: str, tmp_path: Path
+) -> None:
+    """The main thread and every thread made later are normal tasks; a helper started through `start_helper`
+    inherits the unit's real-time priority from the one thread that kept it. Started as a normal task, nothing
+    changes, and sched_setscheduler (denied by a unit without the real-time drop-in: SIGSYS) is never called."""
+    import os
+    import shutil
+
+    if policy and os.geteuid() != 0:
+        pytest.skip("needs root (SCHED_FIFO)")
+    trace = tmp_path / "syscalls"
+    tracer = ["strace", "--follow-forks", "--quiet=all", "--trace=sched_setscheduler", f"--output={trace}"]
+    traced = not policy and shutil.which("strace") is not None
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    result = subprocess.run(
+        [*(tracer if traced else []), *policy, sys.executable, "-c", KEEP_PROBE],
+        capture_output=True, text=True, check=False, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected, result.stdout
+    if traced:
+        assert "sched_setscheduler" not in trace.read_text()

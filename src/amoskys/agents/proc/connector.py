@@ -622,7 +622,7 @@ class _Realtime:
 
     def start(self) -> str:
         """ "" when the reader runs at real-time priority, else why not."""
-        policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK  # runtime.realtime's test: not imported here
+        policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK  # runtime.realtime.runs_realtime: not imported here
         if policy not in (os.SCHED_FIFO, os.SCHED_RR):
             # Nothing to give up, and nothing asked: the unit without its drop-in denies sched_setscheduler
             # (SystemCallFilter=~@resources), which kills the process that calls it.

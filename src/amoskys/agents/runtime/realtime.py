@@ -9,21 +9,22 @@ thread of the agent is made by a normal one, so the agent's own work never runs 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-__all__ = ["keep_for_helpers", "start_helper", "unit_gave_realtime"]
+__all__ = ["keep_for_helpers", "runs_realtime", "start_helper"]
 
 T = TypeVar("T")
 REALTIME_POLICIES = frozenset({os.SCHED_FIFO, os.SCHED_RR})
 
 
-def unit_gave_realtime(tid: int = 0) -> bool:
+def runs_realtime(tid: int = 0) -> bool:
     """Whether thread `tid` (0: this one) runs at a real-time policy."""
-    return os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK in REALTIME_POLICIES
+    return (os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK) in REALTIME_POLICIES
 
 
 class _Helpers:
@@ -35,13 +36,14 @@ class _Helpers:
     def keep(self) -> None:
         """Where the process started at real-time priority: keep it on one thread for `start_helper`, and
         make every other thread a normal task. Does nothing (not even ask) where it did not."""
-        if self.seat is not None or not unit_gave_realtime():
+        if self.seat is not None or not runs_realtime():
             return
         seat = ThreadPoolExecutor(max_workers=1, thread_name_prefix="realtime-helpers")
         seat_tid = seat.submit(threading.get_native_id).result()  # made now, while this thread is real-time
         for task in os.listdir("/proc/self/task"):  # this thread, and any an import started before
             if int(task) != seat_tid:
-                os.sched_setscheduler(int(task), os.SCHED_OTHER, os.sched_param(0))
+                with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                    os.sched_setscheduler(int(task), os.SCHED_OTHER, os.sched_param(0))
         self.seat = seat
 
     def start(self, start: Callable[[], T]) -> T:
