@@ -75,6 +75,7 @@ ACK = struct.Struct("=I")  # err (a positive errno, 0 for success)
 NLMSGERR = struct.Struct("=i")  # struct nlmsgerr starts with a negative errno
 UNION_BYTES = 24  # the largest union member (comm_proc_event, exit_proc_event)
 ACK_TIMEOUT_S = 2.0
+DATAGRAM_MAX = 65536  # a netlink datagram from the kernel is read into a buffer of this size
 
 
 class Fork(NamedTuple):
@@ -205,40 +206,63 @@ def _request(operation: int, event_types: int | None, portid: int) -> bytes:
     return NLMSGHDR.pack(NLMSGHDR.size + len(connector), NLMSG_DONE, 0, 0, portid) + connector
 
 
-class ProcConnector:
-    """A subscribed connector socket; `read` returns the next events as they come."""
+class _KernelSocket:
+    """A netlink socket the kernel writes to: opened here and set up, or handed down by another process."""
 
-    def __init__(self, receive_buffer_bytes: int = 8 << 20) -> None:
+    sock: socket.socket
+    buffer: bytearray  # each datagram is read into it
+
+    def _take(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray(DATAGRAM_MAX)
+
+    def _open(self, protocol: int, name: str) -> None:
+        """A new socket of netlink `protocol`; ConnectorUnavailable (naming it `name`) if there is none."""
         try:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+            self._take(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol))
         except OSError as exc:
-            raise ConnectorUnavailable(exc.errno, f"no netlink connector socket: {exc.strerror}") from exc
-        self.buffer = bytearray(65536)
+            raise ConnectorUnavailable(exc.errno, f"no {name} socket: {exc.strerror}") from exc
+
+    @contextlib.contextmanager
+    def _setting_up(self, what: str) -> Iterator[None]:
+        """The socket closed if its setup fails, the failure a ConnectorError (`what` could not be listened to)."""
         try:
-            self._set_receive_buffer(receive_buffer_bytes)
-            self.sock.bind((0, CN_IDX_PROC))
-            self.portid = self.sock.getsockname()[0]
-            self._subscribe()
+            yield
         except OSError as exc:
             self.sock.close()
             if isinstance(exc, ConnectorError):
                 raise
-            raise ConnectorUnavailable(exc.errno, f"cannot listen to process events: {exc.strerror}") from exc
+            raise ConnectorUnavailable(exc.errno, f"cannot listen to {what}: {exc.strerror}") from exc
+
+    def _set_receive_buffer(self, size: int) -> None:
+        """Past net.core.rmem_max where CAP_NET_ADMIN allows it (SO_RCVBUFFORCE), else up to it."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        except PermissionError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+class ProcConnector(_KernelSocket):
+    """A subscribed connector socket; `read` returns the next events as they come."""
+
+    def __init__(self, receive_buffer_bytes: int = 8 << 20) -> None:
+        self._open(NETLINK_CONNECTOR, "netlink connector")
+        with self._setting_up("process events"):
+            self._set_receive_buffer(receive_buffer_bytes)
+            self.sock.bind((0, CN_IDX_PROC))
+            self.portid = self.sock.getsockname()[0]
+            self._subscribe()
 
     @classmethod
     def inherit(cls, fileno: int) -> ProcConnector:
         """The subscribed socket `fileno` another process opened and handed down (the reader's)."""
         connector = cls.__new__(cls)
-        connector.sock = socket.socket(fileno=fileno)
-        connector.buffer = bytearray(65536)
+        connector._take(socket.socket(fileno=fileno))
         connector.portid = connector.sock.getsockname()[0]
         return connector
-
-    def _set_receive_buffer(self, size: int) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-        except PermissionError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
     def _subscribe(self) -> None:
         """Listen (answered by an ack on every kernel, to every listener: only the one for this socket's
@@ -262,9 +286,6 @@ class ProcConnector:
         if acks[0].err:
             raise ConnectorUnavailable(acks[0].err, f"the kernel refused to listen: {errno.errorcode[acks[0].err]}")
         self.sock.sendto(_request(PROC_CN_MCAST_LISTEN, WANTED, self.portid), (0, 0))
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def read(self, timeout: float | None) -> list[KernelEvent]:
         """The events of the next datagram from the kernel ([] when none came within `timeout` seconds).
@@ -374,21 +395,16 @@ def parse_exits(datagram: memoryview) -> dict[int, bytes]:
     return records
 
 
-class ExitRecords:
+class ExitRecords(_KernelSocket):
     """A taskstats socket listening to every CPU's exits; `drain` keeps the latest EXITS_KEPT by pid."""
 
     def __init__(self, receive_buffer_bytes: int = 4 << 20) -> None:
         if not has_capability(CAP_NET_ADMIN):  # the kernel takes the registration without it, then sends nothing
             raise ConnectorUnavailable(errno.EPERM, "exit records (taskstats) need CAP_NET_ADMIN")
-        try:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_GENERIC)
-        except OSError as exc:
-            raise ConnectorUnavailable(exc.errno, f"no generic netlink socket: {exc.strerror}") from exc
-        self.buffer = bytearray(65536)
+        self._open(NETLINK_GENERIC, "generic netlink")
         self.kept: dict[int, bytes] = {}
-        try:
-            with contextlib.suppress(PermissionError):
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer_bytes)
+        with self._setting_up("exit records"):
+            self._set_receive_buffer(receive_buffer_bytes)
             self.sock.bind((0, 0))
             family = self._ask(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_NAME, b"TASKSTATS\0")
             family_id = _attributes(family).get(CTRL_ATTR_FAMILY_ID)
@@ -398,18 +414,12 @@ class ExitRecords:
             self._ask(
                 struct.unpack_from("=H", family_id)[0], TASKSTATS_CMD_GET, TASKSTATS_CMD_ATTR_REGISTER_CPUMASK, cpus
             )
-        except OSError as exc:
-            self.sock.close()
-            if isinstance(exc, ConnectorError):
-                raise
-            raise ConnectorUnavailable(exc.errno, f"cannot listen to exit records: {exc.strerror}") from exc
 
     @classmethod
     def inherit(cls, fileno: int) -> ExitRecords:
         """The registered socket `fileno` another process opened and handed down (the reader's)."""
         records = cls.__new__(cls)
-        records.sock = socket.socket(fileno=fileno)
-        records.buffer = bytearray(65536)
+        records._take(socket.socket(fileno=fileno))
         records.kept = {}
         return records
 
@@ -432,9 +442,6 @@ class ExitRecords:
                 return memoryview(b"")
             return body[GENLMSGHDR.size :]
         raise ConnectorUnavailable(errno.ETIMEDOUT, "the kernel did not answer a taskstats request")
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def drain(self) -> None:
         """Take every record waiting (an overflow loses only names: nothing else depends on them); one
